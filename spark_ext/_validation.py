@@ -1,0 +1,122 @@
+"""Argument checks shared by every backend of every op.
+
+All raise ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
+(wrong value or shape) with a message naming the argument, what it got and
+what was expected. None of them synchronises with the device: they look at
+metadata only (shapes, dtypes, devices), except :func:`check_positive_step`,
+which reads values on CPU and uses a device-side assert on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the reference backend so gradcheck can run on it.
+REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
+KD_LOSSES = ("l1", "l2", "charbonnier")
+REDUCTIONS = ("mean", "sum")
+
+
+def check_tensor(t: object, name: str, *, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_float_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in REFERENCE_DTYPES:
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, float16, bfloat16, or float64 for the "
+            f"reference backend), got {t.dtype}"
+        )
+
+
+def check_images(student: object, teacher: object, target: Optional[object] = None) -> None:
+    """S, T (and Y): 4-D [B, C, H, W], same shape, dtype and device, floating."""
+    names = ["student", "teacher"] + (["target"] if target is not None else [])
+    tensors = [student, teacher] + ([target] if target is not None else [])
+    for t, n in zip(tensors, names):
+        check_tensor(t, n, ndim=4)
+        check_float_dtype(t, n)
+    ref = tensors[0]
+    for t, n in zip(tensors[1:], names[1:]):
+        if t.shape != ref.shape:
+            raise ValueError(f"{n} must have the student's shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{n} must have the student's dtype {ref.dtype}, got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{n} must be on the student's device {ref.device}, got {t.device}")
+
+
+def check_grid(grid: object, height: int, width: int) -> tuple[int, int]:
+    """SPEC §1: (Gh, Gw) with 1 <= Gh <= H and 1 <= Gw <= W."""
+    if isinstance(grid, (int, bool)) or not isinstance(grid, Sequence) or len(grid) != 2:
+        raise TypeError(f"grid must be a pair of ints (Gh, Gw), got {grid!r}")
+    gh, gw = grid
+    for g, axis in ((gh, "Gh"), (gw, "Gw")):
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise TypeError(f"grid {axis} must be an int, got {g!r}")
+    if not 1 <= gh <= height:
+        raise ValueError(f"grid Gh must satisfy 1 <= Gh <= H={height}, got {gh}")
+    if not 1 <= gw <= width:
+        raise ValueError(f"grid Gw must satisfy 1 <= Gw <= W={width}, got {gw}")
+    return int(gh), int(gw)
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return int(value)
+
+
+def check_real(value: object, name: str, *, finite: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_axis(axis: object, ndim: int, name: str = "axis") -> int:
+    axis = check_int(axis, name)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{name} must be in [{-ndim}, {ndim}) for a {ndim}-D input, got {axis}")
+    return axis % ndim
+
+
+def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
+
+
+def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
+    """Every step must be finite and > 0 (SPEC §5b), checked without a host sync.
+
+    On CPU the values are read directly (no device to sync with) and a bad
+    step raises ``ValueError``. On other devices a device-side assert
+    (``torch._assert_async``) fires when the kernel queue reaches it. Under
+    ``torch.compile`` the device-side form is used on every device so the
+    check stays in the graph.
+    """
+    if step.numel() == 0:
+        return
+    ok = torch.isfinite(step) & (step > 0)
+    if step.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(f"{name} must be finite and > 0 everywhere, got {step.detach().flatten()[:8].tolist()}")
+    else:
+        torch._assert_async(ok.all(), f"spark_ext: {name} must be finite and > 0")

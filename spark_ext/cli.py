@@ -1,0 +1,66 @@
+"""Command line: ``spark-ext demo | bench | doctor`` (also ``python -m spark_ext.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from typing import Optional, Sequence
+
+
+def _doctor(_: argparse.Namespace) -> int:
+    import torch
+
+    import spark_ext
+    from spark_ext.ops import _dispatch
+
+    print(f"spark_ext {spark_ext.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError as exc:  # triton is optional off Linux
+        print(f"triton: not importable ({exc})")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    try:
+        from spark_ext import _extension
+
+        print(f"C++/CUDA library: {_extension.status()}")
+    except ImportError:
+        print("C++/CUDA library: not part of this build")
+    print(f"default backend: {_dispatch.get_default_backend()}")
+    for op in sorted(_dispatch._registry):
+        rows = []
+        for name in _dispatch.registered_backends(op):
+            reason = _dispatch._registry[op][name].unavailable()
+            rows.append(f"{name}" + ("" if reason is None else f" (unavailable: {reason})"))
+        print(f"  {op}: {', '.join(rows)}")
+    return 0
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).main(args.rest)
+
+    return run
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="spark-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="print devices, backends, library build status, versions").set_defaults(func=_doctor)
+    for name, module, text in (
+        ("demo", "spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
+        ("bench", "spark_ext.benchreport", "run or summarise the benchmarks"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

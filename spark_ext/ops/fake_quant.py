@@ -1,0 +1,108 @@
+"""Drop-ins for ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (SPEC §5a).
+
+Validation, backend registration and dispatch. Backend implementations take
+``(x, scale, zero_point, quant_min, quant_max, grad_factor)`` (per tensor) or
+``(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)`` (per
+channel, ``axis`` non-negative), already validated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import reference
+from .._validation import (
+    check_axis,
+    check_float_dtype,
+    check_int,
+    check_positive_step,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
+from . import _dispatch
+
+OP_PER_TENSOR = "fake_quantize_learnable_per_tensor_affine"
+OP_PER_CHANNEL = "fake_quantize_learnable_per_channel_affine"
+
+_dispatch.register(OP_PER_TENSOR, "reference", reference.fake_quantize_learnable_per_tensor_affine)
+_dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnable_per_channel_affine)
+
+
+def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:
+    """Integer ``quant_min <= 0 <= quant_max`` (torch's learnable backward needs 0 in range)."""
+    qmin, qmax = check_int(quant_min, "quant_min"), check_int(quant_max, "quant_max")
+    if not qmin <= 0 <= qmax:
+        raise ValueError(f"quant_min <= 0 <= quant_max is required, got quant_min={qmin}, quant_max={qmax}")
+    return qmin, qmax
+
+
+def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> None:
+    check_tensor(x, "x")
+    check_float_dtype(x, "x")
+    for t, name in ((scale, "scale"), (zero_point, "zero_point")):
+        check_tensor(t, name)
+        check_same_device(t, name, x)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.numel() != expected_numel or t.dim() > 1:
+            raise ValueError(f"{name} must hold {what} ({expected_numel} elements, 1-D), got shape {tuple(t.shape)}")
+    check_positive_step(scale, "scale")
+
+
+def fake_quantize_learnable_per_tensor_affine(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Same results as ``torch._fake_quantize_learnable_per_tensor_affine``, plus fp16/bf16 backward.
+
+    Args:
+        x: any shape, float32/float16/bfloat16, any strides.
+        scale, zero_point: one-element float tensors (zero_point is rounded
+            half-to-even and clamped to the range in the forward).
+        quant_min, quant_max: ints with ``quant_min <= 0 <= quant_max``.
+        grad_factor: multiplies the scale and zero-point gradients.
+
+    Returns:
+        ``x`` fake-quantized, in x's dtype; differentiable w.r.t. x, scale and
+        zero_point with ATen's gradients.
+    """
+    _check_qparams(x, scale, zero_point, 1, "one value")
+    qmin, qmax = check_quant_range(quant_min, quant_max)
+    grad_factor = check_real(grad_factor, "grad_factor")
+    _, fn = _dispatch.resolve(OP_PER_TENSOR, backend, x)
+    return fn(x, scale, zero_point, qmin, qmax, grad_factor)
+
+
+def fake_quantize_learnable_per_channel_affine(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+    grad_factor: float = 1.0,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Same results as ``torch._fake_quantize_learnable_per_channel_affine``, plus fp16/bf16 backward.
+
+    ``scale`` and ``zero_point`` are ``[x.shape[axis]]``; see the per-tensor op.
+    """
+    check_tensor(x, "x")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension for per-channel quantization")
+    axis = check_axis(axis, x.dim())
+    _check_qparams(x, scale, zero_point, x.shape[axis], f"one value per index of x.shape[{axis}]")
+    qmin, qmax = check_quant_range(quant_min, quant_max)
+    grad_factor = check_real(grad_factor, "grad_factor")
+    _, fn = _dispatch.resolve(OP_PER_CHANNEL, backend, x)
+    return fn(x, scale, zero_point, axis, qmin, qmax, grad_factor)

@@ -1,0 +1,101 @@
+"""Public op ``lsq_fake_quant`` (SPEC §5b, LSQ / LSQ+): validation, registration, dispatch.
+
+Backend implementations take ``(x, step, offset, axis, qn, qp, grad_factor)``
+with the range and gradient scale already resolved (see
+:func:`spark_ext.reference.lsq_fake_quant_core`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .. import reference
+from .._validation import (
+    check_axis,
+    check_float_dtype,
+    check_int,
+    check_positive_step,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
+from . import _dispatch
+
+OP = "lsq_fake_quant"
+MIN_BITS, MAX_BITS = 2, 16
+
+_dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
+
+
+def check_bits(bits: object, name: str = "bits") -> int:
+    bits = check_int(bits, name)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    return bits
+
+
+def _check_grad_scale(grad_scale: object) -> None:
+    if grad_scale is None or grad_scale == "lsq":
+        return
+    if isinstance(grad_scale, str):
+        raise ValueError(f"grad_scale must be 'lsq', a positive float or None, got {grad_scale!r}")
+    if check_real(grad_scale, "grad_scale") <= 0:
+        raise ValueError(f"grad_scale must be > 0 when a number, got {grad_scale}")
+
+
+def lsq_fake_quant(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    offset: Optional[torch.Tensor] = None,
+    *,
+    bits: int,
+    signed: bool,
+    axis: Optional[int] = None,
+    grad_scale: Union[str, float, None] = "lsq",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """LSQ (``offset=None``) or LSQ+ learnable fake quantization, SPEC §5b.
+
+    Args:
+        x: any shape, float32/float16/bfloat16, any strides.
+        step: positive, finite; one element (``axis=None``) or ``[x.shape[axis]]``.
+            A tiny positive step is clamped to 1e-8.
+        offset: ``None`` or a tensor shaped like ``step`` (LSQ+).
+        bits: 2..16. signed: range ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``.
+        axis: ``None`` (per tensor) or the dimension that has one step per index.
+        grad_scale: ``"lsq"`` (``1/sqrt(n * Qp)``, n elements per step), a
+            positive float, or ``None`` (1).
+        backend: ``None`` (process default), ``"auto"``, ``"cpp"``, ``"cuda"``, ``"reference"``.
+
+    Returns:
+        Fake-quantized x in x's dtype. Differentiable w.r.t. x (straight-through
+        inside the range), step and offset; their gradients keep their dtypes.
+    """
+    check_tensor(x, "x")
+    check_float_dtype(x, "x")
+    bits = check_bits(bits)
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be a bool, got {signed!r}")
+    _check_grad_scale(grad_scale)
+    if axis is not None:
+        if x.dim() == 0:
+            raise ValueError("axis must be None for a 0-D x")
+        axis = check_axis(axis, x.dim())
+    expected = 1 if axis is None else x.shape[axis]
+    for t, name in ((step, "step"), (offset, "offset")):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        check_same_device(t, name, x)
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if t.numel() != expected or t.dim() > 1:
+            what = "one element" if axis is None else f"shape [{expected}] (x.shape[{axis}])"
+            raise ValueError(f"{name} must have {what}, got shape {tuple(t.shape)}")
+    check_positive_step(step, "step")
+    qn, qp = reference.lsq_range(bits, signed)
+    g = reference.lsq_grad_factor(grad_scale, x.numel(), expected, qp)
+    _, fn = _dispatch.resolve(OP, backend, x)
+    return fn(x, step, offset, axis, qn, qp, g)
