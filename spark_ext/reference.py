@@ -197,8 +197,17 @@ def _sum_except(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
 
 
 def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
-    """Element-wise gradients exactly as ATen's learnable fake-quant backward forms them."""
-    xq = torch.round(zp + x * inv)
+    """Element-wise gradients exactly as ATen's learnable fake-quant backward forms them.
+
+    ATen writes ``nearbyint(zp + x * inv_scale)``, which its AVX2 CPU build and
+    nvcc both contract into a fused multiply-add (one rounding). Computing the
+    product and sum in float64 and rounding once to float32 reproduces that,
+    which matters for inputs exactly on a rounding tie.
+    """
+    if x.dtype == torch.float32:
+        xq = torch.round((x.double() * inv.double() + zp.double()).float())
+    else:
+        xq = torch.round(zp + x * inv)
     inside = (xq >= quant_min) & (xq <= quant_max)
     dx = dy * inside
     xfq = (xq.clamp(quant_min, quant_max) - zp) * scale
