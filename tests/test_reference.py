@@ -340,3 +340,36 @@ def test_public_ops_reach_reference_backend():
     want_sig, want_ck = reference.difficulty_signals(S, T, Y, (2, 3))
     assert torch.equal(sig, want_sig) and torch.equal(ck, want_ck)
     assert torch.equal(spark_ext.fused_weighted_kd(S, T, backend="reference"), reference.fused_weighted_kd(S, T))
+
+
+def test_reference_ops_compile_fullgraph():
+    """The reference backend is plain PyTorch: it must trace without graph breaks."""
+    S, T, Y = (torch.randn(2, 3, 7, 9) for _ in range(3))
+    S.requires_grad_()
+
+    def spark_path(s, t, y, w):
+        _, cell_kd = spark_ext.difficulty_signals(s, t, y, (3, 4), "charbonnier", backend="reference")
+        return (w * cell_kd).sum() / s.numel() + spark_ext.fused_weighted_kd(s, t, backend="reference")
+
+    w = torch.rand(2, 1, 3, 4)
+    compiled = torch.compile(spark_path, fullgraph=True, backend="aot_eager")
+    got = compiled(S, T, Y, w)
+    (g_got,) = torch.autograd.grad(got, S)
+    want = spark_path(S, T, Y, w)
+    (g_want,) = torch.autograd.grad(want, S)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+    x = torch.randn(4, 6, requires_grad=True)
+    step = torch.tensor([0.2], requires_grad=True)
+
+    def quant(x, step):
+        a = spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, backend="reference")
+        b = spark_ext.fake_quantize_learnable_per_tensor_affine(x, step, torch.zeros(1), -8, 7, backend="reference")
+        return (a * b).sum()
+
+    got = torch.compile(quant, fullgraph=True, backend="aot_eager")(x, step)
+    grads = torch.autograd.grad(got, (x, step))
+    want = quant(x, step)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grads, torch.autograd.grad(want, (x, step)))
