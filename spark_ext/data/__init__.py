@@ -1,0 +1,28 @@
+"""Built-in data for the demo: scikit-image's bundled photos, split and degraded.
+
+* :func:`load_photo`, :data:`TRAIN_PHOTOS`, :data:`HELD_OUT_PHOTOS` — the photos
+  (offline, no download) and the fixed train / held-out split;
+* :class:`RestorationTask` — Gaussian denoising or bicubic x2 super-resolution;
+* :class:`RandomCropBatches` (seeded, checkpointable iterator) and
+  :class:`RandomCropDataset` (map-style, for ``DistributedSampler``) — training crops;
+* :func:`held_out_pairs` — the fixed evaluation pairs.
+"""
+
+from .datasets import RandomCropBatches, RandomCropDataset, RestorationTask, held_out_pairs
+from .degradations import add_gaussian_noise, bicubic_downsample, bicubic_upsample, crop_to_multiple
+from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, available_photos, load_photo
+
+__all__ = [
+    "HELD_OUT_PHOTOS",
+    "TRAIN_PHOTOS",
+    "RandomCropBatches",
+    "RandomCropDataset",
+    "RestorationTask",
+    "add_gaussian_noise",
+    "available_photos",
+    "bicubic_downsample",
+    "bicubic_upsample",
+    "crop_to_multiple",
+    "held_out_pairs",
+    "load_photo",
+]
