@@ -10,6 +10,19 @@
 * :func:`environment` / :func:`save_results` — JSON with device, versions,
   commit, date, and the rows.
 * :func:`print_rows` — a fixed-width table.
+* :func:`measure` — one row in the schema below, the unit every benchmark saves.
+
+Row schema (one dict per op x case x pass x implementation; ``spark-ext bench``
+reads these to print ratios and draw plots)::
+
+    {"op": "difficulty_signals", "case": "16x3x1024x1024 bf16 grid8x8",
+     "pass": "fwd" | "bwd" | "fwd+bwd", "impl": "ours" | "eager" | "compiled" | "torch",
+     "ms": 1.23, "bytes": 123456, "gbps": 812.0, "copy_fraction": 0.86,
+     "peak_extra_bytes": 4096 or None}
+
+``impl`` names: ``ours`` = spark_ext's fast backend, ``eager`` = the
+reference in eager mode, ``compiled`` = ``torch.compile(reference)``,
+``torch`` = a torch built-in where one exists.
 
 Benchmarks never assert speed: they report ratios (peer time / our time) and
 achieved bandwidth, and targets are judged by a person reading the JSON.
@@ -137,3 +150,44 @@ def print_rows(rows: Iterable[dict], columns: Optional[list[str]] = None) -> Non
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    op: str,
+    case: str,
+    pass_: str,
+    impl: str,
+    nbytes: int,
+    copy_rate_gbps: float,
+    reps: int = 50,
+) -> dict:
+    """Time ``fn`` and return one row of the schema in the module docstring.
+
+    ``nbytes`` is the minimum the op must move (SPEC §8), the same for every
+    implementation of one op/case/pass, so ``gbps`` compares like with like.
+    """
+    ms = time_ms(fn, device, reps=reps)
+    rate = gbps(nbytes, ms)
+    return {
+        "op": op,
+        "case": case,
+        "pass": pass_,
+        "impl": impl,
+        "ms": ms,
+        "bytes": int(nbytes),
+        "gbps": rate,
+        "copy_fraction": rate / copy_rate_gbps if copy_rate_gbps else None,
+        "peak_extra_bytes": peak_extra_bytes(fn, device),
+    }
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Add ``speedup`` = peer ms / ours ms to every peer row (same op, case, pass)."""
+    ours = {(r["op"], r["case"], r["pass"]): r["ms"] for r in rows if r["impl"] == "ours"}
+    for r in rows:
+        base = ours.get((r["op"], r["case"], r["pass"]))
+        r["speedup_vs_peer"] = None if base is None or r["impl"] == "ours" else r["ms"] / base
+    return rows
