@@ -40,24 +40,22 @@ def _doctor(_: argparse.Namespace) -> int:
     return 0
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        return importlib.import_module(module).main(args.rest)
-
-    return run
+# Subcommands with their own argument parsers; everything after the name is theirs.
+_DELEGATED = {
+    "demo": ("spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
+    "bench": ("spark_ext.benchreport", "run or summarise the benchmarks, print ratios, draw plots"),
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        return int(importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="spark-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="print devices, backends, library build status, versions").set_defaults(func=_doctor)
-    for name, module, text in (
-        ("demo", "spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
-        ("bench", "spark_ext.benchreport", "run or summarise the benchmarks"),
-    ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name, (_, text) in _DELEGATED.items():
+        sub.add_parser(name, help=text + f" (see `spark-ext {name} --help`)")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,44 @@
+"""`spark-ext bench` report and plots, and `spark-ext doctor`, on synthetic results."""
+
+import json
+
+import pytest
+
+from spark_ext import benchreport, cli
+
+
+def _rows():
+    rows = []
+    for impl, ms in (("ours", 1.0), ("eager", 6.0), ("compiled", 2.5)):
+        rows.append(
+            {"op": "difficulty_signals", "case": "2x3x64x64 fp32", "pass": "fwd+bwd", "impl": impl, "ms": ms,
+             "bytes": 10_000_000, "gbps": 10 / ms, "copy_fraction": 0.9 / ms, "peak_extra_bytes": 2**20}
+        )
+    return rows
+
+
+def test_summary_reports_peer_over_ours(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmark": "difficulty", "env": {"device": "test"}, "rows": _rows()}))
+    (line,) = benchreport.summarise(benchreport.load([path])[0])
+    assert line["x_eager"] == pytest.approx(6.0) and line["x_compiled"] == pytest.approx(2.5)
+    assert "x_torch" not in line and line["peak_MiB"] == pytest.approx(1.0)
+    assert cli.main(["bench", "--from", str(path), "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "difficulty_signals" in out and "6" in out
+    png = tmp_path / "plots" / "run.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_load_rejects_foreign_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a spark_ext benchmark result"):
+        benchreport.load([path])
+
+
+def test_doctor_lists_every_op(capsys):
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine"):
+        assert op in out
