@@ -1,7 +1,35 @@
-"""Public op ``difficulty_signals`` (SPEC §2): validation, backend registration, dispatch."""
+"""Public op ``difficulty_signals`` (SPEC §2): validation, backend registration, dispatch.
+
+Backends: ``reference`` (:func:`spark_ext.reference.difficulty_signals`) and
+``triton`` (fused kernels in ``spark_ext.kernels.difficulty``, CUDA tensors;
+CPU tensors only when forced, under ``TRITON_INTERPRET=1``).
+
+The Triton backend is exposed to PyTorch as opaque ``torch.library`` custom
+ops, each with a fake (meta) implementation and, for the forward ops, an
+autograd formula whose backward is itself a custom op, so
+``torch.compile(fullgraph=True)`` traces forward and backward without graph
+breaks and ``torch.library.opcheck`` passes:
+
+* ``spark_ext::triton_difficulty_signals(S, T, Y, gh, gw, kd_loss) -> (signals, cell_kd)``
+* ``spark_ext::triton_cell_kd(S, T, gh, gw, kd_loss) -> cell_kd`` (no Y, no
+  signals; used by grid-weighted :func:`~spark_ext.fused_weighted_kd`)
+* ``spark_ext::triton_cell_kd_backward(G, S, T, kd_loss, need_s, need_t) -> (dS, dT)``
+
+(Opaque ``custom_op`` rather than ``triton_op``/``wrap_triton``: the latter
+traces into the kernel, which fails opcheck's fake-tensor test and
+``torch.compile`` when kernels run under the interpreter.) The op names
+carry a ``triton_`` prefix so they cannot collide with the schemas of the
+compiled C++/CUDA library in the same namespace.
+
+Triton is imported lazily, on the first call that needs it, so
+``import spark_ext`` stays fast and works where Triton is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -13,6 +41,173 @@ from . import _dispatch
 OP = "difficulty_signals"
 
 _dispatch.register(OP, "reference", reference.difficulty_signals)
+
+# --------------------------------------------------------------------------
+# Triton backend: availability (shared with ops/weighted_kd.py)
+# --------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether a triton package is installed at all: a cheap path search now (no
+# import: importing triton costs about a second), the real import on first use.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_triton_import_error: Optional[str] = None if _TRITON_FOUND else "triton is not installed"
+_triton_checked = not _TRITON_FOUND
+
+
+def triton_unavailable() -> Optional[str]:
+    """``None`` if Triton imports here, else why not (checked once, then cached).
+
+    Under ``torch.compile`` it only reads the cached answer (tracing an import
+    would break the graph); an unchecked install counts as available there and
+    a broken one then fails loudly when the kernel module is imported.
+    """
+    global _triton_import_error, _triton_checked
+    if not _triton_checked and not torch.compiler.is_compiling():
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _triton_import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+        _triton_checked = True
+    return _triton_import_error
+
+
+def _interpreter_active() -> bool:
+    """Whether our kernels run under Triton's CPU interpreter.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when the kernel module is imported,
+    so once ``spark_ext.kernels`` is loaded its own record decides.
+    """
+    utils = sys.modules.get("spark_ext.kernels._utils")
+    if utils is not None:
+        return bool(utils.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unsupported(device: torch.device, dtype: torch.dtype, forced: bool) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device``/``dtype`` (``None`` when they can)."""
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16 inputs, got {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not forced:
+            return "the Triton kernels run on CUDA tensors (CPU only when backend='triton' is forced, under the interpreter)"
+        if not _interpreter_active():
+            return (
+                "CPU tensors run the Triton kernels only under Triton's interpreter (tests only): "
+                "set TRITON_INTERPRET=1 before spark_ext.kernels is first imported"
+            )
+        return None
+    return f"the Triton kernels need CUDA tensors, got a {device.type} tensor"
+
+
+def _kernels():
+    from ..kernels import difficulty as kernels
+
+    return kernels
+
+
+# --------------------------------------------------------------------------
+# Triton backend: custom ops
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("spark_ext::triton_difficulty_signals", mutates_args=())
+def _triton_difficulty_signals(
+    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, gh: int, gw: int, kd_loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SPEC §2 forward: ``(signals [B,4,gh,gw], cell_kd [B,1,gh,gw])``, float32."""
+    return _kernels().difficulty_forward(student, teacher, target, (gh, gw), kd_loss)
+
+
+@_triton_difficulty_signals.register_fake
+def _(student, teacher, target, gh, gw, kd_loss):
+    batch = student.shape[0]
+    return (
+        student.new_empty((batch, 4, gh, gw), dtype=torch.float32),
+        student.new_empty((batch, 1, gh, gw), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("spark_ext::triton_cell_kd", mutates_args=())
+def _triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: int, kd_loss: str) -> torch.Tensor:
+    """``cell_kd [B,1,gh,gw]`` float32 alone (reads S and T only)."""
+    return _kernels().cell_kd_forward(student, teacher, (gh, gw), kd_loss)
+
+
+@_triton_cell_kd.register_fake
+def _(student, teacher, gh, gw, kd_loss):
+    return student.new_empty((student.shape[0], 1, gh, gw), dtype=torch.float32)
+
+
+@torch.library.custom_op("spark_ext::triton_cell_kd_backward", mutates_args=())
+def _triton_cell_kd_backward(
+    grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, kd_loss: str, need_student: bool, need_teacher: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dS, dT)`` of ``cell_kd`` for upstream ``grad [B,1,gh,gw]``; an unneeded one is empty ``[0]``."""
+    return _kernels().cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher)
+
+
+@_triton_cell_kd_backward.register_fake
+def _(grad, student, teacher, kd_loss, need_student, need_teacher):
+    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
+    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
+    return ds, dt
+
+
+def _cell_kd_grads(ctx, grad_cell_kd):
+    student, teacher = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_cell_kd is None or not (need_s or need_t):
+        return None, None
+    ds, dt = torch.ops.spark_ext.triton_cell_kd_backward(grad_cell_kd, student, teacher, ctx.kd_loss, need_s, need_t)
+    return (ds if need_s else None), (dt if need_t else None)
+
+
+def _setup_signals(ctx, inputs, output):
+    student, teacher, _target, _gh, _gw, kd_loss = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.kd_loss = kd_loss
+    # SPEC §2: the signals carry no gradient (as in the reference).
+    ctx.mark_non_differentiable(output[0])
+
+
+def _backward_signals(ctx, _grad_signals, grad_cell_kd):
+    ds, dt = _cell_kd_grads(ctx, grad_cell_kd)
+    return ds, dt, None, None, None, None
+
+
+def _setup_cell_kd(ctx, inputs, output):
+    student, teacher, _gh, _gw, kd_loss = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.kd_loss = kd_loss
+
+
+def _backward_cell_kd(ctx, grad_cell_kd):
+    ds, dt = _cell_kd_grads(ctx, grad_cell_kd)
+    return ds, dt, None, None, None
+
+
+_triton_difficulty_signals.register_autograd(_backward_signals, setup_context=_setup_signals)
+_triton_cell_kd.register_autograd(_backward_cell_kd, setup_context=_setup_cell_kd)
+
+
+def triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
+    """Differentiable ``cell_kd [B,1,Gh,Gw]`` (float32) via the Triton kernels; arguments already validated."""
+    return torch.ops.spark_ext.triton_cell_kd(student, teacher, grid[0], grid[1], kd_loss)
+
+
+def _triton_backend(student, teacher, target, grid, kd_loss):
+    return torch.ops.spark_ext.triton_difficulty_signals(student, teacher, target, grid[0], grid[1], kd_loss)
+
+
+_dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable, unsupported=triton_unsupported)
+
+
+# --------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------
 
 
 def difficulty_signals(

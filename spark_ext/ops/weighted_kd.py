@@ -1,4 +1,23 @@
-"""Public op ``fused_weighted_kd`` (SPEC §3): validation, backend registration, dispatch."""
+"""Public op ``fused_weighted_kd`` (SPEC §3): validation, backend registration, dispatch.
+
+Backends: ``reference`` (:func:`spark_ext.reference.fused_weighted_kd`) and
+``triton`` (``spark_ext.kernels.weighted_kd``; CUDA tensors, CPU tensors only
+when forced under ``TRITON_INTERPRET=1``; see ``ops/difficulty.py`` for the
+availability rules and why the ops are opaque custom ops).
+
+Triton path by kind of weight:
+
+* ``None`` or per pixel: ``spark_ext::triton_weighted_kd(S, T, weight, kd_loss,
+  reduction) -> loss`` (one fused pass) with autograd through
+  ``spark_ext::triton_weighted_kd_backward(g, S, T, weight, kd_loss, reduction,
+  need_s, need_t, need_w) -> (dS, dT, dweight)`` (one fused pass; a gradient
+  not needed is an empty ``[0]`` tensor and is not computed).
+* per cell (grid weights): ``sum(weight * cell_kd) / N`` with ``cell_kd`` from
+  ``spark_ext::triton_cell_kd`` (one pass over S and T; its backward is the
+  elementwise ``cell_kd`` backward). The product and sum are over
+  ``[B, 1, Gh, Gw]`` only, and autograd reduces the weight's gradient over
+  its broadcast dims.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +28,7 @@ import torch
 from .. import reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
+from .difficulty import triton_cell_kd, triton_unavailable, triton_unsupported
 
 OP = "fused_weighted_kd"
 
@@ -18,6 +38,99 @@ def _reference(student, teacher, weight, kd_loss, reduction):
 
 
 _dispatch.register(OP, "reference", _reference)
+
+
+# --------------------------------------------------------------------------
+# Triton backend
+# --------------------------------------------------------------------------
+
+
+def _kernels():
+    from ..kernels import weighted_kd as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("spark_ext::triton_weighted_kd", mutates_args=())
+def _triton_weighted_kd(
+    student: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor], kd_loss: str, reduction: str
+) -> torch.Tensor:
+    """SPEC §3 loss for ``weight`` None or per pixel: a float32 0-dim tensor."""
+    return _kernels().weighted_kd_forward(student, teacher, weight, kd_loss, reduction)
+
+
+@_triton_weighted_kd.register_fake
+def _(student, teacher, weight, kd_loss, reduction):
+    return student.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("spark_ext::triton_weighted_kd_backward", mutates_args=())
+def _triton_weighted_kd_backward(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    kd_loss: str,
+    reduction: str,
+    need_student: bool,
+    need_teacher: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dS, dT, dweight)`` for the 0-dim upstream ``grad``; an unneeded one is empty ``[0]``."""
+    return _kernels().weighted_kd_backward(
+        grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
+    )
+
+
+@_triton_weighted_kd_backward.register_fake
+def _(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
+    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
+    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
+    if need_weight and weight is not None:
+        dw = weight.new_empty(weight.shape)  # contiguous, as the kernel writes it
+    else:
+        dw = (student if weight is None else weight).new_empty((0,))
+    return ds, dt, dw
+
+
+def _setup_weighted(ctx, inputs, output):
+    student, teacher, weight, kd_loss, reduction = inputs
+    ctx.save_for_backward(student, teacher, weight)
+    ctx.kd_loss, ctx.reduction = kd_loss, reduction
+
+
+def _backward_weighted(ctx, grad):
+    student, teacher, weight = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_w = weight is not None and ctx.needs_input_grad[2]
+    if not (need_s or need_t or need_w):
+        return None, None, None, None, None
+    ds, dt, dw = torch.ops.spark_ext.triton_weighted_kd_backward(
+        grad, student, teacher, weight, ctx.kd_loss, ctx.reduction, need_s, need_t, need_w
+    )
+    return (ds if need_s else None), (dt if need_t else None), (dw if need_w else None), None, None
+
+
+_triton_weighted_kd.register_autograd(_backward_weighted, setup_context=_setup_weighted)
+
+
+def _triton_backend(student, teacher, weight, kd_loss, reduction):
+    height, width = student.shape[-2:]
+    if weight is not None and not reference.is_pixel_weight(weight, height, width):
+        # Grid weights: loss = sum(weight * cell_kd) / N, no second image pass.
+        gh, gw = weight.shape[-2:]
+        cell_kd = triton_cell_kd(student, teacher, (gh, gw), kd_loss)
+        total = (weight.to(torch.float32) * cell_kd).sum()
+        return total / student.numel() if reduction == "mean" else total
+    return torch.ops.spark_ext.triton_weighted_kd(student, teacher, weight, kd_loss, reduction)
+
+
+_dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable, unsupported=triton_unsupported)
+
+
+# --------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------
 
 
 def check_weight(weight: torch.Tensor, student: torch.Tensor) -> None:
