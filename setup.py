@@ -1,13 +1,75 @@
-"""Packaging: maps the top-level ``kernels/`` folder to ``spark_ext.kernels``.
+"""Packaging: maps ``kernels/`` to ``spark_ext.kernels`` and ships ``csrc/`` as ``spark_ext/csrc``.
 
-The compiled C++/CUDA library is handled in ``spark_ext/_extension.py``.
+The C++/CUDA library (``torch.ops.spark_ext.*``, see spark_ext/_extension.py):
+
+* ``pip install --no-build-isolation .`` (torch importable here): built ahead
+  of time as ``spark_ext/_C*.so`` plus ``spark_ext/_C_build.json`` recording the
+  torch version and source hash it was built from. CUDA kernels are included
+  when this torch has CUDA and nvcc is found.
+* ``pip install .`` with build isolation (no torch in the build environment),
+  or ``SPARK_EXT_NO_AOT=1``: nothing is compiled now; the library is built
+  just in time on first use from the shipped sources and cached.
+
+Nothing here imports torch unless it is importable, so both paths work.
 """
+
+import importlib.util
+import json
+import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["spark_ext", "spark_ext.*"]) + ["spark_ext.kernels"]
+ROOT = Path(__file__).resolve().parent
+
+
+def _build_config():
+    """spark_ext/_extension.py (standard library only at import): source lists and flags."""
+    spec = importlib.util.spec_from_file_location("_spark_ext_build_config", ROOT / "spark_ext" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _aot_extension():
+    """([extension], cmdclass) when the library can be built now, else ([], {})."""
+    if os.environ.get("SPARK_EXT_NO_AOT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # build isolation: no torch, JIT build on first use instead
+        return [], {}
+    cfg = _build_config()
+    with_cuda = cfg.cuda_build_possible() is None
+    cflags, nvcc_flags = cfg.compile_flags(torch.__version__, with_cuda)
+    sources = [f"csrc/{s}" for s in cfg.CPU_SOURCES + (cfg.CUDA_SOURCES if with_cuda else ())]
+    factory = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    extension = factory(
+        name=f"spark_ext.{cfg.AOT_NAME}",
+        sources=sources,
+        extra_compile_args={"cxx": cflags, "nvcc": nvcc_flags},
+    )
+    info = {"torch": torch.__version__, "cuda": with_cuda, "sources": cfg.sources_hash(ROOT / "csrc")}
+
+    class BuildWithInfo(cpp_extension.BuildExtension):
+        """Builds the library, then records what it was built against beside it."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                target = Path(self.get_ext_fullpath(ext.name))
+                (target.parent / cfg.AOT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+
+    return [extension], {"build_ext": BuildWithInfo.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _aot_extension()
 
 setup(
-    packages=packages,
-    package_dir={"spark_ext.kernels": "kernels"},
+    packages=find_packages(include=["spark_ext", "spark_ext.*"]) + ["spark_ext.kernels", "spark_ext.csrc"],
+    package_dir={"spark_ext.kernels": "kernels", "spark_ext.csrc": "csrc"},
+    package_data={"spark_ext.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -4,6 +4,14 @@ Validation, backend registration and dispatch. Backend implementations take
 ``(x, scale, zero_point, quant_min, quant_max, grad_factor)`` (per tensor) or
 ``(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)`` (per
 channel, ``axis`` non-negative), already validated.
+
+Backends ``cpp`` (CPU) and ``cuda`` run the compiled ops
+``torch.ops.spark_ext.fq_learnable_forward`` / ``_backward`` (csrc/, ``axis``
+None for per tensor); their fake implementations and autograd formula (the
+forward's autograd calls the fused backward op) are registered here once the
+library loads. The kernels round with a trick exact for ``|v| <= 2^22``, so a
+quantization range beyond ``±2^21`` (wider than float32 can represent
+exactly anyway) is computed by the reference backend instead.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -29,6 +37,82 @@ OP_PER_CHANNEL = "fake_quantize_learnable_per_channel_affine"
 
 _dispatch.register(OP_PER_TENSOR, "reference", reference.fake_quantize_learnable_per_tensor_affine)
 _dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnable_per_channel_affine)
+
+KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
+
+_hooks_registered = False
+
+
+def _register_cpp_hooks() -> None:
+    """Fake implementations and autograd for the compiled ops (after the library loaded)."""
+    global _hooks_registered
+    if _hooks_registered:
+        return
+
+    @torch.library.register_fake("spark_ext::fq_learnable_forward")
+    def _forward_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("spark_ext::fq_learnable_backward")
+    def _backward_fake(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
+
+    def setup_context(ctx, inputs, output):
+        x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = (axis, quant_min, quant_max, grad_factor)
+
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        dx, dscale, dzp = torch.ops.spark_ext.fq_learnable_backward(grad, x, scale, zero_point, *ctx.args)
+        return dx, dscale, dzp, None, None, None, None
+
+    torch.library.register_autograd("spark_ext::fq_learnable_forward", backward, setup_context=setup_context)
+    _hooks_registered = True
+
+
+def _compiled_unavailable(which) -> Optional[str]:
+    if _hooks_registered:  # cheap once loaded (also while torch.compile traces)
+        return which()
+    reason = which()
+    if reason is None:
+        _register_cpp_hooks()
+    return reason
+
+
+def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
+    return -KERNEL_MAX_RANGE <= quant_min and quant_max <= KERNEL_MAX_RANGE
+
+
+def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor):
+    if not _in_kernel_range(quant_min, quant_max):
+        return reference.fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, grad_factor)
+    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+
+
+def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    if not _in_kernel_range(quant_min, quant_max):
+        return reference.fake_quantize_learnable_per_channel_affine(
+            x, scale, zero_point, axis, quant_min, quant_max, grad_factor
+        )
+    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+
+
+for _op, _fn in ((OP_PER_TENSOR, _compiled_per_tensor), (OP_PER_CHANNEL, _compiled_per_channel)):
+    _dispatch.register(
+        _op,
+        "cpp",
+        _fn,
+        unavailable=lambda: _compiled_unavailable(_extension.cpp_unavailable),
+        unsupported=_extension.cpu_unsupported,
+    )
+    _dispatch.register(
+        _op,
+        "cuda",
+        _fn,
+        unavailable=lambda: _compiled_unavailable(_extension.cuda_unavailable),
+        unsupported=_extension.cuda_unsupported,
+    )
 
 
 def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:
@@ -72,8 +156,13 @@ def fake_quantize_learnable_per_tensor_affine(
         grad_factor: multiplies the scale and zero-point gradients.
 
     Returns:
-        ``x`` fake-quantized, in x's dtype; differentiable w.r.t. x, scale and
-        zero_point with ATen's gradients.
+        ``x`` fake-quantized, in x's dtype and shape; differentiable w.r.t. x,
+        scale and zero_point with ATen's gradients (scale and zero-point
+        gradients in their own dtypes).
+
+    The compiled backends read dense layouts (contiguous, channels_last) in
+    place; other layouts, and a gradient whose strides differ from x's, cost
+    one extra copy of x.
     """
     _check_qparams(x, scale, zero_point, 1, "one value")
     qmin, qmax = check_quant_range(quant_min, quant_max)

@@ -3,6 +3,13 @@
 Backend implementations take ``(x, step, offset, axis, qn, qp, grad_factor)``
 with the range and gradient scale already resolved (see
 :func:`spark_ext.reference.lsq_fake_quant_core`).
+
+Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
+``torch.ops.spark_ext.lsq_fake_quant_forward`` / ``_backward`` (csrc/); their
+fake (meta) implementations and autograd formula are registered here, once,
+when the library loads. The forward op's autograd calls the fused backward op,
+which reads x and dy once, writes dx and reduces the step and offset
+gradients in float32 deterministically.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -27,6 +34,70 @@ OP = "lsq_fake_quant"
 MIN_BITS, MAX_BITS = 2, 16
 
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
+
+_hooks_registered = False
+
+
+def _register_cpp_hooks() -> None:
+    """Fake implementations and autograd for the compiled ops (after the library loaded)."""
+    global _hooks_registered
+    if _hooks_registered:
+        return
+
+    @torch.library.register_fake("spark_ext::lsq_fake_quant_forward")
+    def _forward_fake(x, step, offset, axis, qn, qp, grad_factor):
+        # The kernels allocate with empty_like(x): same shape, dtype and strides
+        # (dense layouts kept, others made dense in empty_like's layout).
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("spark_ext::lsq_fake_quant_backward")
+    def _backward_fake(grad, x, step, offset, axis, qn, qp, grad_factor):
+        return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step)
+
+    def setup_context(ctx, inputs, output):
+        x, step, offset, axis, qn, qp, grad_factor = inputs
+        ctx.save_for_backward(x, step, offset)
+        ctx.args = (axis, qn, qp, grad_factor)
+        ctx.has_offset = offset is not None
+
+    def backward(ctx, grad):
+        x, step, offset = ctx.saved_tensors
+        dx, dstep, doffset = torch.ops.spark_ext.lsq_fake_quant_backward(grad, x, step, offset, *ctx.args)
+        return dx, dstep, doffset if ctx.has_offset else None, None, None, None, None
+
+    torch.library.register_autograd("spark_ext::lsq_fake_quant_forward", backward, setup_context=setup_context)
+    _hooks_registered = True
+
+
+def _compiled_unavailable(which) -> Optional[str]:
+    # Cheap once loaded (also while torch.compile traces the public op).
+    if _hooks_registered:
+        return which()
+    reason = which()
+    if reason is None:
+        _register_cpp_hooks()
+    return reason
+
+
+def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
+    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant_forward`` (differentiable)."""
+    return torch.ops.spark_ext.lsq_fake_quant_forward(x, step, offset, axis, qn, qp, grad_factor)
+
+
+_dispatch.register(
+    OP,
+    "cpp",
+    _compiled_lsq,
+    unavailable=lambda: _compiled_unavailable(_extension.cpp_unavailable),
+    unsupported=_extension.cpu_unsupported,
+)
+_dispatch.register(
+    OP,
+    "cuda",
+    _compiled_lsq,
+    unavailable=lambda: _compiled_unavailable(_extension.cuda_unavailable),
+    unsupported=_extension.cuda_unsupported,
+)
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
@@ -70,8 +141,15 @@ def lsq_fake_quant(
         backend: ``None`` (process default), ``"auto"``, ``"cpp"``, ``"cuda"``, ``"reference"``.
 
     Returns:
-        Fake-quantized x in x's dtype. Differentiable w.r.t. x (straight-through
-        inside the range), step and offset; their gradients keep their dtypes.
+        Fake-quantized x in x's dtype, same shape. Differentiable w.r.t. x
+        (straight-through inside the range), step and offset; their gradients
+        keep their dtypes.
+
+    The compiled backends (``cpp``, ``cuda``) take float32/float16/bfloat16 and
+    any dense layout (contiguous, channels_last, permuted) as is; a layout with
+    gaps (e.g. a strided slice) is first copied densely, and a gradient whose
+    strides differ from x's (e.g. the expanded ones of ``y.sum()``) is copied
+    into x's layout: one extra read and write of x in either case.
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")

@@ -1,0 +1,359 @@
+// CPU implementation of the fake-quantization ops (SPEC §5a and §5b).
+//
+// The input is viewed as its dense storage [outer, C, inner] (fake_quant.h)
+// and cut into tasks whose boundaries depend only on the shape, never on the
+// thread count, so every result, gradient sums included, is bitwise
+// reproducible whatever at::parallel_for does:
+//
+// * row mode (per tensor, or inner >= kPeriodInner): each (outer, channel) row
+//   of `inner` elements is split into chunks of kChunk; a task runs one chunk
+//   with the channel's parameters broadcast, and its backward writes one
+//   partial sum per chunk (16 lanes folded in a fixed tree).
+// * period mode (per channel with a small inner stride, e.g. channels_last
+//   on axis 1 or the last axis): the storage is rows of P' = m * C * inner
+//   elements (a whole number of channel periods, at least 256 wide) whose
+//   parameters are laid out once per position; a task runs a group of rows
+//   over a column block, accumulates per position, then folds the positions
+//   into one partial per channel.
+//
+// A second stage sums each channel's partials pairwise in index order. The
+// partial buffers hold about numel / 64 floats at most; there is no other
+// temporary besides the outputs (and the documented copies of fake_quant.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../fake_quant.h"
+#include "span_kernels.h"
+
+namespace spark_ext {
+namespace {
+
+constexpr int64_t kChunk = 16384;      // elements per row-mode task
+constexpr int64_t kPeriodInner = 64;   // per-channel inner stride below this: period mode
+constexpr int64_t kPeriodWidth = 256;  // minimum width of a period-mode row
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  int64_t n = 0, outer = 1, C = 1, inner = 0;
+  bool period = false;
+  int64_t ntasks = 0;
+  // row mode
+  int64_t nck = 1;
+  // period mode
+  int64_t P = 0, Pp = 0, prows = 0, CB = 0, ncb = 1, RT = 1, ngroups = 0;
+};
+
+Plan make_plan(const DenseView& v) {
+  Plan p;
+  p.n = v.x.numel();
+  p.outer = v.outer;
+  p.C = v.channels;
+  p.inner = v.inner;
+  p.period = p.C > 1 && p.inner < kPeriodInner;
+  if (!p.period) {
+    p.nck = ceil_div(p.inner, kChunk);
+    p.ntasks = p.outer * p.C * p.nck;
+  } else {
+    p.P = p.C * p.inner;
+    p.Pp = p.P * std::max<int64_t>(1, ceil_div(kPeriodWidth, p.P));
+    p.prows = ceil_div(p.n, p.Pp);
+    p.CB = p.inner * std::max<int64_t>(1, kChunk / p.inner);  // whole channels per column block
+    p.ncb = ceil_div(p.Pp, p.CB);
+    p.RT = std::max<int64_t>(1, kChunk / std::min(p.Pp, p.CB));
+    p.ngroups = ceil_div(p.prows, p.RT);
+    p.ntasks = p.ngroups * p.ncb;
+  }
+  return p;
+}
+
+// Per-channel parameters (length C), expanded to one value per period
+// position in period mode.
+struct Params {
+  std::vector<float> a, b, c;  // c empty for LSQ
+  float lo = 0.f, hi = 0.f, gf = 1.f;
+  float post = 1.f;  // multiplies the reduced sums (LSQ's g)
+};
+
+void expand(std::vector<float>& v, const Plan& p) {
+  if (!p.period || v.empty()) return;
+  std::vector<float> e(p.Pp);
+  for (int64_t j = 0; j < p.Pp; ++j) e[j] = v[(j % p.P) / p.inner];
+  v.swap(e);
+}
+
+cpu::DType dtype_code(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cpu::kF32;
+    case at::kHalf: return cpu::kF16;
+    case at::kBFloat16: return cpu::kBF16;
+    default: TORCH_CHECK_TYPE(false, "spark_ext: unsupported dtype ", x.scalar_type());
+  }
+}
+
+float pairwise_sum(const float* v, int64_t n) {
+  if (n <= 8) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += v[i];
+    return s;
+  }
+  const int64_t h = n / 2;
+  return pairwise_sum(v, h) + pairwise_sum(v + h, n - h);
+}
+
+cpu::SpanArgs base_args(const Params& q) {
+  cpu::SpanArgs g;
+  g.lo = q.lo;
+  g.hi = q.hi;
+  g.gf = q.gf;
+  return g;
+}
+
+void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const int64_t es = x.element_size();
+  const float* pc = q.c.empty() ? nullptr : q.c.data();
+  if (!p.period) {
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
+    at::parallel_for(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+      cpu::SpanArgs g = base_args(q);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
+        const int64_t start = row * p.inner + k * kChunk;
+        g.n = std::min(kChunk, p.inner - k * kChunk);
+        g.x = xp + start * es;
+        g.out = yp + start * es;
+        g.pa = &q.a[c];
+        g.pb = &q.b[c];
+        g.pc = pc ? pc + c : nullptr;
+        fns[0](g);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+    cpu::SpanArgs g = base_args(q);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / p.ncb, col0 = (t % p.ncb) * p.CB, col1 = std::min(p.Pp, col0 + p.CB);
+      g.pa = q.a.data() + col0;
+      g.pb = q.b.data() + col0;
+      g.pc = pc ? pc + col0 : nullptr;
+      for (int64_t r = grp * p.RT; r < std::min(p.prows, (grp + 1) * p.RT); ++r) {
+        const int64_t row0 = r * p.Pp, len = std::min(col1, p.n - row0) - col0;
+        if (len <= 0) continue;
+        g.n = len;
+        g.x = xp + (row0 + col0) * es;
+        g.out = yp + (row0 + col0) * es;
+        fns[1](g);
+      }
+    }
+  });
+}
+
+// Returns the fp32 sums [C] of the step/scale and offset/zero-point terms.
+std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, cpu::SpanFn const fns[2],
+                                               const at::Tensor& x, const at::Tensor& dy, at::Tensor& dx) {
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  const char* dyp = static_cast<const char*>(dy.data_ptr());
+  char* dxp = static_cast<char*>(dx.data_ptr());
+  const int64_t es = x.element_size();
+  const float* pc = q.c.empty() ? nullptr : q.c.data();
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sum_s = at::empty({p.C}, f32), sum_z = at::empty({p.C}, f32);
+  float* ss = sum_s.data_ptr<float>();
+  float* sz = sum_z.data_ptr<float>();
+  if (!p.period) {
+    std::vector<float> part_s(p.ntasks), part_z(p.ntasks);
+    const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
+    at::parallel_for(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+      cpu::SpanArgs g = base_args(q);
+      float acc_s[cpu::kLanes], acc_z[cpu::kLanes];
+      g.acc_s = acc_s;
+      g.acc_z = acc_z;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
+        const int64_t start = row * p.inner + k * kChunk;
+        std::fill(acc_s, acc_s + cpu::kLanes, 0.f);
+        std::fill(acc_z, acc_z + cpu::kLanes, 0.f);
+        g.n = std::min(kChunk, p.inner - k * kChunk);
+        g.x = xp + start * es;
+        g.dy = dyp + start * es;
+        g.out = dxp + start * es;
+        g.pa = &q.a[c];
+        g.pb = &q.b[c];
+        g.pc = pc ? pc + c : nullptr;
+        fns[0](g);
+        part_s[t] = pairwise_sum(acc_s, cpu::kLanes);
+        part_z[t] = pairwise_sum(acc_z, cpu::kLanes);
+      }
+    });
+    // Stage 2: channel c owns partials (o * C + c) * nck + k, summed in (o, k) order.
+    at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> vs(p.outer * p.nck), vz(p.outer * p.nck);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t o = 0; o < p.outer; ++o) {
+          const int64_t base = (o * p.C + c) * p.nck;
+          std::copy(part_s.begin() + base, part_s.begin() + base + p.nck, vs.begin() + o * p.nck);
+          std::copy(part_z.begin() + base, part_z.begin() + base + p.nck, vz.begin() + o * p.nck);
+        }
+        ss[c] = q.post * pairwise_sum(vs.data(), int64_t(vs.size()));
+        sz[c] = q.post * pairwise_sum(vz.data(), int64_t(vz.size()));
+      }
+    });
+    return {sum_s, sum_z};
+  }
+  std::vector<float> part_s(p.ngroups * p.C, 0.f), part_z(p.ngroups * p.C, 0.f);
+  at::parallel_for(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+    cpu::SpanArgs g = base_args(q);
+    std::vector<float> acc_s, acc_z;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t grp = t / p.ncb, col0 = (t % p.ncb) * p.CB, col1 = std::min(p.Pp, col0 + p.CB);
+      acc_s.assign(col1 - col0, 0.f);
+      acc_z.assign(col1 - col0, 0.f);
+      g.acc_s = acc_s.data();
+      g.acc_z = acc_z.data();
+      g.pa = q.a.data() + col0;
+      g.pb = q.b.data() + col0;
+      g.pc = pc ? pc + col0 : nullptr;
+      for (int64_t r = grp * p.RT; r < std::min(p.prows, (grp + 1) * p.RT); ++r) {
+        const int64_t row0 = r * p.Pp, len = std::min(col1, p.n - row0) - col0;
+        if (len <= 0) continue;
+        g.n = len;
+        g.x = xp + (row0 + col0) * es;
+        g.dy = dyp + (row0 + col0) * es;
+        g.out = dxp + (row0 + col0) * es;
+        fns[1](g);
+      }
+      // Column blocks hold whole channels (or the whole period row), so this
+      // task is the only writer of these channels' partials for its group.
+      float* ps = part_s.data() + grp * p.C;
+      float* pz = part_z.data() + grp * p.C;
+      for (int64_t j = 0; j < col1 - col0; ++j) {
+        const int64_t c = ((col0 + j) % p.P) / p.inner;
+        ps[c] += acc_s[j];
+        pz[c] += acc_z[j];
+      }
+    }
+  });
+  at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> vs(p.ngroups), vz(p.ngroups);
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t grp = 0; grp < p.ngroups; ++grp) {
+        vs[grp] = part_s[grp * p.C + c];
+        vz[grp] = part_z[grp * p.C + c];
+      }
+      ss[c] = q.post * pairwise_sum(vs.data(), p.ngroups);
+      sz[c] = q.post * pairwise_sum(vz.data(), p.ngroups);
+    }
+  });
+  return {sum_s, sum_z};
+}
+
+std::vector<float> to_floats(const at::Tensor& t) {
+  at::Tensor f = t.detach().to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+// §5a parameters. Forward and per-channel backward round the zero point half
+// to even; ATen's per-tensor backward takes trunc(clamp(zp + 0.5)) instead.
+Params fq_params(const at::Tensor& scale, const at::Tensor& zero_point, bool per_tensor_backward, int64_t lo,
+                 int64_t hi, double grad_factor, const Plan& p) {
+  Params q;
+  q.lo = float(lo);
+  q.hi = float(hi);
+  q.gf = float(grad_factor);
+  std::vector<float> s = to_floats(scale), z = to_floats(zero_point);
+  const size_t C = s.size();
+  q.a.resize(C);
+  q.b = s;
+  q.c.resize(C);
+  for (size_t i = 0; i < C; ++i) {
+    q.a[i] = 1.0f / s[i];  // ATen computes 1/scale in float32
+    q.c[i] = per_tensor_backward ? std::trunc(std::min(std::max(z[i] + 0.5f, q.lo), q.hi))
+                                 : std::min(std::max(std::nearbyint(z[i]), q.lo), q.hi);
+  }
+  expand(q.a, p);
+  expand(q.b, p);
+  expand(q.c, p);
+  return q;
+}
+
+Params lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offset, int64_t qn, int64_t qp,
+                  double grad_factor, const Plan& p) {
+  Params q;
+  q.lo = -float(qn);
+  q.hi = float(qp);
+  q.post = float(grad_factor);
+  q.a = to_floats(step);
+  for (float& s : q.a) s = std::max(s, kMinStep);
+  q.b = offset.has_value() ? to_floats(*offset) : std::vector<float>(q.a.size(), 0.f);
+  expand(q.a, p);
+  expand(q.b, p);
+  return q;
+}
+
+}  // namespace
+
+at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                          c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
+  check_inputs("fq_learnable_forward", x, scale, &zero_point, axis, quant_min, quant_max);
+  DenseView v = dense_view(x, axis);
+  at::Tensor y = at::empty_like(v.x);
+  if (v.x.numel() == 0) return y;
+  const Plan p = make_plan(v);
+  const Params q = fq_params(scale, zero_point, false, quant_min, quant_max, grad_factor, p);
+  run_forward(p, q, cpu::kernels().fq_fwd[dtype_code(x)], v.x, y);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                               const at::Tensor& scale, const at::Tensor& zero_point,
+                                                               c10::optional<int64_t> axis, int64_t quant_min,
+                                                               int64_t quant_max, double grad_factor) {
+  check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  DenseView v = dense_view(x, axis);
+  at::Tensor g = match_layout(dy, v.x);
+  at::Tensor dx = at::empty_like(v.x);
+  if (v.x.numel() == 0) return {dx, at::zeros_like(scale), at::zeros_like(zero_point)};
+  const Plan p = make_plan(v);
+  const Params q = fq_params(scale, zero_point, !axis.has_value(), quant_min, quant_max, grad_factor, p);
+  auto sums = run_backward(p, q, cpu::kernels().fq_bwd[dtype_code(x)], v.x, g, dx);
+  return {dx, sums.first.to(scale.scalar_type()).reshape(scale.sizes()),
+          sums.second.to(zero_point.scalar_type()).reshape(zero_point.sizes())};
+}
+
+at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
+                           c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
+  check_inputs("lsq_fake_quant_forward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  DenseView v = dense_view(x, axis);
+  at::Tensor y = at::empty_like(v.x);
+  if (v.x.numel() == 0) return y;
+  const Plan p = make_plan(v);
+  const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
+  run_forward(p, q, cpu::kernels().lsq_fwd[dtype_code(x)], v.x, y);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                                const at::Tensor& step,
+                                                                const c10::optional<at::Tensor>& offset,
+                                                                c10::optional<int64_t> axis, int64_t qn, int64_t qp,
+                                                                double grad_factor) {
+  check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  DenseView v = dense_view(x, axis);
+  at::Tensor g = match_layout(dy, v.x);
+  at::Tensor dx = at::empty_like(v.x);
+  if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(step)};
+  const Plan p = make_plan(v);
+  const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
+  auto sums = run_backward(p, q, cpu::kernels().lsq_bwd[dtype_code(x)], v.x, g, dx);
+  return {dx, sums.first.to(step.scalar_type()).reshape(step.sizes()),
+          sums.second.to(step.scalar_type()).reshape(step.sizes())};
+}
+
+}  // namespace spark_ext

@@ -1,0 +1,243 @@
+// Element loops of the fake-quantization ops. Included several times by
+// span_kernels.cpp, each time inside its own namespace and target pragma
+// (SPARK_ISA_* says which), so this file has no include guard and includes
+// nothing itself.
+//
+// The math is written once as templates over V = float (tails) or vf, a
+// 16-lane GCC vector (one AVX-512 register, two AVX2 or four SSE registers).
+// Every operation is an IEEE float32 operation applied lane by lane in the
+// order the reference / ATen evaluates it, so every ISA and the scalar tail
+// give the same bits. Compile with -ffp-contract=off (no fused multiply-add).
+//
+// Rounding uses the 1.5 * 2^23 trick ((v + M) - M rounds half to even in the
+// default rounding mode), exact for |v| <= 2^22. The operands are clamped
+// into range first, which leaves the results unchanged: LSQ clamps before
+// rounding anyway, and for §5a a value beyond quant_min - 1 / quant_max + 1
+// rounds to something outside [quant_min, quant_max] either way. This needs
+// |quant_min|, |quant_max| <= 2^21 (checked by the ops).
+
+typedef float vf __attribute__((vector_size(4 * kLanes)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes)));
+
+template <class V> static inline V splat(float s);
+template <> inline float splat<float>(float s) { return s; }
+template <> inline vf splat<vf>(float s) { return vf{} + s; }
+
+static inline float sel(bool m, float a, float b) { return m ? a : b; }
+static inline float sel(int m, float a, float b) { return m ? a : b; }
+static inline vf sel(vi m, vf a, vf b) { return m ? a : b; }
+
+template <class V> static inline V clampv(V v, V lo, V hi) {
+  // torch.clamp's order (lower bound first); NaN passes through.
+  v = sel(v < lo, lo, v);
+  return sel(v > hi, hi, v);
+}
+
+template <class V> static inline V round_half_even(V v) {
+  const V m = splat<V>(12582912.0f);  // 1.5 * 2^23
+  return (v + m) - m;
+}
+
+// ---- loads and stores: 16 elements at a time, or one -------------------
+
+static inline float f_from_bits(uint32_t b) { float f; __builtin_memcpy(&f, &b, 4); return f; }
+static inline uint32_t bits_from_f(float f) { uint32_t b; __builtin_memcpy(&b, &f, 4); return b; }
+
+// float -> bfloat16 rounds to nearest even and keeps NaN a NaN, like c10::BFloat16.
+static inline uint16_t f_to_bf16(float f) {
+  uint32_t u = bits_from_f(f);
+  return f != f ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const c10::BFloat16* p) { return f_from_bits(uint32_t(p->x) << 16); }
+static inline float load1(const c10::Half* p) { return static_cast<float>(*p); }
+static inline void store1(float* p, float v) { *p = v; }
+static inline void store1(c10::BFloat16* p, float v) { p->x = f_to_bf16(v); }
+static inline void store1(c10::Half* p, float v) { *p = c10::Half(v); }
+
+static inline vf loadv(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof v); return v; }
+static inline void storev(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline vf loadv(const c10::BFloat16* p) {
+  vh h;
+  __builtin_memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  __builtin_memcpy(&v, &u, sizeof v);
+  return v;
+}
+static inline void storev(c10::BFloat16* p, vf v) {
+  vu u;
+  __builtin_memcpy(&u, &v, sizeof u);
+  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  r = (v != v) ? vu{} + 0x7FC0u : r;
+  vh h = __builtin_convertvector(r, vh);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+
+#if defined(SPARK_ISA_AVX512)
+static inline vf loadv(const c10::Half* p) {
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+static inline void storev(c10::Half* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif defined(SPARK_ISA_AVX2)
+static inline vf loadv(const c10::Half* p) {
+  const __m128i* q = reinterpret_cast<const __m128i*>(p);
+  float t[kLanes];
+  _mm256_storeu_ps(t, _mm256_cvtph_ps(_mm_loadu_si128(q)));
+  _mm256_storeu_ps(t + 8, _mm256_cvtph_ps(_mm_loadu_si128(q + 1)));
+  return loadv(t);
+}
+static inline void storev(c10::Half* p, vf v) {
+  float t[kLanes];
+  storev(t, v);
+  __m128i* q = reinterpret_cast<__m128i*>(p);
+  _mm_storeu_si128(q, _mm256_cvtps_ph(_mm256_loadu_ps(t), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(q + 1, _mm256_cvtps_ph(_mm256_loadu_ps(t + 8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#else
+static inline vf loadv(const c10::Half* p) {
+  float t[kLanes];
+  for (int j = 0; j < kLanes; ++j) t[j] = static_cast<float>(p[j]);
+  return loadv(t);
+}
+static inline void storev(c10::Half* p, vf v) {
+  float t[kLanes];
+  storev(t, v);
+  for (int j = 0; j < kLanes; ++j) p[j] = c10::Half(t[j]);
+}
+#endif
+
+// ---- the math -----------------------------------------------------------
+
+template <class V> struct Grads {
+  V dx, ds, dz;  // input gradient; scale/step and zero-point/offset terms
+};
+
+// SPEC §5a, ATen's formulas. a = 1/scale, b = scale, c = rounded zero point.
+struct FqMath {
+  float lo, hi, gf;
+  template <class V> inline V fwd(V x, V a, V b, V c) const {
+    const V L = splat<V>(lo), H = splat<V>(hi);
+    // ATen: clamp(zp + nearbyint(x * inv_scale), quant_min, quant_max); the
+    // inner clamp only keeps the rounding trick in range (see the top).
+    V r = round_half_even(clampv(x * a, L - c - splat<V>(1.f), H - c + splat<V>(1.f)));
+    V q = clampv(r + c, L, H);
+    return (q - c) * b;
+  }
+  template <class V> inline Grads<V> bwd(V x, V dy, V a, V b, V c) const {
+    const V L = splat<V>(lo), H = splat<V>(hi), one = splat<V>(1.f), zero = splat<V>(0.f);
+    // ATen's backward rounds zp + x * inv_scale (zp added before rounding).
+    V xq = round_half_even(clampv(c + x * a, L - one, H + one));
+    auto inside = (xq >= L) & (H >= xq);
+    V xfq = (clampv(xq, L, H) - c) * b;
+    V g = splat<V>(gf);
+    V ds_in = dy * (xfq - x) * a * g;
+    V ds_out = dy * sel(xq < L, L - c, H - c) * g;
+    V dz_out = dy * splat<V>(-1.f) * b * g;
+    return {dy * sel(inside, one, zero), sel(inside, ds_in, ds_out), sel(inside, zero, dz_out)};
+  }
+};
+
+// SPEC §5b. a = step (clamped to >= 1e-8), b = offset (0 without one).
+struct LsqMath {
+  float lo, hi;  // -Qn, Qp
+  template <class V> inline V fwd(V x, V a, V b, V) const {
+    V v = (x - b) / a;
+    V q = round_half_even(clampv(v, splat<V>(lo), splat<V>(hi)));
+    return q * a + b;
+  }
+  template <class V> inline Grads<V> bwd(V x, V dy, V a, V b, V) const {
+    const V L = splat<V>(lo), H = splat<V>(hi), one = splat<V>(1.f), zero = splat<V>(0.f);
+    V v = (x - b) / a;
+    V q = round_half_even(clampv(v, L, H));
+    auto inside = (v >= L) & (H >= v);
+    V term = sel(inside, q - v, sel(v < L, L, H));
+    return {dy * sel(inside, one, zero), dy * term, dy * sel(inside, zero, one)};
+  }
+};
+
+// ---- span drivers ---------------------------------------------------------
+
+template <class T, bool PE, class M>
+static void fwd_span(const SpanArgs& g, const M m) {
+  const T* x = static_cast<const T*>(g.x);
+  T* y = static_cast<T*>(g.out);
+  const float* pa = g.pa;
+  const float* pb = g.pb;
+  const float* pc = g.pc ? g.pc : g.pa;  // LSQ ignores c
+  const vf a0 = splat<vf>(pa[0]), b0 = splat<vf>(pb[0]), c0 = splat<vf>(pc[0]);
+  const int64_t n = g.n;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    vf r;
+    if constexpr (PE) {
+      r = m.fwd(loadv(x + i), loadv(pa + i), loadv(pb + i), loadv(pc + i));
+    } else {
+      r = m.fwd(loadv(x + i), a0, b0, c0);
+    }
+    storev(y + i, r);
+  }
+  for (; i < n; ++i) {
+    const int64_t k = PE ? i : 0;
+    store1(y + i, m.fwd(load1(x + i), pa[k], pb[k], pc[k]));
+  }
+}
+
+template <class T, bool PE, class M>
+static void bwd_span(const SpanArgs& g, const M m) {
+  const T* x = static_cast<const T*>(g.x);
+  const T* dy = static_cast<const T*>(g.dy);
+  T* dx = static_cast<T*>(g.out);
+  const float* pa = g.pa;
+  const float* pb = g.pb;
+  const float* pc = g.pc ? g.pc : g.pa;
+  const vf a0 = splat<vf>(pa[0]), b0 = splat<vf>(pb[0]), c0 = splat<vf>(pc[0]);
+  const int64_t n = g.n;
+  // Broadcast variant: 16 lane accumulators kept in registers.
+  vf lane_s = loadv(g.acc_s), lane_z = loadv(g.acc_z);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    Grads<vf> r;
+    if constexpr (PE) {
+      r = m.bwd(loadv(x + i), loadv(dy + i), loadv(pa + i), loadv(pb + i), loadv(pc + i));
+      storev(g.acc_s + i, loadv(g.acc_s + i) + r.ds);
+      storev(g.acc_z + i, loadv(g.acc_z + i) + r.dz);
+    } else {
+      r = m.bwd(loadv(x + i), loadv(dy + i), a0, b0, c0);
+      lane_s += r.ds;
+      lane_z += r.dz;
+    }
+    storev(dx + i, r.dx);
+  }
+  if constexpr (!PE) {
+    storev(g.acc_s, lane_s);
+    storev(g.acc_z, lane_z);
+  }
+  for (; i < n; ++i) {
+    const int64_t k = PE ? i : 0;
+    Grads<float> r = m.bwd(load1(x + i), load1(dy + i), pa[k], pb[k], pc[k]);
+    store1(dx + i, r.dx);
+    const int64_t lane = PE ? i : (i % kLanes);
+    g.acc_s[lane] += r.ds;
+    g.acc_z[lane] += r.dz;
+  }
+}
+
+template <class T, bool PE> static void fq_fwd(const SpanArgs& g) { fwd_span<T, PE>(g, FqMath{g.lo, g.hi, g.gf}); }
+template <class T, bool PE> static void fq_bwd(const SpanArgs& g) { bwd_span<T, PE>(g, FqMath{g.lo, g.hi, g.gf}); }
+template <class T, bool PE> static void lsq_fwd(const SpanArgs& g) { fwd_span<T, PE>(g, LsqMath{g.lo, g.hi}); }
+template <class T, bool PE> static void lsq_bwd(const SpanArgs& g) { bwd_span<T, PE>(g, LsqMath{g.lo, g.hi}); }
+
+#define SPARK_ROW(fn)                                                                               \
+  {{fn<float, false>, fn<float, true>}, {fn<c10::Half, false>, fn<c10::Half, true>},                \
+   {fn<c10::BFloat16, false>, fn<c10::BFloat16, true>}}
+
+static const KernelTable table = {SPARK_ROW(fq_fwd), SPARK_ROW(fq_bwd), SPARK_ROW(lsq_fwd), SPARK_ROW(lsq_bwd),
+                                  SPARK_ISA_NAME};
+#undef SPARK_ROW

@@ -1,0 +1,63 @@
+// Host-side pieces shared by the CPU and CUDA implementations of the
+// fake-quantization ops (SPEC §5): the dense [outer, C, inner] view of the
+// input, the per-channel parameters and the op entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace spark_ext {
+
+// Which formula family an op computes.
+enum class Semantics : int {
+  kTorchCompat = 0,  // SPEC §5a: torch._fake_quantize_learnable_*
+  kLsq = 1,          // SPEC §5b: LSQ / LSQ+
+};
+
+// A dense view of x: its storage read linearly is [outer, C, inner] with the
+// quantization channel in the middle (C == 1, inner == numel for per tensor).
+// Any non-overlapping dense layout (contiguous, channels_last, permuted) maps
+// onto this without a copy: in such a layout every dimension whose stride is
+// larger than the channel's is a multiple of stride * C, and every smaller one
+// lies inside one stride. Other layouts (slices with gaps, expanded, overlapping)
+// are first copied into the layout `empty_like` gives them (one extra read and
+// write of x, documented in the Python docstrings).
+struct DenseView {
+  at::Tensor x;  // dense; outputs are allocated with empty_like(x) and share its strides
+  int64_t outer = 1, channels = 1, inner = 0;
+};
+
+DenseView dense_view(const at::Tensor& x, c10::optional<int64_t> axis);
+
+// dy in exactly x's (dense) strides and dtype: returned as-is when it already
+// is, else copied (one extra read and write; e.g. the expanded ones of
+// `y.sum().backward()`).
+at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& like);
+
+// Argument checks done again in C++ so the ops are safe to call directly
+// through torch.ops (the Python wrappers check the same things first with
+// friendlier messages).
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, const at::Tensor* p1,
+                  c10::optional<int64_t> axis, int64_t lo, int64_t hi);
+
+int64_t normalize_axis(c10::optional<int64_t> axis, int64_t dim);
+
+// Smallest step allowed inside the kernels (SPEC §5b: tiny steps are clamped).
+constexpr float kMinStep = 1e-8f;
+
+// CPU entry points (fake_quant_cpu.cpp).
+at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                          c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor);
+at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
+                           c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
+    c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor);
+
+}  // namespace spark_ext

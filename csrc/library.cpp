@@ -1,0 +1,117 @@
+// Op schemas of the spark_ext library (one TORCH_LIBRARY for the namespace;
+// Python custom ops of the same namespace use FRAGMENT libraries beside it)
+// and the host-side helpers shared by the CPU and CUDA implementations.
+//
+// Ops (all differentiable through Python `register_autograd`, see
+// spark_ext/ops/fake_quant.py and lsq.py):
+//   fq_learnable_forward / fq_learnable_backward      SPEC §5a, torch-compatible
+//   lsq_fake_quant_forward / lsq_fake_quant_backward  SPEC §5b, LSQ / LSQ+
+//   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>"
+// `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
+// d_zero_point_or_offset); the LSQ backward returns an offset gradient shaped
+// like step even without an offset (callers drop it).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "cpu/span_kernels.h"
+#include "fake_quant.h"
+
+// The build passes -DSPARK_EXT_TORCH_VERSION=2.13.0+cpu (no quotes: they do
+// not survive both setuptools' and ninja's command lines alike).
+#define SPARK_STR2(x) #x
+#define SPARK_STR(x) SPARK_STR2(x)
+#ifdef SPARK_EXT_TORCH_VERSION
+#define SPARK_TORCH_VERSION_STR SPARK_STR(SPARK_EXT_TORCH_VERSION)
+#else
+#define SPARK_TORCH_VERSION_STR "unknown"
+#endif
+#ifndef SPARK_EXT_WITH_CUDA
+#define SPARK_EXT_WITH_CUDA 0
+#endif
+
+namespace spark_ext {
+
+int64_t normalize_axis(c10::optional<int64_t> axis, int64_t dim) {
+  TORCH_CHECK(axis.has_value(), "internal: normalize_axis without an axis");
+  const int64_t a = *axis;
+  TORCH_CHECK_VALUE(dim > 0 && a >= -dim && a < dim, "axis must be in [", -dim, ", ", dim, ") for a ", dim,
+                    "-D input, got ", a);
+  return a < 0 ? a + dim : a;
+}
+
+DenseView dense_view(const at::Tensor& x, c10::optional<int64_t> axis) {
+  DenseView v;
+  // A copy only for layouts with gaps or overlaps; empty_like keeps the
+  // memory format (contiguous / channels_last) such a tensor suggests.
+  v.x = x.is_non_overlapping_and_dense() ? x : at::empty_like(x).copy_(x);
+  const int64_t n = v.x.numel();
+  v.inner = n;
+  if (!axis.has_value() || n == 0) return v;
+  const int64_t a = normalize_axis(axis, x.dim());
+  const int64_t c = v.x.size(a);
+  if (c == 1) return v;  // one channel: the whole tensor shares it
+  v.channels = c;
+  v.inner = v.x.stride(a);
+  v.outer = n / (c * v.inner);
+  TORCH_CHECK(v.outer * c * v.inner == n, "internal: bad dense layout for strides ", v.x.strides());
+  return v;
+}
+
+at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(dy.sizes() == like.sizes(), "grad must have x's shape ", like.sizes(), ", got ", dy.sizes());
+  if (dy.dtype() == like.dtype() && dy.strides() == like.strides()) return dy;
+  return at::empty_like(like).copy_(dy);
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, const at::Tensor* p1,
+                  c10::optional<int64_t> axis, int64_t lo, int64_t hi) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+                   ": x must be float32, float16 or bfloat16, got ", dt);
+  const int64_t expected = axis.has_value() ? x.size(normalize_axis(axis, x.dim())) : 1;
+  for (const at::Tensor* p : {&p0, p1}) {
+    if (p == nullptr) continue;
+    TORCH_CHECK_TYPE(p->is_floating_point(), op, ": scale/step and zero_point/offset must be floating, got ",
+                     p->scalar_type());
+    TORCH_CHECK_VALUE(p->numel() == expected && p->dim() <= 1, op, ": parameters must hold ", expected,
+                      " values (1-D), got shape ", p->sizes());
+    TORCH_CHECK_VALUE(p->device() == x.device(), op, ": parameters must be on x's device ", x.device(), ", got ",
+                      p->device());
+  }
+  // The kernels round with the 1.5 * 2^23 trick (exact for |v| <= 2^22).
+  constexpr int64_t kMaxRange = int64_t(1) << 21;
+  TORCH_CHECK_VALUE(lo <= 0 && 0 <= hi && lo >= -kMaxRange && hi <= kMaxRange, op,
+                    ": need -2^21 <= quant_min <= 0 <= quant_max <= 2^21, got [", lo, ", ", hi, "]");
+}
+
+static std::string build_info() {
+  return std::string("torch=") + SPARK_TORCH_VERSION_STR + ";cuda=" + (SPARK_EXT_WITH_CUDA ? "1" : "0") +
+         ";cpu_isa=" + cpu::kernels().isa;
+}
+
+}  // namespace spark_ext
+
+TORCH_LIBRARY(spark_ext, m) {
+  m.def(
+      "fq_learnable_forward(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
+      "float grad_factor) -> Tensor");
+  m.def(
+      "fq_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
+      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsq_fake_quant_forward(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
+      "-> Tensor");
+  m.def(
+      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
+      "float grad_factor) -> (Tensor, Tensor, Tensor)");
+  m.def("build_info() -> str", &spark_ext::build_info);
+}
+
+TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
+  m.impl("fq_learnable_forward", &spark_ext::fq_forward_cpu);
+  m.impl("fq_learnable_backward", &spark_ext::fq_backward_cpu);
+  m.impl("lsq_fake_quant_forward", &spark_ext::lsq_forward_cpu);
+  m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cpu);
+}

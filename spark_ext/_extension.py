@@ -1,0 +1,346 @@
+"""Loads the compiled C++/CUDA library that defines ``torch.ops.spark_ext.*``.
+
+Two ways to get it, tried in this order by :func:`load`:
+
+1. **Ahead of time.** ``pip install --no-build-isolation .`` (torch already
+   installed) makes setup.py compile ``spark_ext/_C*.so`` and write
+   ``spark_ext/_C_build.json`` beside it (the torch version and a hash of the
+   sources it was built from). It is used when both match the running torch
+   and the shipped sources.
+2. **Just in time.** Otherwise (``pip install .`` with build isolation, where
+   torch was absent at build time, a torch upgrade, or edited sources) the
+   library is compiled on first use with ``torch.utils.cpp_extension.load`` and
+   ninja into ``$SPARK_EXT_CACHE`` (default ``~/.cache/spark_ext``), in a folder
+   named after the torch version and the source hash, and reused afterwards.
+   The first build says so once on stderr (about a minute).
+
+CUDA kernels are compiled only where torch has CUDA and nvcc is found
+(``SPARK_EXT_NO_CUDA=1`` skips them). Only one library may define the
+``spark_ext`` namespace in a process, so whichever loads first stays.
+
+This module imports only the standard library at import time: setup.py reads
+its source lists and flags without importing torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
+from typing import Optional
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+AOT_NAME = "_C"
+AOT_INFO = "_C_build.json"
+
+CPU_SOURCES = ("library.cpp", "cpu/fake_quant_cpu.cpp", "cpu/span_kernels.cpp")
+CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
+HEADERS = ("fake_quant.h", "cpu/span_kernels.h", "cpu/span_impl.h")
+
+# -ffp-contract=off: no fused multiply-add, the kernels reproduce the
+# reference bit for bit. -fno-trapping-math lets GCC if-convert selects.
+CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-Wno-psabi")
+NVCC_FLAGS = ("-O3", "--fmad=false", "--expt-relaxed-constexpr")
+
+_lock = threading.Lock()
+_state: dict = {"loaded": False, "error": None, "how": None, "path": None, "info": None}
+_announced = False
+
+
+# --------------------------------------------------------------------------
+# Sources, versions, flags (no torch needed)
+# --------------------------------------------------------------------------
+
+
+def source_dir() -> Optional[Path]:
+    """Folder holding the C++/CUDA sources: ``spark_ext/csrc`` when installed, ``csrc/`` in a checkout."""
+    for candidate in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc"):
+        if (candidate / CPU_SOURCES[0]).is_file():
+            return candidate
+    return None
+
+
+def sources_hash(src: Optional[Path] = None) -> str:
+    """Hash of every source and header plus the compiler flags (16 hex digits)."""
+    src = src or source_dir()
+    h = hashlib.sha256()
+    for rel in CPU_SOURCES + CUDA_SOURCES + HEADERS:
+        path = src / rel if src else None
+        h.update(rel.encode())
+        h.update(path.read_bytes() if path and path.is_file() else b"<missing>")
+    h.update(repr((CXX_FLAGS, NVCC_FLAGS)).encode())
+    return h.hexdigest()[:16]
+
+
+def version_define(torch_version: str) -> str:
+    """``-DSPARK_EXT_TORCH_VERSION=...``: the version as bare tokens (the C++ side stringifies them)."""
+    return "-DSPARK_EXT_TORCH_VERSION=" + re.sub(r"[^0-9A-Za-z.+]", "_", torch_version)
+
+
+def compile_flags(torch_version: str, with_cuda: bool) -> tuple[list[str], list[str]]:
+    """(C++ flags, nvcc flags) for the build, shared by setup.py and the JIT build."""
+    defines = [version_define(torch_version), f"-DSPARK_EXT_WITH_CUDA={int(with_cuda)}"]
+    return list(CXX_FLAGS) + defines, list(NVCC_FLAGS) + defines
+
+
+def cuda_build_possible() -> Optional[str]:
+    """None when CUDA kernels can be compiled here, else why not (imports torch)."""
+    if os.environ.get("SPARK_EXT_NO_CUDA"):
+        return "SPARK_EXT_NO_CUDA is set"
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return "this torch has no CUDA"
+    home = cpp_extension.CUDA_HOME
+    if not home or not (Path(home) / "bin" / "nvcc").exists():
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SPARK_EXT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spark_ext"
+
+
+def _base_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+# --------------------------------------------------------------------------
+# Finding and loading
+# --------------------------------------------------------------------------
+
+
+def aot_library() -> Optional[Path]:
+    """The ahead-of-time built library inside the package, if any."""
+    for suffix in EXTENSION_SUFFIXES:
+        path = PACKAGE_DIR / (AOT_NAME + suffix)
+        if path.is_file():
+            return path
+    return None
+
+
+def aot_info() -> Optional[dict]:
+    try:
+        return json.loads((PACKAGE_DIR / AOT_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def aot_mismatch(info: Optional[dict], torch_version: str, src_hash: Optional[str]) -> Optional[str]:
+    """Why the AOT library must not be loaded (None when it may).
+
+    Loading a library built against another torch can fail on missing symbols
+    or, worse, load and misbehave, so the recorded version must match exactly.
+    """
+    if info is None:
+        return f"{AOT_INFO} is missing or unreadable"
+    built = info.get("torch")
+    if built != torch_version:
+        return f"it was built against torch {built}, this is torch {torch_version}"
+    if src_hash is not None and info.get("sources") not in (None, src_hash):
+        return "its sources have changed since it was built"
+    return None
+
+
+def _announce(message: str) -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        print(message, file=sys.stderr, flush=True)
+
+
+def _jit_build(torch_version: str) -> Path:
+    import torch  # noqa: F401  (cpp_extension needs it imported)
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("the C++ sources are not installed (expected spark_ext/csrc/)")
+    no_cuda = cuda_build_possible()
+    with_cuda = no_cuda is None
+    digest = sources_hash(src)
+    build_dir = cache_root() / f"{_base_version(torch_version)}-{'cuda' if with_cuda else 'cpu'}-{digest}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = f"spark_ext_C_{digest[:8]}"
+    target = build_dir / f"{name}.so"
+    if not target.exists():
+        _announce(f"spark_ext: building the C++ library (first use, ~1 min) into {build_dir} …")
+    sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    cflags, nvcc_flags = compile_flags(torch_version, with_cuda)
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=cflags,
+        extra_cuda_cflags=nvcc_flags,
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=bool(os.environ.get("SPARK_EXT_VERBOSE_BUILD")),
+    )
+    return target
+
+
+def _check_loaded(torch_version: str) -> str:
+    import torch
+
+    info = torch.ops.spark_ext.build_info()
+    fields = dict(item.split("=", 1) for item in info.split(";"))
+    built = fields.get("torch", "?")
+    if _base_version(built) != _base_version(torch_version):
+        raise RuntimeError(f"library reports torch {built} but torch {torch_version} is running")
+    return info
+
+
+def _load_locked() -> None:
+    import torch
+
+    version = torch.__version__
+    reasons = []
+    aot = aot_library()
+    if aot is not None and not os.environ.get("SPARK_EXT_FORCE_JIT"):
+        src = source_dir()
+        why = aot_mismatch(aot_info(), version, sources_hash(src) if src else None)
+        if why is None:
+            torch.ops.load_library(str(aot))
+            _state.update(how="AOT", path=str(aot))
+        else:
+            reasons.append(f"not using {aot.name}: {why}")
+    if _state["how"] is None:
+        if os.environ.get("SPARK_EXT_NO_JIT"):
+            raise RuntimeError("; ".join(reasons + ["JIT build disabled by SPARK_EXT_NO_JIT"]))
+        if reasons:
+            _announce(f"spark_ext: {reasons[0]}; rebuilding just in time")
+        try:
+            path = _jit_build(version)
+        except Exception as exc:  # compiler missing, build error, ...
+            raise RuntimeError("; ".join(reasons + [f"JIT build failed: {exc}"])) from exc
+        _state.update(how="JIT", path=str(path))
+    _state["info"] = _check_loaded(version)
+    _state["loaded"] = True
+
+
+def load() -> None:
+    """Load the library (building it first if needed); raise ``RuntimeError`` saying why it cannot.
+
+    Idempotent and thread-safe; a failure is remembered and re-raised.
+    """
+    if _state["loaded"]:
+        return
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise RuntimeError(_state["error"])
+        try:
+            _load_locked()
+        except Exception as exc:
+            _state["error"] = f"spark_ext C++ library unavailable: {exc}"
+            raise RuntimeError(_state["error"]) from exc
+
+
+def is_loaded() -> bool:
+    """True once :func:`load` succeeded (never builds; safe inside ``torch.compile``)."""
+    return _state["loaded"]
+
+
+def is_available() -> bool:
+    """True when the library is loaded or can be loaded now (may build it)."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when loaded (loading it if needed), else the reason it cannot be: for the dispatcher."""
+    if _state["loaded"]:
+        return None
+    try:
+        load()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded library contains the CUDA kernels."""
+    return _state["loaded"] and ";cuda=1" in (_state["info"] or "")
+
+
+def status() -> str:
+    """One line for ``spark-ext doctor``: what is loaded, or what would be and how. Never builds."""
+    if _state["loaded"]:
+        fields = dict(item.split("=", 1) for item in _state["info"].split(";"))
+        cuda = "with CUDA kernels" if fields.get("cuda") == "1" else "CPU only"
+        return (
+            f"loaded ({_state['how']}, built for torch {fields.get('torch')}, {cuda}, "
+            f"CPU kernels: {fields.get('cpu_isa')}) from {_state['path']}"
+        )
+    if _state["error"]:
+        return _state["error"]
+    import torch
+
+    aot = aot_library()
+    src = source_dir()
+    if aot is not None:
+        why = aot_mismatch(aot_info(), torch.__version__, sources_hash(src) if src else None)
+        if why is None:
+            return f"built ahead of time ({aot.name}), loads on first use"
+        prefix = f"{aot.name} present but stale ({why}); "
+    else:
+        prefix = "not built ahead of time; "
+    if src is None:
+        return prefix + "C++ sources missing, cannot build"
+    return prefix + f"builds just in time on first use into {cache_root()}"
+
+
+# --------------------------------------------------------------------------
+# Helpers for the op modules' dispatch registrations
+# --------------------------------------------------------------------------
+
+KERNEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def cpp_unavailable() -> Optional[str]:
+    """``unavailable`` for the ``cpp`` backend: None once the library is loaded."""
+    return None if _state["loaded"] else unavailable_reason()
+
+
+def cuda_unavailable() -> Optional[str]:
+    """``unavailable`` for the ``cuda`` backend: the library must hold the CUDA kernels."""
+    reason = cpp_unavailable()
+    if reason is None and not has_cuda_kernels():
+        return "the C++ library was built without CUDA kernels (torch without CUDA, or nvcc not found)"
+    return reason
+
+
+def _dtype_reason(dtype) -> Optional[str]:
+    name = str(dtype).replace("torch.", "")
+    if name not in KERNEL_DTYPES:
+        return f"dtype {name} is not supported (float32, float16, bfloat16 only)"
+    return None
+
+
+def cpu_unsupported(device, dtype, forced: bool) -> Optional[str]:
+    """``unsupported`` for the ``cpp`` backend: CPU tensors of a kernel dtype."""
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got {device.type}"
+    return _dtype_reason(dtype)
+
+
+def cuda_unsupported(device, dtype, forced: bool) -> Optional[str]:
+    """``unsupported`` for the ``cuda`` backend: CUDA tensors of a kernel dtype."""
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA tensors, got {device.type}"
+    return _dtype_reason(dtype)
