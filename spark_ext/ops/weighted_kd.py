@@ -120,7 +120,9 @@ def _triton_backend(student, teacher, weight, kd_loss, reduction):
         # Grid weights: loss = sum(weight * cell_kd) / N, no second image pass.
         gh, gw = weight.shape[-2:]
         cell_kd = triton_cell_kd(student, teacher, (gh, gw), kd_loss)
-        total = (weight.to(torch.float32) * cell_kd).sum()
+        # contiguous(): a [B,1,Gh,Gw] copy at most, so the summation order
+        # (hence the bits) does not depend on the weight's strides.
+        total = (weight.to(torch.float32) * cell_kd).contiguous().sum()
         return total / student.numel() if reduction == "mean" else total
     return torch.ops.spark_ext.triton_weighted_kd(student, teacher, weight, kd_loss, reduction)
 

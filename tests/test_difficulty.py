@@ -1,0 +1,396 @@
+"""Triton backend of ``difficulty_signals`` (SPEC §2) against the reference.
+
+Without a GPU every kernel runs under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), so shapes stay small. The oracle is
+:func:`spark_ext.reference.difficulty_signals` run in float64 on the same
+input values (the reference itself is checked against explicit loops in
+tests/test_reference.py). Tolerances:
+
+* signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
+* ``cell_kd`` and gradients: twice the error the reference makes in the
+  input's own dtype (vs float64), plus four ulps of the output dtype at the
+  result's scale.
+
+bfloat16 runs under the interpreter too: Triton's interpreter truncates when
+it converts float32 to bfloat16 (GPUs round to nearest-even), so the kernels
+round bfloat16 by hand (``kernels/_utils.py: cast_out``), which makes the
+interpreter and the GPU store the same bits; the tests below check that those
+bits are the reference's.
+"""
+
+import pytest
+import torch
+
+import spark_ext
+from spark_ext import reference
+from spark_ext.ops import BackendUnavailableError
+
+KINDS = ["l1", "l2", "charbonnier"]
+LOW = [torch.float16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def images(shape, dtype=torch.float32, layout="contiguous", n=3, device="cpu"):
+    """``n`` random ``[B, C, H, W]`` tensors in the given memory layout."""
+    B, C, H, W = shape
+    out = []
+    for _ in range(n):
+        if layout == "contiguous":
+            x = torch.randn(shape, device=device)
+        elif layout == "channels_last":
+            x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+        elif layout == "sliced":  # non-dense view: offset, step-2 columns, a sliced channel
+            x = torch.randn(B, C + 1, H + 2, 2 * W + 1, device=device)[:, 1:, 1 : H + 1, 1::2]
+        else:
+            raise ValueError(layout)
+        out.append(x.to(dtype) if dtype != torch.float32 else x)
+    return out
+
+
+def check(got, ref_same, ref64, what):
+    """``got`` within twice the same-dtype reference's own error (vs float64) + 4 ulps."""
+    got64, ref64 = got.double(), ref64.double()
+    err = (got64 - ref64).abs().max().item() if got.numel() else 0.0
+    ref_err = (ref_same.double() - ref64).abs().max().item() if got.numel() else 0.0
+    scale = ref64.abs().max().item() if got.numel() else 0.0
+    allowed = 2 * ref_err + 4 * torch.finfo(got.dtype).eps * scale + 1e-30
+    assert err <= allowed, f"{what}: max error {err:.3g} > allowed {allowed:.3g} (reference's own {ref_err:.3g})"
+
+
+def check_signals(sig, ref64):
+    torch.testing.assert_close(sig.double(), ref64.double(), rtol=1e-4, atol=1e-6)
+
+
+def ref_forward(S, T, Y, grid, kind):
+    """(signals64, cell_kd in the reference's own precision, cell_kd64)."""
+    sig64, kd64 = reference.difficulty_signals(S.double(), T.double(), Y.double(), grid, kind)
+    _, kd_same = reference.difficulty_signals(S, T, Y, grid, kind)
+    return sig64, kd_same, kd64
+
+
+def ref_grads(S, T, G, grid, kind, dtype):
+    """Reference ``(dS, dT)`` of ``sum(G * cell_kd)`` in ``dtype`` and in float64."""
+    out = []
+    for dt in (dtype, torch.float64):
+        s = S.detach().to(dt).requires_grad_()
+        t = T.detach().to(dt).requires_grad_()
+        _, kd = reference.difficulty_signals(s, t, s.detach(), grid, kind)
+        out.append(torch.autograd.grad(kd, (s, t), G.to(kd.dtype)))
+    return out
+
+
+def triton_signals(S, T, Y, grid, kind):
+    return spark_ext.difficulty_signals(S, T, Y, grid, kind, backend="triton")
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """Launch configuration as on a GPU (small tiles, row-band splits, merge kernel).
+
+    Under the interpreter the launchers pick one big tile and never split a
+    cell; this fixture makes them pick 256-pixel tiles and aim for 64
+    programs, so the multi-tile Chan merge, the split partials and the merge
+    kernel all run.
+    """
+    from spark_ext.kernels import difficulty as kd_kernels
+    from spark_ext.kernels import weighted_kd as wkd_kernels
+
+    for mod in (kd_kernels, wkd_kernels):
+        monkeypatch.setattr(mod, "tile_pixels", lambda device: 256)
+        monkeypatch.setattr(mod, "target_programs", lambda device: 64)
+
+
+# --------------------------------------------------------------------------
+# forward and backward against the reference
+# --------------------------------------------------------------------------
+
+CASES = [
+    ((1, 1, 1, 1), (1, 1)),
+    ((2, 3, 7, 9), (3, 4)),  # grid divides neither H nor W
+    ((2, 3, 7, 9), (7, 9)),  # full resolution: every pixel its own cell
+    ((2, 3, 7, 9), (1, 1)),
+    ((3, 1, 33, 65), (5, 7)),
+    ((3, 1, 33, 65), (33, 65)),
+    ((3, 1, 33, 65), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape,grid", CASES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_matches_reference(shape, grid, kind):
+    S, T, Y = images(shape)
+    sig, kd = triton_signals(S, T, Y, grid, kind)
+    assert sig.shape == (shape[0], 4, *grid) and kd.shape == (shape[0], 1, *grid)
+    assert sig.dtype == kd.dtype == torch.float32
+    sig64, kd_same, kd64 = ref_forward(S, T, Y, grid, kind)
+    check_signals(sig, sig64)
+    check(kd, kd_same, kd64, "cell_kd")
+
+
+@pytest.mark.parametrize("shape,grid", [CASES[0], CASES[1], CASES[2], CASES[4], CASES[6]])
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_matches_reference(shape, grid, kind):
+    S, T, Y = images(shape)
+    s, t = S.clone().requires_grad_(), T.clone().requires_grad_()
+    G = torch.randn(shape[0], 1, *grid)  # grad_output != 1
+    _, kd = triton_signals(s, t, Y, grid, kind)
+    ds, dt = torch.autograd.grad(kd, (s, t), G)
+    (rs, rt), (rs64, rt64) = ref_grads(S, T, G, grid, kind, torch.float32)
+    check(ds, rs, rs64, "dS")
+    check(dt, rt, rt64, "dT")
+    assert torch.equal(dt, -ds)
+
+
+@pytest.mark.parametrize(
+    "shape,grid,kind",
+    [
+        ((2, 2, 37, 41), (1, 1), "l1"),  # one cell per image: row-band splits + merge kernel
+        ((2, 2, 37, 41), (3, 5), "l2"),  # several tiles per cell, unequal cells
+        ((1, 2, 9, 70), (9, 70), "charbonnier"),  # NC > 1 cells per program, across cell rows
+        ((1, 1, 40, 300), (2, 1), "l1"),  # cells wider than the 128-pixel tile row
+    ],
+)
+def test_gpu_like_launch_configuration(gpu_like, shape, grid, kind):
+    S, T, Y = images(shape)
+    sig, kd = triton_signals(S, T, Y, grid, kind)
+    sig64, kd_same, kd64 = ref_forward(S, T, Y, grid, kind)
+    check_signals(sig, sig64)
+    check(kd, kd_same, kd64, "cell_kd")
+
+
+def test_explicit_launch_configurations_agree():
+    """Every (tile, cells-per-program, split) choice computes the same statistics."""
+    from spark_ext.kernels import difficulty as k
+
+    S, T, Y = images((1, 2, 13, 11))
+    grid = (3, 4)  # cells of 4-5 rows x 2-3 columns
+    sig64, kd_same, kd64 = ref_forward(S, T, Y, grid, "l2")
+    # (BH, BW, NC, NSPLIT, ROWS_PER_SPLIT)
+    for config in [(8, 4, 1, 1, 5), (2, 2, 1, 1, 5), (2, 2, 4, 3, 2), (1, 2, 2, 5, 1), (8, 4, 16, 1, 5)]:
+        sig, kd = k.difficulty_forward(S, T, Y, grid, "l2", config=config)
+        check_signals(sig, sig64)
+        check(kd, kd_same, kd64, f"cell_kd {config}")
+        kd_only = k.cell_kd_forward(S, T, grid, "l2", config=config)
+        assert torch.equal(kd_only, kd), config  # same arithmetic with and without signals
+
+
+# --------------------------------------------------------------------------
+# layouts, upstream gradients, determinism
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_layouts_give_bitwise_identical_results(layout):
+    """Strides change addresses only: results equal the contiguous run's bit for bit."""
+    shape, grid = (2, 3, 7, 9), (3, 4)
+    S, T, Y = images(shape, layout=layout)
+    assert not S.is_contiguous()
+    Sc, Tc, Yc = (x.contiguous() for x in (S, T, Y))
+    G = torch.randn(2, 1, *grid)
+    outs = []
+    for a, b, c in ((S, T, Y), (Sc, Tc, Yc)):
+        s, t = a.detach().requires_grad_(), b.detach().requires_grad_()  # detach keeps the strides
+        sig, kd = triton_signals(s, t, c, grid, "charbonnier")
+        ds, dt = torch.autograd.grad(kd, (s, t), G)
+        outs.append((sig, kd, ds, dt))
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+    if layout == "channels_last":
+        assert outs[0][2].is_contiguous(memory_format=torch.channels_last)  # dS follows S's layout
+
+
+def test_expanded_stride_zero_upstream_gradient():
+    shape, grid = (2, 3, 7, 9), (3, 4)
+    S, T, Y = images(shape)
+    for G in (torch.randn(1, 1, *grid).expand(2, 1, *grid), torch.tensor(0.37).expand(2, 1, *grid)):
+        s = S.clone().requires_grad_()
+        _, kd = triton_signals(s, T, Y, grid, "l1")
+        (ds,) = torch.autograd.grad(kd, s, G)
+        (rs, _), (rs64, _) = ref_grads(S, T, G.contiguous(), grid, "l1", torch.float32)
+        check(ds, rs, rs64, "dS with expanded G")
+
+
+def test_gradients_only_where_required_and_signals_carry_none():
+    S, T, Y = images((2, 3, 7, 9))
+    s, y = S.clone().requires_grad_(), Y.clone().requires_grad_()
+    sig, kd = triton_signals(s, T, y, (3, 4), "l2")
+    assert not sig.requires_grad and kd.requires_grad
+    kd.sum().backward()
+    assert s.grad is not None and y.grad is None
+    t = T.clone().requires_grad_()
+    _, kd = triton_signals(S, t, Y, (3, 4), "l2")
+    kd.sum().backward()
+    (rs, rt), _ = ref_grads(S, T, torch.ones(2, 1, 3, 4), (3, 4), "l2", torch.float32)
+    check(t.grad, rt, rt, "dT alone")
+    with torch.no_grad():
+        _, kd = triton_signals(s, t, Y, (3, 4), "l2")
+    assert not kd.requires_grad
+
+
+def test_bitwise_deterministic_and_inputs_untouched(gpu_like):
+    S, T, Y = images((2, 3, 21, 33))
+    before = [x.clone() for x in (S, T, Y)]
+    runs = []
+    for _ in range(2):
+        s = S.clone().requires_grad_()
+        sig, kd = triton_signals(s, T, Y, (2, 3), "charbonnier")
+        (ds,) = torch.autograd.grad(kd, s, torch.randn(2, 1, 2, 3, generator=torch.Generator().manual_seed(1)))
+        runs.append((sig, kd, ds))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    for x, x0 in zip((S, T, Y), before):
+        assert torch.equal(x, x0)
+
+
+# --------------------------------------------------------------------------
+# precision
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision_inputs(dtype, kind):
+    shape, grid = (2, 3, 7, 9), (3, 4)
+    S, T, Y = images(shape, dtype=dtype)
+    s = S.clone().requires_grad_()
+    sig, kd = triton_signals(s, T, Y, grid, kind)
+    assert sig.dtype == kd.dtype == torch.float32
+    sig64, kd_same, kd64 = ref_forward(S, T, Y, grid, kind)
+    check_signals(sig, sig64)
+    check(kd, kd_same, kd64, "cell_kd")
+    G = torch.randn(2, 1, *grid)
+    (ds,) = torch.autograd.grad(kd, s, G)
+    assert ds.dtype == dtype
+    (rs, _), (rs64, _) = ref_grads(S, T, G, grid, kind, dtype)
+    check(ds, rs, rs64, f"dS {dtype}")
+    if kind != "charbonnier":  # l1/l2: the same float32 value rounded once, to nearest-even
+        assert torch.equal(ds, rs)
+
+
+def test_variance_is_sound_for_a_big_cell_with_a_large_offset():
+    """SPEC §2: a 2^20-pixel cell of 1000 + noise agrees with float64 to 1e-4 rel + 1e-6 abs.
+
+    In float32 a naive ``mean(g^2) - mean(g)^2`` of these values is pure
+    rounding noise (0 here); the kernel's shifted, Chan-merged statistics keep
+    about six digits.
+    """
+    H = W = 1024
+    Y = 1000 + 0.01 * torch.randn(1, 1, H, W)
+    S = Y + 0.1 * torch.randn(1, 1, H, W)
+    T = Y.clone()
+    sig, _ = triton_signals(S, T, Y, (1, 1), "l1")
+    sig64, _, _ = ref_forward(S, T, Y, (1, 1), "l1")
+    check_signals(sig, sig64)
+    g = Y[:, 0]
+    naive = ((g * g).mean() - g.mean() ** 2).abs().item()
+    assert abs(naive - sig64[0, 1].item()) > 1e-4 * sig64[0, 1].item()  # the trap is real
+
+
+# --------------------------------------------------------------------------
+# torch.library, torch.compile, dispatch
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["l1", "charbonnier"])
+def test_opcheck(kind):
+    S, T, Y = (x.requires_grad_() for x in images((2, 3, 7, 9)))
+    ops = torch.ops.spark_ext
+    torch.library.opcheck(ops.triton_difficulty_signals.default, (S, T, Y, 3, 4, kind))
+    torch.library.opcheck(ops.triton_cell_kd.default, (S, T, 7, 9, kind))
+    Sd, Td = S.detach(), T.detach().contiguous(memory_format=torch.channels_last)
+    G = torch.randn(1, 1, 3, 4).expand(2, 1, 3, 4)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops.triton_cell_kd_backward.default, (G, Sd, Td, kind, *need))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    S, T, Y = images((2, 3, 7, 9))
+    w = torch.rand(2, 1, 3, 4)
+
+    def step(s, t, y):
+        sig, kd = spark_ext.difficulty_signals(s, t, y, (3, 4), "l2", backend="triton")
+        return (w * kd).sum() + sig.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, step):
+        s, t = S.clone().requires_grad_(), T.clone().requires_grad_()
+        loss = fn(s, t, Y)
+        loss.backward()
+        results.append((loss.detach(), s.grad, t.grad))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_dispatch_rules():
+    S, T, Y = images((1, 1, 4, 4))
+    from spark_ext.ops import _dispatch
+
+    # auto never picks Triton for CPU tensors; forcing it runs the interpreter.
+    assert _dispatch.resolve("difficulty_signals", "auto", S)[0] != "triton"
+    assert _dispatch.resolve("difficulty_signals", "triton", S)[0] == "triton"
+    with pytest.raises(BackendUnavailableError, match="float32, float16 or bfloat16"):
+        triton_signals(S.double(), T.double(), Y.double(), (2, 2), "l1")
+    with pytest.raises(ValueError, match="grid Gh"):
+        triton_signals(S, T, Y, (5, 1), "l1")
+
+
+# --------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize(
+    "shape,grid", [((4, 3, 128, 96), (8, 8)), ((2, 3, 67, 129), (5, 7)), ((2, 3, 64, 64), (64, 64)), ((16, 3, 64, 80), (1, 1))]
+)
+def test_cuda_matrix(shape, grid, kind, layout, dtype):
+    S, T, Y = images(shape, dtype=dtype, layout=layout, device="cuda")
+    s = S.detach().requires_grad_()
+    sig, kd = triton_signals(s, T, Y, grid, kind)
+    sig64, kd_same, kd64 = ref_forward(S.detach(), T, Y, grid, kind)
+    check_signals(sig, sig64)
+    check(kd, kd_same, kd64, "cell_kd")
+    G = torch.randn(shape[0], 1, *grid, device="cuda")
+    (ds,) = torch.autograd.grad(kd, s, G)
+    (rs, _), (rs64, _) = ref_grads(S, T, G, grid, kind, dtype)
+    check(ds, rs, rs64, "dS")
+    sig2, kd2 = triton_signals(s, T, Y, grid, kind)
+    assert torch.equal(sig, sig2) and torch.equal(kd, kd2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grid", [(1, 1), (2, 1)])
+def test_cuda_variance_big_cells(grid):
+    """Cells of 2^20 pixels (and 2^19) on the GPU launch configuration (row-band splits)."""
+    Y = 1000 + 0.01 * torch.randn(2, 3, 1024, 1024, device="cuda")
+    S = Y + 0.1 * torch.randn_like(Y)
+    sig, _ = triton_signals(S, Y, Y, grid, "l1")
+    sig64, _, _ = ref_forward(S, Y, Y, grid, "l1")
+    check_signals(sig, sig64)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_inductor():
+    S, T, Y = images((2, 3, 64, 64), device="cuda")
+
+    def step(s, t, y):
+        sig, kd = spark_ext.difficulty_signals(s, t, y, (8, 8), "charbonnier", backend="triton")
+        return kd.square().sum() + sig.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (compiled, step):
+        s = S.clone().requires_grad_()
+        loss = fn(s, T, Y)
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
