@@ -127,6 +127,20 @@ def test_optimizer_built_before_init_keeps_parameter():
     assert not torch.equal(before, q.step.detach())
 
 
+def test_overshooting_step_is_clamped_not_an_error():
+    q = LSQQuantizer(4, True)
+    x = torch.randn(16)
+    q(x)
+    with torch.no_grad():
+        q.step.fill_(-0.5)  # what an aggressive optimizer step can do
+    y = q(x)
+    assert 0 < float(q.step.detach()) <= 1e-8 and torch.isfinite(y).all()
+    with torch.no_grad():
+        q.step.fill_(float("nan"))
+    with pytest.raises(ValueError, match="step must be finite and > 0"):
+        q(x)
+
+
 def _roundtrip(src, dst):
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)

@@ -69,12 +69,17 @@ def _normalise_axis(axis: int, ndim: int) -> int:
     return axis % ndim
 
 
-def channel_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
-    """``x`` as float32 ``[C, n]`` rows, one per channel along ``axis`` (``[1, N]`` when None).
+def stats_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for statistics and qparam math; float64 kept for float64 inputs (exact checks)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
-    Copies when ``axis != 0`` or x is not contiguous (calibration / init only).
+
+def channel_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    """``x`` as ``[C, n]`` rows (float32, or float64 for float64 x), one per channel along
+    ``axis`` (``[1, N]`` when None). Copies when ``axis != 0`` or x is not contiguous
+    (calibration / init only).
     """
-    x = x.detach().to(torch.float32)
+    x = x.detach().to(stats_dtype(x))
     if axis is None:
         return x.reshape(1, -1)
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
@@ -117,6 +122,9 @@ class LSQQuantizer(nn.Module):
         observe: ``True`` tracks the running min / max of every input, per
             tensor or per channel, in ``running_min`` / ``running_max``
             (used by :func:`spark_ext.quant.calibrate`).
+
+    Before quantizing, the step is clamped in place to at least 1e-8, so an
+    optimizer step that overshoots below zero does not make the forward fail.
 
     Forward: ``x`` any shape, float32/float16/bfloat16 (float64 on the
     reference backend). Returns a tensor of x's shape and dtype, differentiable
@@ -268,7 +276,7 @@ class LSQQuantizer(nn.Module):
             raise ValueError(f"a per-tensor LSQQuantizer needs one step, got shape {tuple(step.shape)}")
         if self.num_channels is not None and step.numel() != self.num_channels:
             raise ValueError(f"step must have {self.num_channels} elements, got shape {tuple(step.shape)}")
-        self._assign(self.step, step.to(torch.float32).clamp_min(LSQ_MIN_STEP))
+        self._assign(self.step, step.to(stats_dtype(step)).clamp_min(LSQ_MIN_STEP))
         if offset is not None:
             offset = torch.as_tensor(offset).detach().reshape(-1)
             if offset.shape != step.shape:
@@ -287,8 +295,8 @@ class LSQQuantizer(nn.Module):
         With ``signed=None`` still undecided, the sign is decided here
         (signed iff ``min(lo) < 0``; a host sync).
         """
-        lo = torch.as_tensor(lo).detach().to(torch.float32).reshape(-1)
-        hi = torch.as_tensor(hi).detach().to(torch.float32).reshape(-1)
+        lo, hi = torch.as_tensor(lo).detach().reshape(-1), torch.as_tensor(hi).detach().reshape(-1)
+        lo, hi = lo.to(stats_dtype(lo)), hi.to(stats_dtype(hi))
         if self._signed is None:
             self._set_signed(bool((lo < 0).any()))
         step, offset = range_to_qparams(lo, hi, self.bits, self._signed, self.learn_offset)
@@ -348,6 +356,12 @@ class LSQQuantizer(nn.Module):
         """Fake-quantize ``x`` regardless of ``enabled`` / ``observe`` (initialising first if needed)."""
         if not self._initialized:
             self.initialize(x)
+        else:
+            # An optimizer step can overshoot a small step to <= 0, which the op
+            # rejects. Clamp in place like torch's learnable fake quant clamps its
+            # scale (through .data: no autograd version bump, no host sync); a
+            # NaN step stays NaN and is reported by the op.
+            self.step.data.clamp_(min=LSQ_MIN_STEP)
         return ops.lsq_fake_quant(
             x,
             self.step,
@@ -410,7 +424,7 @@ def range_to_qparams(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Step (and offset) whose grid covers ``[lo, hi]``; see :meth:`LSQQuantizer.set_range`.
 
-    ``lo``, ``hi``: float32 ``[C]``. Returns float32 ``[C]`` tensors, step >= 1e-8.
+    ``lo``, ``hi``: ``[C]`` float32 (or float64). Returns ``[C]`` tensors of that dtype, step >= 1e-8.
     """
     qn, qp = lsq_range(bits, signed)
     if learn_offset:
