@@ -130,7 +130,12 @@ class LSQQuantizer(nn.Module):
     reference backend). Returns a tensor of x's shape and dtype, differentiable
     w.r.t. x (straight-through inside the range), ``step`` and ``offset``.
     Initialisation reads the data once (a host sync when ``signed=None``);
-    after that a forward does not synchronise.
+    after that a forward does not synchronise, and a model whose quantizers
+    are initialised (one eager forward, :func:`calibrate` or a loaded state)
+    compiles with ``torch.compile(fullgraph=True)``.
+
+    Distributed training: initialise before wrapping the model in DDP (or load
+    a state), since each rank would otherwise initialise from its own batch.
     """
 
     step: nn.Parameter

@@ -1,0 +1,35 @@
+"""Quantization-aware training (QAT) and post-training quantization (PTQ) toolkit (SPEC §5c).
+
+* :class:`LSQQuantizer` — learnable LSQ / LSQ+ fake quantizer (data-driven init).
+* :class:`QuantConv2d`, :class:`QuantLinear` — float layers with per-output-channel
+  weight and per-tensor input-activation quantization (``from_float`` / ``to_float``).
+* :func:`quantize_model` — swap every ``nn.Conv2d`` / ``nn.Linear`` of a model,
+  returning a :class:`QuantReport`.
+* :func:`calibrate` — PTQ: set every step from data by min-max or MSE search.
+* :class:`LearnableFakeQuantize` — drop-in for ``torch.ao.quantization._LearnableFakeQuantize``
+  running spark_ext's fused learnable fake-quant ops.
+
+Typical use::
+
+    from spark_ext.quant import quantize_model, calibrate
+    report = quantize_model(model, w_bits=4, a_bits=4)    # in place; print(report) for the table
+    calibrate(model, calib_batches, method="mse")          # PTQ baseline (or skip: first batch inits)
+    # ... train model as usual (QAT): the steps are ordinary parameters
+"""
+
+from .calibrate import calibrate
+from .convert import QuantEntry, QuantReport, quantize_model
+from .fake_quantize import LearnableFakeQuantize
+from .layers import QuantConv2d, QuantLinear
+from .quantizer import LSQQuantizer
+
+__all__ = [
+    "LSQQuantizer",
+    "LearnableFakeQuantize",
+    "QuantConv2d",
+    "QuantEntry",
+    "QuantLinear",
+    "QuantReport",
+    "calibrate",
+    "quantize_model",
+]

@@ -1,0 +1,223 @@
+"""``quantize_model``: swap a model's ``nn.Conv2d`` / ``nn.Linear`` for LSQ-quantized layers.
+
+Which layers: every module whose type is exactly ``nn.Conv2d`` or
+``nn.Linear`` (subclasses are left alone because they may override
+``forward``), at any depth, found through ``named_modules()`` — i.e. in
+*module registration order* (the order the attributes were assigned in
+``__init__``), which for the usual ``head -> body -> tail`` restoration nets
+is also the execution order. Layers referenced only through plain Python
+attributes or lists (not registered submodules) are not seen.
+
+First / last layer: the first and the last of those layers in registration
+order, counting skipped ones, get ``first_last_bits`` for weights and input
+activations (LSQ's convention: the layer that reads the image and the one
+that writes the output stay at 8 bits). If the registration order of a model
+differs from its execution order, name the layers to keep float with ``skip``
+or set ``first_last_bits=None`` and convert those layers yourself.
+
+Shared modules: a layer object registered under several names is converted
+once; every place that referenced it gets the same quantized layer, so it
+stays shared. It is skipped when any of its names matches ``skip``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple, Optional, Sequence, Union
+
+from torch import nn
+
+from .layers import QuantConv2d, QuantLinear
+from .quantizer import check_bits
+
+_SWAPS: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+class QuantEntry(NamedTuple):
+    """One candidate layer: ``kind`` is the float class name; bits are ``None`` when left float."""
+
+    name: str
+    kind: str
+    w_bits: Optional[int]
+    a_bits: Optional[int]
+    note: str = ""
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_model` did: one :class:`QuantEntry` per candidate layer, in order.
+
+    ``model`` is the quantized model (the input model itself when
+    ``inplace=True``). Iterating, ``len`` and indexing go over ``entries``;
+    ``str(report)`` is a table.
+    """
+
+    entries: list[QuantEntry]
+    model: nn.Module = field(repr=False)
+
+    def __iter__(self) -> Iterator[QuantEntry]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> QuantEntry:
+        return self.entries[index]
+
+    @property
+    def quantized(self) -> list[QuantEntry]:
+        return [e for e in self.entries if e.w_bits is not None or e.a_bits is not None]
+
+    @property
+    def skipped(self) -> list[QuantEntry]:
+        return [e for e in self.entries if e.w_bits is None and e.a_bits is None]
+
+    def __str__(self) -> str:
+        header = ("name", "kind", "w_bits", "a_bits", "note")
+        rows = [header] + [
+            (e.name, e.kind, "float" if e.w_bits is None else str(e.w_bits), "float" if e.a_bits is None else str(e.a_bits), e.note)
+            for e in self.entries
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.append(f"{len(self.quantized)} layer(s) quantized, {len(self.skipped)} left float")
+        return "\n".join(lines)
+
+
+def _check_skip(skip: object) -> tuple[str, ...]:
+    if isinstance(skip, str):
+        return (skip,)
+    if skip is None:
+        return ()
+    try:
+        patterns = tuple(skip)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"skip must be a module name, an fnmatch pattern or a sequence of them, got {skip!r}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"skip must contain strings (module names or fnmatch patterns), got {p!r} in {skip!r}")
+    return patterns
+
+
+def _matches(names: Sequence[str], pattern: str) -> bool:
+    return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def quantize_model(
+    model: nn.Module,
+    w_bits: Optional[int] = 4,
+    a_bits: Optional[int] = 4,
+    skip: Union[str, Sequence[str]] = (),
+    first_last_bits: Optional[int] = 8,
+    inplace: bool = True,
+    *,
+    a_signed: Optional[bool] = None,
+    a_learn_offset: bool = False,
+    grad_scale: Union[str, float, None] = "lsq",
+    backend: Optional[str] = None,
+) -> QuantReport:
+    """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by :class:`QuantConv2d` / :class:`QuantLinear`.
+
+    Args:
+        model: any ``nn.Module`` (converted in place unless ``inplace=False``).
+        w_bits, a_bits: weight / input-activation bits (2..16), or ``None`` to
+            leave that operand float (weight-only or activation-only QAT).
+        skip: module names or ``fnmatch`` patterns (``"tail.*"``,
+            ``"*.attn.*"``) of layers to leave float. A pattern that matches no
+            candidate layer only warns.
+        first_last_bits: bits for both operands of the first and the last
+            candidate layer in registration order (see the module docstring);
+            ``None`` gives them ``w_bits`` / ``a_bits`` like every other layer.
+        inplace: ``False`` converts a deep copy and leaves ``model`` untouched.
+        a_signed, a_learn_offset, grad_scale, backend: passed to every layer
+            (see :class:`QuantConv2d`).
+
+    Returns:
+        A :class:`QuantReport`; ``report.model`` is the converted model.
+        Weights are shared with the float layers (same Parameter objects), so
+        an optimizer built before the call still updates them; the new step
+        parameters must be added to it (or build the optimizer afterwards).
+
+    Raises:
+        ValueError: unsupported bit width, a model that is itself a single
+            layer, or nothing to quantize (no candidate layer, or all skipped).
+        TypeError: ``model`` is not an ``nn.Module``; malformed ``skip``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    w_bits = check_bits(w_bits, "w_bits", allow_none=True)
+    a_bits = check_bits(a_bits, "a_bits", allow_none=True)
+    if w_bits is None and a_bits is None:
+        raise ValueError("w_bits and a_bits are both None: nothing would be quantized")
+    first_last_bits = check_bits(first_last_bits, "first_last_bits", allow_none=True)
+    patterns = _check_skip(skip)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    if type(model) in _SWAPS:
+        raise ValueError(
+            f"model is itself an nn.{type(model).__name__}; quantize_model swaps submodules. Use "
+            f"{_SWAPS[type(model)].__name__}.from_float(layer) for a single layer"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    # Every registered name of every candidate, in registration order; a shared
+    # module appears once, under its first name, with its other names as aliases.
+    names: dict[int, list[str]] = {}
+    layers: dict[int, nn.Module] = {}
+    already = 0
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in _SWAPS:
+            names.setdefault(id(module), []).append(name)
+            layers[id(module)] = module
+        elif isinstance(module, (QuantConv2d, QuantLinear)):
+            already += 1
+    if not layers:
+        extra = f" ({already} layer(s) are already quantized)" if already else ""
+        raise ValueError(
+            f"nothing to quantize: {type(model).__name__} has no nn.Conv2d or nn.Linear submodule{extra}"
+        )
+
+    order = list(layers)
+    first, last = order[0], order[-1]
+    unused = [p for p in patterns if not any(_matches(names[k], p) for k in order)]
+    if unused:
+        warnings.warn(f"quantize_model: skip pattern(s) {unused} matched no nn.Conv2d / nn.Linear", UserWarning, stacklevel=2)
+
+    entries: list[QuantEntry] = []
+    replacement: dict[int, nn.Module] = {}
+    for key in order:
+        layer, aliases = layers[key], names[key]
+        notes = []
+        if key == first:
+            notes.append("first")
+        if key == last:
+            notes.append("last")
+        if len(aliases) > 1:
+            notes.append("shared: " + ", ".join(aliases[1:]))
+        kind = type(layer).__name__
+        if any(_matches(aliases, p) for p in patterns):
+            entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["skipped"] + notes)))
+            continue
+        wb, ab = w_bits, a_bits
+        if first_last_bits is not None and key in (first, last):
+            wb = None if w_bits is None else first_last_bits
+            ab = None if a_bits is None else first_last_bits
+        replacement[key] = _SWAPS[type(layer)].from_float(
+            layer, wb, ab, a_signed=a_signed, a_learn_offset=a_learn_offset, grad_scale=grad_scale, backend=backend
+        )
+        entries.append(QuantEntry(aliases[0], kind, wb, ab, "; ".join(notes)))
+
+    if not replacement:
+        raise ValueError(f"nothing to quantize: skip={list(patterns)} left all {len(order)} candidate layer(s) float")
+
+    # Swap in every parent that registers a converted layer, under every name.
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in replacement:
+                parent._modules[child_name] = replacement[id(child)]
+    return QuantReport(entries, model)

@@ -1,0 +1,296 @@
+"""``QuantConv2d`` / ``QuantLinear``: float layers with LSQ fake quantization (SPEC §5c).
+
+Each layer quantizes
+
+* its weight per output channel (axis 0 of ``[C_out, C_in/groups, kH, kW]`` or
+  ``[out, in]``), signed, LSQ (no offset), and
+* its input activation per tensor, with ``a_signed`` (``None`` = decided from
+  the first batch) and optionally an LSQ+ offset,
+
+then runs the ordinary float convolution / matmul on the fake-quantized
+values. Both are subclasses of the float layer, so ``weight`` / ``bias`` and
+every conv option (stride, padding and padding modes, dilation, groups) work
+unchanged; the quantizers add ``weight_quantizer.*`` and ``input_quantizer.*``
+entries to the state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .quantizer import LSQQuantizer, check_bits
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+class _QuantMixin:
+    """Shared quantizer set-up, ``from_float`` plumbing and reporting."""
+
+    _FLOAT: type = nn.Module
+    weight_quantizer: Optional[LSQQuantizer]
+    input_quantizer: Optional[LSQQuantizer]
+
+    def _init_quantizers(
+        self,
+        out_features: int,
+        w_bits: Optional[int],
+        a_bits: Optional[int],
+        a_signed: Optional[bool],
+        a_learn_offset: bool,
+        grad_scale: Union[str, float, None],
+        backend: Optional[str],
+        device,
+    ) -> None:
+        w_bits = check_bits(w_bits, "w_bits", allow_none=True)
+        a_bits = check_bits(a_bits, "a_bits", allow_none=True)
+        # Remembered so from_float can rebuild the quantizers on the real device.
+        self._quant_options = (out_features, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend)
+        if w_bits is None and a_bits is None:
+            raise ValueError("w_bits and a_bits are both None: the layer would not quantize anything")
+        # Step parameters are float32 for float32/fp16/bf16 layers (LSQ's scaled
+        # step gradients are ~1e-4 relative and would underflow in fp16), float64
+        # for float64 layers.
+        step_dtype = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        common = dict(grad_scale=grad_scale, backend=backend, device=device, dtype=step_dtype)
+        wq = None
+        if w_bits is not None:
+            wq = LSQQuantizer(w_bits, True, per_channel_axis=0, num_channels=out_features, **common)
+        aq = None
+        if a_bits is not None:
+            aq = LSQQuantizer(a_bits, a_signed, learn_offset=a_learn_offset, **common)
+        self.weight_quantizer = wq
+        self.input_quantizer = aq
+
+    def _rebuild_quantizers(self, device) -> None:
+        self._init_quantizers(*self._quant_options, device)
+
+    @property
+    def w_bits(self) -> Optional[int]:
+        return None if self.weight_quantizer is None else self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> Optional[int]:
+        return None if self.input_quantizer is None else self.input_quantizer.bits
+
+    def _quant_repr(self) -> str:
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward uses it: fake-quantized when the weight quantizer is enabled.
+
+        Same shape and dtype as ``weight``; differentiable w.r.t. the weight and the step.
+        Initialises the weight quantizer from the weight if it has not been yet.
+        """
+        wq = self.weight_quantizer
+        if wq is None or not wq.enabled:
+            return self.weight
+        return wq.fake_quant(self.weight)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _weight_for_forward(self) -> torch.Tensor:
+        # Through the module call so that observe / hooks on the quantizer apply.
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    @classmethod
+    def _check_float(cls, layer: nn.Module) -> None:
+        if type(layer) is not cls._FLOAT:
+            raise TypeError(
+                f"{cls.__name__}.from_float expects an nn.{cls._FLOAT.__name__} (exactly; subclasses may "
+                f"have their own forward), got {type(layer).__module__}.{type(layer).__qualname__}"
+            )
+
+    def _adopt(self, layer: nn.Module) -> None:
+        """Share ``layer``'s parameters (same objects: optimizers and weight tying keep working), mode and hooks."""
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.train(layer.training)
+        for name in _HOOK_DICTS:
+            src, dst = getattr(layer, name, None), getattr(self, name, None)
+            if src is not None and dst is not None:
+                dst.update(src)
+
+    def _float_copy_params(self, layer: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            w = self.quantized_weight().detach().clone()
+        layer.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        layer.train(self.training)
+        return layer
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+
+    Constructor: ``nn.Conv2d``'s arguments, then keyword-only
+    ``w_bits=4, a_bits=4`` (each 2..16, or ``None`` for no quantization of that
+    operand), ``a_signed=None`` (input range signed / unsigned / decided from
+    the first batch), ``a_learn_offset=False`` (LSQ+ on the input),
+    ``grad_scale="lsq"`` and ``backend=None`` (for both quantizers).
+
+    Forward: ``x [B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) ->
+    ``conv(fq_a(x), fq_w(weight)) + bias`` in x's dtype. Differentiable w.r.t.
+    x, weight, bias and the quantizers' steps (and offset).
+    """
+
+    _FLOAT = nn.Conv2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        w_bits: Optional[int] = 4,
+        a_bits: Optional[int] = 4,
+        a_signed: Optional[bool] = None,
+        a_learn_offset: bool = False,
+        grad_scale: Union[str, float, None] = "lsq",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self._init_quantizers(out_channels, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # _conv_forward applies padding_mode (reflect / replicate / circular) itself.
+        return self._conv_forward(self._quantize_input(x), self._weight_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs) -> "QuantConv2d":
+        """A ``QuantConv2d`` computing ``layer``'s convolution on quantized operands.
+
+        Shares ``layer``'s weight and bias Parameters (no copy), keeps every
+        conv option, the train/eval mode and the forward hooks. ``kwargs``:
+        the keyword-only constructor options (``a_signed``, ``a_learn_offset``,
+        ``grad_scale``, ``backend``). The quantizers start uninitialised
+        (first forward, :func:`calibrate`, or a state dict sets them).
+        """
+        cls._check_float(layer)
+        # Built on the meta device: the throwaway weight costs no memory and no
+        # random numbers (so converting a model does not move the RNG stream).
+        q = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+            device="meta",
+            dtype=layer.weight.dtype,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            **kwargs,
+        )
+        q._rebuild_quantizers(layer.weight.device)
+        q._adopt(layer)
+        return q
+
+    def to_float(self) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` with the fake-quantized weight folded in (new, detached Parameters).
+
+        Input-activation quantization cannot be folded into a float layer and is
+        dropped; read ``input_quantizer.step`` / ``offset`` to export it.
+        """
+        layer = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device="meta",
+            dtype=self.weight.dtype,
+        )
+        return self._float_copy_params(layer)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """``nn.Linear`` with per-output-feature LSQ weights and per-tensor LSQ input activations.
+
+    Constructor: ``nn.Linear``'s arguments, then the keyword-only options of
+    :class:`QuantConv2d`. Forward: ``x [..., in_features]`` ->
+    ``fq_a(x) @ fq_w(weight).T + bias`` in x's dtype; differentiable w.r.t.
+    x, weight, bias and the steps (and offset).
+    """
+
+    _FLOAT = nn.Linear
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        w_bits: Optional[int] = 4,
+        a_bits: Optional[int] = 4,
+        a_signed: Optional[bool] = None,
+        a_learn_offset: bool = False,
+        grad_scale: Union[str, float, None] = "lsq",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_quantizers(out_features, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_input(x), self._weight_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs) -> "QuantLinear":
+        """A ``QuantLinear`` sharing ``layer``'s Parameters; see :meth:`QuantConv2d.from_float`."""
+        cls._check_float(layer)
+        q = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device="meta",
+            dtype=layer.weight.dtype,
+            w_bits=w_bits,
+            a_bits=a_bits,
+            **kwargs,
+        )
+        q._rebuild_quantizers(layer.weight.device)
+        q._adopt(layer)
+        return q
+
+    def to_float(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the fake-quantized weight folded in; see :meth:`QuantConv2d.to_float`."""
+        layer = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
+        )
+        return self._float_copy_params(layer)

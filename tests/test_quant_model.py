@@ -1,0 +1,228 @@
+"""quantize_model: conversion of nested / shared / grouped layers, float64 forward check, QAT, errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from spark_ext.quant import LSQQuantizer, QuantConv2d, QuantLinear, QuantReport, quantize_model
+
+
+class Block(nn.Module):
+    def __init__(self, shared):
+        super().__init__()
+        self.shared = shared  # registered first: comes before dw in registration order
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.shared(F.relu(self.dw(x)))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        shared = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False, padding_mode="reflect")
+        self.body = nn.ModuleList([Block(shared), Block(shared)])
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.tail = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = F.relu(self.head(x))
+        for block in self.body:
+            x = block(x)
+        return self.tail(self.pool(x).flatten(1))
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+# ---------------------------------------------------------------- float64 oracle
+
+
+def fq64(x, step, bits, signed, axis=None):
+    qn, qp = (2 ** (bits - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    s = step if axis is None else step.reshape([-1] + [1] * (x.dim() - 1))
+    return torch.round((x / s).clamp(-qn, qp)) * s
+
+
+def lsq_step64(x, bits, signed, per_row=False):
+    qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    rows = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    return 2 * rows.abs().mean(1) / math.sqrt(qp)
+
+
+def hook_reference(model, bits):
+    """Make the float64 float ``model`` compute LSQ-quantized layers independently.
+
+    A forward hook on every Conv2d / Linear replaces its output by the
+    quantized computation; steps are initialised per layer object on its first
+    call (the first-batch init, shared layers once), signedness from that input.
+    """
+    state = {}
+
+    def hook(layer, inputs, _output):
+        x = inputs[0]
+        wb, ab = bits[layer]
+        if layer not in state:
+            signed = bool((x < 0).any())
+            state[layer] = (lsq_step64(layer.weight, wb, True, per_row=True), lsq_step64(x, ab, signed), signed)
+        w_step, a_step, signed = state[layer]
+        xq, wq = fq64(x, a_step, ab, signed), fq64(layer.weight, w_step, wb, True, axis=0)
+        if isinstance(layer, nn.Linear):
+            return F.linear(xq, wq, layer.bias)
+        return layer._conv_forward(xq, wq, layer.bias)
+
+    for m in model.modules():
+        if type(m) in (nn.Conv2d, nn.Linear):
+            m.register_forward_hook(hook)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp"])
+def test_quantized_forward_matches_float64(kind):
+    model = (SmallCNN() if kind == "cnn" else mlp()).double()
+    ref = copy.deepcopy(model)
+    report = quantize_model(model, w_bits=4, a_bits=3)
+    assert report.model is model
+    names = {e.name: (e.w_bits, e.a_bits) for e in report}
+    ref_modules = dict(ref.named_modules())
+    hook_reference(ref, {ref_modules[n]: b for n, b in names.items()})
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) if kind == "cnn" else torch.randn(6, 10, dtype=torch.float64)
+    for _ in range(2):  # second batch: steps from the first batch are reused
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+        x = x * 1.5
+
+
+def test_cnn_conversion_report():
+    model = SmallCNN()
+    report = quantize_model(model)
+    assert isinstance(report, QuantReport)
+    assert [tuple(e)[:4] for e in report] == [
+        ("head", "Conv2d", 8, 8),
+        ("body.0.shared", "Conv2d", 4, 4),
+        ("body.0.dw", "Conv2d", 4, 4),
+        ("body.1.dw", "Conv2d", 4, 4),
+        ("tail", "Linear", 8, 8),
+    ]
+    assert report[0].note == "first" and report[-1].note == "last"
+    assert report[1].note == "shared: body.1.shared"
+    # The shared conv is converted once and stays shared; options are kept.
+    assert model.body[0].shared is model.body[1].shared
+    assert isinstance(model.body[0].shared, QuantConv2d) and model.body[0].shared.padding_mode == "reflect"
+    assert model.body[0].dw.groups == 8 and isinstance(model.tail, QuantLinear)
+    text = str(report)
+    assert text.splitlines()[0].split() == ["name", "kind", "w_bits", "a_bits", "note"]
+    assert "body.0.shared  Conv2d  4       4       shared: body.1.shared" in text
+    assert text.endswith("5 layer(s) quantized, 0 left float")
+    model(torch.randn(1, 3, 8, 8)).sum().backward()
+    # One weight and one input quantizer per distinct layer.
+    assert sum(isinstance(m, LSQQuantizer) for m in model.modules()) == 10
+
+
+def test_skip_first_last_and_inplace():
+    model = SmallCNN()
+    params = {id(p) for p in model.parameters()}
+    report = quantize_model(model, w_bits=3, a_bits=5, skip=["head", "body.*.dw"], first_last_bits=None, inplace=False)
+    assert type(model.head) is nn.Conv2d and type(model.tail) is nn.Linear  # original untouched
+    q = report.model
+    assert q is not model and type(q.head) is nn.Conv2d and type(q.body[0].dw) is nn.Conv2d
+    assert isinstance(q.tail, QuantLinear) and (q.tail.w_bits, q.tail.a_bits) == (3, 5)
+    assert {id(p) for p in q.parameters()}.isdisjoint(params)  # a deep copy
+    entries = {e.name: e for e in report}
+    assert entries["head"].note == "skipped; first" and entries["head"].w_bits is None
+    assert entries["body.1.dw"].note == "skipped"
+    assert str(report).endswith("2 layer(s) quantized, 3 left float")
+    # The skipped first layer is still "first": the second layer gets the normal bits.
+    r = quantize_model(SmallCNN(), skip="head")
+    assert (r[1].w_bits, r[1].a_bits) == (4, 4) and (r[-1].w_bits, r[-1].a_bits) == (8, 8)
+    # A shared module is skipped when any of its names matches.
+    r = quantize_model(SmallCNN(), skip="body.1.shared")
+    assert r[1].w_bits is None and r[1].note.startswith("skipped")
+
+
+def test_weight_only_and_one_layer_model():
+    model = nn.Sequential(nn.Linear(4, 4))
+    report = quantize_model(model, w_bits=4, a_bits=None)
+    assert (report[0].w_bits, report[0].a_bits, report[0].note) == (8, None, "first; last")
+    assert model[0].input_quantizer is None
+
+
+def test_qat_reduces_loss_and_moves_steps():
+    torch.manual_seed(0)
+    model = mlp()
+    quantize_model(model, w_bits=4, a_bits=4)
+    x = torch.randn(128, 10)
+    y = torch.sin(x[:, :3] * 2) + x[:, 3:6] ** 2
+    model(x)  # first batch initialises the steps, so they can be recorded
+    steps0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("step")}
+    assert len(steps0) == 6
+    steps = [p for n, p in model.named_parameters() if n.endswith("step")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("step")]
+    # Steps are small numbers (~1e-2): they get a smaller Adam learning rate.
+    opt = torch.optim.Adam([{"params": others}, {"params": steps, "lr": 1e-3}], lr=1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    moved = [n for n, p in model.named_parameters() if n.endswith("step") and not torch.allclose(p, steps0[n])]
+    assert len(moved) == 6
+
+
+def test_model_state_dict_roundtrip():
+    src = SmallCNN()
+    quantize_model(src)
+    dst = copy.deepcopy(src)  # uninitialised quantizers
+    x = torch.randn(2, 3, 8, 8)
+    y = src(x)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.mul_(1.01)  # values that dst cannot re-derive
+    y = src(x)
+    fresh = SmallCNN()
+    quantize_model(fresh)
+    fresh.load_state_dict(src.state_dict())  # strict
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+    dst.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(dst(x), y, rtol=0, atol=0)
+
+
+def test_quantize_model_errors():
+    with pytest.raises(ValueError, match="nothing to quantize: Sequential has no nn.Conv2d or nn.Linear submodule"):
+        quantize_model(nn.Sequential(nn.ReLU()))
+    done = mlp()
+    quantize_model(done)
+    with pytest.raises(ValueError, match=r"no nn.Conv2d or nn.Linear submodule \(3 layer\(s\) are already quantized\)"):
+        quantize_model(done)
+    with pytest.raises(ValueError, match=r"w_bits must be in \[2, 16\] \(unsupported bit width\), got 1"):
+        quantize_model(mlp(), w_bits=1)
+    with pytest.raises(ValueError, match="a_bits must be in .* got 32"):
+        quantize_model(mlp(), a_bits=32)
+    with pytest.raises(ValueError, match="first_last_bits must be in .* got 0"):
+        quantize_model(mlp(), first_last_bits=0)
+    with pytest.raises(TypeError, match="w_bits must be an int or None, got 3.5"):
+        quantize_model(mlp(), w_bits=3.5)
+    with pytest.raises(ValueError, match="w_bits and a_bits are both None"):
+        quantize_model(mlp(), w_bits=None, a_bits=None)
+    with pytest.raises(ValueError, match=r"model is itself an nn.Linear.*QuantLinear.from_float"):
+        quantize_model(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="model must be an nn.Module, got int"):
+        quantize_model(3)
+    with pytest.raises(TypeError, match="skip must contain strings"):
+        quantize_model(mlp(), skip=["0", 2])
+    with pytest.raises(TypeError, match="skip must be a module name, an fnmatch pattern or a sequence of them, got 5"):
+        quantize_model(mlp(), skip=5)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        quantize_model(mlp(), inplace="yes")
+    with pytest.raises(ValueError, match=r"nothing to quantize: skip=\['\*'\] left all 3 candidate layer\(s\) float"):
+        quantize_model(mlp(), skip="*")
+    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['nope'\] matched no nn.Conv2d / nn.Linear"):
+        quantize_model(mlp(), skip=["nope"])
