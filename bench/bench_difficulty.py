@@ -1,0 +1,161 @@
+"""Benchmark ``difficulty_signals`` (SPEC §2): ours (Triton) vs the eager and compiled reference.
+
+Passes, each timed for every implementation in the same run:
+
+* ``fwd``      signals + cell_kd (inputs need no grad);
+* ``bwd``      the cell_kd backward alone (dS for a random upstream gradient);
+* ``fwd+bwd``  both;
+* ``spark``    the SPARK path of a training step: signals + cell KD, the
+  grid-weighted loss ``sum(w * cell_kd) / N`` and its backward to S.
+
+Implementations: ``ours`` = ``backend="triton"``, ``eager`` = the reference
+(:mod:`spark_ext.reference`), ``compiled`` = ``torch.compile`` of the same
+reference function. Bytes are the minimum each pass must move (SPEC §8: the
+forward reads S, T, Y and writes the per-cell outputs; the backward reads S,
+T and the per-cell gradient and writes dS), so GB/s and the fraction of a
+device copy measured in the same run compare like with like.
+
+    python bench/bench_difficulty.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
+    python bench/bench_difficulty.py --quick         # CPU smoke run (reference peers only)
+    TRITON_INTERPRET=1 python bench/bench_difficulty.py --quick   # ... plus our kernels, interpreted
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import spark_ext  # noqa: E402
+from spark_ext import reference  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def reset_compiler() -> None:
+    """Fresh torch.compile caches per case, so recompile limits never silently fall back to eager."""
+    torch._dynamo.reset()
+
+
+def run_pass(rows, fns, device, *, op, case, pass_, nbytes, copy_rate, reps):
+    """Time every implementation in ``fns`` (name -> zero-arg callable) for one pass."""
+    for impl, fn in fns.items():
+        try:
+            row = common.measure(fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes,
+                                 copy_rate_gbps=copy_rate, reps=reps)
+        except Exception as exc:  # a peer failing (OOM, compile error) must not hide the others
+            row = {"op": op, "case": case, "pass": pass_, "impl": impl, "ms": None, "bytes": int(nbytes),
+                   "gbps": None, "copy_fraction": None, "peak_extra_bytes": None,
+                   "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        rows.append(row)
+        ms = "error" if row["ms"] is None else f"{row['ms']:.4g} ms"
+        frac = row.get("copy_fraction")
+        print(f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}", flush=True)
+
+
+def bench_case(rows, shape, dtype_name, grid, kd_loss, device, with_ours, with_compiled, reps):
+    dtype = DTYPES[dtype_name]
+    B, C, H, W = shape
+    gh, gw = grid
+    n = B * C * H * W
+    elt = torch.finfo(dtype).bits // 8
+    cells = B * gh * gw
+    case = f"{B}x{C}x{H}x{W} {dtype_name} grid{gh}x{gw} {kd_loss}"
+    print(f"== difficulty_signals {case}", flush=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    S, T, Y = (torch.randn(shape, device=device, generator=gen).to(dtype) for _ in range(3))
+    G = torch.randn(B, 1, gh, gw, device=device, generator=gen)
+    w = torch.rand(B, 1, gh, gw, device=device, generator=gen)
+    w = w / w.mean(dim=(-2, -1), keepdim=True)  # a SPARK weight map (mean 1 per image)
+
+    def ours(s, t, y):
+        return spark_ext.difficulty_signals(s, t, y, grid, kd_loss, backend="triton")
+
+    def eager(s, t, y):
+        return reference.difficulty_signals(s, t, y, grid, kd_loss)
+
+    def spark_loss(signals_fn, s, t, y):
+        _, cell_kd = signals_fn(s, t, y)
+        return (w * cell_kd).sum() / s.numel()
+
+    reset_compiler()
+    impls = {}
+    if with_ours:
+        impls["ours"] = ours
+    impls["eager"] = eager
+    if with_compiled:
+        impls["compiled"] = torch.compile(eager, dynamic=False)
+
+    fwd_bytes = 3 * n * elt + 5 * cells * 4
+    bwd_bytes = 3 * n * elt + cells * 4
+    copy_rate = common.copy_gbps(fwd_bytes, device)
+    common_kw = dict(op="difficulty_signals", case=case, copy_rate=copy_rate, reps=reps)
+
+    def no_grad_call(fn):
+        def call():
+            with torch.no_grad():
+                return fn(S, T, Y)
+
+        return call
+
+    run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **common_kw)
+
+    s = S.detach().requires_grad_()
+    bwd_fns = {}
+    for k, f in impls.items():
+        _, kd = f(s, T, Y)
+        bwd_fns[k] = (lambda kd=kd: torch.autograd.grad(kd, s, G, retain_graph=True))
+    run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **common_kw)
+    del bwd_fns
+
+    run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T, Y)[1], s, G)) for k, f in impls.items()}, device,
+             pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **common_kw)
+
+    spark_fns = {}
+    for k, f in impls.items():
+        loss_fn = (lambda s_, t_, y_, f=f: spark_loss(f, s_, t_, y_))
+        if k == "compiled":
+            loss_fn = torch.compile(lambda s_, t_, y_: spark_loss(eager, s_, t_, y_), dynamic=False)
+        spark_fns[k] = (lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(s, T, Y), s))
+    run_pass(rows, spark_fns, device, pass_="spark", nbytes=fwd_bytes + bwd_bytes + cells * 4, **common_kw)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    with_ours = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if not with_ours:
+        print("note: CPU run without TRITON_INTERPRET=1: our Triton kernels are not timed", flush=True)
+    reps = args.reps or (5 if args.quick else 50)
+    if args.quick:
+        cases = [((2, 3, 32, 32), "fp32", (8, 8)), ((2, 3, 32, 32), "bf16", (8, 8))]
+    else:
+        sizes = [(8, 3, 128, 128), (8, 3, 256, 256), (16, 3, 512, 512), (16, 3, 1024, 1024)]
+        cases = [(s, d, (8, 8)) for s in sizes for d in ("fp32", "bf16")]
+        # Grid extremes on the largest size: one cell per image (row-band splits)
+        # and 4x4-pixel cells (many cells per program).
+        cases += [((16, 3, 1024, 1024), "fp32", (1, 1)), ((16, 3, 1024, 1024), "fp32", (256, 256))]
+    rows = []
+    for shape, dtype_name, grid in cases:
+        bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, with_ours, not args.no_compiled, reps)
+    common.add_ratios(rows)
+    common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
+    print(common.save_results("difficulty", device, rows, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Benchmark ``fused_weighted_kd`` (SPEC §3): ours (Triton) vs the eager and compiled reference.
+
+Weights: none (uniform KD), per pixel ``[B, 1, H, W]`` (broadcast over
+channels), and per cell ``[B, 1, 8, 8]`` (the SPARK weight map; our path is
+``sum(w * cell_kd) / N`` from the cell-KD kernel). Passes: ``fwd`` (loss
+only), ``bwd`` (dS alone: the student is what trains; T and w need no
+grad), ``fwd+bwd``. Peers in the same run: ``eager`` = the reference,
+``compiled`` = ``torch.compile(reference)``, and ``torch`` =
+``F.l1_loss`` / ``F.mse_loss`` for the unweighted l1 / l2 case. Bytes are the
+minimum each pass must move: forward reads S, T (and a per-pixel weight);
+backward reads S, T (and the weight) and writes dS.
+
+    python bench/bench_weighted_kd.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
+    python bench/bench_weighted_kd.py --quick         # CPU smoke run (reference peers only)
+    TRITON_INTERPRET=1 python bench/bench_weighted_kd.py --quick   # ... plus our kernels, interpreted
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from bench_difficulty import DTYPES, reset_compiler, run_pass  # noqa: E402
+
+import spark_ext  # noqa: E402
+from spark_ext import reference  # noqa: E402
+
+
+def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, with_ours, with_compiled, reps):
+    dtype = DTYPES[dtype_name]
+    B, C, H, W = shape
+    n = B * C * H * W
+    elt = torch.finfo(dtype).bits // 8
+    case = f"{B}x{C}x{H}x{W} {dtype_name} w={weight_kind} {kd_loss}"
+    print(f"== fused_weighted_kd {case}", flush=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    S, T = (torch.randn(shape, device=device, generator=gen).to(dtype) for _ in range(2))
+    if weight_kind == "none":
+        w, w_bytes = None, 0
+    elif weight_kind == "pixel":
+        w = torch.rand(B, 1, H, W, device=device, generator=gen).to(dtype)
+        w_bytes = B * H * W * elt
+    else:  # grid
+        w = torch.rand(B, 1, 8, 8, device=device, generator=gen)
+        w_bytes = w.numel() * 4
+
+    def ours(s, t):
+        return spark_ext.fused_weighted_kd(s, t, w, kd_loss=kd_loss, backend="triton")
+
+    def eager(s, t):
+        return reference.fused_weighted_kd(s, t, w, kd_loss=kd_loss)
+
+    reset_compiler()
+    impls = {}
+    if with_ours:
+        impls["ours"] = ours
+    impls["eager"] = eager
+    if with_compiled:
+        impls["compiled"] = torch.compile(eager, dynamic=False)
+    if weight_kind == "none" and kd_loss in ("l1", "l2"):
+        builtin = F.l1_loss if kd_loss == "l1" else F.mse_loss
+        impls["torch"] = lambda s, t: builtin(s, t)
+
+    fwd_bytes = 2 * n * elt + w_bytes
+    bwd_bytes = 3 * n * elt + w_bytes
+    copy_rate = common.copy_gbps(2 * n * elt, device)
+    kw = dict(op="fused_weighted_kd", case=case, copy_rate=copy_rate, reps=reps)
+
+    def no_grad_call(fn):
+        def call():
+            with torch.no_grad():
+                return fn(S, T)
+
+        return call
+
+    run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **kw)
+    s = S.detach().requires_grad_()
+    bwd_fns = {}
+    for k, f in impls.items():
+        loss = f(s, T)
+        bwd_fns[k] = (lambda loss=loss: torch.autograd.grad(loss, s, retain_graph=True))
+    run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **kw)
+    del bwd_fns
+    run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T), s)) for k, f in impls.items()}, device,
+             pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **kw)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    with_ours = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if not with_ours:
+        print("note: CPU run without TRITON_INTERPRET=1: our Triton kernels are not timed", flush=True)
+    reps = args.reps or (5 if args.quick else 50)
+    if args.quick:
+        cases = [((2, 3, 32, 32), "fp32", wk) for wk in ("none", "pixel", "grid")]
+    else:
+        sizes = [(8, 3, 128, 128), (8, 3, 256, 256), (16, 3, 512, 512), (16, 3, 1024, 1024)]
+        cases = [(s, d, wk) for s in sizes for d in ("fp32", "bf16") for wk in ("none", "pixel", "grid")]
+    rows = []
+    for shape, dtype_name, weight_kind in cases:
+        bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, with_ours, not args.no_compiled, reps)
+    common.add_ratios(rows)
+    common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
+    print(common.save_results("weighted_kd", device, rows, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
