@@ -1,0 +1,48 @@
+"""Smoke test of the main job: ``spark-ext demo --preset smoke`` (a few steps, seconds)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("matplotlib")
+pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
+
+from spark_ext import demo  # noqa: E402
+
+
+def test_smoke_denoise_writes_table_pictures_and_caches_the_teacher(tmp_path, capsys):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--quiet", "--device", "cpu"]
+    assert demo.main(argv) == 0
+    first = capsys.readouterr().out
+    assert "teacher: trained" in first and "backends used: difficulty_signals=" in first
+    for label in ("FP32 teacher", "PTQ W4A4", "QAT W4A4", "KD W4A4", "SPARK W4A4", "GoR W4A4", "LMR W4A4"):
+        assert label in first
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == {"input", "fp32", "ptq", "qat", "kd", "spark", "gor", "lmr"}
+    for row in report["results"].values():
+        assert 5.0 < row["psnr_mean"] < 60.0 and -1.0 <= row["ssim_mean"] <= 1.0
+    for png in ("crops.png", "spark_weight_map.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000
+    assert len(list(cache.glob("*.pt"))) == 1
+
+    # Second run: the teacher comes from the cache and every number is reproduced.
+    assert demo.main(argv) == 0
+    assert "teacher: loaded from cache" in capsys.readouterr().out
+    again = json.loads((out / "results.json").read_text())
+    for method, row in report["results"].items():
+        assert again["results"][method]["psnr_mean"] == row["psnr_mean"], method
+
+
+def test_smoke_sr_with_dfd(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--task", "sr", "--methods", "ptq,spark,dfd", "--out", str(tmp_path), "--no-cache", "--quiet"]
+    assert demo.main(argv) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert set(report["results"]) == {"input", "fp32", "ptq", "spark", "dfd"}
+    assert "border shaved" in report["metric_notes"]
+
+
+def test_bad_method_is_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        demo.main(["--preset", "smoke", "--methods", "ptq,magic", "--out", str(tmp_path)])
