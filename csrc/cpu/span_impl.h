@@ -35,6 +35,17 @@ template <class V> static inline V clampv(V v, V lo, V hi) {
   return sel(v > hi, hi, v);
 }
 
+// x * a + c rounded once to float32, like the fused multiply-add ATen's
+// learnable backward gets from its compilers (AVX2 build, nvcc) for
+// nearbyint(zp + x * inv_scale): the product of two floats is exact in double
+// and so, in any sane range, is the sum; one rounding to float follows.
+typedef double vd __attribute__((vector_size(8 * kLanes)));
+static inline float fused_mul_add(float x, float a, float c) { return float(double(x) * double(a) + double(c)); }
+static inline vf fused_mul_add(vf x, vf a, vf c) {
+  const vd r = __builtin_convertvector(x, vd) * __builtin_convertvector(a, vd) + __builtin_convertvector(c, vd);
+  return __builtin_convertvector(r, vf);
+}
+
 template <class V> static inline V round_half_even(V v) {
   const V m = splat<V>(12582912.0f);  // 1.5 * 2^23
   return (v + m) - m;
@@ -132,8 +143,9 @@ struct FqMath {
   }
   template <class V> inline Grads<V> bwd(V x, V dy, V a, V b, V c) const {
     const V L = splat<V>(lo), H = splat<V>(hi), one = splat<V>(1.f), zero = splat<V>(0.f);
-    // ATen's backward rounds zp + x * inv_scale (zp added before rounding).
-    V xq = round_half_even(clampv(c + x * a, L - one, H + one));
+    // ATen's backward rounds zp + x * inv_scale (zp added before rounding,
+    // product and sum fused).
+    V xq = round_half_even(clampv(fused_mul_add(x, a, c), L - one, H + one));
     auto inside = (xq >= L) & (H >= xq);
     V xfq = (clampv(xq, L, H) - c) * b;
     V g = splat<V>(gf);

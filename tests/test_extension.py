@@ -1,0 +1,200 @@
+"""Building and loading the C++/CUDA library (spark_ext/_extension.py, setup.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import spark_ext
+from spark_ext import _extension
+from spark_ext.ops import _dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """A loader that has not loaded anything yet (the real library stays loaded in this process)."""
+    monkeypatch.setattr(_extension, "_state", {"loaded": False, "error": None, "how": None, "path": None, "info": None})
+    monkeypatch.setattr(_extension, "_announced", False)
+
+    def never(path):
+        raise AssertionError(f"must not load {path}")
+
+    monkeypatch.setattr(torch.ops, "load_library", never)
+
+
+def test_library_loads_and_reports_what_it_is():
+    _extension.load()
+    assert _extension.is_loaded() and _extension.is_available()
+    line = _extension.status()
+    assert line.startswith("loaded (") and "\n" not in line
+    assert f"built for torch {torch.__version__}" in line
+    fields = dict(kv.split("=", 1) for kv in torch.ops.spark_ext.build_info().split(";"))
+    assert fields["torch"] == torch.__version__
+    assert fields["cuda"] in ("0", "1") and fields["cpu_isa"] in ("default", "avx2", "avx512")
+    assert _extension.has_cuda_kernels() == (fields["cuda"] == "1")
+
+
+def test_aot_mismatch_reasons():
+    ok = {"torch": "2.13.0+cpu", "cuda": False, "sources": "abc"}
+    assert _extension.aot_mismatch(ok, "2.13.0+cpu", "abc") is None
+    assert _extension.aot_mismatch(ok, "2.13.0+cpu", None) is None
+    assert "missing" in _extension.aot_mismatch(None, "2.13.0+cpu", "abc")
+    why = _extension.aot_mismatch(ok, "2.14.1+cu128", "abc")
+    assert "built against torch 2.13.0+cpu" in why and "this is torch 2.14.1+cu128" in why
+    assert "sources have changed" in _extension.aot_mismatch(ok, "2.13.0+cpu", "def")
+
+
+def test_stale_aot_library_is_never_loaded_and_a_failed_rebuild_says_why(fresh_state, monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(_extension, "aot_library", lambda: fake)
+    monkeypatch.setattr(_extension, "aot_info", lambda: {"torch": "0.0.1", "sources": "x"})
+
+    def no_compiler(version):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(_extension, "_jit_build", no_compiler)
+    assert "stale" in _extension.status() and "built against torch 0.0.1" in _extension.status()
+    with pytest.raises(RuntimeError) as info:
+        _extension.load()
+    message = str(info.value)
+    assert "built against torch 0.0.1" in message and "JIT build failed: no C++ compiler found" in message
+    assert "rebuilding just in time" in capsys.readouterr().err
+    # remembered: later calls answer at once with the same reason
+    assert _extension.unavailable_reason() == message
+    assert not _extension.is_available()
+    assert _extension.status() == message
+
+
+def test_no_jit_env_fails_clearly(fresh_state, monkeypatch):
+    monkeypatch.setattr(_extension, "aot_library", lambda: None)
+    monkeypatch.setenv("SPARK_EXT_NO_JIT", "1")
+    with pytest.raises(RuntimeError, match="JIT build disabled by SPARK_EXT_NO_JIT"):
+        _extension.load()
+
+
+def test_status_before_loading_never_builds(fresh_state, monkeypatch):
+    monkeypatch.setattr(_extension, "aot_library", lambda: None)
+    monkeypatch.setattr(_extension, "_jit_build", lambda v: pytest.fail("status() must not build"))
+    line = _extension.status()
+    assert line.startswith("not built ahead of time; builds just in time on first use into")
+
+
+def test_auto_falls_back_with_one_warning_when_the_library_is_unavailable(monkeypatch):
+    _extension.load()
+    monkeypatch.setattr(_extension, "cpp_unavailable", lambda: "spark_ext C++ library unavailable: test")
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    x, step = torch.randn(4, 5), torch.tensor([0.1])
+    with pytest.warns(RuntimeWarning, match="backend 'cpp' for lsq_fake_quant is unavailable"):
+        y = spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, backend="auto")
+    assert torch.equal(y, spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, backend="auto")
+    with pytest.raises(spark_ext.BackendUnavailableError, match="unavailable: test"):
+        spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, backend="cpp")
+
+
+def test_auto_picks_cpp_for_cpu_kernel_dtypes_and_reference_for_float64():
+    _extension.load()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert _dispatch.resolve("lsq_fake_quant", "auto", torch.zeros(1, dtype=dtype))[0] == "cpp"
+    assert _dispatch.resolve("lsq_fake_quant", "auto", torch.zeros(1, dtype=torch.float64))[0] == "reference"
+    with pytest.raises(spark_ext.BackendUnavailableError, match="backend 'cuda' cannot run here"):
+        _dispatch.resolve("fake_quantize_learnable_per_tensor_affine", "cuda", torch.zeros(1))
+
+
+@pytest.mark.parametrize("python_ops_first", [True, False])
+def test_coexists_with_python_custom_ops_in_the_same_namespace(python_ops_first):
+    """TORCH_LIBRARY(spark_ext) and Python torch.library.custom_op("spark_ext::...") in either order."""
+    define = """
+        @torch.library.custom_op("spark_ext::_probe_double", mutates_args=())
+        def probe(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+    """
+    load = """
+        from spark_ext import _extension
+        _extension.load()
+    """
+    body = (define + load) if python_ops_first else (load + define)
+    result = python(
+        "import torch\nimport spark_ext\n"
+        + textwrap.dedent(body)
+        + textwrap.dedent("""
+        x = torch.randn(8)
+        assert torch.equal(torch.ops.spark_ext._probe_double(x), x * 2)
+        y = spark_ext.lsq_fake_quant(x, torch.tensor([0.1]), bits=4, signed=True, backend="cpp")
+        print("ok", y.shape)
+        """),
+        env={"SPARK_EXT_NO_JIT": "1"} if _extension.aot_library() else None,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout
+
+
+def test_doctor_prints_the_library_status():
+    result = python("from spark_ext.cli import main; main(['doctor'])")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "C++/CUDA library: " in result.stdout
+    assert "lsq_fake_quant: " in result.stdout and "cpp" in result.stdout
+
+
+def test_setup_py_needs_no_torch():
+    """With build isolation there is no torch: setup.py must still run (and build nothing)."""
+    result = python(
+        """
+        import sys
+        sys.modules["torch"] = None  # import torch -> ImportError
+        sys.argv = ["setup.py", "--name"]
+        exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__file__": "setup.py", "__name__": "__main__"})
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "spark_ext" in result.stdout or "spark-ext" in result.stdout
+
+
+def test_shipped_sources_cover_the_build():
+    src = _extension.source_dir()
+    assert src is not None
+    for rel in _extension.CPU_SOURCES + _extension.CUDA_SOURCES + _extension.HEADERS:
+        assert (src / rel).is_file(), rel
+    assert _extension.version_define("2.14.0a0+git1234") == "-DSPARK_EXT_TORCH_VERSION=2.14.0a0+git1234"
+
+
+@pytest.mark.slow
+def test_jit_build_from_scratch(tmp_path):
+    """The path `pip install .` (build isolation) takes: compile on first use, cache, reuse."""
+    cache = Path(os.environ.get("SPARK_EXT_TEST_JIT_CACHE", Path.home() / ".cache" / "spark_ext_test_jit"))
+    code = """
+        from spark_ext import _extension
+        _extension.load()
+        print(_extension.status())
+    """
+    env = {"SPARK_EXT_FORCE_JIT": "1", "SPARK_EXT_CACHE": str(cache), "SPARK_EXT_NO_CUDA": "1"}
+    first = python(code, env=env, timeout=1200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("loaded (JIT") and str(cache) in first.stdout
+    second = python(code, env=env)  # cached: no build, no announcement
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "building the C++ library" not in second.stderr
