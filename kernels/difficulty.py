@@ -60,7 +60,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KD_KINDS, cast_out, cdiv, kd_elem, kd_grad, next_pow2, out_code, target_programs, tile_pixels
+from ._utils import (
+    KD_KINDS,
+    LAUNCH_OPTIONS,
+    cast_out,
+    cdiv,
+    kd_elem,
+    kd_grad,
+    next_pow2,
+    out_code,
+    target_programs,
+    tile_pixels,
+)
 
 # Fields of the split-partials scratch buffer (signals mode).
 _F_N, _F_MEAN_L, _F_M2_L, _F_MEAN_G, _F_M2_G, _F_E, _F_K, _F_L = range(8)
@@ -349,7 +360,12 @@ def _forward_config(height: int, width: int, grid: tuple[int, int], batch: int, 
     gh, gw = grid
     ch_max = cdiv(height, gh)  # cells differ by at most one row / column
     cw_max = cdiv(width, gw)
-    tile = tile_pixels(device)
+    # 256 pixels per tile on a GPU. With the Laplacian's five 64-bit offset
+    # vectors and five accumulators per pixel, ptxas (sm_90, 4 warps) reports
+    # up to ~250 registers per thread for 1024- and some 512-pixel tiles (two
+    # blocks per SM) and 56-128 with no spills for every 256-pixel shape
+    # tried, NC > 1 included.
+    tile = tile_pixels(device, gpu=256)
     bw = min(next_pow2(cw_max), 128 if device.type == "cuda" else tile)
     bh = min(next_pow2(ch_max), max(tile // bw, 1))
     ncells = batch * gh * gw
@@ -382,12 +398,12 @@ def _launch_forward(student, teacher, target, grid, kd_loss, signals: bool, conf
         student, teacher, y, sig, cell_kd, part,
         channels, height, width, gh, gw, ncells, nsplit, rows_per_split, cdiv(height, gh), cdiv(width, gw),
         *student.stride(), *teacher.stride(), *y.stride(),
-        KIND=KD_KINDS[kd_loss], SIGNALS=signals, DIRECT=direct, NC=nc, BH=bh, BW=bw,
+        KIND=KD_KINDS[kd_loss], SIGNALS=signals, DIRECT=direct, NC=nc, BH=bh, BW=bw, **LAUNCH_OPTIONS,
     )
     if not direct:
         block = 256 if dev.type == "cuda" else 4096
         _difficulty_merge_kernel[(cdiv(ncells, block),)](
-            part, sig, cell_kd, channels, gh, gw, nsplit, ncells, SIGNALS=signals, BLOCK=block,
+            part, sig, cell_kd, channels, gh, gw, nsplit, ncells, SIGNALS=signals, BLOCK=block, **LAUNCH_OPTIONS,
         )
     return (sig, cell_kd) if signals else cell_kd
 
@@ -443,6 +459,6 @@ def cell_kd_backward(grad, student, teacher, kd_loss, need_student: bool, need_t
         grad.stride(0), grad.stride(2), grad.stride(3),
         *student.stride(), *teacher.stride(), *ds_strides, *dt_strides,
         KIND=KD_KINDS[kd_loss], NEED_S=need_student, NEED_T=need_teacher, OUT=out_code(student.dtype),
-        BH=bh, BW=bw,
+        BH=bh, BW=bw, **LAUNCH_OPTIONS,
     )
     return ds, dt

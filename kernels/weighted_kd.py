@@ -35,7 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import KD_KINDS, cast_out, cdiv, kd_elem, kd_grad, next_pow2, out_code, target_programs, tile_pixels
+from ._utils import (
+    KD_KINDS,
+    LAUNCH_OPTIONS,
+    cast_out,
+    cdiv,
+    kd_elem,
+    kd_grad,
+    next_pow2,
+    out_code,
+    target_programs,
+    tile_pixels,
+)
 
 
 @triton.jit
@@ -197,11 +208,11 @@ def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) 
             student, teacher, w_arg, part,
             height, width, co, bi, ci, ntw, ntiles,
             *student.stride(), *teacher.stride(), *w_strides,
-            KIND=KD_KINDS[kd_loss], HAS_W=w4 is not None, BH=bh, BW=bw,
+            KIND=KD_KINDS[kd_loss], HAS_W=w4 is not None, BH=bh, BW=bw, **LAUNCH_OPTIONS,
         )
     div = float(student.numel()) if reduction == "mean" else 1.0
     block = 1024 if dev.type == "cuda" else 4096
-    _sum_partials_kernel[(1,)](part, out, nprog, div, BLOCK=block)
+    _sum_partials_kernel[(1,)](part, out, nprog, div, BLOCK=block, **LAUNCH_OPTIONS)
     return out
 
 
@@ -239,6 +250,7 @@ def weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, nee
             KIND=KD_KINDS[kd_loss], HAS_W=w4 is not None,
             NEED_S=need_student, NEED_T=need_teacher, NEED_W=need_weight,
             OUT=out_code(student.dtype), OUT_W=out_code(dw.dtype) if need_weight else 0, BH=bh, BW=bw,
+            **LAUNCH_OPTIONS,
         )
     elif need_weight:
         dw.zero_()

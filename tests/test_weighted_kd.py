@@ -92,7 +92,7 @@ def gpu_like(monkeypatch):
     from spark_ext.kernels import weighted_kd as wkd_kernels
 
     for mod in (kd_kernels, wkd_kernels):
-        monkeypatch.setattr(mod, "tile_pixels", lambda device: 256)
+        monkeypatch.setattr(mod, "tile_pixels", lambda device, gpu=1024: 256)
         monkeypatch.setattr(mod, "target_programs", lambda device: 64)
 
 
