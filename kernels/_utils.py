@@ -77,6 +77,24 @@ def tile_pixels(device: torch.device, gpu: int = 1024) -> int:
     return gpu if device.type == "cuda" else 4096
 
 
+def on_input_device(launcher):
+    """Run ``launcher`` with its first tensor argument's CUDA device current.
+
+    Triton launches on the current device; without this a tensor on
+    ``cuda:1`` while ``cuda:0`` is current would be addressed on the wrong GPU.
+    """
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None and first.device.type == "cuda":
+            with torch.cuda.device(first.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return wrapper
+
+
 # Launch options for every kernel. fp fusion off: each multiply and add is
 # rounded as written, as numpy does in the interpreter and as torch's eager
 # reference does, so interpreter tests check the GPU's arithmetic; these

@@ -68,6 +68,7 @@ from ._utils import (
     kd_elem,
     kd_grad,
     next_pow2,
+    on_input_device,
     out_code,
     target_programs,
     tile_pixels,
@@ -408,6 +409,7 @@ def _launch_forward(student, teacher, target, grid, kd_loss, signals: bool, conf
     return (sig, cell_kd) if signals else cell_kd
 
 
+@on_input_device
 def difficulty_forward(student, teacher, target, grid, kd_loss, *, config=None):
     """SPEC §2 forward: ``(signals [B,4,Gh,Gw], cell_kd [B,1,Gh,Gw])``, both float32.
 
@@ -421,6 +423,7 @@ def difficulty_forward(student, teacher, target, grid, kd_loss, *, config=None):
     return _launch_forward(student, teacher, target, grid, kd_loss, True, config)
 
 
+@on_input_device
 def cell_kd_forward(student, teacher, grid, kd_loss, *, config=None):
     """``cell_kd [B,1,Gh,Gw]`` float32 alone (no Y, no signals): the grid-weighted KD path."""
     return _launch_forward(student, teacher, None, grid, kd_loss, False, config)
@@ -433,6 +436,7 @@ def _elementwise_tile(height: int, width: int, device: torch.device) -> tuple[in
     return bh, bw
 
 
+@on_input_device
 def cell_kd_backward(grad, student, teacher, kd_loss, need_student: bool, need_teacher: bool):
     """Backward of ``cell_kd``: ``(dS, dT)`` with ``dS = G[cell] * ell'(S - T)``, ``dT = -dS``.
 

@@ -43,6 +43,7 @@ from ._utils import (
     kd_elem,
     kd_grad,
     next_pow2,
+    on_input_device,
     out_code,
     target_programs,
     tile_pixels,
@@ -187,6 +188,7 @@ def _weight_args(weight4, student):
     return weight4, weight4.stride()
 
 
+@on_input_device
 def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) -> torch.Tensor:
     """SPEC §3 forward for ``weight`` None or per pixel: a float32 0-dim tensor.
 
@@ -216,6 +218,7 @@ def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) 
     return out
 
 
+@on_input_device
 def weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
     """One-pass backward of :func:`weighted_kd_forward`: ``(dS, dT, dweight)``.
 
