@@ -28,6 +28,11 @@ import spark_ext
 from spark_ext import reference
 from spark_ext.ops import BackendUnavailableError
 
+triton = pytest.importorskip("triton")  # the Triton backend's tests need triton (CPU: its interpreter)
+import triton.language as tl  # noqa: E402
+
+from spark_ext.kernels._utils import cast_out  # noqa: E402
+
 KINDS = ["l1", "l2", "charbonnier"]
 LOW = [torch.float16, torch.bfloat16]
 
@@ -272,6 +277,35 @@ def test_low_precision_inputs(dtype, kind):
     check(ds, rs, rs64, f"dS {dtype}")
     if kind != "charbonnier":  # l1/l2: the same float32 value rounded once, to nearest-even
         assert torch.equal(ds, rs)
+
+
+@triton.jit
+def _to_bf16_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, cast_out(tl.load(x_ptr + offs, mask=m, other=0.0), 2), mask=m)
+
+
+def test_bfloat16_rounding_matches_torch_bit_for_bit():
+    """``cast_out`` (hand-rolled round-to-nearest-even) gives torch's bfloat16 bits.
+
+    Random bit patterns cover normals, subnormals, ties, both signs; plus
+    zeros, infinities, NaNs, the largest finite float and values that round
+    up to infinity. (Triton's own float32 -> bfloat16 cast in the interpreter
+    truncates instead, which is why the kernels do not use it.)
+    """
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4028234e38, -3.4028234e38, 3.3961e38, 1e-45, -1e-40, 1.00390625, 1.01171875]
+    )
+    x = torch.cat([bits.view(torch.float32), specials, torch.randn(1000)])
+    x = torch.cat([x, (x.view(torch.int32) & ~0xFFFF | 0x8000).view(torch.float32)])  # exact ties
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _to_bf16_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, x.numel(), BLOCK=4096)
+    want = x.to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 def test_variance_is_sound_for_a_big_cell_with_a_large_offset():

@@ -15,6 +15,8 @@ import torch
 import spark_ext
 from spark_ext import reference
 
+pytest.importorskip("triton")  # the Triton backend's tests need triton (CPU: its interpreter)
+
 KINDS = ["l1", "l2", "charbonnier"]
 
 
