@@ -159,19 +159,24 @@ def _announce(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def jit_target(torch_version: str) -> tuple[Path, str, bool]:
+    """(build folder, library name, with CUDA) of the JIT build for this torch and these sources."""
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("the C++ sources are not installed (expected spark_ext/csrc/)")
+    with_cuda = cuda_build_possible() is None
+    digest = sources_hash(src)
+    build_dir = cache_root() / f"{_base_version(torch_version)}-{'cuda' if with_cuda else 'cpu'}-{digest}"
+    return build_dir, f"spark_ext_C_{digest[:8]}", with_cuda
+
+
 def _jit_build(torch_version: str) -> Path:
     import torch  # noqa: F401  (cpp_extension needs it imported)
     from torch.utils import cpp_extension
 
     src = source_dir()
-    if src is None:
-        raise RuntimeError("the C++ sources are not installed (expected spark_ext/csrc/)")
-    no_cuda = cuda_build_possible()
-    with_cuda = no_cuda is None
-    digest = sources_hash(src)
-    build_dir = cache_root() / f"{_base_version(torch_version)}-{'cuda' if with_cuda else 'cpu'}-{digest}"
+    build_dir, name, with_cuda = jit_target(torch_version)
     build_dir.mkdir(parents=True, exist_ok=True)
-    name = f"spark_ext_C_{digest[:8]}"
     target = build_dir / f"{name}.so"
     if not target.exists():
         _announce(f"spark_ext: building the C++ library (first use, ~1 min) into {build_dir} …")
@@ -248,6 +253,21 @@ def load() -> None:
             raise RuntimeError(_state["error"]) from exc
 
 
+def _ready_without_build() -> bool:
+    import torch
+
+    src = source_dir()
+    aot = aot_library()
+    if aot is not None and not os.environ.get("SPARK_EXT_FORCE_JIT"):
+        if aot_mismatch(aot_info(), torch.__version__, sources_hash(src) if src else None) is None:
+            return True
+    try:
+        build_dir, name, _ = jit_target(torch.__version__)
+    except RuntimeError:
+        return False
+    return (build_dir / f"{name}.so").exists()
+
+
 def is_loaded() -> bool:
     """True once :func:`load` succeeded (never builds; safe inside ``torch.compile``)."""
     return _state["loaded"]
@@ -279,7 +299,13 @@ def has_cuda_kernels() -> bool:
 
 
 def status() -> str:
-    """One line for ``spark-ext doctor``: what is loaded, or what would be and how. Never builds."""
+    """One line for ``spark-ext doctor``: what is loaded, or what would be and how.
+
+    Loads the library when that needs no compilation (a matching AOT module or
+    a cached JIT build); never builds.
+    """
+    if not _state["loaded"] and _state["error"] is None and _ready_without_build():
+        unavailable_reason()  # loads; a failure is reported below
     if _state["loaded"]:
         fields = dict(item.split("=", 1) for item in _state["info"].split(";"))
         cuda = "with CUDA kernels" if fields.get("cuda") == "1" else "CPU only"

@@ -94,8 +94,9 @@ def test_no_jit_env_fails_clearly(fresh_state, monkeypatch):
         _extension.load()
 
 
-def test_status_before_loading_never_builds(fresh_state, monkeypatch):
+def test_status_before_loading_never_builds(fresh_state, monkeypatch, tmp_path):
     monkeypatch.setattr(_extension, "aot_library", lambda: None)
+    monkeypatch.setenv("SPARK_EXT_CACHE", str(tmp_path))  # nothing cached there
     monkeypatch.setattr(_extension, "_jit_build", lambda v: pytest.fail("status() must not build"))
     line = _extension.status()
     assert line.startswith("not built ahead of time; builds just in time on first use into")
