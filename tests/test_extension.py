@@ -128,27 +128,35 @@ def test_auto_picks_cpp_for_cpu_kernel_dtypes_and_reference_for_float64():
 
 @pytest.mark.parametrize("python_ops_first", [True, False])
 def test_coexists_with_python_custom_ops_in_the_same_namespace(python_ops_first):
-    """TORCH_LIBRARY(spark_ext) and Python torch.library.custom_op("spark_ext::...") in either order."""
+    """TORCH_LIBRARY(spark_ext) and Python torch.library.custom_op("spark_ext::...") in either order.
+
+    ``import spark_ext`` registers the Triton ops (custom_op, FRAGMENT libraries);
+    the library-first case therefore loads the .so before importing spark_ext.
+    """
+    _extension.load()
     define = """
         @torch.library.custom_op("spark_ext::_probe_double", mutates_args=())
         def probe(x: torch.Tensor) -> torch.Tensor:
             return x * 2
+        import spark_ext
     """
     load = """
-        from spark_ext import _extension
-        _extension.load()
+        torch.ops.load_library(LIB)  # the same file the loader picks, so no second TORCH_LIBRARY
     """
     body = (define + load) if python_ops_first else (load + define)
     result = python(
-        "import torch\nimport spark_ext\n"
+        f"import torch\nLIB = {_extension._state['path']!r}\n"
         + textwrap.dedent(body)
         + textwrap.dedent("""
+        from spark_ext import _extension
+        _extension.load()
         x = torch.randn(8)
         assert torch.equal(torch.ops.spark_ext._probe_double(x), x * 2)
+        assert torch.ops.spark_ext.triton_weighted_kd is not None
         y = spark_ext.lsq_fake_quant(x, torch.tensor([0.1]), bits=4, signed=True, backend="cpp")
         print("ok", y.shape)
         """),
-        env={"SPARK_EXT_NO_JIT": "1"} if _extension.aot_library() else None,
+        env={"SPARK_EXT_NO_JIT": "1"} if _extension._state["how"] == "AOT" else None,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
