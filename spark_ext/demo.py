@@ -112,8 +112,8 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset("smoke", 4, 1, 16, 2, 4, 2e-3, 3, 2e-4, 1e-3, 1, "minmax", 32, (4, 4), (0,)),
-    "default": Preset("default", 16, 2, 48, 8, 1500, 2e-3, 300, 2e-4, 2e-3, 4, "mse", 192, (8, 8), (0,)),
-    "full": Preset("full", 32, 3, 96, 16, 20000, 1e-3, 4000, 1e-4, 2.5e-4, 16, "mse", None, (8, 8), (0, 1, 2)),
+    "default": Preset("default", 16, 2, 48, 8, 1500, 2e-3, 500, 1e-3, 1e-2, 4, "mse", 192, (8, 8), (0,)),
+    "full": Preset("full", 32, 3, 96, 16, 20000, 1e-3, 5000, 5e-4, 1e-3, 16, "mse", None, (8, 8), (0, 1, 2)),
 }
 
 
@@ -236,6 +236,7 @@ def make_ptq(teacher: nn.Module, task: RestorationTask, preset: Preset, seed: in
     from spark_ext.quant import calibrate, quantize_model
 
     student = copy.deepcopy(teacher)
+    student.requires_grad_(True)  # the teacher is frozen; its copy must train
     quantize_model(student, w_bits=4, a_bits=4, first_last_bits=8)
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=20_000 + seed, device=device)
     calibrate(student, [next(data)[0] for _ in range(preset.calib_batches)], method=preset.calib_method)
@@ -374,13 +375,18 @@ def save_weight_map(path: Path, distiller: SparkDistiller, student: nn.Module, t
     grid = (max(1, min(h, h // cell)), max(1, min(w, w // cell)))
     signals, _ = spark_ext.difficulty_signals(s, t, y, grid, backend=backend)
     weight = distiller.policy.mean_weight_map(signals)[0, 0].cpu().numpy()
+    # One draw, as the training step uses it (from a copy of the policy's generator).
+    g = torch.Generator(device=distiller.generator.device)
+    g.set_state(distiller.generator.get_state())
+    sampled = distiller.policy.weight_map(distiller.policy.sample(signals, g).action)[0, 0].cpu().numpy()
     panels = [
         ("ground truth", _to_numpy(y), None),
         ("SPARK weight map (Beta mean)", weight, "magma"),
+        ("one sampled weight map (as in training)", sampled, "magma"),
         ("KD gap |S-T| per cell", signals[0, 3].cpu().numpy(), "viridis"),
         ("student error |S-Y| per cell", signals[0, 2].cpu().numpy(), "viridis"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2 * h / w + 0.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.8 * h / w + 0.6))
     for ax, (title, img, cmap) in zip(axes, panels):
         if cmap is None:
             ax.imshow(img)
@@ -395,7 +401,12 @@ def save_weight_map(path: Path, distiller: SparkDistiller, student: nn.Module, t
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"photo": name, "grid": list(grid), "w_min": float(weight.min()), "w_max": float(weight.max()), "w_std": float(weight.std())}
+    return {
+        "photo": name,
+        "grid": list(grid),
+        "mean_map": {"min": float(weight.min()), "max": float(weight.max()), "std": float(weight.std())},
+        "sampled_map": {"min": float(sampled.min()), "max": float(sampled.max()), "std": float(sampled.std())},
+    }
 
 
 def save_curves(path: Path, histories: dict[str, list[dict[str, float]]]) -> None:
@@ -519,6 +530,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             student, distiller, logs, seconds = train_student(method, base, teacher, task, preset, seed, device, args.quiet)
             outs = model_outputs(student, held)
             result = evaluate(outs, held, shave)
+            # LSQ steps an optimiser pushed to the quantizer's 1e-8 floor (should be 0).
+            result["collapsed_quant_steps"] = sum(int((q.step.detach() <= 1e-7).sum()) for q in _lsq_quantizers(student))
             scores.setdefault(method, []).append(result)
             train_seconds.setdefault(method, []).append(seconds)
             print(f"  seed {seed} {LABELS[method]:<12} PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}  ({seconds:.1f}s)")

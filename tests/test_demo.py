@@ -46,3 +46,18 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
 def test_bad_method_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
         demo.main(["--preset", "smoke", "--methods", "ptq,magic", "--out", str(tmp_path)])
+
+
+def test_ptq_student_trains_even_when_the_teacher_is_frozen():
+    import torch
+
+    from spark_ext.data import RestorationTask
+    from spark_ext.models import build_model
+
+    teacher = build_model("denoise", 4, depth=1).requires_grad_(False)
+    student = demo.make_ptq(teacher, RestorationTask(), demo.PRESETS["smoke"], 0, torch.device("cpu"))
+    assert all(p.requires_grad for p in student.parameters())
+    opt = demo.student_optimizer(student, 1e-3, 1e-2)
+    n_quant = len(demo._lsq_quantizers(student))
+    assert len(opt.param_groups) == 1 + n_quant and n_quant > 0
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(student.parameters()))
