@@ -142,14 +142,18 @@ def _lsq_quantizers(model: nn.Module) -> list[nn.Module]:
 
 def student_optimizer(model: nn.Module, lr: float, quant_rel_lr: float) -> torch.optim.Adam:
     """Adam with one group for the weights (``lr``) and one group per LSQ quantizer
-    whose lr is ``quant_rel_lr * min(initial step)`` (see :class:`Preset`)."""
+    whose lr is ``quant_rel_lr * min(initial step)`` (see :class:`Preset`).
+    Steps at the 1e-8 floor (all-zero channels) are ignored when taking the min."""
     quant_ids, groups = set(), []
     for q in _lsq_quantizers(model):
         params = [p for p in q.parameters(recurse=False) if p.requires_grad]
         if not params:
             continue
         quant_ids.update(id(p) for p in params)
-        groups.append({"params": params, "lr": quant_rel_lr * float(q.step.detach().abs().min())})
+        steps = q.step.detach().abs()
+        live = steps[steps > 1e-6]
+        scale = float(live.min()) if live.numel() else 1e-3
+        groups.append({"params": params, "lr": quant_rel_lr * scale})
     weights = [p for p in model.parameters() if id(p) not in quant_ids and p.requires_grad]
     return torch.optim.Adam([{"params": weights, "lr": lr}] + groups)
 
