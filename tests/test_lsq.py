@@ -346,3 +346,48 @@ def test_cuda_more_than_2_31_elements():
         q = v.clamp(-8, 7).round()
         want_step += torch.where((v >= -8) & (v <= 7), q - v, torch.where(v < -8, -8.0, 7.0)).sum()
     torch.testing.assert_close(dstep.double().reshape(()), want_step, rtol=1e-4, atol=1e-2 * math.sqrt(n))
+
+
+def test_every_cpu_isa_gives_the_same_bits(tmp_path):
+    """The default, AVX2 and AVX-512 builds of the CPU loops compute identical bits (both op families)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from spark_ext import _extension
+_extension.load()
+isa = dict(kv.split("=", 1) for kv in torch.ops.spark_ext.build_info().split(";"))["cpu_isa"]
+gen = torch.Generator().manual_seed(0)
+out = {{"isa": isa}}
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    x = (torch.randn(3, 40, 7, 33, generator=gen) * 2).to(dt)
+    dy = torch.randn(3, 40, 7, 33, generator=gen).to(dt)
+    for axis in (None, 1, 3):
+        n = 1 if axis is None else x.shape[axis]
+        s = torch.rand(n, generator=gen) * 0.3 + 0.05
+        o = torch.randn(n, generator=gen) * 0.2
+        key = (str(dt), axis)
+        out[key + ("lsq",)] = (torch.ops.spark_ext.lsq_fake_quant_forward(x, s, o, axis, 8, 7, 0.1),
+                               torch.ops.spark_ext.lsq_fake_quant_backward(dy, x, s, o, axis, 8, 7, 0.1))
+        out[key + ("fq",)] = (torch.ops.spark_ext.fq_learnable_forward(x, s, o * 10, axis, -8, 7, 0.7),
+                              torch.ops.spark_ext.fq_learnable_backward(dy, x, s, o * 10, axis, -8, 7, 0.7))
+torch.save(out, {str(tmp_path)!r} + "/" + isa + ".pt")
+print(isa)
+"""
+    import os
+
+    seen = {}
+    for isa in ("default", "avx2", "avx512"):
+        env = {**os.environ, "SPARK_EXT_CPU_ISA": isa}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        got = result.stdout.strip().splitlines()[-1]
+        seen[got] = torch.load(tmp_path / f"{got}.pt")
+    assert "default" in seen
+    base = seen["default"]
+    for isa, res in seen.items():
+        for key in (k for k in base if k != "isa"):
+            (y, grads), (y2, grads2) = base[key], res[key]
+            assert torch.equal(y, y2), (isa, key)
+            assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), (isa, key)

@@ -11,6 +11,8 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "span_kernels.h"
 
@@ -52,10 +54,15 @@ namespace isa_avx512 {
 #pragma GCC pop_options
 #endif
 
+// SPARK_EXT_CPU_ISA=default|avx2|avx512 caps the choice (tests use it to check
+// that every variant gives the same bits); unknown or unsupported values are ignored.
 static const KernelTable& choose() {
+  const char* cap = std::getenv("SPARK_EXT_CPU_ISA");
+  if (cap != nullptr && std::strcmp(cap, "default") == 0) return isa_default::table;
 #if SPARK_MULTI_ISA
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  const bool want_avx2_at_most = cap != nullptr && std::strcmp(cap, "avx2") == 0;
+  if (!want_avx2_at_most && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     return isa_avx512::table;
   }
