@@ -144,3 +144,18 @@ def test_policy_rejects_bad_signals():
         policy(torch.rand(1, 3, 2, 2))
     with pytest.raises(ValueError, match="4-D"):
         policy(torch.rand(4, 2, 2))
+
+
+def test_sampling_and_log_prob_make_no_value_checks(monkeypatch):
+    """torch.distributions validates arguments and samples with a Python ``if`` on a
+    tensor (a host sync on a GPU); the policy's hot path must not do that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.distributions argument validation ran (a host sync on a GPU)")
+
+    monkeypatch.setattr(torch, "_is_all_true", refuse)
+    policy = SparkPolicy()
+    signals = torch.rand(2, 4, 3, 3)
+    s = policy.sample(signals, torch.Generator().manual_seed(0))
+    policy.log_prob(signals, s.action)
+    policy.distribution(signals).entropy()

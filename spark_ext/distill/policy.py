@@ -58,6 +58,18 @@ def standardize_features(signals: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     return (f - mean) / (std + eps)
 
 
+def _beta(alpha: torch.Tensor, beta: torch.Tensor) -> torch.distributions.Beta:
+    """``Beta(alpha, beta)`` without torch.distributions' argument / sample validation.
+
+    That validation (on by default) checks the parameters and every sample with
+    a Python ``if`` on a tensor, i.e. a host sync on each construction and each
+    ``log_prob`` on a GPU, in the training step's hot path. Nothing here needs
+    it: ``softplus(.) + 1 >= 1`` by construction and actions are clamped into
+    ``(0, 1)`` before their log-density is taken.
+    """
+    return torch.distributions.Beta(alpha, beta, validate_args=False)
+
+
 class SparkPolicy(nn.Module):
     """Per-cell Beta policy of SPEC §4.
 
@@ -113,8 +125,8 @@ class SparkPolicy(nn.Module):
         return conc[:, 0:1], conc[:, 1:2]
 
     def distribution(self, signals: torch.Tensor) -> torch.distributions.Beta:
-        alpha, beta = self(signals)
-        return torch.distributions.Beta(alpha, beta)
+        """The per-cell ``Beta(alpha, beta)`` for ``signals`` (batch shape ``[B, 1, Gh, Gw]``)."""
+        return _beta(*self(signals))
 
     def sample(self, signals: torch.Tensor, generator: Optional[torch.Generator] = None) -> PolicySample:
         """Draw ``a ~ Beta(alpha, beta)`` per cell from ``generator`` (on the signals' device).
@@ -129,7 +141,7 @@ class SparkPolicy(nn.Module):
             conc = torch.stack([alpha, beta], dim=-1)
             action = torch._sample_dirichlet(conc, generator=generator)[..., 0]
             action = action.clamp(ACTION_EPS, 1.0 - ACTION_EPS)
-        dist = torch.distributions.Beta(alpha, beta)
+        dist = _beta(alpha, beta)
         log_prob = dist.log_prob(action).flatten(1).sum(1)
         entropy = dist.entropy().flatten(1).sum(1)
         return PolicySample(action, log_prob, entropy, alpha, beta)
