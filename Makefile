@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 export MAX_JOBS ?= 2
 
-.PHONY: venv test demo bench doctor clean cuda-compile-check
+.PHONY: venv test demo bench doctor clean cuda-compile-check gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 
 doctor: $(STAMP)
 	$(PY) -m spark_ext.cli doctor
+
+# On a GPU machine with torch preinstalled (no venv: the system torch is the one to test).
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info spark_ext/_C*.so spark_ext/_C_build.json
