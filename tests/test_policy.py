@@ -159,3 +159,15 @@ def test_sampling_and_log_prob_make_no_value_checks(monkeypatch):
     s = policy.sample(signals, torch.Generator().manual_seed(0))
     policy.log_prob(signals, s.action)
     policy.distribution(signals).entropy()
+
+
+def test_advantage_is_rescaled_not_recentred():
+    """SPEC §4's baseline must survive the batch normalisation: equal rewards above
+    the baseline all get a positive advantage (standardising would give zeros)."""
+    adv = normalize_advantage(torch.tensor([0.3, 0.3, 0.3]), torch.tensor(0.1))
+    torch.testing.assert_close(adv, torch.ones(3))
+    torch.testing.assert_close(normalize_advantage(torch.tensor([-2e-4]), torch.tensor(0.0)), torch.tensor([-1.0]))
+    r, b = torch.tensor([3e-4, -1e-4, 5e-5, 2e-4]), torch.tensor(1e-4)
+    adv = normalize_advantage(r, b)
+    torch.testing.assert_close(adv * (r - b).square().mean().sqrt(), r - b, rtol=1e-5, atol=0)
+    assert float(adv.square().mean()) == pytest.approx(1.0, rel=1e-5)

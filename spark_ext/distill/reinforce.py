@@ -28,7 +28,26 @@ from . import distributed
 
 
 def normalize_advantage(rewards: torch.Tensor, baseline: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``(r - b) / sqrt(mean((r - b)^2) + eps)``: ``[B]`` float32, no gradient."""
+    """``(r - b) / sqrt(mean_b((r - b)^2) + eps)``: ``[B]`` float32, no gradient.
+
+    This is our reading of SPEC §4's "advantage normalised over the batch":
+    the spec's loss keeps ``r_b - b`` (centred by the EMA baseline), so the
+    normalisation only rescales it by a batch statistic — the RMS of
+    ``r - b`` — and never re-centres it. Signs and ratios of the advantages
+    are those of ``r_b - b``; only the step size stops depending on the
+    reward's scale (loss decreases of order 1e-4).
+
+    Standardising instead (``(A - mean_b A) / std_b A``) would subtract the
+    batch mean and so cancel ``b`` exactly, making the spec's baseline dead
+    code, and is undefined for a batch of one; here ``B = 1`` gives
+    ``sign(r - b)``. When every ``r_b`` equals ``b`` the advantage is 0 (``eps``
+    keeps the division finite).
+
+    Args:
+        rewards: ``[B]`` per-image rewards (detached here).
+        baseline: 0-D EMA baseline, the value *before* this step's update.
+        eps: added to the mean square (1e-12; rewards are ~1e-4, squares ~1e-8).
+    """
     adv = rewards.detach().float() - baseline.float()
     return adv / torch.sqrt(adv.pow(2).mean() + eps)
 
