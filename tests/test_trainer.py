@@ -65,6 +65,8 @@ def test_reward_is_the_per_image_loss_decrease_and_policy_learns_only_then():
 
     def spy(rewards, log_prob, entropy):
         captured["r"] = rewards.clone()
+        # Called after the student's backward: L must have left the policy without gradient.
+        captured["policy_grads"] = [p.grad for p in d.policy.parameters()]
         return original(rewards, log_prob, entropy)
 
     d.updater.update = spy
@@ -75,6 +77,7 @@ def test_reward_is_the_per_image_loss_decrease_and_policy_learns_only_then():
     with torch.no_grad():
         expected = per_image_loss(before_model(x), y) - per_image_loss(student(x), y)
     torch.testing.assert_close(captured["r"], expected)
+    assert all(g is None for g in captured["policy_grads"])
     changed = copy.deepcopy(d.policy.state_dict())
     assert any(not torch.equal(policy_before[k], changed[k]) for k in changed)
     captured.clear()
