@@ -71,6 +71,10 @@ def test_distiller_uses_feature_kd_only(mode):
     student, teacher = pair()
     opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the model stays put, loss is checkable
     d = SparkDistiller(student, teacher, opt, mode=mode, dfd_layer="bottleneck", grid=(2, 2))
+    seen = {}
+    if mode == "spark":  # record the weight map the step uses
+        original = d.policy.weight_map
+        d.policy.weight_map = lambda a: seen.setdefault("w", original(a))
     x, y = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
     log = d.step(x, y)
     taps = {}
@@ -79,10 +83,14 @@ def test_distiller_uses_feature_kd_only(mode):
     with torch.no_grad():
         out = student(x)
         teacher(x)
-    l1 = (taps["s"] - taps["t"]).abs().mean()
+    diff = (taps["s"] - taps["t"]).abs()  # [2, 8, 4, 4] bottleneck features
     if mode == "kd":
-        assert log["loss_kd"] == pytest.approx(float(l1), rel=1e-5)
-    else:  # weighted by the mean-1 SPARK map: not the plain mean, but the same order
-        assert 0.0 < log["loss_kd"] < 5 * float(l1)
+        expected = diff.mean()
+    else:  # the [2, 1, 2, 2] map, piecewise constant over 2x2-pixel cells of the 4x4 features
+        assert seen["w"].shape == (2, 1, 2, 2)
+        w = seen["w"].repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)
+        expected = (w * diff).mean()
+        assert abs(float(expected) - float(diff.mean())) > 1e-6  # the weights do matter here
+    assert log["loss_kd"] == pytest.approx(float(expected), rel=1e-5)
     assert log["loss_task"] == pytest.approx(float((out - y).abs().mean()), rel=1e-5)
     d.close()
