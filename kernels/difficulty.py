@@ -200,13 +200,16 @@ def _difficulty_fwd_kernel(
                 acc_lap = tl.zeros([NC, BH * BW], tl.float32)
                 acc_e = tl.zeros([NC, BH * BW], tl.float32)
                 acc_k = tl.zeros([NC, BH * BW], tl.float32)
-            for ch_i in range(C):
-                sv = tl.load(s_ptr + off_s + ch_i * ssc, mask=m, other=0.0).to(tl.float32)
-                tv = tl.load(t_ptr + off_t + ch_i * stc, mask=m, other=0.0).to(tl.float32)
+            # Channel planes are reached by advancing 64-bit pointers: an int32
+            # channel index times an int32 stride (``ch * ssc``) wraps once
+            # (C - 1) * ssc >= 2^31.
+            s_c, t_c, yc = s_ptr, t_ptr, y_ptr
+            for _ch in range(C):
+                sv = tl.load(s_c + off_s, mask=m, other=0.0).to(tl.float32)
+                tv = tl.load(t_c + off_t, mask=m, other=0.0).to(tl.float32)
                 d = sv - tv
                 acc_l += kd_elem(d, KIND)
                 if SIGNALS:
-                    yc = y_ptr + ch_i * syc
                     yv = tl.load(yc + off_y, mask=m, other=0.0).to(tl.float32)
                     yu = tl.load(yc + off_yu, mask=m, other=0.0).to(tl.float32)
                     yd = tl.load(yc + off_yd, mask=m, other=0.0).to(tl.float32)
@@ -216,6 +219,9 @@ def _difficulty_fwd_kernel(
                     acc_lap += ((yu - yv) + (yd - yv)) + ((yl - yv) + (yr - yv))
                     acc_e += tl.abs(sv - yv)
                     acc_k += tl.abs(d)
+                s_c += ssc
+                t_c += stc
+                yc += syc
             # Per-cell tile statistics merged into the running ones. Written
             # out inline rather than through @triton.jit helpers: the GPU
             # compiler inlines either way, but Triton's interpreter pays about
@@ -347,14 +353,20 @@ def _cell_kd_bwd_kernel(
     off_t = b * stb + rows[:, None] * sth + cols[None, :] * stw
     off_ds = b * sdsb + rows[:, None] * sdsh + cols[None, :] * sdsw
     off_dt = b * sdtb + rows[:, None] * sdth + cols[None, :] * sdtw
-    for ch in range(C):
-        sv = tl.load(s_ptr + off_s + ch * ssc, mask=m, other=0.0).to(tl.float32)
-        tv = tl.load(t_ptr + off_t + ch * stc, mask=m, other=0.0).to(tl.float32)
+    # 64-bit pointers advanced per channel (see the forward kernel).
+    s_c, t_c, ds_c, dt_c = s_ptr, t_ptr, ds_ptr, dt_ptr
+    for _ch in range(C):
+        sv = tl.load(s_c + off_s, mask=m, other=0.0).to(tl.float32)
+        tv = tl.load(t_c + off_t, mask=m, other=0.0).to(tl.float32)
         gd = gv * kd_grad(sv - tv, KIND)
         if NEED_S:
-            tl.store(ds_ptr + off_ds + ch * sdsc, cast_out(gd, OUT), mask=m)
+            tl.store(ds_c + off_ds, cast_out(gd, OUT), mask=m)
         if NEED_T:
-            tl.store(dt_ptr + off_dt + ch * sdtc, cast_out(-gd, OUT), mask=m)
+            tl.store(dt_c + off_dt, cast_out(-gd, OUT), mask=m)
+        s_c += ssc
+        t_c += stc
+        ds_c += sdsc
+        dt_c += sdtc
 
 
 # --------------------------------------------------------------------------

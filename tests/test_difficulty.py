@@ -254,6 +254,31 @@ def test_bitwise_deterministic_and_inputs_untouched(gpu_like):
         assert torch.equal(x, x0)
 
 
+def test_channel_offsets_beyond_int32():
+    """A channel stride of 2^30 with C = 3: channel 2 starts 2^31 elements in.
+
+    An int32 ``channel * stride`` wraps there (the kernels used to read and
+    write at a negative offset and crash). The 4 GiB float16 buffer is only
+    allocated, and only three of its elements are touched, so the untouched
+    pages are never committed and this runs on a small machine.
+    """
+    stride = 2**30
+    base = torch.empty(2 * stride + 1, dtype=torch.float16)
+    base[::stride] = torch.randn(3).half()
+    S = base.as_strided((1, 3, 1, 1), (1, stride, 1, 1))
+    T, Y = images((1, 3, 1, 1), dtype=torch.float16, n=2)
+    s = S.requires_grad_()
+    G = torch.tensor(0.75).reshape(1, 1, 1, 1)
+    sig, kd = triton_signals(s, T, Y, (1, 1), "l2")
+    (ds,) = torch.autograd.grad(kd, s, G)
+    Sc = S.detach().contiguous()
+    sig64, kd_same, kd64 = ref_forward(Sc, T, Y, (1, 1), "l2")
+    check_signals(sig, sig64)
+    check(kd, kd_same, kd64, "cell_kd")
+    (rs, _), (rs64, _) = ref_grads(Sc, T, G, (1, 1), "l2", torch.float16)
+    check(ds, rs, rs64, "dS")
+
+
 # --------------------------------------------------------------------------
 # precision
 # --------------------------------------------------------------------------
