@@ -82,8 +82,9 @@ class _QuantMixin:
     def a_bits(self) -> Optional[int]:
         return None if self.input_quantizer is None else self.input_quantizer.bits
 
-    def _quant_repr(self) -> str:
-        return f"w_bits={self.w_bits}, a_bits={self.a_bits}"
+    def extra_repr(self) -> str:
+        # The mixin comes first in the MRO: super() is the float layer's repr.
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward uses it: fake-quantized when the weight quantizer is enabled.
@@ -129,6 +130,41 @@ class _QuantMixin:
             layer.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
         layer.train(self.training)
         return layer
+
+    @classmethod
+    def _layer_args(cls, layer: nn.Module) -> dict:
+        """The float class's constructor arguments (shapes and options) that rebuild ``layer``."""
+        raise NotImplementedError  # pragma: no cover - defined by each layer
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs):
+        """A quantized layer computing ``layer``'s convolution / matmul on quantized operands.
+
+        Shares ``layer``'s weight and bias Parameters (no copy), keeps every
+        layer option (for convs: stride, padding and padding mode, dilation,
+        groups), the train/eval mode and the forward hooks. ``kwargs``: the
+        keyword-only constructor options (``a_signed``, ``a_learn_offset``,
+        ``grad_scale``, ``backend``). The quantizers start uninitialised
+        (first forward, :func:`calibrate`, or a state dict sets them).
+        """
+        cls._check_float(layer)
+        # Built on the meta device: the throwaway weight costs no memory and no
+        # random numbers (so converting a model does not move the RNG stream).
+        q = cls(
+            **cls._layer_args(layer), device="meta", dtype=layer.weight.dtype, w_bits=w_bits, a_bits=a_bits, **kwargs
+        )
+        q._rebuild_quantizers(layer.weight.device)
+        q._adopt(layer)
+        return q
+
+    def to_float(self) -> nn.Module:
+        """A plain float layer with the fake-quantized weight folded in (new, detached Parameters).
+
+        Input-activation quantization cannot be folded into a float layer and is
+        dropped; read ``input_quantizer.step`` / ``offset`` to export it.
+        """
+        layer = self._FLOAT(**self._layer_args(self), device="meta", dtype=self.weight.dtype)
+        return self._float_copy_params(layer)
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -177,62 +213,19 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         # _conv_forward applies padding_mode (reflect / replicate / circular) itself.
         return self._conv_forward(self._quantize_input(x), self._weight_for_forward(), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._quant_repr()}"
-
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs) -> "QuantConv2d":
-        """A ``QuantConv2d`` computing ``layer``'s convolution on quantized operands.
-
-        Shares ``layer``'s weight and bias Parameters (no copy), keeps every
-        conv option, the train/eval mode and the forward hooks. ``kwargs``:
-        the keyword-only constructor options (``a_signed``, ``a_learn_offset``,
-        ``grad_scale``, ``backend``). The quantizers start uninitialised
-        (first forward, :func:`calibrate`, or a state dict sets them).
-        """
-        cls._check_float(layer)
-        # Built on the meta device: the throwaway weight costs no memory and no
-        # random numbers (so converting a model does not move the RNG stream).
-        q = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
+    def _layer_args(cls, layer: nn.Conv2d) -> dict:
+        return dict(
+            in_channels=layer.in_channels,
+            out_channels=layer.out_channels,
+            kernel_size=layer.kernel_size,
             stride=layer.stride,
             padding=layer.padding,
             dilation=layer.dilation,
             groups=layer.groups,
             bias=layer.bias is not None,
             padding_mode=layer.padding_mode,
-            device="meta",
-            dtype=layer.weight.dtype,
-            w_bits=w_bits,
-            a_bits=a_bits,
-            **kwargs,
         )
-        q._rebuild_quantizers(layer.weight.device)
-        q._adopt(layer)
-        return q
-
-    def to_float(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` with the fake-quantized weight folded in (new, detached Parameters).
-
-        Input-activation quantization cannot be folded into a float layer and is
-        dropped; read ``input_quantizer.step`` / ``offset`` to export it.
-        """
-        layer = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias is not None,
-            padding_mode=self.padding_mode,
-            device="meta",
-            dtype=self.weight.dtype,
-        )
-        return self._float_copy_params(layer)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -267,30 +260,6 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quantize_input(x), self._weight_for_forward(), self.bias)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._quant_repr()}"
-
     @classmethod
-    def from_float(cls, layer: nn.Linear, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs) -> "QuantLinear":
-        """A ``QuantLinear`` sharing ``layer``'s Parameters; see :meth:`QuantConv2d.from_float`."""
-        cls._check_float(layer)
-        q = cls(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            device="meta",
-            dtype=layer.weight.dtype,
-            w_bits=w_bits,
-            a_bits=a_bits,
-            **kwargs,
-        )
-        q._rebuild_quantizers(layer.weight.device)
-        q._adopt(layer)
-        return q
-
-    def to_float(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the fake-quantized weight folded in; see :meth:`QuantConv2d.to_float`."""
-        layer = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta", dtype=self.weight.dtype
-        )
-        return self._float_copy_params(layer)
+    def _layer_args(cls, layer: nn.Linear) -> dict:
+        return dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
