@@ -313,16 +313,15 @@ class LSQQuantizer(nn.Module):
         axis = self._axis_for(x)
         if self._signed is None:
             self._set_signed(bool((x.detach() < 0).any()))
-        qn, qp = lsq_range(self.bits, self._signed)
         rows = channel_rows(x, axis)
         if self.learn_offset:
-            lo, hi = rows.aminmax(dim=1)
-            step = ((hi - lo) / (qp + qn)).clamp_min(LSQ_MIN_STEP)
-            self._assign(self.step, step)
-            self._assign(self.offset, lo + qn * step)
+            # LSQ+ init is the min-max range init of set_range.
+            step, offset = range_to_qparams(*rows.aminmax(dim=1), self.bits, self._signed, True)
+            self._assign(self.offset, offset)
         else:
+            _, qp = lsq_range(self.bits, self._signed)
             step = (2.0 * rows.abs().mean(dim=1) / math.sqrt(qp)).clamp_min(LSQ_MIN_STEP)
-            self._assign(self.step, step)
+        self._assign(self.step, step)
         self._mark_initialized()
 
     def _mark_initialized(self) -> None:
