@@ -32,7 +32,8 @@ BENCH_DIR = REPO_ROOT / "bench"
 PEERS = ("eager", "compiled", "torch")
 
 
-def _run_benchmarks(only: Sequence[str], quick: bool, out_dir: Path) -> list[Path]:
+def _run_benchmarks(only: Sequence[str], quick: bool, out_dir: Path) -> tuple[list[Path], list[str]]:
+    """Run the bench scripts; returns the result files they wrote and the names of those that failed."""
     if not BENCH_DIR.is_dir():
         raise SystemExit(f"spark-ext bench: no bench/ folder next to the package ({BENCH_DIR}); use --from FILE")
     scripts = sorted(BENCH_DIR.glob("bench_*.py"))
@@ -41,13 +42,16 @@ def _run_benchmarks(only: Sequence[str], quick: bool, out_dir: Path) -> list[Pat
         if not scripts:
             raise SystemExit(f"spark-ext bench: no benchmark matches {list(only)}")
     started = time.time()
+    failed = []
     for script in scripts:
         cmd = [sys.executable, str(script), "--out", str(out_dir)] + (["--quick"] if quick else [])
         print(f"$ {' '.join(cmd)}", flush=True)
         result = subprocess.run(cmd, cwd=REPO_ROOT)
         if result.returncode != 0:
             print(f"spark-ext bench: {script.name} failed with exit code {result.returncode}", file=sys.stderr)
-    return sorted(p for p in out_dir.glob("*.json") if p.stat().st_mtime >= started - 1)
+            failed.append(script.name)
+    paths = sorted(p for p in out_dir.glob("*.json") if p.stat().st_mtime >= started - 1)
+    return paths, failed
 
 
 def load(paths: Sequence[Path]) -> list[dict]:
@@ -133,13 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where runs write JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write PNG plots to this folder")
     args = parser.parse_args(argv)
+    failed: list[str] = []
     if args.files:
         paths = args.files
     else:
         import torch
 
         quick = (not torch.cuda.is_available()) if args.quick is None else args.quick
-        paths = _run_benchmarks(args.only, quick, args.out)
+        paths, failed = _run_benchmarks(args.only, quick, args.out)
         if not paths:
             print("spark-ext bench: the benchmarks wrote no results", file=sys.stderr)
             return 1
@@ -151,4 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_table(lines)
         if args.plot is not None:
             print(f"   plot: {plot(run, lines, args.plot)}")
+    if failed:
+        # The report above covers the benchmarks that ran; the exit code says some did not.
+        print(f"spark-ext bench: {len(failed)} benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

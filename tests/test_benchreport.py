@@ -42,3 +42,21 @@ def test_doctor_lists_every_op(capsys):
     out = capsys.readouterr().out
     for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine"):
         assert op in out
+
+
+def test_a_failing_benchmark_fails_the_run_after_the_report(tmp_path, monkeypatch, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    writer = (
+        "import json, sys, pathlib\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
+        f"(out / 'ok.json').write_text(json.dumps({{'benchmark': 'ok', 'env': {{}}, 'rows': {_rows()!r}}}))\n"
+    )
+    (bench / "bench_ok.py").write_text(writer)
+    (bench / "bench_broken.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(benchreport, "BENCH_DIR", bench)
+    monkeypatch.setattr(benchreport, "REPO_ROOT", tmp_path)
+    assert benchreport.main(["--out", str(tmp_path / "results")]) == 1
+    captured = capsys.readouterr()
+    assert "== ok" in captured.out and "difficulty_signals" in captured.out  # the good one is reported
+    assert "1 benchmark(s) failed: bench_broken.py" in captured.err
