@@ -43,9 +43,14 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
     assert "border shaved" in report["metric_notes"]
 
 
-def test_bad_method_is_rejected(tmp_path):
+def test_bad_arguments_are_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown"):
         demo.main(["--preset", "smoke", "--methods", "ptq,magic", "--out", str(tmp_path)])
+    for flag, value in (("--steps", "0"), ("--teacher-steps", "-3"), ("--seeds", "0"), ("--threads", "0"), ("--steps", "x")):
+        with pytest.raises(SystemExit):
+            demo.main(["--preset", "smoke", flag, value, "--out", str(tmp_path)])
+        assert f"argument {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_ptq_student_trains_even_when_the_teacher_is_frozen():
