@@ -144,6 +144,10 @@ def test_policy_rejects_bad_signals():
         policy(torch.rand(1, 3, 2, 2))
     with pytest.raises(ValueError, match="4-D"):
         policy(torch.rand(4, 2, 2))
+    with pytest.raises(ValueError, match="feature_eps must be > 0, got 0"):
+        SparkPolicy(feature_eps=0.0)
+    with pytest.raises(ValueError, match="advantage_eps must be > 0, got -1"):
+        ReinforceUpdater(policy, advantage_eps=-1e-12)
 
 
 def test_sampling_and_log_prob_make_no_value_checks(monkeypatch):

@@ -107,6 +107,8 @@ class SparkPolicy(nn.Module):
         )
         self.in_channels = in_channels
         self.feature_eps = check_real(feature_eps, "feature_eps")
+        if self.feature_eps <= 0:  # a 1x1 grid (std 0) would give 0/0
+            raise ValueError(f"feature_eps must be > 0, got {feature_eps}")
         for value, name in ((w_min, "w_min"), (w_max, "w_max")):
             if value is not None and check_real(value, name) <= 0:
                 raise ValueError(f"{name} must be > 0 (weights are positive), got {value}")

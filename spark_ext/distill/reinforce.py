@@ -94,6 +94,8 @@ class ReinforceUpdater:
             raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}")
         self.entropy_coef = check_real(entropy_coef, "entropy_coef")
         self.advantage_eps = check_real(advantage_eps, "advantage_eps")
+        if self.advantage_eps <= 0:  # equal rewards and baseline would give 0/0
+            raise ValueError(f"advantage_eps must be > 0, got {advantage_eps}")
         self.group = process_group
         device = next(policy.parameters()).device
         self.baseline = torch.zeros((), dtype=torch.float32, device=device)
