@@ -8,8 +8,9 @@
 //   lsq_fake_quant_forward / lsq_fake_quant_backward  SPEC §5b, LSQ / LSQ+
 //   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>"
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
-// d_zero_point_or_offset); the LSQ backward returns an offset gradient shaped
-// like step even without an offset (callers drop it).
+// d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
+// backward returns an offset gradient shaped like step even without an offset
+// (callers drop it).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

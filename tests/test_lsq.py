@@ -142,6 +142,23 @@ def test_low_precision(dtype, axis):
     assert got16[2].dtype == dtype and got16[3].dtype == dtype
 
 
+def test_offset_gradient_has_the_offsets_dtype_and_shape():
+    """SPEC §5: step and offset gradients each in their own dtype, also from the raw op (no autograd cast)."""
+    x = torch.randn(4, 5) * 3
+    step, offset = torch.tensor([0.25]), torch.tensor(0.1, dtype=torch.float16)  # 1-D float32, 0-D float16
+    dy = torch.randn_like(x)
+    bwd = torch.ops.spark_ext.lsq_fake_quant_backward
+    _, dstep, doffset = bwd(dy, x, step, offset, None, 8, 7, 1.0)
+    assert dstep.dtype == torch.float32 and dstep.shape == (1,)
+    assert doffset.dtype == torch.float16 and doffset.shape == ()
+    _, empty_dstep, empty_doffset = bwd(torch.empty(0, 5), torch.empty(0, 5), step, offset, None, 8, 7, 1.0)
+    assert empty_doffset.dtype == torch.float16 and empty_doffset.shape == ()
+    want = run(x, step, offset, dy, "reference", bits=4, signed=True, grad_scale=None)
+    # one float16 rounding of float32 sums that differ only in summation order: at most one ulp apart
+    torch.testing.assert_close(doffset, want[3], rtol=torch.finfo(torch.float16).eps, atol=0)
+    torch.library.opcheck(bwd.default, (dy, x, step, offset, None, 8, 7, 1.0))
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "expanded_grad"])
 @pytest.mark.parametrize("axis", [None, 1])
 def test_layouts(layout, axis):

@@ -348,12 +348,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
   DenseView v = dense_view(x, axis);
   at::Tensor g = match_layout(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
-  if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(step)};
+  // The offset gradient takes the offset's dtype and shape (step's without one).
+  const at::Tensor& off_like = offset.has_value() ? *offset : step;
+  if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(off_like)};
   const Plan p = make_plan(v);
   const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
   auto sums = run_backward(p, q, cpu::kernels().lsq_bwd[dtype_code(x)], v.x, g, dx);
   return {dx, sums.first.to(step.scalar_type()).reshape(step.sizes()),
-          sums.second.to(step.scalar_type()).reshape(step.sizes())};
+          sums.second.to(off_like.scalar_type()).reshape(off_like.sizes())};
 }
 
 }  // namespace spark_ext

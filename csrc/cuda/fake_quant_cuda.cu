@@ -400,7 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
                                                                  c10::optional<int64_t> axis, int64_t qn, int64_t qp,
                                                                  double grad_factor) {
   check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
-  return backward_impl<LsqDev>(dy, x, step, offset, step, axis, lsq_params(qn, qp, grad_factor));
+  // The offset gradient takes the offset's dtype and shape (step's without one).
+  return backward_impl<LsqDev>(dy, x, step, offset, offset.has_value() ? *offset : step, axis,
+                               lsq_params(qn, qp, grad_factor));
 }
 
 }  // namespace

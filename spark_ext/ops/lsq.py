@@ -52,7 +52,7 @@ def _register_cpp_hooks() -> None:
 
     @torch.library.register_fake("spark_ext::lsq_fake_quant_backward")
     def _backward_fake(grad, x, step, offset, axis, qn, qp, grad_factor):
-        return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step)
+        return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step if offset is None else offset)
 
     def setup_context(ctx, inputs, output):
         x, step, offset, axis, qn, qp, grad_factor = inputs
