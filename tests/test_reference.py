@@ -331,7 +331,9 @@ def test_lsq_init_helpers():
     torch.testing.assert_close(step, torch.tensor([9.0 / 15]))
     torch.testing.assert_close(offset, torch.tensor([-6.0]))
     y = reference.lsq_fake_quant(x, step, offset, bits=4, signed=False)
-    torch.testing.assert_close(y.min(), torch.tensor(-6.0)) and torch.testing.assert_close(y.max(), torch.tensor(3.0))
+    # (assert_close returns None, so these must be two statements, not joined by `and`)
+    torch.testing.assert_close(y.min(), torch.tensor(-6.0))
+    torch.testing.assert_close(y.max(), torch.tensor(3.0))
 
 
 def test_public_ops_reach_reference_backend():
