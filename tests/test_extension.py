@@ -32,9 +32,14 @@ def python(code: str, env: dict | None = None, timeout: int = 600) -> subprocess
 
 
 @pytest.fixture
-def fresh_state(monkeypatch):
-    """A loader that has not loaded anything yet (the real library stays loaded in this process)."""
+def fresh_state(monkeypatch, tmp_path):
+    """A loader that has not loaded anything yet (the real library stays loaded in this process).
+
+    Its JIT cache is an empty folder: a build of the current sources cached by
+    an earlier run would otherwise make ``status()`` load it.
+    """
     monkeypatch.setattr(_extension, "_state", {"loaded": False, "error": None, "how": None, "path": None, "info": None})
+    monkeypatch.setenv("SPARK_EXT_CACHE", str(tmp_path / "jit-cache"))
     monkeypatch.setattr(_extension, "_announced", False)
 
     def never(path):
