@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -71,15 +71,6 @@ def _register_cpp_hooks() -> None:
     _hooks_registered = True
 
 
-def _compiled_unavailable(which) -> Optional[str]:
-    if _hooks_registered:  # cheap once loaded (also while torch.compile traces)
-        return which()
-    reason = which()
-    if reason is None:
-        _register_cpp_hooks()
-    return reason
-
-
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
     return -KERNEL_MAX_RANGE <= quant_min and quant_max <= KERNEL_MAX_RANGE
 
@@ -98,21 +89,8 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
     return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-for _op, _fn in ((OP_PER_TENSOR, _compiled_per_tensor), (OP_PER_CHANNEL, _compiled_per_channel)):
-    _dispatch.register(
-        _op,
-        "cpp",
-        _fn,
-        unavailable=lambda: _compiled_unavailable(_extension.cpp_unavailable),
-        unsupported=_extension.cpu_unsupported,
-    )
-    _dispatch.register(
-        _op,
-        "cuda",
-        _fn,
-        unavailable=lambda: _compiled_unavailable(_extension.cuda_unavailable),
-        unsupported=_extension.cuda_unsupported,
-    )
+_dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor, _register_cpp_hooks)
+_dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel, _register_cpp_hooks)
 
 
 def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:

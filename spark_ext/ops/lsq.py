@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -69,35 +69,12 @@ def _register_cpp_hooks() -> None:
     _hooks_registered = True
 
 
-def _compiled_unavailable(which) -> Optional[str]:
-    # Cheap once loaded (also while torch.compile traces the public op).
-    if _hooks_registered:
-        return which()
-    reason = which()
-    if reason is None:
-        _register_cpp_hooks()
-    return reason
-
-
 def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
     """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant_forward`` (differentiable)."""
     return torch.ops.spark_ext.lsq_fake_quant_forward(x, step, offset, axis, qn, qp, grad_factor)
 
 
-_dispatch.register(
-    OP,
-    "cpp",
-    _compiled_lsq,
-    unavailable=lambda: _compiled_unavailable(_extension.cpp_unavailable),
-    unsupported=_extension.cpu_unsupported,
-)
-_dispatch.register(
-    OP,
-    "cuda",
-    _compiled_lsq,
-    unavailable=lambda: _compiled_unavailable(_extension.cuda_unavailable),
-    unsupported=_extension.cuda_unsupported,
-)
+_dispatch.register_compiled(OP, _compiled_lsq, _register_cpp_hooks)
 
 
 def check_bits(bits: object, name: str = "bits") -> int:
