@@ -113,24 +113,53 @@ cpu::SpanArgs base_args(const Params& q) {
   return g;
 }
 
+// Row mode: task t is chunk k of row (o, c). Sets the span length and the
+// channel's parameters in g; returns the index of the span's first element.
+int64_t row_task(const Plan& p, const Params& q, int64_t t, cpu::SpanArgs& g) {
+  const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
+  g.n = std::min(kChunk, p.inner - k * kChunk);
+  g.pa = &q.a[c];
+  g.pb = &q.b[c];
+  g.pc = q.c.empty() ? nullptr : &q.c[c];
+  return row * p.inner + k * kChunk;
+}
+
+// Period mode: task t covers the column block [col0, col1) of the rows of
+// group grp.
+struct PeriodTask {
+  int64_t grp, col0, col1;
+};
+
+PeriodTask period_task(const Plan& p, int64_t t) {
+  const int64_t col0 = (t % p.ncb) * p.CB;
+  return {t / p.ncb, col0, std::min(p.Pp, col0 + p.CB)};
+}
+
+// Points g's parameters at the task's first position and calls
+// f(first element, length) for each of its row spans, in row order.
+template <class F>
+void for_each_period_span(const Plan& p, const Params& q, const PeriodTask& k, cpu::SpanArgs& g, F&& f) {
+  g.pa = q.a.data() + k.col0;
+  g.pb = q.b.data() + k.col0;
+  g.pc = q.c.empty() ? nullptr : q.c.data() + k.col0;
+  for (int64_t r = k.grp * p.RT; r < std::min(p.prows, (k.grp + 1) * p.RT); ++r) {
+    const int64_t row0 = r * p.Pp, len = std::min(k.col1, p.n - row0) - k.col0;
+    if (len > 0) f(row0 + k.col0, len);
+  }
+}
+
 void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t es = x.element_size();
-  const float* pc = q.c.empty() ? nullptr : q.c.data();
   if (!p.period) {
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
     at::parallel_for(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
       cpu::SpanArgs g = base_args(q);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
-        const int64_t start = row * p.inner + k * kChunk;
-        g.n = std::min(kChunk, p.inner - k * kChunk);
+        const int64_t start = row_task(p, q, t, g);
         g.x = xp + start * es;
         g.out = yp + start * es;
-        g.pa = &q.a[c];
-        g.pb = &q.b[c];
-        g.pc = pc ? pc + c : nullptr;
         fns[0](g);
       }
     });
@@ -139,18 +168,12 @@ void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const
   at::parallel_for(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::SpanArgs g = base_args(q);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t grp = t / p.ncb, col0 = (t % p.ncb) * p.CB, col1 = std::min(p.Pp, col0 + p.CB);
-      g.pa = q.a.data() + col0;
-      g.pb = q.b.data() + col0;
-      g.pc = pc ? pc + col0 : nullptr;
-      for (int64_t r = grp * p.RT; r < std::min(p.prows, (grp + 1) * p.RT); ++r) {
-        const int64_t row0 = r * p.Pp, len = std::min(col1, p.n - row0) - col0;
-        if (len <= 0) continue;
+      for_each_period_span(p, q, period_task(p, t), g, [&](int64_t start, int64_t len) {
         g.n = len;
-        g.x = xp + (row0 + col0) * es;
-        g.out = yp + (row0 + col0) * es;
+        g.x = xp + start * es;
+        g.out = yp + start * es;
         fns[1](g);
-      }
+      });
     }
   });
 }
@@ -162,7 +185,6 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
   const char* dyp = static_cast<const char*>(dy.data_ptr());
   char* dxp = static_cast<char*>(dx.data_ptr());
   const int64_t es = x.element_size();
-  const float* pc = q.c.empty() ? nullptr : q.c.data();
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor sum_s = at::empty({p.C}, f32), sum_z = at::empty({p.C}, f32);
   float* ss = sum_s.data_ptr<float>();
@@ -176,17 +198,12 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
       g.acc_s = acc_s;
       g.acc_z = acc_z;
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
-        const int64_t start = row * p.inner + k * kChunk;
         std::fill(acc_s, acc_s + cpu::kLanes, 0.f);
         std::fill(acc_z, acc_z + cpu::kLanes, 0.f);
-        g.n = std::min(kChunk, p.inner - k * kChunk);
+        const int64_t start = row_task(p, q, t, g);
         g.x = xp + start * es;
         g.dy = dyp + start * es;
         g.out = dxp + start * es;
-        g.pa = &q.a[c];
-        g.pb = &q.b[c];
-        g.pc = pc ? pc + c : nullptr;
         fns[0](g);
         part_s[t] = pairwise_sum(acc_s, cpu::kLanes);
         part_z[t] = pairwise_sum(acc_z, cpu::kLanes);
@@ -212,29 +229,24 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
     cpu::SpanArgs g = base_args(q);
     std::vector<float> acc_s, acc_z;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t grp = t / p.ncb, col0 = (t % p.ncb) * p.CB, col1 = std::min(p.Pp, col0 + p.CB);
-      acc_s.assign(col1 - col0, 0.f);
-      acc_z.assign(col1 - col0, 0.f);
+      const PeriodTask k = period_task(p, t);
+      acc_s.assign(k.col1 - k.col0, 0.f);
+      acc_z.assign(k.col1 - k.col0, 0.f);
       g.acc_s = acc_s.data();
       g.acc_z = acc_z.data();
-      g.pa = q.a.data() + col0;
-      g.pb = q.b.data() + col0;
-      g.pc = pc ? pc + col0 : nullptr;
-      for (int64_t r = grp * p.RT; r < std::min(p.prows, (grp + 1) * p.RT); ++r) {
-        const int64_t row0 = r * p.Pp, len = std::min(col1, p.n - row0) - col0;
-        if (len <= 0) continue;
+      for_each_period_span(p, q, k, g, [&](int64_t start, int64_t len) {
         g.n = len;
-        g.x = xp + (row0 + col0) * es;
-        g.dy = dyp + (row0 + col0) * es;
-        g.out = dxp + (row0 + col0) * es;
+        g.x = xp + start * es;
+        g.dy = dyp + start * es;
+        g.out = dxp + start * es;
         fns[1](g);
-      }
+      });
       // Column blocks hold whole channels (or the whole period row), so this
       // task is the only writer of these channels' partials for its group.
-      float* ps = part_s.data() + grp * p.C;
-      float* pz = part_z.data() + grp * p.C;
-      for (int64_t j = 0; j < col1 - col0; ++j) {
-        const int64_t c = ((col0 + j) % p.P) / p.inner;
+      float* ps = part_s.data() + k.grp * p.C;
+      float* pz = part_z.data() + k.grp * p.C;
+      for (int64_t j = 0; j < k.col1 - k.col0; ++j) {
+        const int64_t c = ((k.col0 + j) % p.P) / p.inner;
         ps[c] += acc_s[j];
         pz[c] += acc_z[j];
       }
