@@ -183,6 +183,24 @@ __device__ __forceinline__ void block_sum2(float& s, float& z, float* sh_s, floa
   z = sh_z[0];
 }
 
+// Element i: the forward writes y; the backward writes dx and adds the
+// scale/step and zero-point/offset terms to the thread's running sums.
+template <class M, class T, bool kBackward>
+__device__ __forceinline__ void element(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                                        int64_t i, const ParamsDev& p, float a, float pb, float pc, float& acc_s,
+                                        float& acc_z) {
+  const float xi = static_cast<float>(x[i]);
+  if constexpr (kBackward) {
+    float d, s, z;
+    M::bwd(p, xi, static_cast<float>(dy[i]), a, pb, pc, d, s, z);
+    out[i] = static_cast<T>(d);
+    acc_s = __fadd_rn(acc_s, s);
+    acc_z = __fadd_rn(acc_z, z);
+  } else {
+    out[i] = static_cast<T>(M::fwd(p, xi, a, pb, pc));
+  }
+}
+
 // Row mode: block b = (row, chunk); row = o * C + c.
 template <class M, class T, bool kBackward>
 __global__ void __launch_bounds__(kThreads) row_kernel(const T* __restrict__ x, const T* __restrict__ dy,
@@ -196,16 +214,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const T* __restrict__ x, 
   M::params(p, ch, kBackward, a, pb, pc);
   float acc_s = 0.f, acc_z = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    const float xi = static_cast<float>(x[i]);
-    if constexpr (kBackward) {
-      float d, s, z;
-      M::bwd(p, xi, static_cast<float>(dy[i]), a, pb, pc, d, s, z);
-      out[i] = static_cast<T>(d);
-      acc_s = __fadd_rn(acc_s, s);
-      acc_z = __fadd_rn(acc_z, z);
-    } else {
-      out[i] = static_cast<T>(M::fwd(p, xi, a, pb, pc));
-    }
+    element<M, T, kBackward>(x, dy, out, i, p, a, pb, pc, acc_s, acc_z);
   }
   if constexpr (kBackward) {
     __shared__ float sh_s[kThreads], sh_z[kThreads];
@@ -234,16 +243,7 @@ __global__ void __launch_bounds__(kThreads) period_kernel(const T* __restrict__ 
   for (int64_t r = grp * kRowsPerGroup; r < r1; ++r) {
     const int64_t i = r * g.Pp + col;
     if (i >= g.n) break;  // only the last row can be short
-    const float xi = static_cast<float>(x[i]);
-    if constexpr (kBackward) {
-      float d, s, z;
-      M::bwd(p, xi, static_cast<float>(dy[i]), a, pb, pc, d, s, z);
-      out[i] = static_cast<T>(d);
-      acc_s = __fadd_rn(acc_s, s);
-      acc_z = __fadd_rn(acc_z, z);
-    } else {
-      out[i] = static_cast<T>(M::fwd(p, xi, a, pb, pc));
-    }
+    element<M, T, kBackward>(x, dy, out, i, p, a, pb, pc, acc_s, acc_z);
   }
   if constexpr (kBackward) {
     part_s[grp * g.Pp + col] = acc_s;
