@@ -1,4 +1,4 @@
-"""Benchmark ``difficulty_signals`` (SPEC §2): ours (Triton) vs the eager and compiled reference.
+"""Benchmark ``difficulty_signals`` (SPEC §2): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
 
 Passes, each timed for every implementation in the same run:
 
@@ -8,7 +8,8 @@ Passes, each timed for every implementation in the same run:
 * ``spark``    the SPARK path of a training step: signals + cell KD, the
   grid-weighted loss ``sum(w * cell_kd) / N`` and its backward to S.
 
-Implementations: ``ours`` = ``backend="triton"``, ``eager`` = the reference
+Implementations: ``ours`` = ``backend="triton"`` on CUDA, ``"cpp"`` on CPU (see
+:func:`ours_backend`), ``eager`` = the reference
 (:mod:`spark_ext.reference`), ``compiled`` = ``torch.compile`` of the same
 reference function. Bytes are the minimum each pass must move (SPEC §8: the
 forward reads S, T, Y and writes the per-cell outputs; the backward reads S,
@@ -16,8 +17,9 @@ T and the per-cell gradient and writes dS), so GB/s and the fraction of a
 device copy measured in the same run compare like with like.
 
     python bench/bench_difficulty.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
-    python bench/bench_difficulty.py --quick         # CPU smoke run (reference peers only)
-    TRITON_INTERPRET=1 python bench/bench_difficulty.py --quick   # ... plus our kernels, interpreted
+    python bench/bench_difficulty.py --device cpu    # CPU: our C++ kernels vs the reference peers
+    python bench/bench_difficulty.py --quick         # CPU smoke run
+    TRITON_INTERPRET=1 python bench/bench_difficulty.py --quick   # CPU, ours = the Triton kernels, interpreted
 """
 
 from __future__ import annotations
@@ -36,6 +38,18 @@ import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ours_backend(device: torch.device):
+    """The backend timed as ``ours``: Triton on CUDA; on CPU the C++ kernels, or
+    the Triton kernels under ``TRITON_INTERPRET=1``; None when neither can run."""
+    if device.type == "cuda":
+        return "triton"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    from spark_ext import _extension
+
+    return "cpp" if _extension.cpp_unavailable() is None else None
 
 
 def reset_compiler() -> None:
@@ -59,7 +73,7 @@ def run_pass(rows, fns, device, *, op, case, pass_, nbytes, copy_rate, reps):
         print(f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}", flush=True)
 
 
-def bench_case(rows, shape, dtype_name, grid, kd_loss, device, with_ours, with_compiled, reps):
+def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_compiled, reps):
     dtype = DTYPES[dtype_name]
     B, C, H, W = shape
     gh, gw = grid
@@ -75,7 +89,7 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, with_ours, with_c
     w = w / w.mean(dim=(-2, -1), keepdim=True)  # a SPARK weight map (mean 1 per image)
 
     def ours(s, t, y):
-        return spark_ext.difficulty_signals(s, t, y, grid, kd_loss, backend="triton")
+        return spark_ext.difficulty_signals(s, t, y, grid, kd_loss, backend=ours_name)
 
     def eager(s, t, y):
         return reference.difficulty_signals(s, t, y, grid, kd_loss)
@@ -86,7 +100,7 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, with_ours, with_c
 
     reset_compiler()
     impls = {}
-    if with_ours:
+    if ours_name:
         impls["ours"] = ours
     impls["eager"] = eager
     if with_compiled:
@@ -136,9 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    with_ours = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if not with_ours:
-        print("note: CPU run without TRITON_INTERPRET=1: our Triton kernels are not timed", flush=True)
+    ours_name = ours_backend(device)
+    if ours_name is None:
+        print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
     reps = args.reps or (5 if args.quick else 50)
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", (8, 8)), ((2, 3, 32, 32), "bf16", (8, 8))]
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
         cases += [((16, 3, 1024, 1024), "fp32", (1, 1)), ((16, 3, 1024, 1024), "fp32", (256, 256))]
     rows = []
     for shape, dtype_name, grid in cases:
-        bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, with_ours, not args.no_compiled, reps)
+        bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
     common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
     print(common.save_results("difficulty", device, rows, args.out))

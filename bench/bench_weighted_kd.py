@@ -1,4 +1,4 @@
-"""Benchmark ``fused_weighted_kd`` (SPEC §3): ours (Triton) vs the eager and compiled reference.
+"""Benchmark ``fused_weighted_kd`` (SPEC §3): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
 
 Weights: none (uniform KD), per pixel ``[B, 1, H, W]`` (broadcast over
 channels), and per cell ``[B, 1, 8, 8]`` (the SPARK weight map; our path is
@@ -11,14 +11,14 @@ minimum each pass must move: forward reads S, T (and a per-pixel weight);
 backward reads S, T (and the weight) and writes dS.
 
     python bench/bench_weighted_kd.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
-    python bench/bench_weighted_kd.py --quick         # CPU smoke run (reference peers only)
-    TRITON_INTERPRET=1 python bench/bench_weighted_kd.py --quick   # ... plus our kernels, interpreted
+    python bench/bench_weighted_kd.py --device cpu    # CPU: our C++ kernels vs the peers
+    python bench/bench_weighted_kd.py --quick         # CPU smoke run
+    TRITON_INTERPRET=1 python bench/bench_weighted_kd.py --quick   # CPU, ours = the Triton kernels, interpreted
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_difficulty import DTYPES, reset_compiler, run_pass  # noqa: E402
+from bench_difficulty import DTYPES, ours_backend, reset_compiler, run_pass  # noqa: E402
 
 import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
 
 
-def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, with_ours, with_compiled, reps):
+def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, ours_name, with_compiled, reps):
     dtype = DTYPES[dtype_name]
     B, C, H, W = shape
     n = B * C * H * W
@@ -52,14 +52,14 @@ def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, with_ours,
         w_bytes = w.numel() * 4
 
     def ours(s, t):
-        return spark_ext.fused_weighted_kd(s, t, w, kd_loss=kd_loss, backend="triton")
+        return spark_ext.fused_weighted_kd(s, t, w, kd_loss=kd_loss, backend=ours_name)
 
     def eager(s, t):
         return reference.fused_weighted_kd(s, t, w, kd_loss=kd_loss)
 
     reset_compiler()
     impls = {}
-    if with_ours:
+    if ours_name:
         impls["ours"] = ours
     impls["eager"] = eager
     if with_compiled:
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    with_ours = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    if not with_ours:
-        print("note: CPU run without TRITON_INTERPRET=1: our Triton kernels are not timed", flush=True)
+    ours_name = ours_backend(device)
+    if ours_name is None:
+        print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
     reps = args.reps or (5 if args.quick else 50)
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", wk) for wk in ("none", "pixel", "grid")]
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         cases = [(s, d, wk) for s in sizes for d in ("fp32", "bf16") for wk in ("none", "pixel", "grid")]
     rows = []
     for shape, dtype_name, weight_kind in cases:
-        bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, with_ours, not args.no_compiled, reps)
+        bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
     common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
     print(common.save_results("weighted_kd", device, rows, args.out))

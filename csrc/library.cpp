@@ -6,6 +6,8 @@
 // spark_ext/ops/fake_quant.py and lsq.py):
 //   fq_learnable_forward / fq_learnable_backward      SPEC §5a, torch-compatible
 //   lsq_fake_quant_forward / lsq_fake_quant_backward  SPEC §5b, LSQ / LSQ+
+//   difficulty_forward / cell_kd_forward / cell_kd_backward  SPEC §2 (CPU only, cpu/difficulty_cpu.cpp)
+//   weighted_kd_forward / weighted_kd_backward        SPEC §3, no or per-pixel weight (CPU only)
 //   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>"
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
 // d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
@@ -107,6 +109,17 @@ TORCH_LIBRARY(spark_ext, m) {
   m.def(
       "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
       "float grad_factor) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "difficulty_forward(Tensor student, Tensor teacher, Tensor target, int gh, int gw, str kd_loss) "
+      "-> (Tensor, Tensor)");
+  m.def("cell_kd_forward(Tensor student, Tensor teacher, int gh, int gw, str kd_loss) -> Tensor");
+  m.def(
+      "cell_kd_backward(Tensor grad, Tensor student, Tensor teacher, str kd_loss, bool need_student, "
+      "bool need_teacher) -> (Tensor, Tensor)");
+  m.def("weighted_kd_forward(Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction) -> Tensor");
+  m.def(
+      "weighted_kd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction, "
+      "bool need_student, bool need_teacher, bool need_weight) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &spark_ext::build_info);
 }
 

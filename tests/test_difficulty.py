@@ -9,7 +9,7 @@ tests/test_reference.py). Tolerances:
 * signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd`` and gradients: twice the error the reference makes in the
   input's own dtype (vs float64), plus four ulps of the output dtype at the
-  result's scale.
+  result's scale (helpers in tests/kd_helpers.py).
 
 bfloat16 runs under the interpreter too: Triton's interpreter truncates when
 it converts float32 to bfloat16 (GPUs round to nearest-even), so the kernels
@@ -25,7 +25,6 @@ import pytest
 import torch
 
 import spark_ext
-from spark_ext import reference
 from spark_ext.ops import BackendUnavailableError
 
 triton = pytest.importorskip("triton")  # the Triton backend's tests need triton (CPU: its interpreter)
@@ -33,62 +32,14 @@ import triton.language as tl  # noqa: E402
 
 from spark_ext.kernels._utils import cast_out  # noqa: E402
 
-KINDS = ["l1", "l2", "charbonnier"]
+from kd_helpers import KINDS, check, check_signals, images, ref_forward, ref_grads  # noqa: E402
+
 LOW = [torch.float16, torch.bfloat16]
 
 
 # --------------------------------------------------------------------------
-# helpers
+# helpers (shared ones in tests/kd_helpers.py)
 # --------------------------------------------------------------------------
-
-
-def images(shape, dtype=torch.float32, layout="contiguous", n=3, device="cpu"):
-    """``n`` random ``[B, C, H, W]`` tensors in the given memory layout."""
-    B, C, H, W = shape
-    out = []
-    for _ in range(n):
-        if layout == "contiguous":
-            x = torch.randn(shape, device=device)
-        elif layout == "channels_last":
-            x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
-        elif layout == "sliced":  # non-dense view: offset, step-2 columns, a sliced channel
-            x = torch.randn(B, C + 1, H + 2, 2 * W + 1, device=device)[:, 1:, 1 : H + 1, 1::2]
-        else:
-            raise ValueError(layout)
-        out.append(x.to(dtype) if dtype != torch.float32 else x)
-    return out
-
-
-def check(got, ref_same, ref64, what):
-    """``got`` within twice the same-dtype reference's own error (vs float64) + 4 ulps."""
-    got64, ref64 = got.double(), ref64.double()
-    err = (got64 - ref64).abs().max().item() if got.numel() else 0.0
-    ref_err = (ref_same.double() - ref64).abs().max().item() if got.numel() else 0.0
-    scale = ref64.abs().max().item() if got.numel() else 0.0
-    allowed = 2 * ref_err + 4 * torch.finfo(got.dtype).eps * scale + 1e-30
-    assert err <= allowed, f"{what}: max error {err:.3g} > allowed {allowed:.3g} (reference's own {ref_err:.3g})"
-
-
-def check_signals(sig, ref64):
-    torch.testing.assert_close(sig.double(), ref64.double(), rtol=1e-4, atol=1e-6)
-
-
-def ref_forward(S, T, Y, grid, kind):
-    """(signals64, cell_kd in the reference's own precision, cell_kd64)."""
-    sig64, kd64 = reference.difficulty_signals(S.double(), T.double(), Y.double(), grid, kind)
-    _, kd_same = reference.difficulty_signals(S, T, Y, grid, kind)
-    return sig64, kd_same, kd64
-
-
-def ref_grads(S, T, G, grid, kind, dtype):
-    """Reference ``(dS, dT)`` of ``sum(G * cell_kd)`` in ``dtype`` and in float64."""
-    out = []
-    for dt in (dtype, torch.float64):
-        s = S.detach().to(dt).requires_grad_()
-        t = T.detach().to(dt).requires_grad_()
-        _, kd = reference.difficulty_signals(s, t, s.detach(), grid, kind)
-        out.append(torch.autograd.grad(kd, (s, t), G.to(kd.dtype)))
-    return out
 
 
 def triton_signals(S, T, Y, grid, kind):

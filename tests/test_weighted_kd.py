@@ -9,82 +9,27 @@ the interpreter as well (see tests/test_difficulty.py's docstring for why that
 is meaningful: the kernels round bfloat16 to nearest-even by hand).
 """
 
+import functools
+
 import pytest
 import torch
 
 import spark_ext
-from spark_ext import reference
+
+import kd_helpers
+from kd_helpers import KINDS, run
 
 pytest.importorskip("triton")  # the Triton backend's tests need triton (CPU: its interpreter)
 
-KINDS = ["l1", "l2", "charbonnier"]
-
-
-def images(shape, dtype=torch.float32, layout="contiguous", n=2, device="cpu"):
-    B, C, H, W = shape
-    out = []
-    for _ in range(n):
-        if layout == "contiguous":
-            x = torch.randn(shape, device=device)
-        elif layout == "channels_last":
-            x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
-        elif layout == "sliced":
-            x = torch.randn(B, C + 1, H + 2, 2 * W + 1, device=device)[:, 1:, 1 : H + 1, 1::2]
-        else:
-            raise ValueError(layout)
-        out.append(x.to(dtype))
-    return out
-
-
-def check(got, ref_same, ref64, what):
-    """``got`` within twice the same-dtype reference's own error (vs float64) + 4 ulps."""
-    got64, ref64 = got.double(), ref64.double()
-    err = (got64 - ref64).abs().max().item()
-    ref_err = (ref_same.double() - ref64).abs().max().item()
-    scale = ref64.abs().max().item()
-    allowed = 2 * ref_err + 4 * torch.finfo(got.dtype).eps * scale + 1e-30
-    assert err <= allowed, f"{what}: max error {err:.3g} > allowed {allowed:.3g} (reference's own {ref_err:.3g})"
-
-
-def run(fn, S, T, w, kind, reduction, g, need=(True, True, True)):
-    """Loss and the gradients of ``g * loss`` w.r.t. the inputs flagged in ``need``."""
-    leaves = []
-    args = []
-    for x, n in zip((S, T, w), need):
-        if x is None:
-            args.append(None)
-            continue
-        x = x.detach().requires_grad_(n)  # detach keeps strides
-        args.append(x)
-        if n:
-            leaves.append(x)
-    loss = fn(*args, kind, reduction)
-    grads = torch.autograd.grad(loss, leaves, g) if leaves else ()
-    return loss, grads
+images = functools.partial(kd_helpers.images, n=2)
 
 
 def triton_fn(S, T, w, kind, reduction):
     return spark_ext.fused_weighted_kd(S, T, w, kd_loss=kind, reduction=reduction, backend="triton")
 
 
-def ref_fn(S, T, w, kind, reduction):
-    return reference.fused_weighted_kd(S, T, w, kd_loss=kind, reduction=reduction)
-
-
-def compare(S, T, w, kind, reduction, need=(True, True, True), g=None):
-    """Triton vs reference (same dtype and float64): loss and every requested gradient."""
-    g = torch.randn((), device=S.device) if g is None else g  # grad_output != 1
-    need = tuple(n and x is not None for n, x in zip(need, (S, T, w)))
-    loss, grads = run(triton_fn, S, T, w, kind, reduction, g, need)
-    rloss, rgrads = run(ref_fn, S, T, w, kind, reduction, g, need)
-    up = lambda x: None if x is None else x.detach().double()  # noqa: E731
-    rloss64, rgrads64 = run(ref_fn, up(S), up(T), up(w), kind, reduction, g.double(), need)
-    assert loss.dtype == torch.float32 and loss.shape == ()
-    check(loss, rloss, rloss64, "loss")
-    for name, got, want, want64 in zip(("dS", "dT", "dweight"), grads, rgrads, rgrads64):
-        assert got.shape == want.shape and got.dtype == want.dtype, name
-        check(got, want, want64, name)
-    return loss, grads
+# Triton vs reference (same dtype and float64): loss and every requested gradient.
+compare = functools.partial(kd_helpers.compare, triton_fn)
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Public op ``difficulty_signals`` (SPEC §2): validation, backend registration, dispatch.
 
-Backends: ``reference`` (:func:`spark_ext.reference.difficulty_signals`) and
+Backends: ``reference`` (:func:`spark_ext.reference.difficulty_signals`),
 ``triton`` (fused kernels in ``spark_ext.kernels.difficulty``, CUDA tensors;
-CPU tensors only when forced, under ``TRITON_INTERPRET=1``).
+CPU tensors only when forced, under ``TRITON_INTERPRET=1``) and ``cpp``
+(``csrc/cpu/difficulty_cpu.cpp``, CPU tensors of float32/float16/bfloat16).
 
 The Triton backend is exposed to PyTorch as opaque ``torch.library`` custom
 ops, each with a fake (meta) implementation and, for the forward ops, an
@@ -21,6 +22,11 @@ traces into the kernel, which fails opcheck's fake-tensor test and
 carry a ``triton_`` prefix so they cannot collide with the schemas of the
 compiled C++/CUDA library in the same namespace.
 
+The ``cpp`` backend runs that library's ops, with the same signatures,
+fakes and autograd structure (registered once the library has loaded):
+``spark_ext::difficulty_forward``, ``spark_ext::cell_kd_forward`` and
+``spark_ext::cell_kd_backward``.
+
 Triton is imported lazily, on the first call that needs it, so
 ``import spark_ext`` stays fast and works where Triton is not installed.
 """
@@ -34,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import KD_LOSSES, check_choice, check_grid, check_images
 from . import _dispatch
 
@@ -121,13 +127,26 @@ def _triton_difficulty_signals(
     return _kernels().difficulty_forward(student, teacher, target, (gh, gw), kd_loss)
 
 
-@_triton_difficulty_signals.register_fake
-def _(student, teacher, target, gh, gw, kd_loss):
+# Fakes shared by the Triton ops and the compiled C++ ops (same schemas, same outputs).
+def _fake_signals(student, teacher, target, gh, gw, kd_loss):
     batch = student.shape[0]
     return (
         student.new_empty((batch, 4, gh, gw), dtype=torch.float32),
         student.new_empty((batch, 1, gh, gw), dtype=torch.float32),
     )
+
+
+def _fake_cell_kd(student, teacher, gh, gw, kd_loss):
+    return student.new_empty((student.shape[0], 1, gh, gw), dtype=torch.float32)
+
+
+def _fake_cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher):
+    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
+    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
+    return ds, dt
+
+
+_triton_difficulty_signals.register_fake(_fake_signals)
 
 
 @torch.library.custom_op("spark_ext::triton_cell_kd", mutates_args=())
@@ -136,9 +155,7 @@ def _triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: i
     return _kernels().cell_kd_forward(student, teacher, (gh, gw), kd_loss)
 
 
-@_triton_cell_kd.register_fake
-def _(student, teacher, gh, gw, kd_loss):
-    return student.new_empty((student.shape[0], 1, gh, gw), dtype=torch.float32)
+_triton_cell_kd.register_fake(_fake_cell_kd)
 
 
 @torch.library.custom_op("spark_ext::triton_cell_kd_backward", mutates_args=())
@@ -149,48 +166,47 @@ def _triton_cell_kd_backward(
     return _kernels().cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher)
 
 
-@_triton_cell_kd_backward.register_fake
-def _(grad, student, teacher, kd_loss, need_student, need_teacher):
-    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
-    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
-    return ds, dt
+_triton_cell_kd_backward.register_fake(_fake_cell_kd_backward)
 
 
-def _cell_kd_grads(ctx, grad_cell_kd):
-    student, teacher = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_cell_kd is None or not (need_s or need_t):
-        return None, None
-    ds, dt = torch.ops.spark_ext.triton_cell_kd_backward(grad_cell_kd, student, teacher, ctx.kd_loss, need_s, need_t)
-    return (ds if need_s else None), (dt if need_t else None)
+def _register_cell_kd_autograd(signals_op: str, cell_kd_op: str, backward_op: str) -> None:
+    """Autograd of a backend's ``(signals, cell_kd)`` and ``cell_kd`` ops through its ``backward_op``.
+
+    The forward ops take ``(S, T, Y, gh, gw, kd_loss)`` and ``(S, T, gh, gw,
+    kd_loss)``; ``backward_op(G, S, T, kd_loss, need_s, need_t) -> (dS, dT)``.
+    """
+
+    def cell_kd_grads(ctx, grad_cell_kd):
+        student, teacher = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_cell_kd is None or not (need_s or need_t):
+            return None, None
+        ds, dt = getattr(torch.ops.spark_ext, backward_op)(grad_cell_kd, student, teacher, ctx.kd_loss, need_s, need_t)
+        return (ds if need_s else None), (dt if need_t else None)
+
+    def setup_signals(ctx, inputs, output):
+        student, teacher, _target, _gh, _gw, kd_loss = inputs
+        ctx.save_for_backward(student, teacher)
+        ctx.kd_loss = kd_loss
+        # SPEC §2: the signals carry no gradient (as in the reference).
+        ctx.mark_non_differentiable(output[0])
+
+    def backward_signals(ctx, _grad_signals, grad_cell_kd):
+        return (*cell_kd_grads(ctx, grad_cell_kd), None, None, None, None)
+
+    def setup_cell_kd(ctx, inputs, output):
+        student, teacher, _gh, _gw, kd_loss = inputs
+        ctx.save_for_backward(student, teacher)
+        ctx.kd_loss = kd_loss
+
+    def backward_cell_kd(ctx, grad_cell_kd):
+        return (*cell_kd_grads(ctx, grad_cell_kd), None, None, None)
+
+    torch.library.register_autograd(f"spark_ext::{signals_op}", backward_signals, setup_context=setup_signals)
+    torch.library.register_autograd(f"spark_ext::{cell_kd_op}", backward_cell_kd, setup_context=setup_cell_kd)
 
 
-def _setup_signals(ctx, inputs, output):
-    student, teacher, _target, _gh, _gw, kd_loss = inputs
-    ctx.save_for_backward(student, teacher)
-    ctx.kd_loss = kd_loss
-    # SPEC §2: the signals carry no gradient (as in the reference).
-    ctx.mark_non_differentiable(output[0])
-
-
-def _backward_signals(ctx, _grad_signals, grad_cell_kd):
-    ds, dt = _cell_kd_grads(ctx, grad_cell_kd)
-    return ds, dt, None, None, None, None
-
-
-def _setup_cell_kd(ctx, inputs, output):
-    student, teacher, _gh, _gw, kd_loss = inputs
-    ctx.save_for_backward(student, teacher)
-    ctx.kd_loss = kd_loss
-
-
-def _backward_cell_kd(ctx, grad_cell_kd):
-    ds, dt = _cell_kd_grads(ctx, grad_cell_kd)
-    return ds, dt, None, None, None
-
-
-_triton_difficulty_signals.register_autograd(_backward_signals, setup_context=_setup_signals)
-_triton_cell_kd.register_autograd(_backward_cell_kd, setup_context=_setup_cell_kd)
+_register_cell_kd_autograd("triton_difficulty_signals", "triton_cell_kd", "triton_cell_kd_backward")
 
 
 def triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
@@ -203,6 +219,45 @@ def _triton_backend(student, teacher, target, grid, kd_loss):
 
 
 _dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable, unsupported=triton_unsupported)
+
+
+# --------------------------------------------------------------------------
+# C++ backend (CPU): ops of the compiled library (csrc/cpu/difficulty_cpu.cpp)
+# --------------------------------------------------------------------------
+
+_cpp_hooks_registered = False
+
+
+def _register_cpp_hooks() -> None:
+    """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library loaded."""
+    global _cpp_hooks_registered
+    if _cpp_hooks_registered:
+        return
+    torch.library.register_fake("spark_ext::difficulty_forward", _fake_signals)
+    torch.library.register_fake("spark_ext::cell_kd_forward", _fake_cell_kd)
+    torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
+    _register_cell_kd_autograd("difficulty_forward", "cell_kd_forward", "cell_kd_backward")
+    _cpp_hooks_registered = True
+
+
+def cpp_unavailable() -> Optional[str]:
+    """``unavailable`` of the cpp backend (shared with ops/weighted_kd.py): the library's, plus our hooks."""
+    reason = _extension.cpp_unavailable()
+    if reason is None:
+        _register_cpp_hooks()  # returns at once after its first run (also while torch.compile traces)
+    return reason
+
+
+def cpp_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
+    """Differentiable ``cell_kd [B,1,Gh,Gw]`` (float32) via the C++ kernel; arguments already validated."""
+    return torch.ops.spark_ext.cell_kd_forward(student, teacher, grid[0], grid[1], kd_loss)
+
+
+def _cpp_backend(student, teacher, target, grid, kd_loss):
+    return torch.ops.spark_ext.difficulty_forward(student, teacher, target, grid[0], grid[1], kd_loss)
+
+
+_dispatch.register(OP, "cpp", _cpp_backend, unavailable=cpp_unavailable, unsupported=_extension.cpu_unsupported)
 
 
 # --------------------------------------------------------------------------
@@ -228,7 +283,7 @@ def difficulty_signals(
         grid: ``(Gh, Gw)`` with ``1 <= Gh <= H``, ``1 <= Gw <= W``; pixel row h
             lies in cell row ``floor(h * Gh / H)`` (cells need not be equal).
         kd_loss: ``"l1"``, ``"l2"`` or ``"charbonnier"`` (eps 1e-3).
-        backend: ``None`` (process default), ``"auto"``, ``"triton"``, ``"reference"``.
+        backend: ``None`` (process default), ``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``.
 
     Returns:
         ``(signals, cell_kd)``: ``signals [B, 4, Gh, Gw]`` float32 holding

@@ -1,9 +1,10 @@
 """Public op ``fused_weighted_kd`` (SPEC §3): validation, backend registration, dispatch.
 
-Backends: ``reference`` (:func:`spark_ext.reference.fused_weighted_kd`) and
+Backends: ``reference`` (:func:`spark_ext.reference.fused_weighted_kd`),
 ``triton`` (``spark_ext.kernels.weighted_kd``; CUDA tensors, CPU tensors only
 when forced under ``TRITON_INTERPRET=1``; see ``ops/difficulty.py`` for the
-availability rules and why the ops are opaque custom ops).
+availability rules and why the ops are opaque custom ops) and ``cpp``
+(``csrc/cpu/difficulty_cpu.cpp``; CPU tensors of float32/float16/bfloat16).
 
 Triton path by kind of weight:
 
@@ -17,6 +18,13 @@ Triton path by kind of weight:
   elementwise ``cell_kd`` backward). The product and sum are over
   ``[B, 1, Gh, Gw]`` only, and autograd reduces the weight's gradient over
   its broadcast dims.
+
+The ``cpp`` backend has the same structure with the compiled library's
+``spark_ext::weighted_kd_forward`` / ``weighted_kd_backward`` (same
+signatures) and ``spark_ext::cell_kd_forward`` for grid weights. Its
+backward reduces ``dweight`` over the broadcast dims in the same pass,
+deterministically, with no temporary of size N (a float32 copy of a
+non-float32 weight aside, weight-sized).
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
-from .difficulty import triton_cell_kd, triton_unavailable, triton_unsupported
+from .difficulty import cpp_cell_kd, cpp_unavailable, triton_cell_kd, triton_unavailable, triton_unsupported
 
 OP = "fused_weighted_kd"
 
@@ -59,9 +67,24 @@ def _triton_weighted_kd(
     return _kernels().weighted_kd_forward(student, teacher, weight, kd_loss, reduction)
 
 
-@_triton_weighted_kd.register_fake
-def _(student, teacher, weight, kd_loss, reduction):
+# Fakes shared by the Triton ops and the compiled C++ ops (same schemas, same outputs).
+def _fake_weighted(student, teacher, weight, kd_loss, reduction):
     return student.new_empty((), dtype=torch.float32)
+
+
+def _fake_weighted_backward(
+    grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
+):
+    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
+    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
+    if need_weight and weight is not None:
+        dw = weight.new_empty(weight.shape)  # contiguous, as the kernels write it
+    else:
+        dw = (student if weight is None else weight).new_empty((0,))
+    return ds, dt, dw
+
+
+_triton_weighted_kd.register_fake(_fake_weighted)
 
 
 @torch.library.custom_op("spark_ext::triton_weighted_kd_backward", mutates_args=())
@@ -82,52 +105,87 @@ def _triton_weighted_kd_backward(
     )
 
 
-@_triton_weighted_kd_backward.register_fake
-def _(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
-    ds = torch.empty_like(student) if need_student else student.new_empty((0,))
-    dt = torch.empty_like(teacher) if need_teacher else teacher.new_empty((0,))
-    if need_weight and weight is not None:
-        dw = weight.new_empty(weight.shape)  # contiguous, as the kernel writes it
-    else:
-        dw = (student if weight is None else weight).new_empty((0,))
-    return ds, dt, dw
+_triton_weighted_kd_backward.register_fake(_fake_weighted_backward)
 
 
-def _setup_weighted(ctx, inputs, output):
-    student, teacher, weight, kd_loss, reduction = inputs
-    ctx.save_for_backward(student, teacher, weight)
-    ctx.kd_loss, ctx.reduction = kd_loss, reduction
+def _register_weighted_autograd(forward_op: str, backward_op: str) -> None:
+    """Autograd of a backend's ``forward_op(S, T, weight, kd_loss, reduction)`` through its ``backward_op``."""
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, weight, kd_loss, reduction = inputs
+        ctx.save_for_backward(student, teacher, weight)
+        ctx.kd_loss, ctx.reduction = kd_loss, reduction
+
+    def backward(ctx, grad):
+        student, teacher, weight = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w = weight is not None and ctx.needs_input_grad[2]
+        if not (need_s or need_t or need_w):
+            return None, None, None, None, None
+        ds, dt, dw = getattr(torch.ops.spark_ext, backward_op)(
+            grad, student, teacher, weight, ctx.kd_loss, ctx.reduction, need_s, need_t, need_w
+        )
+        return (ds if need_s else None), (dt if need_t else None), (dw if need_w else None), None, None
+
+    torch.library.register_autograd(f"spark_ext::{forward_op}", backward, setup_context=setup_context)
 
 
-def _backward_weighted(ctx, grad):
-    student, teacher, weight = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_w = weight is not None and ctx.needs_input_grad[2]
-    if not (need_s or need_t or need_w):
-        return None, None, None, None, None
-    ds, dt, dw = torch.ops.spark_ext.triton_weighted_kd_backward(
-        grad, student, teacher, weight, ctx.kd_loss, ctx.reduction, need_s, need_t, need_w
-    )
-    return (ds if need_s else None), (dt if need_t else None), (dw if need_w else None), None, None
+_register_weighted_autograd("triton_weighted_kd", "triton_weighted_kd_backward")
 
 
-_triton_weighted_kd.register_autograd(_backward_weighted, setup_context=_setup_weighted)
+def _backend(cell_kd_fn, weighted_op: str):
+    """A backend's implementation: grid weights through ``cell_kd_fn``, the others through ``weighted_op``."""
+
+    def implementation(student, teacher, weight, kd_loss, reduction):
+        height, width = student.shape[-2:]
+        if weight is not None and not reference.is_pixel_weight(weight, height, width):
+            # Grid weights: loss = sum(weight * cell_kd) / N, no second image pass.
+            gh, gw = weight.shape[-2:]
+            cell_kd = cell_kd_fn(student, teacher, (gh, gw), kd_loss)
+            # contiguous(): a [B,1,Gh,Gw] copy at most, so the summation order
+            # (hence the bits) does not depend on the weight's strides.
+            total = (weight.to(torch.float32) * cell_kd).contiguous().sum()
+            return total / student.numel() if reduction == "mean" else total
+        return getattr(torch.ops.spark_ext, weighted_op)(student, teacher, weight, kd_loss, reduction)
+
+    return implementation
 
 
-def _triton_backend(student, teacher, weight, kd_loss, reduction):
-    height, width = student.shape[-2:]
-    if weight is not None and not reference.is_pixel_weight(weight, height, width):
-        # Grid weights: loss = sum(weight * cell_kd) / N, no second image pass.
-        gh, gw = weight.shape[-2:]
-        cell_kd = triton_cell_kd(student, teacher, (gh, gw), kd_loss)
-        # contiguous(): a [B,1,Gh,Gw] copy at most, so the summation order
-        # (hence the bits) does not depend on the weight's strides.
-        total = (weight.to(torch.float32) * cell_kd).contiguous().sum()
-        return total / student.numel() if reduction == "mean" else total
-    return torch.ops.spark_ext.triton_weighted_kd(student, teacher, weight, kd_loss, reduction)
+_dispatch.register(
+    OP,
+    "triton",
+    _backend(triton_cell_kd, "triton_weighted_kd"),
+    unavailable=triton_unavailable,
+    unsupported=triton_unsupported,
+)
 
 
-_dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable, unsupported=triton_unsupported)
+# --------------------------------------------------------------------------
+# C++ backend (CPU): spark_ext::weighted_kd_forward / _backward (csrc/cpu/difficulty_cpu.cpp)
+# --------------------------------------------------------------------------
+
+_cpp_hooks_registered = False
+
+
+def _cpp_unavailable() -> Optional[str]:
+    """The library's availability (``ops/difficulty.py`` registers the cell_kd hooks), plus our hooks."""
+    global _cpp_hooks_registered
+    reason = cpp_unavailable()
+    if reason is None and not _cpp_hooks_registered:
+        torch.library.register_fake("spark_ext::weighted_kd_forward", _fake_weighted)
+        torch.library.register_fake("spark_ext::weighted_kd_backward", _fake_weighted_backward)
+        _register_weighted_autograd("weighted_kd_forward", "weighted_kd_backward")
+        _cpp_hooks_registered = True
+    return reason
+
+
+_dispatch.register(
+    OP,
+    "cpp",
+    _backend(cpp_cell_kd, "weighted_kd_forward"),
+    unavailable=_cpp_unavailable,
+    unsupported=_extension.cpu_unsupported,
+)
 
 
 # --------------------------------------------------------------------------
@@ -183,7 +241,7 @@ def fused_weighted_kd(
             ``[B, 1, Gh, Gw]``, constant over SPEC §1's cells). Any float dtype.
         kd_loss: ``"l1"``, ``"l2"``, ``"charbonnier"``.
         reduction: ``"mean"`` (divide by ``N = B*C*H*W``) or ``"sum"``.
-        backend: ``None`` (process default), ``"auto"``, ``"triton"``, ``"reference"``.
+        backend: ``None`` (process default), ``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``.
 
     Returns:
         A float32 scalar, differentiable w.r.t. student, teacher and weight
