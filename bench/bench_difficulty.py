@@ -24,7 +24,6 @@ device copy measured in the same run compare like with like.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -55,22 +54,6 @@ def ours_backend(device: torch.device):
 def reset_compiler() -> None:
     """Fresh torch.compile caches per case, so recompile limits never silently fall back to eager."""
     torch._dynamo.reset()
-
-
-def run_pass(rows, fns, device, *, op, case, pass_, nbytes, copy_rate, reps):
-    """Time every implementation in ``fns`` (name -> zero-arg callable) for one pass."""
-    for impl, fn in fns.items():
-        try:
-            row = common.measure(fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes,
-                                 copy_rate_gbps=copy_rate, reps=reps)
-        except Exception as exc:  # a peer failing (OOM, compile error) must not hide the others
-            row = {"op": op, "case": case, "pass": pass_, "impl": impl, "ms": None, "bytes": int(nbytes),
-                   "gbps": None, "copy_fraction": None, "peak_extra_bytes": None,
-                   "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        rows.append(row)
-        ms = "error" if row["ms"] is None else f"{row['ms']:.4g} ms"
-        frac = row.get("copy_fraction")
-        print(f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}", flush=True)
 
 
 def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_compiled, reps):
@@ -118,17 +101,17 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
 
         return call
 
-    run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **common_kw)
+    common.run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **common_kw)
 
     s = S.detach().requires_grad_()
     bwd_fns = {}
     for k, f in impls.items():
         _, kd = f(s, T, Y)
         bwd_fns[k] = (lambda kd=kd: torch.autograd.grad(kd, s, G, retain_graph=True))
-    run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **common_kw)
+    common.run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **common_kw)
     del bwd_fns
 
-    run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T, Y)[1], s, G)) for k, f in impls.items()}, device,
+    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T, Y)[1], s, G)) for k, f in impls.items()}, device,
              pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **common_kw)
 
     spark_fns = {}
@@ -137,17 +120,12 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
         if k == "compiled":
             loss_fn = torch.compile(lambda s_, t_, y_: spark_loss(eager, s_, t_, y_), dynamic=False)
         spark_fns[k] = (lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(s, T, Y), s))
-    run_pass(rows, spark_fns, device, pass_="spark", nbytes=fwd_bytes + bwd_bytes + cells * 4, **common_kw)
+    common.run_pass(rows, spark_fns, device, pass_="spark", nbytes=fwd_bytes + bwd_bytes + cells * 4, **common_kw)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--reps", type=int, default=None)
+    parser = common.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
-    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ours_name = ours_backend(device)

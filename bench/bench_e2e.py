@@ -20,7 +20,6 @@ the step's GPU time spent inside ``spark_ext::`` ops (torch.profiler).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import statistics
@@ -103,11 +102,7 @@ def share_in_our_ops(step, device):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--reps", type=int, default=None)
+    parser = common.arg_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.quick:
@@ -118,7 +113,7 @@ def main(argv=None) -> int:
     case = f"W4A4 b{args.batch} w{args.width} {args.crop}x{args.crop}"
 
     variants = [("spark", "ours", "auto", False), ("spark", "eager", "reference", False)]
-    if not args.quick:
+    if not (args.quick or args.no_compiled):
         variants.append(("spark", "compiled", "reference", True))
     variants.append(("qat", "ours", "auto", False))
     rows = []

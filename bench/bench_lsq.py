@@ -22,7 +22,6 @@ compare like with like. Peak extra memory is reported on CUDA.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -36,22 +35,6 @@ from spark_ext import _extension, reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BITS, SIGNED = 4, True
-
-
-def run_pass(rows, fns, device, *, op, case, pass_, nbytes, copy_rate, reps):
-    for impl, fn in fns.items():
-        try:
-            row = common.measure(fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes,
-                                 copy_rate_gbps=copy_rate, reps=reps)
-        except Exception as exc:  # a peer that cannot run this case (e.g. torch's bf16 backward on CPU)
-            row = {"op": op, "case": case, "pass": pass_, "impl": impl, "ms": None, "bytes": int(nbytes),
-                   "gbps": None, "copy_fraction": None, "peak_extra_bytes": None,
-                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-        rows.append(row)
-        ms = "n/a" if row["ms"] is None else f"{row['ms']:.4g} ms"
-        frac = row.get("copy_fraction")
-        print(f"  {pass_:8s} {impl:9s} {ms:>12s}  {'' if frac is None else f'{frac:.2f} of copy'}"
-              f"{'  ' + row['error'] if 'error' in row else ''}", flush=True)
 
 
 def make_impls(op, axis, backend, with_compiled):
@@ -124,7 +107,7 @@ def bench_case(rows, op, name, shape, axis, channels_last, dtype_name, device, w
 
         return call
 
-    run_pass(rows, {k: no_grad(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **kw)
+    common.run_pass(rows, {k: no_grad(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **kw)
 
     leaves = [t.detach().requires_grad_() for t in (x, p0, p1)]
     bwd = {}
@@ -134,9 +117,9 @@ def bench_case(rows, op, name, shape, axis, channels_last, dtype_name, device, w
             bwd[k] = lambda y=y: torch.autograd.grad(y, leaves, dy, retain_graph=True)
         except Exception as exc:  # noqa: BLE001
             bwd[k] = lambda exc=exc: (_ for _ in ()).throw(exc)
-    run_pass(rows, bwd, device, pass_="bwd", nbytes=bwd_bytes, **kw)
+    common.run_pass(rows, bwd, device, pass_="bwd", nbytes=bwd_bytes, **kw)
     del bwd
-    run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, dy)) for k, f in impls.items()}, device,
+    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, dy)) for k, f in impls.items()}, device,
              pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **kw)
 
 
@@ -156,12 +139,7 @@ def summarize(rows):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, few reps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
+    parser = common.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--ops", default="lsq_fake_quant,fake_quant_learnable")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

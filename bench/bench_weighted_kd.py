@@ -18,7 +18,6 @@ backward reads S, T (and the weight) and writes dS.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_difficulty import DTYPES, ours_backend, reset_compiler, run_pass  # noqa: E402
+from bench_difficulty import DTYPES, ours_backend, reset_compiler  # noqa: E402
 
 import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
@@ -80,26 +79,21 @@ def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, ours_name,
 
         return call
 
-    run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **kw)
+    common.run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **kw)
     s = S.detach().requires_grad_()
     bwd_fns = {}
     for k, f in impls.items():
         loss = f(s, T)
         bwd_fns[k] = (lambda loss=loss: torch.autograd.grad(loss, s, retain_graph=True))
-    run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **kw)
+    common.run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **kw)
     del bwd_fns
-    run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T), s)) for k, f in impls.items()}, device,
+    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T), s)) for k, f in impls.items()}, device,
              pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **kw)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--reps", type=int, default=None)
+    parser = common.arg_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
-    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ours_name = ours_backend(device)

@@ -30,6 +30,7 @@ achieved bandwidth, and targets are judged by a person reading the JSON.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -189,5 +190,39 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     ours = {(r["op"], r["case"], r["pass"]): r["ms"] for r in rows if r["impl"] == "ours"}
     for r in rows:
         base = ours.get((r["op"], r["case"], r["pass"]))
-        r["speedup_vs_peer"] = None if base is None or r["impl"] == "ours" else r["ms"] / base
+        failed = base is None or r.get("ms") is None  # a failed run has ms None and an "error"
+        r["speedup_vs_peer"] = None if failed or r["impl"] == "ours" else r["ms"] / base
     return rows
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """The options every ``bench_*.py`` script shares (``spark-ext bench`` passes ``--quick`` and ``--out``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CPU smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result JSON")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default per script)")
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
+    return parser
+
+
+def run_pass(rows: list[dict], fns: dict, device, *, op, case, pass_, nbytes, copy_rate, reps) -> None:
+    """Time every implementation in ``fns`` (impl name -> zero-arg callable) for one pass.
+
+    A peer that cannot run a case (an OOM, a compile error, torch's missing
+    bf16 backward on CPU) is recorded as a row with ``ms: None`` and its
+    ``error``, so it never hides the others' results.
+    """
+    for impl, fn in fns.items():
+        try:
+            row = measure(fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes,
+                          copy_rate_gbps=copy_rate, reps=reps)
+        except Exception as exc:
+            row = {"op": op, "case": case, "pass": pass_, "impl": impl, "ms": None, "bytes": int(nbytes),
+                   "gbps": None, "copy_fraction": None, "peak_extra_bytes": None,
+                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        rows.append(row)
+        ms = "error" if row["ms"] is None else f"{row['ms']:.4g} ms"
+        frac = row.get("copy_fraction")
+        print(f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}"
+              f"{'  ' + row['error'] if 'error' in row else ''}", flush=True)

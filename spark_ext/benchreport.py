@@ -73,9 +73,11 @@ def summarise(run: dict) -> list[dict]:
     lines = []
     for (op, case, pass_), impls in groups.items():
         ours = impls.get("ours")
+        if ours is not None and ours.get("ms") is None:  # our run failed: its row carries the error
+            ours = None
         line = {"op": op, "case": case, "pass": pass_, "ours_ms": ours["ms"] if ours else None}
         for peer in PEERS:
-            if peer in impls and ours:
+            if peer in impls and ours and impls[peer].get("ms") is not None:
                 line[f"x_{peer}"] = impls[peer]["ms"] / ours["ms"]
         if ours:
             line["copy_frac"] = ours.get("copy_fraction")
