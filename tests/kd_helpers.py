@@ -1,8 +1,10 @@
 """Helpers shared by the backend tests of ``difficulty_signals`` and ``fused_weighted_kd``.
 
-Used by tests/test_difficulty.py and tests/test_weighted_kd.py (Triton
-backend) and tests/test_difficulty_cpp.py and tests/test_weighted_kd_cpp.py
-(C++ backend). The oracle is :mod:`spark_ext.reference` run in float64 on the
+Used by tests/test_difficulty_backends.py and tests/test_weighted_kd_backends.py
+(the checks every backend passes, parametrised over the backend) and by the
+backend-specific tests/test_difficulty.py and tests/test_weighted_kd.py
+(Triton) and tests/test_difficulty_cpp.py and tests/test_weighted_kd_cpp.py
+(C++). The oracle is :mod:`spark_ext.reference` run in float64 on the
 same input values. Tolerances:
 
 * signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
@@ -11,11 +13,91 @@ same input values. Tolerances:
   the result's scale.
 """
 
+import functools
+
+import pytest
 import torch
 
+import spark_ext
 from spark_ext import reference
 
 KINDS = ["l1", "l2", "charbonnier"]
+
+# --------------------------------------------------------------------------
+# backends
+# --------------------------------------------------------------------------
+
+BACKENDS = ("triton", "cpp")
+
+
+@functools.cache
+def backend_unavailable(backend):
+    """Why ``backend``'s tests cannot run here, or None."""
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401  (without a GPU: its interpreter, TRITON_INTERPRET set by conftest)
+        except ImportError as e:
+            return f"triton is not importable ({e}): the Triton backend's tests need it"
+        return None
+    if backend == "cpp":
+        from spark_ext import _extension
+
+        why = _extension.cpp_unavailable()
+        return None if why is None else f"C++ library unavailable: {why}"
+    raise ValueError(backend)
+
+
+def _marks(backend):
+    why = backend_unavailable(backend)
+    return [pytest.mark.skip(reason=why)] if why else []
+
+
+# ``@pytest.mark.parametrize("backend", BACKEND_PARAMS)``: one test per backend, skipped with the reason where unavailable.
+BACKEND_PARAMS = [pytest.param(b, marks=_marks(b), id=b) for b in BACKENDS]
+
+
+def per_backend(argnames, cases):
+    """``parametrize`` arguments for ``"backend," + argnames`` from ``{backend: [case tuple, ...]}``.
+
+    For checks whose case list differs between the backends; ids start with the backend.
+    """
+    params = []
+    for b in BACKENDS:
+        for case in cases[b]:
+            params.append(pytest.param(b, *case, marks=_marks(b), id="-".join([b, *map(str, case)])))
+    return pytest.mark.parametrize("backend," + argnames, params)
+
+
+def signals_fn(backend):
+    """``difficulty_signals(S, T, Y, grid, kind)`` on ``backend``."""
+    return functools.partial(spark_ext.difficulty_signals, backend=backend)
+
+
+def weighted_kd_fn(backend):
+    """``fused_weighted_kd(S, T, w, kind, reduction)`` on ``backend``."""
+
+    def fn(S, T, w, kind, reduction):
+        return spark_ext.fused_weighted_kd(S, T, w, kd_loss=kind, reduction=reduction, backend=backend)
+
+    return fn
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    """Triton launch configuration as on a GPU (small tiles, row-band splits, merge kernel).
+
+    Under the interpreter the launchers pick one big tile and never split a
+    cell; this fixture makes them pick 256-pixel tiles and aim for 64
+    programs, so the multi-tile Chan merge, the split partials and the merge
+    kernel all run. (Import it into a test module to use it.)
+    """
+    from spark_ext.kernels import difficulty as kd_kernels
+    from spark_ext.kernels import weighted_kd as wkd_kernels
+
+    for mod in (kd_kernels, wkd_kernels):
+        monkeypatch.setattr(mod, "tile_pixels", lambda device, gpu=1024: 256)
+        monkeypatch.setattr(mod, "target_programs", lambda device: 64)
+
 
 
 def images(shape, dtype=torch.float32, layout="contiguous", n=3, device="cpu"):
