@@ -93,29 +93,23 @@ def register(
     _registry.setdefault(op, {})[backend] = Implementation(fn, unavailable, unsupported)
 
 
-def register_compiled(op: str, fn: Callable, register_hooks: Callable[[], None]) -> None:
-    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library.
+def library_unavailable(which: str = "cpp_unavailable") -> Callable[[], Optional[str]]:
+    """``unavailable`` of a compiled-library backend: ``spark_ext._extension.<which>()``.
 
-    ``register_hooks`` registers the library ops' fake implementations and
-    autograd formula; those need the op schemas, which exist only once the
-    library is loaded, so it runs each time a backend is found available and
-    must return at once after its first run (cheap, also while
-    ``torch.compile`` traces). Availability is looked up on
-    :mod:`spark_ext._extension` at call time, so tests can patch it.
+    Looked up at call time, so tests can patch it. The library's ops get
+    their fakes and autograd from the op modules' ``_extension.on_load`` hooks.
     """
     from .. import _extension
 
-    def unavailable(which: str) -> Callable[[], Optional[str]]:
-        def check() -> Optional[str]:
-            reason = getattr(_extension, which)()
-            if reason is None:
-                register_hooks()
-            return reason
+    return lambda: getattr(_extension, which)()
 
-        return check
 
-    register(op, "cpp", fn, unavailable=unavailable("cpp_unavailable"), unsupported=_extension.cpu_unsupported)
-    register(op, "cuda", fn, unavailable=unavailable("cuda_unavailable"), unsupported=_extension.cuda_unsupported)
+def register_compiled(op: str, fn: Callable) -> None:
+    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library."""
+    from .. import _extension
+
+    register(op, "cpp", fn, unavailable=library_unavailable("cpp_unavailable"), unsupported=_extension.cpu_unsupported)
+    register(op, "cuda", fn, unavailable=library_unavailable("cuda_unavailable"), unsupported=_extension.cuda_unsupported)
 
 
 def check_backend_name(backend: object, argument: str = "backend") -> str:

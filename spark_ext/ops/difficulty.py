@@ -225,27 +225,15 @@ _dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable
 # C++ backend (CPU): ops of the compiled library (csrc/cpu/difficulty_cpu.cpp)
 # --------------------------------------------------------------------------
 
-_cpp_hooks_registered = False
-
-
 def _register_cpp_hooks() -> None:
-    """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library loaded."""
-    global _cpp_hooks_registered
-    if _cpp_hooks_registered:
-        return
+    """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library has loaded."""
     torch.library.register_fake("spark_ext::difficulty_forward", _fake_signals)
     torch.library.register_fake("spark_ext::cell_kd_forward", _fake_cell_kd)
     torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
     _register_cell_kd_autograd("difficulty_forward", "cell_kd_forward", "cell_kd_backward")
-    _cpp_hooks_registered = True
 
 
-def cpp_unavailable() -> Optional[str]:
-    """``unavailable`` of the cpp backend (shared with ops/weighted_kd.py): the library's, plus our hooks."""
-    reason = _extension.cpp_unavailable()
-    if reason is None:
-        _register_cpp_hooks()  # returns at once after its first run (also while torch.compile traces)
-    return reason
+_extension.on_load(_register_cpp_hooks)
 
 
 def cpp_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
@@ -257,7 +245,9 @@ def _cpp_backend(student, teacher, target, grid, kd_loss):
     return torch.ops.spark_ext.difficulty_forward(student, teacher, target, grid[0], grid[1], kd_loss)
 
 
-_dispatch.register(OP, "cpp", _cpp_backend, unavailable=cpp_unavailable, unsupported=_extension.cpu_unsupported)
+_dispatch.register(
+    OP, "cpp", _cpp_backend, unavailable=_dispatch.library_unavailable(), unsupported=_extension.cpu_unsupported
+)
 
 
 # --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -40,14 +40,8 @@ _dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnabl
 
 KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 
-_hooks_registered = False
-
-
 def _register_cpp_hooks() -> None:
-    """Fake implementations and autograd for the compiled ops (after the library loaded)."""
-    global _hooks_registered
-    if _hooks_registered:
-        return
+    """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
 
     @torch.library.register_fake("spark_ext::fq_learnable_forward")
     def _forward_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
@@ -68,7 +62,6 @@ def _register_cpp_hooks() -> None:
         return dx, dscale, dzp, None, None, None, None
 
     torch.library.register_autograd("spark_ext::fq_learnable_forward", backward, setup_context=setup_context)
-    _hooks_registered = True
 
 
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
@@ -89,8 +82,9 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
     return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-_dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor, _register_cpp_hooks)
-_dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel, _register_cpp_hooks)
+_extension.on_load(_register_cpp_hooks)
+_dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor)
+_dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel)
 
 
 def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from .._validation import (
     check_axis,
     check_float_dtype,
@@ -35,14 +35,8 @@ MIN_BITS, MAX_BITS = 2, 16
 
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
-_hooks_registered = False
-
-
 def _register_cpp_hooks() -> None:
-    """Fake implementations and autograd for the compiled ops (after the library loaded)."""
-    global _hooks_registered
-    if _hooks_registered:
-        return
+    """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
 
     @torch.library.register_fake("spark_ext::lsq_fake_quant_forward")
     def _forward_fake(x, step, offset, axis, qn, qp, grad_factor):
@@ -66,7 +60,6 @@ def _register_cpp_hooks() -> None:
         return dx, dstep, doffset if ctx.has_offset else None, None, None, None, None
 
     torch.library.register_autograd("spark_ext::lsq_fake_quant_forward", backward, setup_context=setup_context)
-    _hooks_registered = True
 
 
 def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
@@ -74,7 +67,8 @@ def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
     return torch.ops.spark_ext.lsq_fake_quant_forward(x, step, offset, axis, qn, qp, grad_factor)
 
 
-_dispatch.register_compiled(OP, _compiled_lsq, _register_cpp_hooks)
+_extension.on_load(_register_cpp_hooks)
+_dispatch.register_compiled(OP, _compiled_lsq)
 
 
 def check_bits(bits: object, name: str = "bits") -> int:

@@ -36,7 +36,7 @@ import torch
 from .. import _extension, reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
-from .difficulty import cpp_cell_kd, cpp_unavailable, triton_cell_kd, triton_unavailable, triton_unsupported
+from .difficulty import cpp_cell_kd, triton_cell_kd, triton_unavailable, triton_unsupported
 
 OP = "fused_weighted_kd"
 
@@ -164,26 +164,21 @@ _dispatch.register(
 # C++ backend (CPU): spark_ext::weighted_kd_forward / _backward (csrc/cpu/difficulty_cpu.cpp)
 # --------------------------------------------------------------------------
 
-_cpp_hooks_registered = False
+def _register_cpp_hooks() -> None:
+    """Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones)."""
+    torch.library.register_fake("spark_ext::weighted_kd_forward", _fake_weighted)
+    torch.library.register_fake("spark_ext::weighted_kd_backward", _fake_weighted_backward)
+    _register_weighted_autograd("weighted_kd_forward", "weighted_kd_backward")
 
 
-def _cpp_unavailable() -> Optional[str]:
-    """The library's availability (``ops/difficulty.py`` registers the cell_kd hooks), plus our hooks."""
-    global _cpp_hooks_registered
-    reason = cpp_unavailable()
-    if reason is None and not _cpp_hooks_registered:
-        torch.library.register_fake("spark_ext::weighted_kd_forward", _fake_weighted)
-        torch.library.register_fake("spark_ext::weighted_kd_backward", _fake_weighted_backward)
-        _register_weighted_autograd("weighted_kd_forward", "weighted_kd_backward")
-        _cpp_hooks_registered = True
-    return reason
+_extension.on_load(_register_cpp_hooks)
 
 
 _dispatch.register(
     OP,
     "cpp",
     _backend(cpp_cell_kd, "weighted_kd_forward"),
-    unavailable=_cpp_unavailable,
+    unavailable=_dispatch.library_unavailable(),
     unsupported=_extension.cpu_unsupported,
 )
 
