@@ -51,6 +51,21 @@ from ._utils import (
 
 
 @triton.jit
+def _program_tile(H, W, CO, NTW, NTILES, BH: tl.constexpr, BW: tl.constexpr):
+    """This program's weight plane ``(bo, co)`` and pixel tile: int64 ``rows [BH,1]``,
+    ``cols [1,BW]`` and the in-image mask ``[BH,BW]`` (shared by forward and backward)."""
+    pid = tl.program_id(0)
+    tile = pid % NTILES
+    o = pid // NTILES
+    bo = (o // CO).to(tl.int64)
+    co = (o % CO).to(tl.int64)
+    rows = (tile // NTW).to(tl.int64) * BH + tl.arange(0, BH)
+    cols = (tile % NTW).to(tl.int64) * BW + tl.arange(0, BW)
+    m = (rows < H)[:, None] & (cols < W)[None, :]
+    return bo, co, rows[:, None], cols[None, :], m
+
+
+@triton.jit
 def _wkd_fwd_kernel(
     s_ptr, t_ptr, w_ptr, part_ptr,
     H, W, CO, BI, CI, NTW, NTILES,
@@ -59,16 +74,7 @@ def _wkd_fwd_kernel(
     swb, swc, swh, sww,
     KIND: tl.constexpr, HAS_W: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid % NTILES
-    o = pid // NTILES  # weight plane (bo, co)
-    bo = (o // CO).to(tl.int64)
-    co = (o % CO).to(tl.int64)
-    rows = (tile // NTW).to(tl.int64) * BH + tl.arange(0, BH)
-    cols = (tile % NTW).to(tl.int64) * BW + tl.arange(0, BW)
-    m = (rows < H)[:, None] & (cols < W)[None, :]
-    rows = rows[:, None]
-    cols = cols[None, :]
+    bo, co, rows, cols, m = _program_tile(H, W, CO, NTW, NTILES, BH, BW)
     off_s = rows * ssh + cols * ssw
     off_t = rows * sth + cols * stw
     acc = tl.zeros([BH, BW], tl.float32)
@@ -83,7 +89,7 @@ def _wkd_fwd_kernel(
         wv = tl.load(w_ptr + bo * swb + co * swc + rows * swh + cols * sww, mask=m, other=0.0).to(tl.float32)
         acc = acc * wv
     acc = tl.where(m, acc, 0.0)
-    tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -109,16 +115,7 @@ def _wkd_bwd_kernel(
     NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_W: tl.constexpr,
     OUT: tl.constexpr, OUT_W: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = pid % NTILES
-    o = pid // NTILES
-    bo = (o // CO).to(tl.int64)
-    co = (o % CO).to(tl.int64)
-    rows = (tile // NTW).to(tl.int64) * BH + tl.arange(0, BH)
-    cols = (tile % NTW).to(tl.int64) * BW + tl.arange(0, BW)
-    m = (rows < H)[:, None] & (cols < W)[None, :]
-    rows = rows[:, None]
-    cols = cols[None, :]
+    bo, co, rows, cols, m = _program_tile(H, W, CO, NTW, NTILES, BH, BW)
     # d loss / d (w * ell) = g / N, as autograd forms it for the reference.
     gs = tl.div_rn(tl.load(g_ptr).to(tl.float32), DIV)
     if HAS_W:
@@ -146,8 +143,8 @@ def _wkd_bwd_kernel(
         if NEED_W:
             dw_acc += kd_elem(d, KIND)
     if NEED_W:
-        # dweight is a fresh contiguous [Bw, Cw, H, W] buffer; plane o.
-        off_dw = o.to(tl.int64) * H * W + rows * W + cols
+        # dweight is a fresh contiguous [Bw, Cw, H, W] buffer; plane (bo, co).
+        off_dw = (bo * CO + co) * H * W + rows * W + cols
         tl.store(dw_ptr + off_dw, cast_out(gs * dw_acc, OUT_W), mask=m)
 
 
