@@ -40,9 +40,11 @@ bench: $(STAMP)
 doctor: $(STAMP)
 	$(PY) -m spark_ext.cli doctor
 
-# On a GPU machine with torch preinstalled (no venv: the system torch is the one to test).
+# On the GPU machine, no venv (the system torch is the one to test): build, tests, benchmarks, memcheck
+# within GPU_CHECK_BUDGET_S (default 480 s), results streamed to GPU_CHECK_OUT. See bench/gpu_check.py;
+# GPU_CHECK_DRY_RUN=1 rehearses it on any machine.
 gpu-check:
-	bash bench/gpu_check.sh
+	$(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info spark_ext/_C*.so spark_ext/_C_build.json

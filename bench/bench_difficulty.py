@@ -19,6 +19,7 @@ device copy measured in the same run compare like with like.
     python bench/bench_difficulty.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
     python bench/bench_difficulty.py --device cpu    # CPU: our C++ kernels vs the reference peers
     python bench/bench_difficulty.py --quick         # CPU smoke run
+    python bench/bench_difficulty.py --headline      # GPU: only 16x3x1024^2 fp32 and bf16 (make gpu-check)
     TRITON_INTERPRET=1 python bench/bench_difficulty.py --quick   # CPU, ours = the Triton kernels, interpreted
 """
 
@@ -131,9 +132,11 @@ def main(argv=None) -> int:
     ours_name = ours_backend(device)
     if ours_name is None:
         print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
-    reps = args.reps or (5 if args.quick else 50)
+    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", (8, 8)), ((2, 3, 32, 32), "bf16", (8, 8))]
+    elif args.headline:  # the HBM-bound size of the targets, SPARK's 8x8 grid
+        cases = [((16, 3, 1024, 1024), d, (8, 8)) for d in ("fp32", "bf16")]
     else:
         sizes = [(8, 3, 128, 128), (8, 3, 256, 256), (16, 3, 512, 512), (16, 3, 1024, 1024)]
         cases = [(s, d, (8, 8)) for s in sizes for d in ("fp32", "bf16")]

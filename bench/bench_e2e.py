@@ -16,6 +16,7 @@ the step's GPU time spent inside ``spark_ext::`` ops (torch.profiler).
 
     python bench/bench_e2e.py                # GPU: batch 16, 48 channels, 192x192 crops
     python bench/bench_e2e.py --quick        # CPU smoke run: tiny sizes
+    python bench/bench_e2e.py --headline --no-compiled   # GPU sizes, 10 reps, no compiled variant (make gpu-check)
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         args.batch, args.width, args.teacher_width, args.crop = 2, 8, 16, 32
     else:
         args.batch, args.width, args.teacher_width, args.crop = 16, 48, 64, 192
-    reps = args.reps or (3 if args.quick else 20)
+    reps = args.reps or (3 if args.quick else 10 if args.headline else 20)
     case = f"W4A4 b{args.batch} w{args.width} {args.crop}x{args.crop}"
 
     variants = [("spark", "ours", "auto", False), ("spark", "eager", "reference", False)]

@@ -18,6 +18,7 @@ compare like with like. Peak extra memory is reported on CUDA.
 
     python bench/bench_lsq.py            # CPU or GPU sizes for the device
     python bench/bench_lsq.py --quick    # small sizes, few reps
+    python bench/bench_lsq.py --headline # GPU: one activation and one weight layout (make gpu-check)
 """
 
 from __future__ import annotations
@@ -146,10 +147,12 @@ def main(argv=None) -> int:
     backend = "cuda" if device.type == "cuda" else "cpp"
     _extension.load()
     print(f"library: {_extension.status()}  threads: {torch.get_num_threads()}", flush=True)
-    reps = args.reps or (5 if args.quick else 50)
+    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
     if args.quick:
         layouts = [("act", (4, 16, 32, 32), None, False), ("weight", (64, 32, 3, 3), 0, False),
                    ("act", (4, 16, 32, 32), 1, True)]
+    elif args.headline:  # an HBM-bound activation per tensor, a conv weight per channel (GPU sizes)
+        layouts = [("act", (32, 128, 128, 128), None, False), ("weight", (1024, 1024, 3, 3), 0, False)]
     elif device.type == "cuda":
         layouts = [("act", (32, 128, 128, 128), None, False), ("weight", (1024, 1024, 3, 3), 0, False),
                    ("act", (32, 128, 128, 128), 1, True), ("act", (32, 128, 128, 128), 1, False)]

@@ -13,6 +13,7 @@ backward reads S, T (and the weight) and writes dS.
     python bench/bench_weighted_kd.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
     python bench/bench_weighted_kd.py --device cpu    # CPU: our C++ kernels vs the peers
     python bench/bench_weighted_kd.py --quick         # CPU smoke run
+    python bench/bench_weighted_kd.py --headline      # GPU: only 16x3x1024^2 fp32 (make gpu-check)
     TRITON_INTERPRET=1 python bench/bench_weighted_kd.py --quick   # CPU, ours = the Triton kernels, interpreted
 """
 
@@ -99,9 +100,11 @@ def main(argv=None) -> int:
     ours_name = ours_backend(device)
     if ours_name is None:
         print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
-    reps = args.reps or (5 if args.quick else 50)
+    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", wk) for wk in ("none", "pixel", "grid")]
+    elif args.headline:  # the HBM-bound size of the targets, every weight kind
+        cases = [((16, 3, 1024, 1024), "fp32", wk) for wk in ("none", "pixel", "grid")]
     else:
         sizes = [(8, 3, 128, 128), (8, 3, 256, 256), (16, 3, 512, 512), (16, 3, 1024, 1024)]
         cases = [(s, d, wk) for s in sizes for d in ("fp32", "bf16") for wk in ("none", "pixel", "grid")]

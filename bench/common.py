@@ -199,6 +199,7 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     """The options every ``bench_*.py`` script shares (``spark-ext bench`` passes ``--quick`` and ``--out``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CPU smoke run)")
+    parser.add_argument("--headline", action="store_true", help="HBM-bound headline cases only (make gpu-check)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result JSON")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default per script)")

@@ -3,6 +3,9 @@
 Odd shapes and non-contiguous/channels_last inputs on purpose: masked tails
 and stride arithmetic are where out-of-bounds accesses hide. Exits non-zero
 if any op raises (a backend that is not registered is reported and skipped).
+
+    compute-sanitizer --tool memcheck python bench/sanitize_kernels.py           # every case
+    compute-sanitizer --tool memcheck python bench/sanitize_kernels.py --short   # one odd case per kernel path
 """
 
 import sys
@@ -66,7 +69,28 @@ def torch_fq(dtype, axis):
     y.sum().backward()
 
 
-def main():
+def short():
+    """One case per kernel path (fp32 and bf16, strided and channels_last, per-tensor and per-channel, tails)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    return all([
+        run("spark_path fp32 cl=True grid=(5, 7) charbonnier", lambda: spark_path(f32, True, (5, 7), "charbonnier")),
+        run("spark_path bf16 cl=False grid=(1, 1) l1", lambda: spark_path(bf16, False, (1, 1), "l1")),
+        run("weighted_kd bf16 cl=True", lambda: weighted(bf16, True)),
+        run("lsq fp32 axis=None offset=True", lambda: lsq(f32, None, True)),
+        run("lsq bf16 axis=1 offset=True", lambda: lsq(bf16, 1, True)),
+        run("lsq fp32 axis=3 offset=False", lambda: lsq(f32, 3, False)),
+        run("torch_fq fp32 axis=None", lambda: torch_fq(f32, None)),
+        run("torch_fq bf16 axis=2", lambda: torch_fq(bf16, 2)),
+    ])
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--short"]):
+        print(f"usage: sanitize_kernels.py [--short]; got {' '.join(args)}", file=sys.stderr)
+        return 2
+    if args == ["--short"]:
+        return 0 if short() else 1
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
         for cl in (False, True):
