@@ -138,6 +138,8 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         Stage("memcheck", "compute-sanitizer memcheck, one short run of each kernel",
               [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20",
                PY, "bench/sanitize_kernels.py", "--short"], 45, 120, "memcheck",
+              # every tensor its own cudaMalloc: out-of-bounds accesses inside the caching allocator's blocks show
+              env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
               unavailable=None if sanitizer else "compute-sanitizer not found"),
         pytest_stage("rest", "the rest of the suite (not cuda-marked), slow tests included",
                      ["-m", "not cuda", "tests", "--ignore=tests/test_properties.py"], scratch, jobs, 150, 300, jobs),
@@ -497,6 +499,7 @@ def print_plan(stages: list[Stage], cfg: dict) -> None:
             verdict = f"ends at {elapsed:.0f} s" + (f" (limit cut to {left:.0f} s)" if left < s.limit_s else "")
         print(f"  {s.name:18s} {s.expected_s:4.0f} / {s.limit_s:4.0f} s  {verdict}"
               f"{'' if s.unavailable is None else f' (unavailable here: {s.unavailable})'}\n      {s.what}")
+    print(f"sources here: {source_digest()} (summary.json's 'source' says which sources a run tested)")
 
 
 def skip_reason(stage: Stage, cfg: dict, out: Path, left_s: float, blocked: Optional[str]) -> Optional[str]:
