@@ -154,7 +154,7 @@ def plots_command(out: Path, folder: Path) -> list[str]:
     results = [out / f"bench-{b}.json" for b in BENCHES]
     existing = [p for p in results if p.is_file()]
     files = [str(p) for p in existing or results]
-    return [PY, "-m", "spark_ext.benchreport", "--from", *files, "--plot", str(folder)]
+    return [PY, "-m", "spark_ext.cli", "bench", "--from", *files, "--plot", str(folder)]
 
 
 # --------------------------------------------------------------------------
@@ -174,8 +174,11 @@ class Log:
     def write(self, text: str) -> None:
         data = text.encode("utf-8", "replace")
         with self.lock:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            try:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # nobody reads stdout any more: the file still gets everything
+                pass
             if self.written + len(data) > LOG_CAP_BYTES:
                 if not self.capped:
                     self.file.write(f"\n[log capped at {LOG_CAP_BYTES} bytes: the rest went to stdout only]\n")
@@ -286,7 +289,7 @@ def collect(stage: Stage, out: Path, output: list[str]) -> dict:
     if stage.kind == "plots":
         pngs = sorted(stage.artifact.glob("*.png")) if stage.artifact.is_dir() else []
         if not pngs:
-            return {"plots": 0}
+            return {"plots": 0, "note": "no plot was written: see the log"}
         packed = stage.artifact.parent / PLOTS
         with tarfile.open(packed, "w:gz") as tar:
             for png in pngs:
@@ -449,9 +452,11 @@ def write_stand_in_artifact(stage: Stage) -> None:
 def build(jobs: int) -> int:
     """The build stage: the C++/CUDA library for this GPU's architecture only, with ``jobs`` compile jobs."""
     probe = "import torch; print(*torch.cuda.get_device_capability(), sep='.') if torch.cuda.is_available() else None"
-    arch = subprocess.run([PY, "-c", probe], capture_output=True, text=True).stdout.strip()
+    result = subprocess.run([PY, "-c", probe], capture_output=True, text=True)
+    arch = result.stdout.strip()
     if not re.fullmatch(r"\d+\.\d+", arch):
-        print(f"gpu_check: no CUDA device (torch.cuda.is_available() is False, or no torch: {arch!r})", flush=True)
+        why = (result.stderr.strip().splitlines() or ["torch.cuda.is_available() is False"])[-1]
+        print(f"gpu_check: no CUDA device, nothing to build for ({why})", flush=True)
         return 1
     print(f"TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS={jobs}", flush=True)
     pip = [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]

@@ -111,7 +111,7 @@ def test_dry_run_of_the_real_plan(tmp_path):
 
 def test_dry_run_fits_all_eight_outputs(tmp_path):
     """Every output the plan can write (a budget that covers every stage) stays within the device's limits."""
-    result, out = run_script(tmp_path, GPU_CHECK_BUDGET_S="5000", GPU_CHECK_DRY_RUN_SCALE="0.002")
+    result, out = run_script(tmp_path, GPU_CHECK_BUDGET_S="5000", GPU_CHECK_DRY_RUN_SCALE="0.003")
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(r["status"] == "passed" for r in summary(out)["stages"]), summary(out)["stages"]
     names = {p.name for p in check_output_folder(out)}
@@ -142,7 +142,7 @@ def test_plan_prints_every_stage():
 
 
 def test_stage_selection_and_required_failure(tmp_path):
-    result, out = run_script(tmp_path, GPU_CHECK_STAGES="bench-lsq", GPU_CHECK_DRY_RUN_SCALE="0.002")
+    result, out = run_script(tmp_path, GPU_CHECK_STAGES="bench-lsq", GPU_CHECK_DRY_RUN_SCALE="0.003")
     status = {r["name"]: r["status"] for r in summary(out)["stages"]}
     assert result.returncode == 0
     assert status["build"] == status["doctor"] == status["bench-lsq"] == "passed"
