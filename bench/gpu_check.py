@@ -304,8 +304,8 @@ def collect(stage: Stage, out: Path, output: list[str]) -> dict:
 # --------------------------------------------------------------------------
 
 
-class Terminated(Exception):
-    pass
+class Terminated(BaseException):
+    """SIGTERM: a BaseException, so that no ``except Exception`` on the way swallows it."""
 
 
 def group_alive(pgid: int) -> bool:
@@ -347,7 +347,6 @@ def run_command(command, env, timeout_s, log: Log, on_start) -> tuple[Optional[i
     """Run in a new process group, tee its output; returns (exit code or None when timed out, last lines)."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    on_start(proc.pid)
     tail: collections.deque = collections.deque(maxlen=4000)
 
     def pump():
@@ -359,9 +358,11 @@ def run_command(command, env, timeout_s, log: Log, on_start) -> tuple[Optional[i
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        rc: Optional[int] = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        rc = None
+        on_start(proc.pid)
+        try:
+            rc: Optional[int] = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = None
     except BaseException:  # Terminated, KeyboardInterrupt: the stage's processes go with us
         kill_group(proc, 1.0)
         raise
