@@ -3,8 +3,10 @@
 
 Runs the stages below in order of value on a bare GPU machine (system python
 with torch, triton, pytest preinstalled; no network), each under its own time
-limit, within one budget (``GPU_CHECK_BUDGET_S``, default 480 s). A stage the
-remaining budget cannot cover is skipped with a note, never started and cut.
+limit, within one budget (``GPU_CHECK_BUDGET_S``, default 480 s). A stage starts
+only when the budget left covers its expected time (else it is skipped with a
+note), and its limit is cut to the budget left; the last stage's expected time
+is kept back for it, and the stages end 10 s before the budget.
 
 Everything streams to the output folder (``GPU_CHECK_OUT``; default
 ``bench/results/gpu-check-<UTC stamp>/``) as it happens, so a run killed at
