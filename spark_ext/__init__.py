@@ -1,7 +1,7 @@
 """spark_ext: fast, drop-in ops for quantization-aware training with spatially
 weighted knowledge distillation (SPARK) of image-restoration networks.
 
-Public API (see README.md and SPEC.md):
+Public API (see README.md and docs/spec.md):
 
 * :func:`difficulty_signals`, :func:`fused_weighted_kd` — SPARK's fused signals and KD loss;
 * :func:`lsq_fake_quant` — LSQ / LSQ+ fake quantization;

@@ -1,4 +1,4 @@
-"""Pure-PyTorch oracles for every op of SPEC.md; also the portable fallback.
+"""Pure-PyTorch oracles for every op of docs/spec.md; also the portable fallback.
 
 These functions define what the fast backends must compute. They favour
 clarity and accuracy over speed:
