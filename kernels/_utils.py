@@ -108,6 +108,7 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # --------------------------------------------------------------------------
 
 
+# Arguments: d: float32 values S - T (any shape); KIND: constexpr loss kind, 0 l1, 1 l2, 2 charbonnier (KD_KINDS).
 @triton.jit
 def kd_elem(d, KIND: tl.constexpr):
     """``ell(d)`` of SPEC §2: 0 = l1 ``|d|``, 1 = l2 ``d^2``, 2 = charbonnier."""
@@ -121,6 +122,7 @@ def kd_elem(d, KIND: tl.constexpr):
     return r
 
 
+# Arguments: d: float32 values S - T; KIND: constexpr loss kind as for kd_elem.
 @triton.jit
 def kd_grad(d, KIND: tl.constexpr):
     """``ell'(d)``: sign(d) (0 at 0, NaN stays NaN), ``2d``, or ``d / sqrt(d^2 + eps^2)``."""
@@ -134,6 +136,8 @@ def kd_grad(d, KIND: tl.constexpr):
     return r
 
 
+# Arguments: x: float32 values to store; OUT: constexpr output dtype code, OUT_F32 (0), OUT_F16 (1),
+# OUT_BF16 (2) or OUT_F64 (3) (see out_code).
 @triton.jit
 def cast_out(x, OUT: tl.constexpr):
     """Cast float32 ``x`` to the output dtype code ``OUT``, rounding to nearest-even."""

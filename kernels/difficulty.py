@@ -92,6 +92,9 @@ _FIELDS_SIGNALS = 8
 _FIELDS_KD_ONLY = 1
 
 
+# Arguments: ``n, mean, m2``: running count, mean and M2 (sum of squared deviations from the mean) of each
+# cell, float32 vectors; ``n_t, mean_t, m2_t``: the same statistics of the part being merged in.
+# Returns the merged ``(n, mean, m2)``.
 @triton.jit
 def _chan_merge(n, mean, m2, n_t, mean_t, m2_t):
     """Merge (count, mean, M2) of a part into running statistics (Chan et al.)."""
@@ -103,6 +106,8 @@ def _chan_merge(n, mean, m2, n_t, mean_t, m2_t):
     return n_new, mean, m2
 
 
+# Arguments: ``total``: running sum; ``comp``: its Kahan compensation (the low-order bits lost so far);
+# ``x``: the value to add. All float32 vectors of one shape.
 @triton.jit
 def _kahan_add(total, comp, x):
     """Compensated ``total += x`` (returns the new total and compensation)."""
@@ -112,6 +117,17 @@ def _kahan_add(total, comp, x):
     return t, comp
 
 
+# Arguments:
+#   sig_ptr      signals output [B, 4, GH, GW], float32, contiguous (not written when SIGNALS is False)
+#   kd_ptr       cell_kd output [B, 1, GH, GW], float32, contiguous
+#   q, qmask     flat cell indices (b*GH + r)*GW + c of this program's cells (int64) and which are real cells
+#   PLANE        GH * GW, cells per image
+#   C            channels of the images (recon_err and kd_gap are channel sums divided by C)
+#   n            pixels per cell (float32)
+#   m2_l, m2_g   M2 (sum of squared deviations) of the Laplacian L and of g = mean_c Y over the cell
+#   sum_e, sum_k cell sums of sum_c |S - Y| and sum_c |S - T|
+#   sum_l        cell sum of sum_c ell(S - T): the cell_kd value
+#   SIGNALS      constexpr: also write the four signals (else only cell_kd; the other values are ignored)
 @triton.jit
 def _write_outputs(sig_ptr, kd_ptr, q, qmask, PLANE, C, n, m2_l, m2_g, sum_e, sum_k, sum_l, SIGNALS: tl.constexpr):
     """Store cells ``q`` (flat ``(b*GH + r)*GW + c``): cell_kd [B,1,GH,GW] and signals [B,4,GH,GW], fp32."""
@@ -125,6 +141,28 @@ def _write_outputs(sig_ptr, kd_ptr, q, qmask, PLANE, C, n, m2_l, m2_g, sum_e, su
         tl.store(base + 3 * PLANE, sum_k * inv_n / C, mask=qmask)
 
 
+# Forward of docs/spec.md §2. Launch grid: (cdiv(NCELLS, NC) * NSPLIT,); program pid handles row band
+# pid % NSPLIT of the NC consecutive cells starting at (pid // NSPLIT) * NC. Arguments:
+#   s_ptr, t_ptr, y_ptr   student S, teacher T, target Y: [B, C, H, W] in the input dtype, any strides
+#                         (y_ptr is S, never read, when SIGNALS is False)
+#   sig_ptr               signals output [B, 4, GH, GW] float32 (an alias of kd_ptr, unused, without SIGNALS)
+#   kd_ptr                cell_kd output [B, 1, GH, GW] float32
+#   part_ptr              scratch [fields, NSPLIT, NCELLS] float32 for the row bands' partial statistics
+#                         (fields: 8 with SIGNALS, see _F_*; 1 without); an unused alias of kd_ptr when DIRECT
+#   C, H, W               channels, height and width of the images
+#   GH, GW                grid: cells per column and per row of an image (docs/spec.md §1)
+#   NCELLS                B * GH * GW, the number of cells (range of the flat cell index q)
+#   NSPLIT                row bands each cell is cut into (1: no split)
+#   ROWS_PER_SPLIT        pixel rows per band (a multiple of BH)
+#   CH_MAX, CW_MAX        height and width of the largest cell: cdiv(H, GH), cdiv(W, GW)
+#   ssb, ssc, ssh, ssw    student strides (elements) along B, C, H, W
+#   stb, stc, sth, stw    teacher strides along B, C, H, W
+#   syb, syc, syh, syw    target strides along B, C, H, W
+#   KIND                  constexpr KD loss kind: 0 l1, 1 l2, 2 charbonnier (_utils.KD_KINDS)
+#   SIGNALS               constexpr: compute the four signals and cell_kd (else cell_kd only, Y not read)
+#   DIRECT                constexpr: NSPLIT == 1, so write the outputs directly instead of partials
+#   NC                    constexpr: cells per program (a power of two)
+#   BH, BW                constexpr: rows and columns of the pixel window each cell gets per tile (powers of two)
 @triton.jit
 def _difficulty_fwd_kernel(
     s_ptr, t_ptr, y_ptr, sig_ptr, kd_ptr, part_ptr,
@@ -286,6 +324,15 @@ def _difficulty_fwd_kernel(
             tl.store(base, sum_l, mask=qmask)
 
 
+# Second stage of the forward when NSPLIT > 1. Launch grid: (cdiv(NCELLS, BLOCK),). Arguments:
+#   part_ptr          partial statistics [fields, NSPLIT, NCELLS] float32 written by _difficulty_fwd_kernel
+#   sig_ptr, kd_ptr   outputs, as in _difficulty_fwd_kernel
+#   C                 channels of the images
+#   GH, GW            grid
+#   NSPLIT            row bands per cell (partials merged in band order)
+#   NCELLS            B * GH * GW
+#   SIGNALS           constexpr: partials hold the 8 signal fields (else cell_kd only)
+#   BLOCK             constexpr: cells per program
 @triton.jit
 def _difficulty_merge_kernel(
     part_ptr, sig_ptr, kd_ptr, C, GH, GW, NSPLIT, NCELLS,
@@ -328,6 +375,24 @@ def _difficulty_merge_kernel(
         _write_outputs(sig_ptr, kd_ptr, q, qmask, plane, C, sum_l, sum_l, sum_l, sum_l, sum_l, sum_l, False)
 
 
+# Backward of cell_kd (docs/spec.md §2): dS = G[cell] * ell'(S - T), dT = -dS. Launch grid: (B * NTILES,);
+# program pid handles pixel tile pid % NTILES of image pid // NTILES, all channels. Arguments:
+#   g_ptr                    upstream gradient G [B, 1, GH, GW] float32, any strides (stride 0 allowed)
+#   s_ptr, t_ptr             student and teacher [B, C, H, W], input dtype, any strides
+#   ds_ptr, dt_ptr           outputs dS and dT in the input dtype (a dummy pointer when not needed)
+#   C, H, W                  channels, height and width of the images
+#   GH, GW                   grid (cell of row h is h * GH // H, docs/spec.md §1)
+#   NTW                      tiles per image row: cdiv(W, BW)
+#   NTILES                   tiles per image: cdiv(H, BH) * NTW
+#   sgb, sgh, sgw            G's strides along B, GH, GW (its channel dim has size 1)
+#   ssb, ssc, ssh, ssw       student strides along B, C, H, W
+#   stb, stc, sth, stw       teacher strides
+#   sdsb, sdsc, sdsh, sdsw   dS strides (zeros when NEED_S is False)
+#   sdtb, sdtc, sdth, sdtw   dT strides (zeros when NEED_T is False)
+#   KIND                     constexpr KD loss kind (0 l1, 1 l2, 2 charbonnier)
+#   NEED_S, NEED_T           constexpr: write dS / dT
+#   OUT                      constexpr: dtype code of dS and dT (_utils.out_code)
+#   BH, BW                   constexpr: tile rows and columns (powers of two)
 @triton.jit
 def _cell_kd_bwd_kernel(
     g_ptr, s_ptr, t_ptr, ds_ptr, dt_ptr,

@@ -50,6 +50,9 @@ from ._utils import (
 )
 
 
+# Programs enumerate (weight image bo, weight channel co, tile): pid = (bo * CO + co) * NTILES + tile.
+# Arguments: H, W: image height and width; CO: channels of the 4-D weight (1 or C; C without a weight);
+# NTW: tiles per image row, cdiv(W, BW); NTILES: tiles per plane, cdiv(H, BH) * NTW; BH, BW: tile shape.
 @triton.jit
 def _program_tile(H, W, CO, NTW, NTILES, BH: tl.constexpr, BW: tl.constexpr):
     """This program's weight plane ``(bo, co)`` and pixel tile: int64 ``rows [BH,1]``,
@@ -65,6 +68,25 @@ def _program_tile(H, W, CO, NTW, NTILES, BH: tl.constexpr, BW: tl.constexpr):
     return bo, co, rows[:, None], cols[None, :], m
 
 
+# Forward of docs/spec.md §3 for no weight or a per-pixel weight. The weight is viewed as 4-D [Bw, Cw, H, W]
+# (Bw in {1, B}, Cw in {1, C}; without a weight Bw = B, Cw = C). Launch grid: (Bw * Cw * NTILES,); each
+# program owns one tile of one weight plane (bo, co) and loops over the BI * CI image planes sharing it.
+# Arguments:
+#   s_ptr, t_ptr          student and teacher [B, C, H, W], input dtype, any strides
+#   w_ptr                 weight [Bw, Cw, H, W], any float dtype and strides (stride 0 allowed); S, never read,
+#                         when HAS_W is False
+#   part_ptr              one float32 partial sum per program, summed by _sum_partials_kernel
+#   H, W                  image height and width
+#   CO                    Cw: weight channels (planes per weight image)
+#   BI                    B // Bw: images sharing one weight image (B if the weight broadcasts over B, else 1)
+#   CI                    C // Cw: channels sharing one weight channel (C if it broadcasts over C, else 1)
+#   NTW, NTILES           tiles per image row and per plane (see _program_tile)
+#   ssb, ssc, ssh, ssw    student strides (elements) along B, C, H, W
+#   stb, stc, sth, stw    teacher strides
+#   swb, swc, swh, sww    weight strides along Bw, Cw, H, W
+#   KIND                  constexpr KD loss kind: 0 l1, 1 l2, 2 charbonnier
+#   HAS_W                 constexpr: a weight is given
+#   BH, BW                constexpr: tile rows and columns (powers of two)
 @triton.jit
 def _wkd_fwd_kernel(
     s_ptr, t_ptr, w_ptr, part_ptr,
@@ -92,6 +114,8 @@ def _wkd_fwd_kernel(
     tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
+# One program. Arguments: part_ptr: NPART float32 partial sums; out_ptr: the 0-dim float32 loss;
+# NPART: number of partials; DIV: N = B*C*H*W for reduction "mean", 1 for "sum"; BLOCK: chunk width (constexpr).
 @triton.jit
 def _sum_partials_kernel(part_ptr, out_ptr, NPART, DIV, BLOCK: tl.constexpr):
     """``out = sum(part) / DIV`` in a fixed order: chunked tree sums added in chunk order."""
@@ -102,6 +126,17 @@ def _sum_partials_kernel(part_ptr, out_ptr, NPART, DIV, BLOCK: tl.constexpr):
     tl.store(out_ptr, tl.div_rn(tl.sum(total, axis=0), DIV))
 
 
+# One-pass backward of _wkd_fwd_kernel, same launch grid and program layout. Arguments as there, plus:
+#   g_ptr                    0-dim upstream gradient (float32), read on the device
+#   ds_ptr, dt_ptr           outputs dS, dT in the input dtype (a dummy pointer with zero strides when not needed)
+#   dw_ptr                   output dweight, a fresh contiguous [Bw, Cw, H, W] buffer in the weight's dtype,
+#                            reduced over the BI * CI planes sharing each weight element (dummy unless NEED_W)
+#   DIV                      N for reduction "mean", 1 for "sum"
+#   sdsb, sdsc, sdsh, sdsw   dS strides along B, C, H, W
+#   sdtb, sdtc, sdth, sdtw   dT strides
+#   NEED_S, NEED_T, NEED_W   constexpr: write dS / dT / dweight
+#   OUT                      constexpr: dtype code of dS and dT (_utils.out_code)
+#   OUT_W                    constexpr: dtype code of dweight (0 when NEED_W is False)
 @triton.jit
 def _wkd_bwd_kernel(
     g_ptr, s_ptr, t_ptr, w_ptr, ds_ptr, dt_ptr, dw_ptr, DIV,
