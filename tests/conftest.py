@@ -33,3 +33,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cuda(request):
+    """On a GPU machine, tests parametrised with ``backend="triton"`` build their tensors on CUDA.
+
+    The backend tests (tests/test_*_backends.py) create inputs with factory
+    functions and no device. Without a GPU they run on CPU under Triton's
+    interpreter; with one, Triton does not run CPU tensors (TRITON_INTERPRET
+    is unset), so the default device becomes CUDA for those tests only.
+    """
+    callspec = getattr(request.node, "callspec", None)
+    if not HAS_CUDA or callspec is None or callspec.params.get("backend") != "triton":
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

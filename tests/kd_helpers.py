@@ -100,8 +100,8 @@ def gpu_like(monkeypatch):
 
 
 
-def images(shape, dtype=torch.float32, layout="contiguous", n=3, device="cpu"):
-    """``n`` random ``[B, C, H, W]`` tensors in the given memory layout."""
+def images(shape, dtype=torch.float32, layout="contiguous", n=3, device=None):
+    """``n`` random ``[B, C, H, W]`` tensors in the given memory layout (``device=None``: torch's default device)."""
     B, C, H, W = shape
     out = []
     for _ in range(n):
