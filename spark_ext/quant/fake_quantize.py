@@ -42,6 +42,20 @@ from torch.ao.quantization import FakeQuantizeBase
 from .. import ops
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+def read_flag(module: nn.Module, name: str) -> bool:
+    """``module.<name>[0] == 1`` for a uint8 flag buffer, re-reading the device value only after the
+    buffer was written (tracked by the tensor's version counter), so a forward does not synchronise
+    with a CUDA device every call."""
+    t = getattr(module, name)
+    cache = module.__dict__.setdefault("_flag_cache", {})
+    cached = cache.get(name)
+    if cached is not None and cached[0] is t and cached[1] == t._version:
+        return cached[2]
+    value = bool(t[0] == 1)
+    cache[name] = (t, t._version, value)
+    return value
 _SYMMETRIC = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
 
 
@@ -126,7 +140,6 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         # bitwidth = floor(log2(number of levels)), as torch computes it.
         self.bitwidth = (quant_max - quant_min + 1).bit_length() - 1
         self.register_buffer("eps", torch.tensor([torch.finfo(torch.float32).eps]))
-        self._flag_cache: dict[str, tuple[torch.Tensor, int, bool]] = {}
 
     # ------------------------------------------------------------ toggles
 
@@ -183,14 +196,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     # ------------------------------------------------------------ forward
 
     def _flag(self, name: str) -> bool:
-        """``buffer[0] == 1``, re-reading the device value only after the buffer was written."""
-        t = getattr(self, name)
-        cached = self._flag_cache.get(name)
-        if cached is not None and cached[0] is t and cached[1] == t._version:
-            return cached[2]
-        value = bool(t[0] == 1)
-        self._flag_cache[name] = (t, t._version, value)
-        return value
+        return read_flag(self, name)
 
     def _copy_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         for param, value in ((self.scale, scale), (self.zero_point, zero_point)):
