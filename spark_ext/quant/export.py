@@ -285,7 +285,7 @@ def export_onnx(
         raise ValueError(f"export_onnx supports up to 8 bits per operand; these quantizers have more: {too_wide}")
     onnx = _need("onnx")
     _need("onnxscript")
-    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+    _need("torch.ao.quantization.fx._decomposed")  # registers torch.ops.quantized_decomposed
 
     twin, int4_layers = _twin(model, int4)
     x = example_input.detach().float().to(next(twin.parameters()).device)
