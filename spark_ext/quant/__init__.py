@@ -10,6 +10,10 @@
 * :func:`calibrate` — PTQ: set every step from data by min-max or MSE search.
 * :class:`LearnableFakeQuantize` — drop-in for ``torch.ao.quantization._LearnableFakeQuantize``
   running spark_ext's fused learnable fake-quant ops.
+* :func:`export_onnx` / :func:`run_onnx` — the QAT model as ONNX QuantizeLinear / DequantizeLinear
+  (``[export]`` extra), run with onnxruntime.
+* ``spark_ext.quant.pt2e.PT2ELearnableFakeQuantize`` — for torchao's PT2E QAT flow
+  (``[torchao]`` extra; imported on its own because it imports torchao).
 
 Typical use::
 
@@ -21,6 +25,7 @@ Typical use::
 
 from .calibrate import calibrate
 from .convert import QuantEntry, QuantReport, quantize_model
+from .export import export_onnx, run_onnx
 from .fake_quantize import LearnableFakeQuantize
 from .layers import QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .quantizer import LSQQuantizer
@@ -35,5 +40,7 @@ __all__ = [
     "QuantLinear",
     "QuantReport",
     "calibrate",
+    "export_onnx",
     "quantize_model",
+    "run_onnx",
 ]
