@@ -40,24 +40,19 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [2, 8], got {text!r}") from None
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"expected an integer in [2, 8], got {value}")
-    return value
+def _int_in(low: int, high: Optional[int] = None):
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+    return parse
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -76,13 +71,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-int4", action="store_true", help="store 2..4-bit operands in int8/uint8 instead of INT4/UINT4")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise", help="--demo: task (default: %(default)s)")
-    p.add_argument("--bits", type=_bits, default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)")
+    p.add_argument("--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)")
     p.add_argument("--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)")
-    p.add_argument("--steps", type=_positive, default=None, help="--demo: student steps (default: the preset's)")
-    p.add_argument("--teacher-steps", type=_positive, default=None, help="--demo: teacher steps (default: the preset's)")
+    p.add_argument("--steps", type=_int_in(1), default=None, help="--demo: student steps (default: the preset's)")
+    p.add_argument("--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=_int_in(1), default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     # Every check before any work.

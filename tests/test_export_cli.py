@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
         (["--demo"], "the following arguments are required: --out"),
         (["--demo", "--out", "o", "--bits", "9"], "--bits: expected an integer in [2, 8], got 9"),
         (["--demo", "--out", "o", "--bits", "x"], "--bits: expected an integer in [2, 8], got 'x'"),
-        (["--demo", "--out", "o", "--steps", "0"], "--steps: expected a positive integer, got 0"),
+        (["--demo", "--out", "o", "--steps", "0"], "--steps: expected an integer >= 1, got 0"),
         (["--demo", "--out", "o", "--opset", "11", "--no-int4"], "--opset must be >= 13"),
         (["--demo", "--out", "o", "--opset", "18"], "--opset 18 has no INT4/UINT4: use --opset 21 or --no-int4"),
         (["--demo", "--out", "o", "--input-shape", "1,3,8,8"], "--input-shape is only for --model"),

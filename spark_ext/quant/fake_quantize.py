@@ -59,6 +59,22 @@ def read_flag(module: nn.Module, name: str) -> bool:
 _SYMMETRIC = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
 
 
+def learnable_fake_quant(fq: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """The fake quantization of a learnable FakeQuantize module (torch.ao's or torchao's API): symmetric
+    schemes zero the zero point, ``use_grad_scaling`` scales the qparam gradients by
+    ``1 / sqrt(X.numel() * quant_max)``, then spark_ext's per-tensor / per-channel op."""
+    if fq.qscheme in _SYMMETRIC:
+        fq.zero_point.data.zero_()
+    grad_factor = 1.0 / (X.numel() * fq.quant_max) ** 0.5 if fq.use_grad_scaling else 1.0
+    if fq.qscheme in _PER_CHANNEL:
+        return ops.fake_quantize_learnable_per_channel_affine(
+            X, fq.scale, fq.zero_point, fq.ch_axis, fq.quant_min, fq.quant_max, grad_factor, backend=fq.backend
+        )
+    return ops.fake_quantize_learnable_per_tensor_affine(
+        X, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max, grad_factor, backend=fq.backend
+    )
+
+
 class LearnableFakeQuantize(FakeQuantizeBase):
     """Learnable-scale fake quantize for torch.ao QAT, computed with spark_ext's ops.
 
@@ -218,17 +234,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
         if not self._flag("fake_quant_enabled"):
             return X
-        if self.qscheme in _SYMMETRIC:
-            self.zero_point.data.zero_()
-        grad_factor = 1.0 / (X.numel() * self.quant_max) ** 0.5 if self.use_grad_scaling else 1.0
-        if self.qscheme in _PER_CHANNEL:
-            return ops.fake_quantize_learnable_per_channel_affine(
-                X, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor,
-                backend=self.backend,
-            )
-        return ops.fake_quantize_learnable_per_tensor_affine(
-            X, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor, backend=self.backend
-        )
+        return learnable_fake_quant(self, X)
 
     # -------------------------------------------------------- state dicts
 

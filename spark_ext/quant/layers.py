@@ -188,21 +188,8 @@ def _conv_layer_args(layer: nn.Module) -> dict:
     )
 
 
-class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
-
-    Constructor: ``nn.Conv2d``'s arguments, then keyword-only
-    ``w_bits=4, a_bits=4`` (each 2..16, or ``None`` for no quantization of that
-    operand), ``a_signed=None`` (input range signed / unsigned / decided from
-    the first batch), ``a_learn_offset=False`` (LSQ+ on the input),
-    ``grad_scale="lsq"`` and ``backend=None`` (for both quantizers).
-
-    Forward: ``x [B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) ->
-    ``conv(fq_a(x), fq_w(weight)) + bias`` in x's dtype. Differentiable w.r.t.
-    x, weight, bias and the quantizers' steps (and offset).
-    """
-
-    _FLOAT = nn.Conv2d
+class _QuantConv(_QuantMixin):
+    """Constructor and forward shared by :class:`QuantConv1d` and :class:`QuantConv2d` (same float signature)."""
 
     def __init__(
         self,
@@ -239,7 +226,24 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return _conv_layer_args(layer)
 
 
-class QuantConv1d(_QuantMixin, nn.Conv1d):
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+
+    Constructor: ``nn.Conv2d``'s arguments, then keyword-only
+    ``w_bits=4, a_bits=4`` (each 2..16, or ``None`` for no quantization of that
+    operand), ``a_signed=None`` (input range signed / unsigned / decided from
+    the first batch), ``a_learn_offset=False`` (LSQ+ on the input),
+    ``grad_scale="lsq"`` and ``backend=None`` (for both quantizers).
+
+    Forward: ``x [B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) ->
+    ``conv(fq_a(x), fq_w(weight)) + bias`` in x's dtype. Differentiable w.r.t.
+    x, weight, bias and the quantizers' steps (and offset).
+    """
+
+    _FLOAT = nn.Conv2d
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
     """``nn.Conv1d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
 
     Constructor: ``nn.Conv1d``'s arguments, then the keyword-only options of
@@ -249,39 +253,6 @@ class QuantConv1d(_QuantMixin, nn.Conv1d):
     """
 
     _FLOAT = nn.Conv1d
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        w_bits: Optional[int] = 4,
-        a_bits: Optional[int] = 4,
-        a_signed: Optional[bool] = None,
-        a_learn_offset: bool = False,
-        grad_scale: Union[str, float, None] = "lsq",
-        backend: Optional[str] = None,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
-        )
-        self._init_quantizers(out_channels, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend, device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_input(x), self._weight_for_forward(), self.bias)
-
-    @classmethod
-    def _layer_args(cls, layer: nn.Module) -> dict:
-        return _conv_layer_args(layer)
 
 
 class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):

@@ -48,11 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "spark_ext.quant.pt2e needs torchao (PT2E quantization): pip install 'spark_ext[torchao]'"
     ) from exc
 
-from .. import ops
-from .fake_quantize import read_flag
-
-_PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
-_SYMMETRIC = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+from .fake_quantize import learnable_fake_quant, read_flag
 
 __all__ = ["PT2ELearnableFakeQuantize", "disable_range_learning", "enable_range_learning"]
 
@@ -179,17 +175,7 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
             self._copy_qparams(*self.activation_post_process.calculate_qparams())
         if not read_flag(self, "fake_quant_enabled"):
             return X
-        if self.qscheme in _SYMMETRIC:
-            self.zero_point.data.zero_()
-        grad_factor = 1.0 / (X.numel() * self.quant_max) ** 0.5 if self.use_grad_scaling else 1.0
-        if self.qscheme in _PER_CHANNEL:
-            return ops.fake_quantize_learnable_per_channel_affine(
-                X, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor,
-                backend=self.backend,
-            )
-        return ops.fake_quantize_learnable_per_tensor_affine(
-            X, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor, backend=self.backend
-        )
+        return learnable_fake_quant(self, X)
 
     # -------------------------------------------------------- state dicts
 
