@@ -84,10 +84,10 @@ def codes_of_onnx(proto, x, fused):
 @pytest.mark.parametrize(
     "kw, int4",
     [
-        (dict(w_bits=8, a_bits=8, first_last_bits=None), False),
+        (dict(w_bits=8, a_bits=8, first_last_bits=None, a_learn_offset=True), False),  # LSQ+ offsets: Sub/Add
         (dict(w_bits=4, a_bits=4, layer_bits={"tail": {"a_bits": 6}, "up": {"w_bits": 3}}), True),
     ],
-    ids=["w8a8", "w4a4-int4-mixed"],
+    ids=["w8a8-lsq+", "w4a4-int4-mixed"],
 )
 def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
     model = quant_net(**kw)
@@ -105,6 +105,7 @@ def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
         assert "Clip" in ops  # the 6-bit activation in int8
     else:
         assert set(weight_types.values()) == {T.INT8} and "Clip" not in ops
+        assert "Sub" in ops  # the offsets (the exporter may fold some into Add)
 
     # Another input size (dynamic shapes). Each node as the ONNX spec defines it: every quantized
     # activation is the fake-quantized model's level (a tie may round the other way: one level,

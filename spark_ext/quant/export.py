@@ -26,6 +26,7 @@ onnxruntime to run the result).
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from typing import Optional, Union
 
@@ -51,11 +52,9 @@ def _need(module: str):
         raise ImportError(f"export_onnx needs {module.split('.')[0]}: pip install 'spark_ext[export]'") from exc
 
 
-def _qdq_dtype(bits: int, signed: bool, int4: bool) -> tuple[torch.dtype, bool]:
-    """(torch container dtype for the graph, whether to retype it to INT4/UINT4 afterwards)."""
-    if bits <= 4 and int4:
-        return (torch.int8 if signed else torch.uint8), True
-    return (torch.int8 if signed else torch.uint8), False
+def _int_dtype(signed: bool) -> torch.dtype:
+    """The integer type of the exported graph; 2..4-bit operands are retyped to INT4 / UINT4 afterwards."""
+    return torch.int8 if signed else torch.uint8
 
 
 class _QDQLayer(nn.Module):
@@ -82,28 +81,27 @@ class _QDQLayer(nn.Module):
             view = [-1 if d == self.w_axis else 1 for d in range(w.dim())]
             # The fake-quant op's math: round_half_even(clamp(w / step)) (LSQ weights have no offset).
             levels = torch.round((w / step.reshape(view)).clamp(-qn, qp))
-            dtype, retype = _qdq_dtype(wq.bits, True, int4)
-            self.w_range = (-qn, qp, dtype)
-            self.register_buffer("weight_int", levels.to(dtype))
+            self.w_dtype = _int_dtype(True)
+            self.register_buffer("weight_int", levels.to(self.w_dtype))
             self.register_buffer("weight_scale", step)
             self.register_buffer("weight_zero", torch.zeros_like(step, dtype=torch.int64))
-            if retype:
+            if int4 and wq.bits <= 4:
                 self.int4_parts.append("weight")
             self.weight = None
         else:
-            self.w_range = None
+            self.w_dtype = None
             self.weight = nn.Parameter(w.clone())
 
         aq = layer.input_quantizer
-        self.a_range = None
+        self.a_dtype = None
         if aq is not None and aq.enabled:
             if not aq.is_initialized:
                 raise ValueError(f"export_onnx: the input quantizer of {name!r} is not initialised (run a forward)")
             qn, qp = aq.qrange
-            dtype, retype = _qdq_dtype(aq.bits, aq.signed, int4)
-            self.a_range = (-qn, qp, dtype)
+            retype = int4 and aq.bits <= 4
+            self.a_dtype = _int_dtype(aq.signed)
             self.a_scale = float(aq.step.detach().float().clamp_min(LSQ_MIN_STEP))
-            info = torch.iinfo(dtype)
+            info = torch.iinfo(self.a_dtype)
             lo, hi = (-qn, qp) if retype else (info.min, info.max)
             # Clip only when the levels do not fill the integer type the graph quantizes to.
             self.a_clip = None if (-qn, qp) == (lo, hi) else (-qn * self.a_scale, qp * self.a_scale)
@@ -112,9 +110,9 @@ class _QDQLayer(nn.Module):
                 self.int4_parts.append("input")
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.a_range is None:
+        if self.a_dtype is None:
             return x
-        lo, hi, dtype = self.a_range
+        dtype = self.a_dtype
         if self.a_offset is not None:
             x = x - self.a_offset
         if self.a_clip is not None:
@@ -128,12 +126,11 @@ class _QDQLayer(nn.Module):
         return x
 
     def _weight(self) -> torch.Tensor:
-        if self.w_range is None:
+        if self.w_dtype is None:
             return self.weight
-        lo, hi, dtype = self.w_range
-        info = torch.iinfo(dtype)
+        info = torch.iinfo(self.w_dtype)
         return torch.ops.quantized_decomposed.dequantize_per_channel(
-            self.weight_int, self.weight_scale, self.weight_zero, self.w_axis, info.min, info.max, dtype
+            self.weight_int, self.weight_scale, self.weight_zero, self.w_axis, info.min, info.max, self.w_dtype
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +285,8 @@ def export_onnx(
     _need("torch.ao.quantization.fx._decomposed")  # registers torch.ops.quantized_decomposed
 
     twin, int4_layers = _twin(model, int4)
-    x = example_input.detach().float().to(next(twin.parameters()).device)
+    device = next(itertools.chain(twin.parameters(), twin.buffers())).device
+    x = example_input.detach().float().to(device)
     dynamic_shapes = None
     if dynamic:
         auto = torch.export.Dim.AUTO
