@@ -353,3 +353,18 @@ def test_quant_conv1d_matches_float64():
     x_fq = fq64(x, lsq_step64(x, 4, False), 4, False)
     ref = F.conv1d(F.pad(x_fq, (2, 2), mode="reflect"), w_fq, layer.bias, 2)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_calibrate_covers_conv1d_and_conv_transpose(method):
+    from spark_ext.quant import calibrate
+
+    model = quantize_model(Codec(), w_bits=4, a_bits=4).model
+    calibrate(model, [torch.randn(2, 2, 64) for _ in range(2)], method=method)
+    up, head = model.up.weight_quantizer, model.head.weight_quantizer
+    assert up.is_initialized and up.step.shape == (4,) and head.step.shape == (4,)
+    # Transposed conv: one step per output channel (weight axis 1); minmax covers each channel's range.
+    if method == "minmax":
+        rows = model.up.weight.detach().movedim(1, 0).reshape(4, -1)
+        expected = torch.maximum(-rows.amin(1) / 8, rows.amax(1) / 7)  # signed 4-bit: Qn = 8, Qp = 7
+        torch.testing.assert_close(up.step.detach(), expected, rtol=1e-6, atol=0)
