@@ -19,7 +19,7 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         self.head = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
-        self.body = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2))  # nested: the layer is 'body.0'
         self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
         self.tail = nn.Conv2d(8, 3, 3, padding=1)
         self.fc = nn.Linear(3, 3)

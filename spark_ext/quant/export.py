@@ -174,7 +174,9 @@ def _scope(node) -> str:
 
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
-            return ".".join(s for s in ast.literal_eval(prop.value)[1:-1] if s)
+            # Cumulative paths, outermost first, the op last: ['', 'body', 'body.0', 'quantize_per_tensor_1'].
+            scopes = ast.literal_eval(prop.value)
+            return scopes[-2] if len(scopes) >= 2 else ""
     return ""
 
 
