@@ -196,11 +196,11 @@ def test_model_state_dict_roundtrip():
 
 
 def test_quantize_model_errors():
-    with pytest.raises(ValueError, match="nothing to quantize: Sequential has no nn.Conv2d or nn.Linear submodule"):
+    with pytest.raises(ValueError, match="nothing to quantize: Sequential has no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear submodule"):
         quantize_model(nn.Sequential(nn.ReLU()))
     done = mlp()
     quantize_model(done)
-    with pytest.raises(ValueError, match=r"no nn.Conv2d or nn.Linear submodule \(3 layer\(s\) are already quantized\)"):
+    with pytest.raises(ValueError, match=r"no nn.Conv1d .* nn.Linear submodule \(3 layer\(s\) are already quantized\)"):
         quantize_model(done)
     with pytest.raises(ValueError, match=r"w_bits must be in \[2, 16\] \(unsupported bit width\), got 1"):
         quantize_model(mlp(), w_bits=1)
@@ -224,5 +224,147 @@ def test_quantize_model_errors():
         quantize_model(mlp(), inplace="yes")
     with pytest.raises(ValueError, match=r"nothing to quantize: skip=\['\*'\] left all 3 candidate layer\(s\) float"):
         quantize_model(mlp(), skip="*")
-    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['nope'\] matched no nn.Conv2d / nn.Linear"):
+    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['nope'\] matched no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear"):
         quantize_model(mlp(), skip=["nope"])
+    with pytest.raises(TypeError, match="layer_bits must be a mapping of module name patterns to bits, got list"):
+        quantize_model(mlp(), layer_bits=[("0", 8)])
+    with pytest.raises(TypeError, match=r"layer_bits keys must be module names or fnmatch patterns \(str\), got 0"):
+        quantize_model(mlp(), layer_bits={0: 8})
+    with pytest.raises(ValueError, match=r"layer_bits\['0'\] must be in \[2, 16\] \(unsupported bit width\), got 1"):
+        quantize_model(mlp(), layer_bits={"0": 1})
+    with pytest.raises(TypeError, match=r"layer_bits\['0'\] must be an int, got None"):
+        quantize_model(mlp(), layer_bits={"0": None})
+    with pytest.raises(ValueError, match=r"layer_bits\['0'\] must have the keys 'w_bits' and/or 'a_bits', got \{'bits': 4\}"):
+        quantize_model(mlp(), layer_bits={"0": {"bits": 4}})
+    with pytest.raises(ValueError, match=r"layer_bits\['0'\]\['a_bits'\] must be in \[2, 16\]"):
+        quantize_model(mlp(), layer_bits={"0": {"a_bits": 17}})
+    with pytest.raises(ValueError, match=r"layer_bits\['0'\] leaves both operands float: use skip='0'"):
+        quantize_model(mlp(), layer_bits={"0": {"w_bits": None, "a_bits": None}})
+    with pytest.warns(UserWarning, match=r"layer_bits pattern\(s\) \['nope\.\*'\] matched no nn.Conv1d"):
+        quantize_model(mlp(), layer_bits={"nope.*": 8})
+
+
+# ------------------------------------------------ more layer kinds, per-layer bits
+
+
+class Codec(nn.Module):
+    """A 1-D encoder and a 2-D decoder with a transposed-conv upsampler (restoration-decoder style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv1d(2, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1))
+        self.up = nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1)
+        self.tail = nn.Conv2d(4, 1, 3, padding=1)
+
+    def forward(self, x):  # x [B, 2, 64]
+        h = F.relu(self.head(x)).reshape(x.shape[0], 4, 8, 8)
+        return self.tail(F.relu(self.up(F.relu(self.body(h)))))
+
+
+def test_conv1d_convtranspose_and_layer_bits():
+    torch.manual_seed(0)
+    model = Codec().double()
+    x = torch.randn(3, 2, 64, dtype=torch.float64)
+    float_out = model(x)
+    quant = quantize_model(
+        model, w_bits=4, a_bits=4, inplace=False, layer_bits={"body.0": {"a_bits": 6}, "body.*": 5, "up": 3}
+    ).model
+    rows = {(e.name, e.kind, e.w_bits, e.a_bits, e.note) for e in quantize_model(copy.deepcopy(model), layer_bits={
+        "body.0": {"a_bits": 6}, "body.*": 5, "up": 3, "tail": {"w_bits": None}})}
+    assert rows == {
+        ("head", "Conv1d", 8, 8, "first"),
+        ("body.0", "Conv2d", 4, 6, "layer_bits 'body.0'"),  # the first matching pattern wins
+        ("body.2", "Conv2d", 5, 5, "layer_bits 'body.*'"),
+        ("up", "ConvTranspose2d", 3, 3, "layer_bits 'up'"),
+        ("tail", "Conv2d", None, 8, "last; layer_bits 'tail'"),  # overrides first_last_bits
+    }
+    kinds = [type(m).__name__ for m in quant.modules() if hasattr(m, "weight_quantizer")]
+    assert kinds == ["QuantConv1d", "QuantConv2d", "QuantConv2d", "QuantConvTranspose2d", "QuantConv2d"]
+    assert quant.up.weight_quantizer.per_channel_axis == 1 and quant.up.weight_quantizer.step.shape == (4,)
+    quant.double()
+    y = quant(x)
+    # Independent float64 oracle: hooks quantize each float layer's input and weight.
+    ref = copy.deepcopy(model)
+    bits = {"head": 8, "body.0": (4, 6), "body.2": 5, "up": 3, "tail": 8}
+    for name, b in bits.items():
+        wb, ab = b if isinstance(b, tuple) else (b, b)
+        layer = ref.get_submodule(name)
+        axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+        w = layer.weight.detach()
+        wstep = lsq_step64(w.movedim(axis, 0), wb, True, per_row=True)
+        layer.weight.data = fq64(w.movedim(axis, 0), wstep, wb, True, axis=0).movedim(0, axis)
+
+        def pre(mod, args, ab=ab):
+            (inp,) = args
+            signed = bool((inp < 0).any())
+            return (fq64(inp, lsq_step64(inp, ab, signed), ab, signed),)
+
+        layer.register_forward_pre_hook(pre)
+    torch.testing.assert_close(y, ref(x), rtol=1e-9, atol=1e-9)
+    # Close to the float model at these bit widths, and the steps train.
+    assert (y - float_out).abs().max() < 0.5 * float_out.abs().max()
+    y.square().mean().backward()
+    assert quant.up.weight_quantizer.step.grad.shape == (4,) and quant.head.input_quantizer.step.grad is not None
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, output_padding=1),
+        dict(in_channels=4, out_channels=6, kernel_size=(2, 3), groups=2, bias=False, dilation=2),
+    ],
+    ids=["stride-outpad", "groups-dilation"],
+)
+def test_quant_conv_transpose_matches_float64(cfg):
+    from spark_ext.quant import QuantConvTranspose2d
+
+    layer = nn.ConvTranspose2d(**cfg).double()
+    q = QuantConvTranspose2d.from_float(layer, w_bits=4, a_bits=5).double()
+    assert q.weight is layer.weight
+    for name in ("stride", "padding", "output_padding", "dilation", "groups", "kernel_size"):
+        assert getattr(q, name) == getattr(layer, name)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    y = q(x, output_size=None)
+    w = layer.weight.movedim(1, 0)
+    w_fq = fq64(w, lsq_step64(w, 4, True, per_row=True), 4, True, axis=0).movedim(0, 1)
+    x_fq = fq64(x, lsq_step64(x, 5, True), 5, True)
+    ref = F.conv_transpose2d(x_fq, w_fq, layer.bias, layer.stride, layer.padding, layer.output_padding,
+                             layer.groups, layer.dilation)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    # output_size picks the output padding as torch's layer does.
+    if cfg.get("stride", 1) > 1:
+        size = [s - 1 for s in layer(x).shape[2:]]  # output_padding 0 instead of 1
+        assert q(x, output_size=size).shape[2:] == layer(x, output_size=size).shape[2:]
+    f = q.to_float()
+    assert type(f) is nn.ConvTranspose2d and f.output_padding == layer.output_padding
+    torch.testing.assert_close(f.weight, w_fq, rtol=0, atol=1e-12)
+
+
+def test_quant_conv1d_matches_float64():
+    from spark_ext.quant import QuantConv1d
+
+    layer = nn.Conv1d(3, 5, 4, stride=2, padding=2, padding_mode="reflect").double()
+    q = QuantConv1d.from_float(layer, w_bits=3, a_bits=4).double()
+    x = torch.rand(2, 3, 11, dtype=torch.float64)  # unsigned input range
+    y = q(x)
+    assert q.input_quantizer.signed is False
+    w_fq = fq64(layer.weight, lsq_step64(layer.weight, 3, True, per_row=True), 3, True, axis=0)
+    x_fq = fq64(x, lsq_step64(x, 4, False), 4, False)
+    ref = F.conv1d(F.pad(x_fq, (2, 2), mode="reflect"), w_fq, layer.bias, 2)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_calibrate_covers_conv1d_and_conv_transpose(method):
+    from spark_ext.quant import calibrate
+
+    model = quantize_model(Codec(), w_bits=4, a_bits=4).model
+    calibrate(model, [torch.randn(2, 2, 64) for _ in range(2)], method=method)
+    up, head = model.up.weight_quantizer, model.head.weight_quantizer
+    assert up.is_initialized and up.step.shape == (4,) and head.step.shape == (4,)
+    # Transposed conv: one step per output channel (weight axis 1); minmax covers each channel's range.
+    if method == "minmax":
+        rows = model.up.weight.detach().movedim(1, 0).reshape(4, -1)
+        expected = torch.maximum(-rows.amin(1) / 8, rows.amax(1) / 7)  # signed 4-bit: Qn = 8, Qp = 7
+        torch.testing.assert_close(up.step.detach(), expected, rtol=1e-6, atol=0)

@@ -1,13 +1,19 @@
 """Quantization-aware training (QAT) and post-training quantization (PTQ) toolkit (SPEC §5c).
 
 * :class:`LSQQuantizer` — learnable LSQ / LSQ+ fake quantizer (data-driven init).
-* :class:`QuantConv2d`, :class:`QuantLinear` — float layers with per-output-channel
-  weight and per-tensor input-activation quantization (``from_float`` / ``to_float``).
-* :func:`quantize_model` — swap every ``nn.Conv2d`` / ``nn.Linear`` of a model,
-  returning a :class:`QuantReport`.
+* :class:`QuantConv1d`, :class:`QuantConv2d`, :class:`QuantConvTranspose2d`,
+  :class:`QuantLinear` — float layers with per-output-channel weight and
+  per-tensor input-activation quantization (``from_float`` / ``to_float``).
+* :func:`quantize_model` — swap every ``nn.Conv1d`` / ``nn.Conv2d`` /
+  ``nn.ConvTranspose2d`` / ``nn.Linear`` of a model (per-layer bits by name
+  pattern), returning a :class:`QuantReport`.
 * :func:`calibrate` — PTQ: set every step from data by min-max or MSE search.
 * :class:`LearnableFakeQuantize` — drop-in for ``torch.ao.quantization._LearnableFakeQuantize``
   running spark_ext's fused learnable fake-quant ops.
+* :func:`export_onnx` / :func:`run_onnx` — the QAT model as ONNX QuantizeLinear / DequantizeLinear
+  (``[export]`` extra), run with onnxruntime.
+* ``spark_ext.quant.pt2e.PT2ELearnableFakeQuantize`` — for torchao's PT2E QAT flow
+  (``[torchao]`` extra; imported on its own because it imports torchao).
 
 Typical use::
 
@@ -19,17 +25,22 @@ Typical use::
 
 from .calibrate import calibrate
 from .convert import QuantEntry, QuantReport, quantize_model
+from .export import export_onnx, run_onnx
 from .fake_quantize import LearnableFakeQuantize
-from .layers import QuantConv2d, QuantLinear
+from .layers import QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .quantizer import LSQQuantizer
 
 __all__ = [
     "LSQQuantizer",
     "LearnableFakeQuantize",
+    "QuantConv1d",
     "QuantConv2d",
+    "QuantConvTranspose2d",
     "QuantEntry",
     "QuantLinear",
     "QuantReport",
     "calibrate",
+    "export_onnx",
     "quantize_model",
+    "run_onnx",
 ]

@@ -16,7 +16,7 @@ How the passes run: the model is put in ``eval()`` mode (BatchNorm and
 dropout behave as at inference and BN running statistics are not updated),
 every quantizer is *disabled* (each layer sees float inputs and weights, so
 activation statistics are those of the float network), and batches run under
-``torch.no_grad()``. Weights of :class:`QuantConv2d` / :class:`QuantLinear`
+``torch.no_grad()``. Weights of the quantized layers (:class:`QuantConv2d`, ...)
 are calibrated directly from the weight tensors. ``"mse"`` runs the batches
 twice (ranges, then candidate errors), so it first stores the batches in a
 list. Afterwards every module's train/eval mode and every quantizer's
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .layers import QuantConv2d, QuantLinear
+from .layers import QUANT_LAYERS
 from .quantizer import LSQQuantizer, channel_rows, range_to_qparams
 
 METHODS = ("minmax", "mse")
@@ -203,7 +203,7 @@ def calibrate(
         )
     # Weights of quant layers are calibrated from the weight tensors directly;
     # every other quantizer (input activations, user-placed ones) from data.
-    weight_layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear)) and m.weight_quantizer is not None]
+    weight_layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS) and m.weight_quantizer is not None]
     weight_qs = {id(m.weight_quantizer) for m in weight_layers}
     data_qs = [q for q in quantizers if id(q) not in weight_qs]
 

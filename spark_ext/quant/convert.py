@@ -1,8 +1,8 @@
-"""``quantize_model``: swap a model's ``nn.Conv2d`` / ``nn.Linear`` for LSQ-quantized layers.
+"""``quantize_model``: swap a model's convolutions and ``nn.Linear`` for LSQ-quantized layers.
 
-Which layers: every module whose type is exactly ``nn.Conv2d`` or
-``nn.Linear`` (subclasses are left alone because they may override
-``forward``), at any depth, found through ``named_modules()`` — i.e. in
+Which layers: every module whose type is exactly ``nn.Conv1d``,
+``nn.Conv2d``, ``nn.ConvTranspose2d`` or ``nn.Linear`` (subclasses are left
+alone because they may override ``forward``), at any depth, found through ``named_modules()`` — i.e. in
 *module registration order* (the order the attributes were assigned in
 ``__init__``), which for the usual ``head -> body -> tail`` restoration nets
 is also the execution order. Layers referenced only through plain Python
@@ -15,6 +15,12 @@ that writes the output stay at 8 bits). If the registration order of a model
 differs from its execution order, name the layers to keep float with ``skip``
 or set ``first_last_bits=None`` and convert those layers yourself.
 
+Per-layer bit widths: ``layer_bits={"head.*": 8, "body.*": {"w_bits": 4, "a_bits": 6}}``
+maps module names or ``fnmatch`` patterns to the bits of the layers they
+match (the first matching pattern, in the mapping's order, wins). Precedence:
+``skip``, then ``layer_bits``, then ``first_last_bits``, then ``w_bits`` /
+``a_bits``. The report's note says which pattern set a layer's bits.
+
 Shared modules: a layer object registered under several names is converted
 once; every place that referenced it gets the same quantized layer, so it
 stays shared. It is skipped when any of its names matches ``skip``.
@@ -26,14 +32,20 @@ import copy
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 from torch import nn
 
-from .layers import QuantConv2d, QuantLinear
+from .layers import QUANT_LAYERS, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from .quantizer import check_bits
 
-_SWAPS: dict[type, type] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+_SWAPS: dict[type, type] = {
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.Linear: QuantLinear,
+}
+_KINDS = "nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear"
 
 
 class QuantEntry(NamedTuple):
@@ -103,6 +115,33 @@ def _check_skip(skip: object) -> tuple[str, ...]:
     return patterns
 
 
+_UNSET = object()
+
+
+def _check_layer_bits(layer_bits: object) -> dict[str, dict[str, Optional[int]]]:
+    """``{pattern: {"w_bits"?: bits, "a_bits"?: bits}}`` from the user's mapping (int = both operands)."""
+    if layer_bits is None:
+        return {}
+    if not isinstance(layer_bits, Mapping):
+        raise TypeError(f"layer_bits must be a mapping of module name patterns to bits, got {type(layer_bits).__name__}")
+    out: dict[str, dict[str, Optional[int]]] = {}
+    for pattern, value in layer_bits.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"layer_bits keys must be module names or fnmatch patterns (str), got {pattern!r}")
+        where = f"layer_bits[{pattern!r}]"
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"w_bits", "a_bits"}
+            if unknown or not value:
+                raise ValueError(f"{where} must have the keys 'w_bits' and/or 'a_bits', got {dict(value)!r}")
+            out[pattern] = {k: check_bits(v, f"{where}[{k!r}]", allow_none=True) for k, v in value.items()}
+        else:
+            bits = check_bits(value, where)  # an int: both operands
+            out[pattern] = {"w_bits": bits, "a_bits": bits}
+        if out[pattern].get("w_bits", _UNSET) is None and out[pattern].get("a_bits", _UNSET) is None:
+            raise ValueError(f"{where} leaves both operands float: use skip={pattern!r} for that")
+    return out
+
+
 def _matches(names: Sequence[str], pattern: str) -> bool:
     return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
 
@@ -119,8 +158,10 @@ def quantize_model(
     a_learn_offset: bool = False,
     grad_scale: Union[str, float, None] = "lsq",
     backend: Optional[str] = None,
+    layer_bits: Optional[Mapping[str, Union[int, Mapping[str, Optional[int]]]]] = None,
 ) -> QuantReport:
-    """Replace every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by :class:`QuantConv2d` / :class:`QuantLinear`.
+    """Replace every ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` of ``model`` by
+    :class:`QuantConv1d` / :class:`QuantConv2d` / :class:`QuantConvTranspose2d` / :class:`QuantLinear`.
 
     Args:
         model: any ``nn.Module`` (converted in place unless ``inplace=False``).
@@ -135,6 +176,11 @@ def quantize_model(
         inplace: ``False`` converts a deep copy and leaves ``model`` untouched.
         a_signed, a_learn_offset, grad_scale, backend: passed to every layer
             (see :class:`QuantConv2d`).
+        layer_bits: per-layer bits by module name or ``fnmatch`` pattern:
+            ``{"head.*": 8}`` (both operands) or ``{"body.*": {"w_bits": 4,
+            "a_bits": None}}`` (an omitted key keeps the default). The first
+            matching pattern wins; it overrides ``first_last_bits``. A pattern
+            that matches no candidate layer only warns.
 
     Returns:
         A :class:`QuantReport`; ``report.model`` is the converted model.
@@ -145,7 +191,7 @@ def quantize_model(
     Raises:
         ValueError: unsupported bit width, a model that is itself a single
             layer, or nothing to quantize (no candidate layer, or all skipped).
-        TypeError: ``model`` is not an ``nn.Module``; malformed ``skip``.
+        TypeError: ``model`` is not an ``nn.Module``; malformed ``skip`` or ``layer_bits``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -155,6 +201,7 @@ def quantize_model(
         raise ValueError("w_bits and a_bits are both None: nothing would be quantized")
     first_last_bits = check_bits(first_last_bits, "first_last_bits", allow_none=True)
     patterns = _check_skip(skip)
+    overrides = _check_layer_bits(layer_bits)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
     if type(model) in _SWAPS:
@@ -174,19 +221,22 @@ def quantize_model(
         if type(module) in _SWAPS:
             names.setdefault(id(module), []).append(name)
             layers[id(module)] = module
-        elif isinstance(module, (QuantConv2d, QuantLinear)):
+        elif isinstance(module, QUANT_LAYERS):
             already += 1
     if not layers:
         extra = f" ({already} layer(s) are already quantized)" if already else ""
         raise ValueError(
-            f"nothing to quantize: {type(model).__name__} has no nn.Conv2d or nn.Linear submodule{extra}"
+            f"nothing to quantize: {type(model).__name__} has no {_KINDS} submodule{extra}"
         )
 
     order = list(layers)
     first, last = order[0], order[-1]
     unused = [p for p in patterns if not any(_matches(names[k], p) for k in order)]
     if unused:
-        warnings.warn(f"quantize_model: skip pattern(s) {unused} matched no nn.Conv2d / nn.Linear", UserWarning, stacklevel=2)
+        warnings.warn(f"quantize_model: skip pattern(s) {unused} matched no {_KINDS}", UserWarning, stacklevel=2)
+    unused = [p for p in overrides if not any(_matches(names[k], p) for k in order)]
+    if unused:
+        warnings.warn(f"quantize_model: layer_bits pattern(s) {unused} matched no {_KINDS}", UserWarning, stacklevel=2)
 
     entries: list[QuantEntry] = []
     replacement: dict[int, nn.Module] = {}
@@ -207,6 +257,14 @@ def quantize_model(
         if first_last_bits is not None and key in (first, last):
             wb = None if w_bits is None else first_last_bits
             ab = None if a_bits is None else first_last_bits
+        pattern = next((p for p in overrides if _matches(aliases, p)), None)
+        if pattern is not None:
+            wb = overrides[pattern].get("w_bits", wb)
+            ab = overrides[pattern].get("a_bits", ab)
+            notes.append(f"layer_bits {pattern!r}")
+            if wb is None and ab is None:  # e.g. {"a_bits": None} on a weight-float model
+                entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["left float"] + notes)))
+                continue
         replacement[key] = _SWAPS[type(layer)].from_float(
             layer, wb, ab, a_signed=a_signed, a_learn_offset=a_learn_offset, grad_scale=grad_scale, backend=backend
         )

@@ -42,7 +42,37 @@ from torch.ao.quantization import FakeQuantizeBase
 from .. import ops
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+def read_flag(module: nn.Module, name: str) -> bool:
+    """``module.<name>[0] == 1`` for a uint8 flag buffer, re-reading the device value only after the
+    buffer was written (tracked by the tensor's version counter), so a forward does not synchronise
+    with a CUDA device every call."""
+    t = getattr(module, name)
+    cache = module.__dict__.setdefault("_flag_cache", {})
+    cached = cache.get(name)
+    if cached is not None and cached[0] is t and cached[1] == t._version:
+        return cached[2]
+    value = bool(t[0] == 1)
+    cache[name] = (t, t._version, value)
+    return value
 _SYMMETRIC = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
+
+
+def learnable_fake_quant(fq: nn.Module, X: torch.Tensor) -> torch.Tensor:
+    """The fake quantization of a learnable FakeQuantize module (torch.ao's or torchao's API): symmetric
+    schemes zero the zero point, ``use_grad_scaling`` scales the qparam gradients by
+    ``1 / sqrt(X.numel() * quant_max)``, then spark_ext's per-tensor / per-channel op."""
+    if fq.qscheme in _SYMMETRIC:
+        fq.zero_point.data.zero_()
+    grad_factor = 1.0 / (X.numel() * fq.quant_max) ** 0.5 if fq.use_grad_scaling else 1.0
+    if fq.qscheme in _PER_CHANNEL:
+        return ops.fake_quantize_learnable_per_channel_affine(
+            X, fq.scale, fq.zero_point, fq.ch_axis, fq.quant_min, fq.quant_max, grad_factor, backend=fq.backend
+        )
+    return ops.fake_quantize_learnable_per_tensor_affine(
+        X, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max, grad_factor, backend=fq.backend
+    )
 
 
 class LearnableFakeQuantize(FakeQuantizeBase):
@@ -126,7 +156,6 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         # bitwidth = floor(log2(number of levels)), as torch computes it.
         self.bitwidth = (quant_max - quant_min + 1).bit_length() - 1
         self.register_buffer("eps", torch.tensor([torch.finfo(torch.float32).eps]))
-        self._flag_cache: dict[str, tuple[torch.Tensor, int, bool]] = {}
 
     # ------------------------------------------------------------ toggles
 
@@ -183,14 +212,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
     # ------------------------------------------------------------ forward
 
     def _flag(self, name: str) -> bool:
-        """``buffer[0] == 1``, re-reading the device value only after the buffer was written."""
-        t = getattr(self, name)
-        cached = self._flag_cache.get(name)
-        if cached is not None and cached[0] is t and cached[1] == t._version:
-            return cached[2]
-        value = bool(t[0] == 1)
-        self._flag_cache[name] = (t, t._version, value)
-        return value
+        return read_flag(self, name)
 
     def _copy_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         for param, value in ((self.scale, scale), (self.zero_point, zero_point)):
@@ -212,17 +234,7 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
         if not self._flag("fake_quant_enabled"):
             return X
-        if self.qscheme in _SYMMETRIC:
-            self.zero_point.data.zero_()
-        grad_factor = 1.0 / (X.numel() * self.quant_max) ** 0.5 if self.use_grad_scaling else 1.0
-        if self.qscheme in _PER_CHANNEL:
-            return ops.fake_quantize_learnable_per_channel_affine(
-                X, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max, grad_factor,
-                backend=self.backend,
-            )
-        return ops.fake_quantize_learnable_per_tensor_affine(
-            X, self.scale, self.zero_point, self.quant_min, self.quant_max, grad_factor, backend=self.backend
-        )
+        return learnable_fake_quant(self, X)
 
     # -------------------------------------------------------- state dicts
 

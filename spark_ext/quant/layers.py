@@ -1,9 +1,13 @@
-"""``QuantConv2d`` / ``QuantLinear``: float layers with LSQ fake quantization (SPEC §5c).
+"""``QuantConv1d`` / ``QuantConv2d`` / ``QuantConvTranspose2d`` / ``QuantLinear``: float layers with LSQ
+fake quantization (SPEC §5c).
 
 Each layer quantizes
 
-* its weight per output channel (axis 0 of ``[C_out, C_in/groups, kH, kW]`` or
-  ``[out, in]``), signed, LSQ (no offset), and
+* its weight per output channel, signed, LSQ (no offset): axis 0 of
+  ``[C_out, C_in/groups, *k]`` (convs) or ``[out, in]`` (linear); axis 1 of a
+  transposed conv's ``[C_in, C_out/groups, kH, kW]`` (with ``groups > 1`` the
+  ``C_out/groups`` steps are shared by the groups: output channels ``j`` and
+  ``j + C_out/groups`` use one step), and
 * its input activation per tensor, with ``a_signed`` (``None`` = decided from
   the first batch) and optionally an LSQ+ offset,
 
@@ -40,6 +44,9 @@ class _QuantMixin:
     weight_quantizer: Optional[LSQQuantizer]
     input_quantizer: Optional[LSQQuantizer]
 
+    # Weight axis that holds the output channels (1 for transposed convs).
+    _WEIGHT_AXIS = 0
+
     def _init_quantizers(
         self,
         out_features: int,
@@ -64,7 +71,7 @@ class _QuantMixin:
         common = dict(grad_scale=grad_scale, backend=backend, device=device, dtype=step_dtype)
         wq = None
         if w_bits is not None:
-            wq = LSQQuantizer(w_bits, True, per_channel_axis=0, num_channels=out_features, **common)
+            wq = LSQQuantizer(w_bits, True, per_channel_axis=self._WEIGHT_AXIS, num_channels=out_features, **common)
         aq = None
         if a_bits is not None:
             aq = LSQQuantizer(a_bits, a_signed, learn_offset=a_learn_offset, **common)
@@ -167,21 +174,22 @@ class _QuantMixin:
         return self._float_copy_params(layer)
 
 
-class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+def _conv_layer_args(layer: nn.Module) -> dict:
+    return dict(
+        in_channels=layer.in_channels,
+        out_channels=layer.out_channels,
+        kernel_size=layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+    )
 
-    Constructor: ``nn.Conv2d``'s arguments, then keyword-only
-    ``w_bits=4, a_bits=4`` (each 2..16, or ``None`` for no quantization of that
-    operand), ``a_signed=None`` (input range signed / unsigned / decided from
-    the first batch), ``a_learn_offset=False`` (LSQ+ on the input),
-    ``grad_scale="lsq"`` and ``backend=None`` (for both quantizers).
 
-    Forward: ``x [B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) ->
-    ``conv(fq_a(x), fq_w(weight)) + bias`` in x's dtype. Differentiable w.r.t.
-    x, weight, bias and the quantizers' steps (and offset).
-    """
-
-    _FLOAT = nn.Conv2d
+class _QuantConv(_QuantMixin):
+    """Constructor and forward shared by :class:`QuantConv1d` and :class:`QuantConv2d` (same float signature)."""
 
     def __init__(
         self,
@@ -214,18 +222,99 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return self._conv_forward(self._quantize_input(x), self._weight_for_forward(), self.bias)
 
     @classmethod
-    def _layer_args(cls, layer: nn.Conv2d) -> dict:
-        return dict(
-            in_channels=layer.in_channels,
-            out_channels=layer.out_channels,
-            kernel_size=layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=layer.bias is not None,
-            padding_mode=layer.padding_mode,
+    def _layer_args(cls, layer: nn.Module) -> dict:
+        return _conv_layer_args(layer)
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+
+    Constructor: ``nn.Conv2d``'s arguments, then keyword-only
+    ``w_bits=4, a_bits=4`` (each 2..16, or ``None`` for no quantization of that
+    operand), ``a_signed=None`` (input range signed / unsigned / decided from
+    the first batch), ``a_learn_offset=False`` (LSQ+ on the input),
+    ``grad_scale="lsq"`` and ``backend=None`` (for both quantizers).
+
+    Forward: ``x [B, C_in, H, W]`` (or unbatched ``[C_in, H, W]``) ->
+    ``conv(fq_a(x), fq_w(weight)) + bias`` in x's dtype. Differentiable w.r.t.
+    x, weight, bias and the quantizers' steps (and offset).
+    """
+
+    _FLOAT = nn.Conv2d
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """``nn.Conv1d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+
+    Constructor: ``nn.Conv1d``'s arguments, then the keyword-only options of
+    :class:`QuantConv2d`. Forward: ``x [B, C_in, L]`` (or ``[C_in, L]``) ->
+    ``conv1d(fq_a(x), fq_w(weight)) + bias`` in x's dtype; differentiable
+    w.r.t. x, weight, bias and the steps (and offset).
+    """
+
+    _FLOAT = nn.Conv1d
+
+
+class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with per-output-channel LSQ weights and per-tensor LSQ input activations.
+
+    The weight ``[C_in, C_out/groups, kH, kW]`` is quantized along axis 1
+    (``C_out/groups`` steps; with ``groups > 1`` each step is shared by the
+    matching output channel of every group). Constructor:
+    ``nn.ConvTranspose2d``'s arguments, then the keyword-only options of
+    :class:`QuantConv2d`. Forward: ``x [B, C_in, H, W]`` (or unbatched), optional
+    ``output_size`` as in torch -> ``conv_transpose2d(fq_a(x), fq_w(weight)) +
+    bias`` in x's dtype; differentiable w.r.t. x, weight, bias and the steps.
+    """
+
+    _FLOAT = nn.ConvTranspose2d
+    _WEIGHT_AXIS = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        output_padding=0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation=1,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        w_bits: Optional[int] = 4,
+        a_bits: Optional[int] = 4,
+        a_signed: Optional[bool] = None,
+        a_learn_offset: bool = False,
+        grad_scale: Union[str, float, None] = "lsq",
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
+            padding_mode, device, dtype,
         )
+        self._init_quantizers(
+            out_channels // groups, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend, device
+        )
+
+    def forward(self, x: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
+        # As nn.ConvTranspose2d.forward, on the quantized operands.
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return F.conv_transpose2d(
+            self._quantize_input(x), self._weight_for_forward(), self.bias, self.stride, self.padding,
+            output_padding, self.groups, self.dilation,
+        )
+
+    @classmethod
+    def _layer_args(cls, layer: nn.ConvTranspose2d) -> dict:
+        args = _conv_layer_args(layer)
+        args["output_padding"] = layer.output_padding
+        return args
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
@@ -263,3 +352,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     @classmethod
     def _layer_args(cls, layer: nn.Linear) -> dict:
         return dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
+
+
+# Every quantized layer class (isinstance checks in calibrate / export).
+QUANT_LAYERS = (QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear)

@@ -1,0 +1,213 @@
+"""``spark-ext export``: write a QAT model as ONNX (QuantizeLinear / DequantizeLinear) and check it.
+
+Two modes:
+
+* ``spark-ext export --model student.pt --input-shape 1,3,64,64 --out student.onnx``: a
+  whole model saved with ``torch.save(model)`` (a pickle: load only files you trust),
+  whose quantized layers are initialised, is exported and run once with
+  onnxruntime on a random input; the largest output difference to the
+  fake-quantized model is printed.
+* ``spark-ext export --demo --out DIR``: the demo's round trip on real photos. It
+  trains (or loads from the cache) the demo's FP32 teacher, quantizes a copy to
+  W{bits}A{bits}, calibrates and trains it (QAT, the demo's data and budget),
+  exports it, and prints the PSNR on the held-out photos of the fake-quantized
+  model and of the exported model under onnxruntime (default fused integer
+  kernels, and unfused); writes ``DIR/student.onnx``, ``DIR/student.pt`` and
+  ``DIR/export_report.json``.
+
+Needs the ``[export]`` extra (``--demo`` also the ``[demo]`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,64,64, got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,64,64, got {text!r}")
+    return dims
+
+
+def _int_in(low: int, high: Optional[int] = None):
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from spark_ext.demo import METHODS, PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="spark-ext export",
+        description="Write a QAT model as ONNX with QuantizeLinear/DequantizeLinear and check it under onnxruntime.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="a model saved with torch.save(model) (pickle: trusted files only)")
+    src.add_argument("--demo", action="store_true", help="the demo's round trip: train a student, export, PSNR")
+    p.add_argument("--out", type=Path, required=True, help="--model: the .onnx file to write; --demo: an output folder")
+    p.add_argument("--input-shape", type=_shape, help="--model: the example input's shape, e.g. 1,3,64,64")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset, >= 13; 4-bit types need 21 (default: %(default)s)")
+    p.add_argument("--no-int4", action="store_true", help="store 2..4-bit operands in int8/uint8 instead of INT4/UINT4")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
+    p.add_argument("--task", choices=("denoise", "sr"), default="denoise", help="--demo: task (default: %(default)s)")
+    p.add_argument("--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)")
+    p.add_argument("--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)")
+    p.add_argument("--steps", type=_int_in(1), default=None, help="--demo: student steps (default: the preset's)")
+    p.add_argument("--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)")
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
+    p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
+    p.add_argument("--threads", type=_int_in(1), default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    # Every check before any work.
+    if args.opset < 13:
+        p.error(f"--opset must be >= 13 (per-channel DequantizeLinear), got {args.opset}")
+    if not args.no_int4 and args.opset < 21:
+        p.error(f"--opset {args.opset} has no INT4/UINT4: use --opset 21 or --no-int4")
+    if args.model is not None:
+        if args.input_shape is None:
+            p.error("--model needs --input-shape (e.g. 1,3,64,64)")
+        if not args.model.is_file():
+            p.error(f"--model: no such file: {args.model}")
+        if args.out.suffix != ".onnx":
+            p.error(f"--out must name a .onnx file with --model, got {args.out}")
+        demo_only = [f for f in ("steps", "teacher_steps") if getattr(args, f) is not None]
+        if demo_only:
+            p.error(f"--{demo_only[0].replace('_', '-')} is only for --demo")
+    elif args.input_shape is not None:
+        p.error("--input-shape is only for --model (--demo uses the held-out photos)")
+    if args.out.exists() and args.demo and not args.out.is_dir():
+        p.error(f"--out must be a folder with --demo, got the file {args.out}")
+    for module in ("onnx", "onnxscript", "onnxruntime") + (("skimage",) if args.demo else ()):
+        try:
+            __import__(module)
+        except ImportError:
+            extra = "demo" if module == "skimage" else "export"
+            p.error(f"{module} is not installed: pip install 'spark_ext[{extra}]'")
+    return args
+
+
+def _export_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from spark_ext.quant.export import export_onnx, run_onnx
+
+    model = torch.load(args.model, map_location="cpu", weights_only=False)
+    if not isinstance(model, torch.nn.Module):
+        print(f"spark-ext export: {args.model} holds a {type(model).__name__}, not a model saved with "
+              "torch.save(model)", file=sys.stderr)
+        return 2
+    model = model.float().eval()
+    x = torch.rand(args.input_shape)
+    try:
+        export_onnx(model, x, args.out, opset=args.opset, int4=not args.no_int4)
+    except ValueError as exc:
+        print(f"spark-ext export: {exc}", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        ref = model(x)
+    diff = float((run_onnx(args.out, x) - ref).abs().max())
+    print(f"wrote {args.out}; onnxruntime vs fake-quant model on a random input: max |diff| {diff:.3g}")
+    return 0
+
+
+def _export_demo(args: argparse.Namespace) -> int:
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    from spark_ext import demo
+    from spark_ext.data import RandomCropBatches, RestorationTask, held_out_pairs
+    from spark_ext.quant import calibrate, quantize_model
+    from spark_ext.quant.export import export_onnx, run_onnx
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    preset = demo.PRESETS[args.preset]
+    replace = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps)) if v is not None}
+    preset = dataclasses.replace(preset, **replace)
+    device = torch.device("cpu")  # the comparison is against onnxruntime on CPU
+    task = RestorationTask(args.task)
+    seed = preset.seeds[0]
+    t0 = time.perf_counter()
+    teacher, _ = demo.get_teacher(task, preset, device, args.cache_dir, args.quiet)
+    teacher.requires_grad_(False)
+
+    base = copy.deepcopy(teacher)
+    base.requires_grad_(True)
+    report = quantize_model(base, w_bits=args.bits, a_bits=args.bits, first_last_bits=max(args.bits, 8))
+    data = RandomCropBatches(task, preset.crop, preset.batch, seed=20_000 + seed, device=device)
+    calibrate(base, [next(data)[0] for _ in range(preset.calib_batches)], method=preset.calib_method)
+    student, _, _, seconds = demo.train_student(args.method, base, teacher, task, preset, seed, device, args.quiet)
+    print(f"student: W{args.bits}A{args.bits} ({len(report.quantized)} layers; first/last {max(args.bits, 8)}-bit), "
+          f"{args.method} for {preset.student_steps} steps in {seconds:.0f}s")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    onnx_path = args.out / "student.onnx"
+    held = held_out_pairs(task, preset.eval_size, device=device)
+    export_onnx(student, held[0][1], onnx_path, opset=args.opset, int4=not args.no_int4)
+    torch.save(student, args.out / "student.pt")
+
+    shave = task.scale if task.kind == "sr" else 0
+    sessions = {}
+    for name, level in (("onnx_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                        ("onnx_unfused", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        sessions[name] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    outputs = {
+        "fp32_teacher": demo.model_outputs(teacher, held),
+        "fake_quant": demo.model_outputs(student, held),
+        **{k: {n: run_onnx(None, x, session=s).clamp(0, 1) for n, x, _ in held} for k, s in sessions.items()},
+    }
+    scores = {k: demo.evaluate(v, held, shave) for k, v in outputs.items()}
+    fq = scores["fake_quant"]["psnr"]
+    print(f"PSNR on held-out photos {', '.join(n for n, _, _ in held)} "
+          f"({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'}):")
+    for k, s in scores.items():
+        delta = "" if k in ("fake_quant", "fp32_teacher") else f"  ({s['psnr'] - fq:+.4f} dB vs fake-quant)"
+        print(f"  {k:<13} {s['psnr']:.4f} dB{delta}")
+    result = {
+        "task": args.task, "preset": dataclasses.asdict(preset), "bits": args.bits, "method": args.method,
+        "opset": args.opset, "int4": not args.no_int4, "torch": torch.__version__, "onnxruntime": ort.__version__,
+        "held_out": [n for n, _, _ in held], "psnr": {k: s["psnr"] for k, s in scores.items()},
+        "per_image": {k: s["per_image"] for k, s in scores.items()},
+        "psnr_delta_onnx_fused_vs_fake_quant": scores["onnx_fused"]["psnr"] - fq,
+        "psnr_delta_onnx_unfused_vs_fake_quant": scores["onnx_unfused"]["psnr"] - fq,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    with open(args.out / "export_report.json", "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {onnx_path}, student.pt and export_report.json in {args.out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    return _export_demo(args) if args.demo else _export_model(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

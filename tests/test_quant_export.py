@@ -1,0 +1,154 @@
+"""export_onnx: the QAT model as ONNX QDQ, run by onnxruntime on CPU, against the fake-quantized model."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+onnx = pytest.importorskip("onnx", reason="needs the [export] extra")
+ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
+pytest.importorskip("onnxscript", reason="needs the [export] extra")
+
+from spark_ext.quant import LSQQuantizer, quantize_model  # noqa: E402
+from spark_ext.quant.export import export_onnx, run_onnx  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect")
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2))  # nested: the layer is 'body.0'
+        self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.head(x))
+        y = self.tail(F.relu(self.up(F.relu(self.body(h))))) + F.interpolate(x, scale_factor=2.0)
+        return self.fc(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def quant_net(**kw):
+    torch.manual_seed(0)
+    model = Net()
+    quantize_model(model, **kw)
+    model(torch.rand(2, 3, 12, 12))  # initialises every quantizer
+    return model.eval()
+
+
+def codes_of_model(model, x):
+    """Integer levels of every input-quantizer output of the fake-quantized model, by layer name."""
+    codes, hooks = {}, []
+    for name, m in model.named_modules():
+        q = getattr(m, "input_quantizer", None)
+        if isinstance(q, LSQQuantizer):
+            def hook(mod, args, out, name=name):
+                o = 0.0 if mod.offset is None else mod.offset.detach()
+                codes[name] = torch.round((out.detach() - o) / mod.step.detach())
+            hooks.append(q.register_forward_hook(hook))
+    with torch.no_grad():
+        y = model(x)
+    for h in hooks:
+        h.remove()
+    return y, codes
+
+
+def codes_of_onnx(proto, x, fused):
+    """Run with every QuantizeLinear output added as a graph output: ``(output, {layer: codes})``.
+
+    ``fused``: onnxruntime's default graph optimisations (QDQ groups fused into integer kernels,
+    which requantize with their own rounding); else none (each node as the ONNX spec defines it).
+    """
+    from spark_ext.quant.export import _scope
+
+    extra = onnx.ModelProto()
+    extra.CopyFrom(proto)
+    names = {}
+    for node in list(extra.graph.node):
+        if node.op_type == "QuantizeLinear":  # cast: numpy has no 4-bit type
+            wide = node.output[0] + "_int32"
+            extra.graph.node.append(onnx.helper.make_node("Cast", [node.output[0]], [wide], to=onnx.TensorProto.INT32))
+            names[wide] = _scope(node)
+            extra.graph.output.append(onnx.helper.make_tensor_value_info(wide, onnx.TensorProto.INT32, None))
+    options = ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"input": x.numpy()})
+    got = {names[o.name]: torch.from_numpy(v.astype("int64")).double() for o, v in zip(sess.get_outputs(), outs) if o.name in names}
+    return torch.from_numpy(outs[0]), got
+
+
+@pytest.mark.parametrize(
+    "kw, int4",
+    [
+        (dict(w_bits=8, a_bits=8, first_last_bits=None, a_learn_offset=True), False),  # LSQ+ offsets: Sub/Add
+        (dict(w_bits=4, a_bits=4, layer_bits={"tail": {"a_bits": 6}, "up": {"w_bits": 3}}), True),
+    ],
+    ids=["w8a8-lsq+", "w4a4-int4-mixed"],
+)
+def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
+    model = quant_net(**kw)
+    path = tmp_path / "model.onnx"
+    proto = export_onnx(model, torch.rand(1, 3, 12, 12), path, int4=int4)
+    assert path.is_file()
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 10
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    weight_types = {n.input[0].split("__")[0]: types[n.input[0]] for n in proto.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in types}
+    T = onnx.TensorProto
+    if int4:
+        assert sorted(weight_types.values()) == sorted([T.INT4] * 3 + [T.INT8] * 2)  # head / fc: first / last, 8-bit
+        assert "Clip" in ops  # the 6-bit activation in int8
+    else:
+        assert set(weight_types.values()) == {T.INT8} and "Clip" not in ops
+        assert "Sub" in ops  # the offsets (the exporter may fold some into Add)
+
+    # Another input size (dynamic shapes). Each node as the ONNX spec defines it: every quantized
+    # activation is the fake-quantized model's level (a tie may round the other way: one level,
+    # rarely), and the output equals the model's up to float rounding.
+    x = torch.rand(2, 3, 10, 14)
+    y_ref, codes_ref = codes_of_model(model, x)
+    y, codes = codes_of_onnx(proto, x, fused=False)
+    assert sorted(codes) == sorted(codes_ref)
+    for name in codes_ref:
+        diff = (codes[name] - codes_ref[name].double()).abs()
+        assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-3, name
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    # onnxruntime's default (fused integer kernels): each layer's levels within one of the model's;
+    # a level that requantization rounds the other way moves the next layers' inputs too.
+    y_fused, codes_fused = codes_of_onnx(proto, x, fused=True)
+    for name in codes_ref:
+        diff = (codes_fused[name] - codes_ref[name].double()).abs()
+        assert diff.max() <= 1 and (diff > 0).double().mean() < 0.1, name
+    print(f"fused: output max |diff| {float((y_fused - y_ref).abs().max()):.4g}, mean {float((y_fused - y_ref).abs().mean()):.3g}")
+    assert (y_fused - y_ref).abs().mean() < float(model.fc.input_quantizer.step)
+    torch.testing.assert_close(run_onnx(path, x), y_fused)
+
+
+def test_export_errors():
+    model = quant_net(w_bits=8, a_bits=8)
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="has no quantized layer; convert it with quantize_model first"):
+        export_onnx(Net(), x)
+    with pytest.raises(ValueError, match=r"int4=True needs opset >= 21 .* got opset=18"):
+        export_onnx(model, x, opset=18)
+    with pytest.raises(ValueError, match="opset must be an int >= 13"):
+        export_onnx(model, x, opset=11)
+    with pytest.raises(TypeError, match="example_input must be a float tensor"):
+        export_onnx(model, torch.ones(1, 3, 8, 8, dtype=torch.int64))
+    fresh = Net()
+    quantize_model(fresh)
+    with pytest.raises(ValueError, match="the weight quantizer of 'head' is not initialised"):
+        export_onnx(fresh, x)
+    wide = Net()
+    quantize_model(wide, w_bits=12, a_bits=8, first_last_bits=None)
+    with pytest.raises(ValueError, match=r"up to 8 bits per operand; .*\('head.weight_quantizer', 12\)"):
+        export_onnx(wide, x)
+    stray = nn.Sequential(LSQQuantizer(8, True), model)
+    stray(x)
+    with pytest.raises(ValueError, match=r"outside a quantized layer cannot be exported: \['0'\]"):
+        export_onnx(stray, x)
