@@ -199,10 +199,15 @@ def _sum_except(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
 def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
     """Element-wise gradients exactly as ATen's learnable fake-quant backward forms them.
 
-    ATen writes ``nearbyint(zp + x * inv_scale)``, which its AVX2 CPU build and
-    nvcc both contract into a fused multiply-add (one rounding). Computing the
-    product and sum in float64 and rounding once to float32 reproduces that,
-    which matters for inputs exactly on a rounding tie.
+    ATen writes ``nearbyint(zp + x * inv_scale)`` and ``xfq = (xq - zp) * scale;
+    ... (xfq - x)``, which its CPU build (GCC, AVX2) and nvcc both contract
+    into fused multiply-adds (one rounding each). In float32 this forms both
+    in float64 and rounds once to float32, which reproduces the fused result:
+    the product of two floats is exact in float64, and so is the sum, since
+    the operands are of similar magnitude (``x`` within a step of
+    ``(xq - zp) * scale``). The first matters for inputs on a rounding tie, the
+    second for the scale gradient of wide ranges (at 16 bits ``xfq - x`` is a
+    tiny difference of large numbers).
     """
     if x.dtype == torch.float32:
         xq = torch.round((x.double() * inv.double() + zp.double()).float())
@@ -210,9 +215,12 @@ def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
         xq = torch.round(zp + x * inv)
     inside = (xq >= quant_min) & (xq <= quant_max)
     dx = dy * inside
-    xfq = (xq.clamp(quant_min, quant_max) - zp) * scale
+    if x.dtype == torch.float32:
+        xfq_minus_x = ((xq.clamp(quant_min, quant_max) - zp).double() * scale.double() - x.double()).float()
+    else:
+        xfq_minus_x = (xq.clamp(quant_min, quant_max) - zp) * scale - x
     dscale_outside = torch.where(xq < quant_min, dy * (quant_min - zp), dy * (quant_max - zp)) * grad_factor
-    dscale = torch.where(inside, dy * (xfq - x) * inv * grad_factor, dscale_outside)
+    dscale = torch.where(inside, dy * xfq_minus_x * inv * grad_factor, dscale_outside)
     dzp = torch.where(inside, torch.zeros_like(dy), dy * -1 * scale * grad_factor)
     return dx, dscale, dzp
 
