@@ -37,12 +37,19 @@ def cell_index(size: int, cells: int, device: Union[torch.device, str, None] = N
 
 
 def _cell_sum(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Sum ``x [B, H, W]`` over the cells of ``grid``: ``[B, Gh, Gw]`` in x's dtype."""
-    _, height, width = x.shape
+    """Sum ``x [B, H, W]`` over the cells of ``grid``: ``[B, Gh, Gw]`` in x's dtype.
+
+    Each pixel is added to its own cell only (``index_add``), so a NaN or inf
+    pixel reaches no other cell; a one-hot matrix product would multiply it by
+    the zeros of every other cell (NaN * 0 = NaN). ``index_add`` is also not
+    an autocast op, so the sums keep x's dtype under ``torch.autocast``.
+    """
+    batch, height, width = x.shape
     gh, gw = grid
-    rows = F.one_hot(cell_index(height, gh, x.device), gh).to(x.dtype)  # [H, Gh]
-    cols = F.one_hot(cell_index(width, gw, x.device), gw).to(x.dtype)  # [W, Gw]
-    return torch.einsum("bhw,hg,wk->bgk", x, rows, cols)
+    rows = torch.zeros((batch, gh, width), dtype=x.dtype, device=x.device)
+    rows = rows.index_add(1, cell_index(height, gh, x.device), x)
+    cells = torch.zeros((batch, gh, gw), dtype=x.dtype, device=x.device)
+    return cells.index_add(2, cell_index(width, gw, x.device), rows)
 
 
 def _cell_counts(height: int, width: int, grid: tuple[int, int], device, dtype) -> torch.Tensor:
