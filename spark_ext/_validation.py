@@ -6,12 +6,15 @@ what was expected. None of them synchronises with the device: they look at
 metadata only (shapes, dtypes, devices), except the value checks
 (:func:`check_positive_step`, :func:`check_not_nan`, :func:`check_finite_values`),
 which read values on CPU and use a device-side assert on CUDA.
+:func:`writable_dir_problem` serves the command lines' ``--out``-style checks.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from numbers import Real
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -136,3 +139,14 @@ def check_finite_values(t: torch.Tensor, name: str) -> None:
     """Every element of ``t`` must be finite, checked without a host sync."""
     if t.is_floating_point():
         _check_values(t, torch.isfinite(t), f"{name} must be finite everywhere")
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """For command-line checks: create ``path`` (and parents) and write a file in it; None, or why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{path} is not a writable folder ({exc.strerror or exc})"
+    return None

@@ -22,11 +22,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
+
+from ._validation import writable_dir_problem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -134,24 +135,13 @@ def plot(run: dict, lines: list[dict], out_dir: Path) -> Path:
     return path
 
 
-def _writable_dir(path: Path) -> Optional[str]:
-    """Create ``path`` (and parents) and check a file can be written in it; None, or why not."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        return f"{path} is not a writable folder ({exc.strerror or exc})"
-    return None
-
-
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[list[dict]]:
     """Check every argument before any work (``parser.error``: one line, exit 2).
 
     Returns the loaded runs of ``--from`` (None when the benchmarks are to run).
     """
     if args.plot is not None:
-        why = _writable_dir(args.plot)
+        why = writable_dir_problem(args.plot)
         if why:
             parser.error(f"argument --plot: {why}")
     if args.files:
@@ -168,7 +158,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
     if unknown:
         known = ", ".join(sorted(n.removeprefix("bench_") for n in names))
         parser.error(f"argument --only: no benchmark called {unknown}; choose from {known}")
-    why = _writable_dir(args.out)
+    why = writable_dir_problem(args.out)
     if why:
         parser.error(f"argument --out: {why}")
     return None

@@ -39,7 +39,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -51,6 +50,7 @@ import spark_ext
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RandomCropBatches, RestorationTask, bicubic_upsample, held_out_pairs
 from spark_ext.distill import DistillConfig, SparkDistiller, per_image_loss
 from spark_ext.models import build_model, feature_layer
+from spark_ext._validation import writable_dir_problem
 from spark_ext.ops import _dispatch
 
 TEACHER_FORMAT = "spark_ext-teacher-v1"
@@ -500,17 +500,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def _writable_dir(path: Path) -> Optional[str]:
-    """Create ``path`` (and parents) and check a file can be written in it; None, or why not."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        return f"{path} is not a writable folder ({exc.strerror or exc})"
-    return None
-
-
 def _parse_device(text: str) -> torch.device:
     """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N'; raises ValueError saying what is wrong."""
     if text == "auto":
@@ -555,11 +544,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             _dispatch.resolve(op, args.backend, like)
         except Exception as exc:  # BackendUnavailableError, or a library that fails to load
             p.error(f"argument --backend: {exc} (--backend auto picks the fastest backend each op has)")
-    why = _writable_dir(args.out)
+    why = writable_dir_problem(args.out)
     if why:
         p.error(f"argument --out: {why}")
     if not args.no_cache:
-        why = _writable_dir(args.cache_dir)
+        why = writable_dir_problem(args.cache_dir)
         if why:
             p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
 
