@@ -147,6 +147,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
     if args.files:
         if args.only:
             parser.error("argument --only: selects benchmarks to run; it cannot be combined with --from")
+        if args.quick is not None:
+            parser.error("arguments --quick/--full: set the sizes of benchmarks to run; they cannot be combined with --from")
         try:
             return load(args.files)
         except (OSError, ValueError) as exc:  # missing/unreadable file, bad JSON, not a result

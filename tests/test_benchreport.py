@@ -85,6 +85,7 @@ def test_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
         (["--from", str(good), str(bad_json)], "bad.json"),
         (["--from", str(foreign)], "not a spark_ext benchmark result"),
         (["--from", str(good), "--only", "lsq"], "cannot be combined with --from"),
+        (["--from", str(good), "--full"], "cannot be combined with --from"),
         (["--from", str(good), "--plot", str(blocker / "plots")], "argument --plot"),
         (["--only", "no_such_bench"], "no benchmark called ['no_such_bench']"),
         (["--out", str(blocker / "results")], "argument --out"),
