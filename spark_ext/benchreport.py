@@ -148,13 +148,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
         if args.only:
             parser.error("argument --only: selects benchmarks to run; it cannot be combined with --from")
         if args.quick is not None:
-            parser.error("arguments --quick/--full: set the sizes of benchmarks to run; they cannot be combined with --from")
+            parser.error("arguments --quick/--full: size benchmarks to run; they cannot be combined with --from")
         try:
             return load(args.files)
         except (OSError, ValueError) as exc:  # missing/unreadable file, bad JSON, not a result
             parser.error(f"argument --from: {exc}")
     if not BENCH_DIR.is_dir():
-        parser.error(f"no bench/ folder next to the package ({BENCH_DIR}): running needs the source tree; use --from FILE")
+        parser.error(f"no bench/ folder next to the package ({BENCH_DIR}): running needs the source tree; "
+                     "use --from FILE")
     names = {s.stem for s in BENCH_DIR.glob("bench_*.py")}
     unknown = [n for n in args.only if n not in names and f"bench_{n}" not in names]
     if unknown:

@@ -512,7 +512,9 @@ def _parse_device(text: str) -> torch.device:
         raise ValueError(f"the demo runs on 'cpu' or 'cuda', got {text!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}); use cpu or auto")
+            raise ValueError(
+                f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}); use cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device

@@ -44,6 +44,10 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
     assert "border shaved" in report["metric_notes"]
 
 
+def _no_work(*args, **kwargs):
+    pytest.fail("work started before the arguments were checked")
+
+
 def _rejected(argv, capsys) -> str:
     """The one-line error of a demo run rejected before any work (argparse: exit 2)."""
     with pytest.raises(SystemExit) as info:
@@ -76,14 +80,14 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
 )
 def test_every_argument_is_checked_before_any_work(tmp_path, capsys, monkeypatch, flag, value, message):
     # Issue 10, defects 10 and 11: these failed only after training the teacher, or trained nothing / twice.
-    monkeypatch.setattr(demo, "get_teacher", lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    monkeypatch.setattr(demo, "get_teacher", _no_work)
     line = _rejected(["--preset", "smoke", flag, value, "--out", str(tmp_path / "out"), "--no-cache"], capsys)
     assert message in line
 
 
 def test_unwritable_out_and_cache_are_rejected_before_any_work(tmp_path, capsys, monkeypatch):
     # Issue 10, defect 9: --out was created only after every model had trained.
-    monkeypatch.setattr(demo, "get_teacher", lambda *a, **k: pytest.fail("work started before the arguments were checked"))
+    monkeypatch.setattr(demo, "get_teacher", _no_work)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     line = _rejected(["--preset", "smoke", "--out", str(blocker / "out"), "--no-cache"], capsys)

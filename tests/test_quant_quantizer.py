@@ -271,7 +271,9 @@ def test_forward_and_method_errors():
         LSQQuantizer(4, True, per_channel_axis=0, learn_offset=True).set_qparams(torch.ones(2), torch.zeros(3))
 
 
-@pytest.mark.parametrize("kwargs", [{"signed": None}, {"signed": True, "per_channel_axis": 0}, {"signed": None, "learn_offset": True}])
+@pytest.mark.parametrize(
+    "kwargs", [{"signed": None}, {"signed": True, "per_channel_axis": 0}, {"signed": None, "learn_offset": True}]
+)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_first_batch_is_an_error_and_leaves_the_quantizer_uninitialised(kwargs, bad):
     # Issue 10, defect 11: a NaN first batch stored a NaN step and the quantizer stayed initialised.
