@@ -125,10 +125,11 @@ def kd_elem(d, KIND: tl.constexpr):
 # Arguments: d: float32 values S - T; KIND: constexpr loss kind as for kd_elem.
 @triton.jit
 def kd_grad(d, KIND: tl.constexpr):
-    """``ell'(d)``: sign(d) (0 at 0, NaN stays NaN), ``2d``, or ``d / sqrt(d^2 + eps^2)``."""
+    """``ell'(d)``: sign(d) (0 at 0 and at NaN), ``2d``, or ``d / sqrt(d^2 + eps^2)``."""
     if KIND == 0:
-        # d * 0 keeps a NaN a NaN (as torch's sign does) and gives 0 at d == 0.
-        r = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d * 0.0))
+        # torch's sign (hence autograd's abs backward, the reference) and the C++
+        # kernels give 0 for NaN as well as for 0.
+        r = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     elif KIND == 1:
         r = 2.0 * d
     else:

@@ -135,8 +135,12 @@ def _write_outputs(sig_ptr, kd_ptr, q, qmask, PLANE, C, n, m2_l, m2_g, sum_e, su
     if SIGNALS:
         base = sig_ptr + (q // PLANE) * (4 * PLANE) + q % PLANE
         inv_n = 1.0 / tl.maximum(n, 1.0)
-        tl.store(base, tl.maximum(m2_l * inv_n, 0.0), mask=qmask)
-        tl.store(base + PLANE, tl.maximum(m2_g * inv_n, 0.0), mask=qmask)
+        # Clamp rounding below zero away, but keep a NaN (tl.maximum would drop
+        # it and report a cell holding NaN/inf, or overflowing, as flat).
+        var_l = m2_l * inv_n
+        var_g = m2_g * inv_n
+        tl.store(base, tl.where(var_l < 0.0, 0.0, var_l), mask=qmask)
+        tl.store(base + PLANE, tl.where(var_g < 0.0, 0.0, var_g), mask=qmask)
         tl.store(base + 2 * PLANE, sum_e * inv_n / C, mask=qmask)
         tl.store(base + 3 * PLANE, sum_k * inv_n / C, mask=qmask)
 
@@ -477,6 +481,14 @@ def _launch_forward(student, teacher, target, grid, kd_loss, signals: bool, conf
     cell_kd = torch.empty((batch, 1, gh, gw), dtype=torch.float32, device=dev)
     sig = torch.empty((batch, 4, gh, gw), dtype=torch.float32, device=dev) if signals else cell_kd
     if batch == 0:
+        return (sig, cell_kd) if signals else cell_kd
+    if channels == 0:
+        # Nothing to read (the kernel would still load each cell's shift from
+        # an empty target): cell_kd is an empty sum, the signals are means
+        # over no channels, NaN, as in the reference and the C++ kernels.
+        cell_kd.zero_()
+        if signals:
+            sig.fill_(float("nan"))
         return (sig, cell_kd) if signals else cell_kd
     bh, bw, nc, nsplit, rows_per_split = config or _forward_config(height, width, grid, batch, dev)
     ncells = batch * gh * gw

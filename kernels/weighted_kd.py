@@ -272,7 +272,10 @@ def weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, nee
         return ds, dt, dw
     bo, co, bi, ci, bh, bw, ntw, ntiles = _plan(student, w4)
     nprog = bo * co * ntiles
-    if nprog > 0:
+    # An empty input (e.g. B = 0 under a weight broadcast over the batch) has
+    # no terms: every gradient is zero. The kernel would form (g / N) * 0 with
+    # N = 0, which is NaN.
+    if nprog > 0 and student.numel() > 0:
         w_arg, w_strides = _weight_args(w4, student)
         ds_arg, ds_strides = (ds, ds.stride()) if need_student else (student, (0, 0, 0, 0))
         dt_arg, dt_strides = (dt, dt.stride()) if need_teacher else (student, (0, 0, 0, 0))

@@ -3,14 +3,18 @@
 All raise ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
 (wrong value or shape) with a message naming the argument, what it got and
 what was expected. None of them synchronises with the device: they look at
-metadata only (shapes, dtypes, devices), except :func:`check_positive_step`,
-which reads values on CPU and uses a device-side assert on CUDA.
+metadata only (shapes, dtypes, devices), except the value checks
+(:func:`check_positive_step`, :func:`check_not_nan`, :func:`check_finite_values`),
+which read values on CPU and use a device-side assert on CUDA.
+:func:`writable_dir_problem` serves the command lines' ``--out``-style checks.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from numbers import Real
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -103,20 +107,46 @@ def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
 
 
-def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
-    """Every step must be finite and > 0 (SPEC §5b), checked without a host sync.
+def _check_values(t: torch.Tensor, ok: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``ok`` (a bool tensor) holds everywhere, without a host sync.
 
-    On CPU the values are read directly (no device to sync with) and a bad
-    step raises ``ValueError``. On other devices a device-side assert
-    (``torch._assert_async``) fires when the kernel queue reaches it. Under
-    ``torch.compile`` the device-side form is used on every device so the
-    check stays in the graph.
+    On CPU the values are read directly (no device to sync with). On other
+    devices a device-side assert (``torch._assert_async``) fires when the
+    kernel queue reaches it. Under ``torch.compile`` the device-side form is
+    used on every device so the check stays in the graph.
     """
-    if step.numel() == 0:
+    if t.numel() == 0:
         return
-    ok = torch.isfinite(step) & (step > 0)
-    if step.device.type == "cpu" and not torch.compiler.is_compiling():
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok.all()):
-            raise ValueError(f"{name} must be finite and > 0 everywhere, got {step.detach().flatten()[:8].tolist()}")
+            raise ValueError(f"{message}, got {t.detach().flatten()[:8].tolist()}")
     else:
-        torch._assert_async(ok.all(), f"spark_ext: {name} must be finite and > 0")
+        torch._assert_async(ok.all(), f"spark_ext: {message}")
+
+
+def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
+    """Every step must be finite and > 0 (SPEC §5b), checked without a host sync (see :func:`_check_values`)."""
+    _check_values(step, torch.isfinite(step) & (step > 0), f"{name} must be finite and > 0 everywhere")
+
+
+def check_not_nan(t: torch.Tensor, name: str) -> None:
+    """No element of ``t`` may be NaN (inf is allowed), checked without a host sync."""
+    if t.is_floating_point():
+        _check_values(t, ~torch.isnan(t), f"{name} must not be NaN")
+
+
+def check_finite_values(t: torch.Tensor, name: str) -> None:
+    """Every element of ``t`` must be finite, checked without a host sync."""
+    if t.is_floating_point():
+        _check_values(t, torch.isfinite(t), f"{name} must be finite everywhere")
+
+
+def writable_dir_problem(path: Path) -> Optional[str]:
+    """For command-line checks: create ``path`` (and parents) and write a file in it; None, or why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        return f"{path} is not a writable folder ({exc.strerror or exc})"
+    return None

@@ -27,6 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._validation import writable_dir_problem
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
 PEERS = ("eager", "compiled", "torch")
@@ -57,8 +59,11 @@ def _run_benchmarks(only: Sequence[str], quick: bool, out_dir: Path) -> tuple[li
 def load(paths: Sequence[Path]) -> list[dict]:
     runs = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
-        if "rows" not in data:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or "rows" not in data:
             raise ValueError(f"{path}: not a spark_ext benchmark result (no 'rows')")
         data["path"] = str(path)
         runs.append(data)
@@ -130,6 +135,38 @@ def plot(run: dict, lines: list[dict], out_dir: Path) -> Path:
     return path
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[list[dict]]:
+    """Check every argument before any work (``parser.error``: one line, exit 2).
+
+    Returns the loaded runs of ``--from`` (None when the benchmarks are to run).
+    """
+    if args.plot is not None:
+        why = writable_dir_problem(args.plot)
+        if why:
+            parser.error(f"argument --plot: {why}")
+    if args.files:
+        if args.only:
+            parser.error("argument --only: selects benchmarks to run; it cannot be combined with --from")
+        if args.quick is not None:
+            parser.error("arguments --quick/--full: size benchmarks to run; they cannot be combined with --from")
+        try:
+            return load(args.files)
+        except (OSError, ValueError) as exc:  # missing/unreadable file, bad JSON, not a result
+            parser.error(f"argument --from: {exc}")
+    if not BENCH_DIR.is_dir():
+        parser.error(f"no bench/ folder next to the package ({BENCH_DIR}): running needs the source tree; "
+                     "use --from FILE")
+    names = {s.stem for s in BENCH_DIR.glob("bench_*.py")}
+    unknown = [n for n in args.only if n not in names and f"bench_{n}" not in names]
+    if unknown:
+        known = ", ".join(sorted(n.removeprefix("bench_") for n in names))
+        parser.error(f"argument --only: no benchmark called {unknown}; choose from {known}")
+    why = writable_dir_problem(args.out)
+    if why:
+        parser.error(f"argument --out: {why}")
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="spark-ext bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="files", nargs="+", type=Path, help="saved result JSONs to summarise")
@@ -139,10 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="where runs write JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write PNG plots to this folder")
     args = parser.parse_args(argv)
+    runs = _check_args(parser, args)
     failed: list[str] = []
-    if args.files:
-        paths = args.files
-    else:
+    if runs is None:
         import torch
 
         quick = (not torch.cuda.is_available()) if args.quick is None else args.quick
@@ -150,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not paths:
             print("spark-ext bench: the benchmarks wrote no results", file=sys.stderr)
             return 1
-    for run in load(paths):
+        runs = load(paths)
+    for run in runs:
         env = run.get("env", {})
         print(f"\n== {run.get('benchmark')}  ({run['path']})")
         print(f"   {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  commit {env.get('commit')}  {env.get('date')}")

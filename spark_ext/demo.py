@@ -50,6 +50,7 @@ import spark_ext
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RandomCropBatches, RestorationTask, bicubic_upsample, held_out_pairs
 from spark_ext.distill import DistillConfig, SparkDistiller, per_image_loss
 from spark_ext.models import build_model, feature_layer
+from spark_ext._validation import writable_dir_problem
 from spark_ext.ops import _dispatch
 
 TEACHER_FORMAT = "spark_ext-teacher-v1"
@@ -494,7 +495,64 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "threads than free cores make every op wait on the others)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _parse_device(text: str) -> torch.device:
+    """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N'; raises ValueError saying what is wrong."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"the demo runs on 'cpu' or 'cuda', got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}); use cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that needs more than argparse's types, before any work (``p.error``: one line, exit 2).
+
+    Sets ``args.method_list`` and ``args.torch_device``.
+    """
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    choices = f"choose from ptq,{','.join(METHODS)}"
+    if not methods:
+        p.error(f"argument --methods: no method given; {choices}")
+    bad = [m for m in methods if m != "ptq" and m not in METHODS]
+    if bad:
+        p.error(f"argument --methods: unknown {bad}; {choices}")
+    repeated = sorted({m for m in methods if methods.count(m) > 1})
+    if repeated:
+        p.error(f"argument --methods: {repeated} given more than once (each method trains once per seed)")
+    args.method_list = methods
+    try:
+        args.torch_device = _parse_device(args.device)
+    except ValueError as exc:
+        p.error(f"argument --device: {exc}")
+    like = torch.empty(1, device=args.torch_device)
+    for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant"):
+        try:
+            _dispatch.resolve(op, args.backend, like)
+        except Exception as exc:  # BackendUnavailableError, or a library that fails to load
+            p.error(f"argument --backend: {exc} (--backend auto picks the fastest backend each op has)")
+    why = writable_dir_problem(args.out)
+    if why:
+        p.error(f"argument --out: {why}")
+    if not args.no_cache:
+        why = writable_dir_problem(args.cache_dir)
+        if why:
+            p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
 
 
 def _table(rows: list[tuple[str, str, str, str]]) -> str:
@@ -516,11 +574,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds is not None:
         replace["seeds"] = tuple(range(args.seeds))
     preset = dataclasses.replace(preset, **replace)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m != "ptq" and m not in METHODS]
-    if bad:
-        raise SystemExit(f"--methods: unknown {bad}; choose from ptq,{','.join(METHODS)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    methods, device = args.method_list, args.torch_device
     spark_ext.set_default_backend(args.backend)
     if device.type == "cpu":
         threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 2) // 2)

@@ -37,12 +37,19 @@ def cell_index(size: int, cells: int, device: Union[torch.device, str, None] = N
 
 
 def _cell_sum(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Sum ``x [B, H, W]`` over the cells of ``grid``: ``[B, Gh, Gw]`` in x's dtype."""
-    _, height, width = x.shape
+    """Sum ``x [B, H, W]`` over the cells of ``grid``: ``[B, Gh, Gw]`` in x's dtype.
+
+    Each pixel is added to its own cell only (``index_add``), so a NaN or inf
+    pixel reaches no other cell; a one-hot matrix product would multiply it by
+    the zeros of every other cell (NaN * 0 = NaN). ``index_add`` is also not
+    an autocast op, so the sums keep x's dtype under ``torch.autocast``.
+    """
+    batch, height, width = x.shape
     gh, gw = grid
-    rows = F.one_hot(cell_index(height, gh, x.device), gh).to(x.dtype)  # [H, Gh]
-    cols = F.one_hot(cell_index(width, gw, x.device), gw).to(x.dtype)  # [W, Gw]
-    return torch.einsum("bhw,hg,wk->bgk", x, rows, cols)
+    rows = torch.zeros((batch, gh, width), dtype=x.dtype, device=x.device)
+    rows = rows.index_add(1, cell_index(height, gh, x.device), x)
+    cells = torch.zeros((batch, gh, gw), dtype=x.dtype, device=x.device)
+    return cells.index_add(2, cell_index(width, gw, x.device), rows)
 
 
 def _cell_counts(height: int, width: int, grid: tuple[int, int], device, dtype) -> torch.Tensor:
@@ -199,10 +206,15 @@ def _sum_except(t: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
 def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
     """Element-wise gradients exactly as ATen's learnable fake-quant backward forms them.
 
-    ATen writes ``nearbyint(zp + x * inv_scale)``, which its AVX2 CPU build and
-    nvcc both contract into a fused multiply-add (one rounding). Computing the
-    product and sum in float64 and rounding once to float32 reproduces that,
-    which matters for inputs exactly on a rounding tie.
+    ATen writes ``nearbyint(zp + x * inv_scale)`` and ``xfq = (xq - zp) * scale;
+    ... (xfq - x)``, which its CPU build (GCC, AVX2) and nvcc both contract
+    into fused multiply-adds (one rounding each). In float32 this forms both
+    in float64 and rounds once to float32, which reproduces the fused result:
+    the product of two floats is exact in float64, and so is the sum, since
+    the operands are of similar magnitude (``x`` within a step of
+    ``(xq - zp) * scale``). The first matters for inputs on a rounding tie, the
+    second for the scale gradient of wide ranges (at 16 bits ``xfq - x`` is a
+    tiny difference of large numbers).
     """
     if x.dtype == torch.float32:
         xq = torch.round((x.double() * inv.double() + zp.double()).float())
@@ -210,9 +222,12 @@ def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
         xq = torch.round(zp + x * inv)
     inside = (xq >= quant_min) & (xq <= quant_max)
     dx = dy * inside
-    xfq = (xq.clamp(quant_min, quant_max) - zp) * scale
+    if x.dtype == torch.float32:
+        xfq_minus_x = ((xq.clamp(quant_min, quant_max) - zp).double() * scale.double() - x.double()).float()
+    else:
+        xfq_minus_x = (xq.clamp(quant_min, quant_max) - zp) * scale - x
     dscale_outside = torch.where(xq < quant_min, dy * (quant_min - zp), dy * (quant_max - zp)) * grad_factor
-    dscale = torch.where(inside, dy * (xfq - x) * inv * grad_factor, dscale_outside)
+    dscale = torch.where(inside, dy * xfq_minus_x * inv * grad_factor, dscale_outside)
     dzp = torch.where(inside, torch.zeros_like(dy), dy * -1 * scale * grad_factor)
     return dx, dscale, dzp
 

@@ -60,3 +60,36 @@ def test_a_failing_benchmark_fails_the_run_after_the_report(tmp_path, monkeypatc
     captured = capsys.readouterr()
     assert "== ok" in captured.out and "difficulty_signals" in captured.out  # the good one is reported
     assert "1 benchmark(s) failed: bench_broken.py" in captured.err
+
+
+def _rejected(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        benchreport.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    # Issue 10, defect 10: `--from missing.json` ended in a FileNotFoundError traceback.
+    monkeypatch.setattr(benchreport, "_run_benchmarks", lambda *a: pytest.fail("benchmarks ran before the checks"))
+    good = tmp_path / "run.json"
+    good.write_text(json.dumps({"benchmark": "difficulty", "env": {}, "rows": _rows()}))
+    bad_json, foreign, blocker = tmp_path / "bad.json", tmp_path / "foreign.json", tmp_path / "a_file"
+    bad_json.write_text("{not json")
+    foreign.write_text("[1, 2]")
+    blocker.write_text("")
+    cases = [
+        (["--from", str(tmp_path / "missing.json")], "No such file"),
+        (["--from", str(good), str(bad_json)], "bad.json"),
+        (["--from", str(foreign)], "not a spark_ext benchmark result"),
+        (["--from", str(good), "--only", "lsq"], "cannot be combined with --from"),
+        (["--from", str(good), "--full"], "cannot be combined with --from"),
+        (["--from", str(good), "--plot", str(blocker / "plots")], "argument --plot"),
+        (["--only", "no_such_bench"], "no benchmark called ['no_such_bench']"),
+        (["--out", str(blocker / "results")], "argument --out"),
+    ]
+    for argv, message in cases:
+        line = _rejected(argv, capsys)
+        assert line.startswith("spark-ext bench: error: ") and message in line, (argv, line)

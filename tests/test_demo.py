@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
@@ -43,14 +44,56 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
     assert "border shaved" in report["metric_notes"]
 
 
+def _no_work(*args, **kwargs):
+    pytest.fail("work started before the arguments were checked")
+
+
+def _rejected(argv, capsys) -> str:
+    """The one-line error of a demo run rejected before any work (argparse: exit 2)."""
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("spark-ext demo: error: ")
+    return last
+
+
 def test_bad_arguments_are_rejected(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="unknown"):
-        demo.main(["--preset", "smoke", "--methods", "ptq,magic", "--out", str(tmp_path)])
     for flag, value in (("--steps", "0"), ("--teacher-steps", "-3"), ("--seeds", "0"), ("--threads", "0"), ("--steps", "x")):
-        with pytest.raises(SystemExit):
-            demo.main(["--preset", "smoke", flag, value, "--out", str(tmp_path)])
-        assert f"argument {flag}" in capsys.readouterr().err
+        assert f"argument {flag}" in _rejected(["--preset", "smoke", flag, value, "--out", str(tmp_path)], capsys)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--methods", "ptq,magic", "unknown ['magic']"),
+        ("--methods", "", "no method given"),
+        ("--methods", " , ", "no method given"),
+        ("--methods", "spark,kd,spark", "['spark'] given more than once"),
+        ("--device", "cuda" if not torch.cuda.is_available() else "cuda:99", "--device"),
+        ("--device", "gpu", "expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("--device", "meta", "the demo runs on 'cpu' or 'cuda'"),
+        ("--backend", "triton", "lsq_fake_quant"),
+    ],
+)
+def test_every_argument_is_checked_before_any_work(tmp_path, capsys, monkeypatch, flag, value, message):
+    # Issue 10, defects 10 and 11: these failed only after training the teacher, or trained nothing / twice.
+    monkeypatch.setattr(demo, "get_teacher", _no_work)
+    line = _rejected(["--preset", "smoke", flag, value, "--out", str(tmp_path / "out"), "--no-cache"], capsys)
+    assert message in line
+
+
+def test_unwritable_out_and_cache_are_rejected_before_any_work(tmp_path, capsys, monkeypatch):
+    # Issue 10, defect 9: --out was created only after every model had trained.
+    monkeypatch.setattr(demo, "get_teacher", _no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = _rejected(["--preset", "smoke", "--out", str(blocker / "out"), "--no-cache"], capsys)
+    assert "argument --out" in line and "not a writable folder" in line
+    line = _rejected(["--preset", "smoke", "--out", str(tmp_path / "out"), "--cache-dir", str(blocker)], capsys)
+    assert "argument --cache-dir" in line and "--no-cache" in line
 
 
 def test_ptq_student_trains_even_when_the_teacher_is_frozen():

@@ -94,3 +94,13 @@ def test_distiller_uses_feature_kd_only(mode):
     assert log["loss_kd"] == pytest.approx(float(expected), rel=1e-5)
     assert log["loss_task"] == pytest.approx(float((out - y).abs().mean()), rel=1e-5)
     d.close()
+
+
+def test_grid_larger_than_the_feature_map_is_a_clear_error():
+    # Issue 10, defect 11: this said "weight of shape ... is neither per-pixel", though no weight was passed.
+    student, teacher = pair()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    d = SparkDistiller(student, teacher, opt, mode="spark", dfd_layer="bottleneck", grid=(8, 8))
+    with pytest.raises(ValueError, match=r"SPARK grid \(8, 8\) is larger than the layer's feature map \(4, 4\)"):
+        d.step(torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8))
+    d.close()

@@ -269,3 +269,31 @@ def test_forward_and_method_errors():
         LSQQuantizer(4, True, per_channel_axis=0, num_channels=3).set_qparams(torch.ones(2))
     with pytest.raises(ValueError, match="offset must have the step's shape"):
         LSQQuantizer(4, True, per_channel_axis=0, learn_offset=True).set_qparams(torch.ones(2), torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"signed": None}, {"signed": True, "per_channel_axis": 0}, {"signed": None, "learn_offset": True}]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_first_batch_is_an_error_and_leaves_the_quantizer_uninitialised(kwargs, bad):
+    # Issue 10, defect 11: a NaN first batch stored a NaN step and the quantizer stayed initialised.
+    q = LSQQuantizer(4, **kwargs)
+    x = torch.randn(3, 8)
+    x[1, 2] = bad
+    with pytest.raises(ValueError, match="cannot initialise from a tensor holding NaN or inf"):
+        q(x)
+    assert not q.is_initialized and int(q.initialized) == 0
+    assert q.signed is None if kwargs["signed"] is None else q.signed
+    good = torch.randn(3, 8)
+    y = q(good)  # the next finite batch initialises as if it were the first
+    want = LSQQuantizer(4, **kwargs)(good)
+    assert q.is_initialized and torch.equal(y, want)
+
+
+def test_set_qparams_rejects_non_finite_values():
+    q = LSQQuantizer(4, True, learn_offset=True)
+    with pytest.raises(ValueError, match="step must be finite"):
+        q.set_qparams(torch.tensor([float("nan")]), torch.zeros(1))
+    with pytest.raises(ValueError, match="offset must be finite"):
+        q.set_qparams(torch.ones(1), torch.tensor([float("inf")]))
+    assert not q.is_initialized

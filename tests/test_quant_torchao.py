@@ -88,8 +88,16 @@ def test_prepare_qat_same_losses_and_gradients(kw):
             results.append((loss.detach(), grads(m)))
             opt.step()
         (loss_t, g_t), (loss_o, g_o) = results
-        # The forward is bitwise torch's (SPEC §5a), so the losses are identical.
-        assert torch.equal(loss_t, loss_o)
+        # The forward is bitwise torch's (SPEC §5a), so the losses are identical as long
+        # as the parameters are. Once scale / zero point learn (step 2's update), the
+        # gradients, equal to torch's up to reduction order, can move a parameter by
+        # an ulp, so later losses agree to a few ulps (bitwise equality there was luck:
+        # at 7e44343 step 3 differs by 1 ulp although the gradients moved closer to
+        # torch's, e.g. an activation scale gradient 17x closer).
+        if step <= 2:
+            assert torch.equal(loss_t, loss_o)
+        else:
+            torch.testing.assert_close(loss_o, loss_t, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
         assert sorted(g_t) == sorted(g_o)
         if step >= 2:
             assert any(k.endswith(".scale") for k in g_o)

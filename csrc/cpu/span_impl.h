@@ -147,9 +147,12 @@ struct FqMath {
     // product and sum fused).
     V xq = round_half_even(clampv(fused_mul_add(x, a, c), L - one, H + one));
     auto inside = (xq >= L) & (H >= xq);
-    V xfq = (clampv(xq, L, H) - c) * b;
+    // ATen's xfq = (xq - zp) * scale; ... (xfq - x), contracted the same way:
+    // (xq - zp) * scale - x rounded once (exact in double: x is within a step
+    // of the product, see fused_mul_add).
+    V xfq_minus_x = fused_mul_add(clampv(xq, L, H) - c, b, -x);
     V g = splat<V>(gf);
-    V ds_in = dy * (xfq - x) * a * g;
+    V ds_in = dy * xfq_minus_x * a * g;
     V ds_out = dy * sel(xq < L, L - c, H - c) * g;
     V dz_out = dy * splat<V>(-1.f) * b * g;
     return {dy * sel(inside, one, zero), sel(inside, ds_in, ds_out), sel(inside, zero, dz_out)};

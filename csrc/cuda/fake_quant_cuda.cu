@@ -133,8 +133,10 @@ struct FqDev {
     const bool inside = (xq >= p.lo) && (xq <= p.hi);
     dx = __fmul_rn(dy, inside ? 1.f : 0.f);
     if (inside) {
-      const float xfq = __fmul_rn(__fsub_rn(clampf_(xq, p.lo, p.hi), c), b);
-      ds = __fmul_rn(__fmul_rn(__fmul_rn(dy, __fsub_rn(xfq, x)), a), p.gf);
+      // ATen's xfq = (xq - zp) * scale; ... (xfq - x): nvcc contracts it into
+      // one FMA, so (xq - zp) * scale - x is rounded once.
+      const float xfq_minus_x = __fmaf_rn(__fsub_rn(clampf_(xq, p.lo, p.hi), c), b, -x);
+      ds = __fmul_rn(__fmul_rn(__fmul_rn(dy, xfq_minus_x), a), p.gf);
       dz = 0.f;
     } else {
       ds = __fmul_rn(__fmul_rn(dy, xq < p.lo ? __fsub_rn(p.lo, c) : __fsub_rn(p.hi, c)), p.gf);

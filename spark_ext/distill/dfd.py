@@ -93,6 +93,14 @@ class DecoderFreeDistillation:
             )
         if f_s.dim() != 4:
             raise ValueError(f"dfd layer {self.layer!r} must output [B, C, H, W] features, got shape {tuple(f_s.shape)}")
+        if weight is not None:
+            gh, gw = weight.shape[-2:]
+            fh, fw = f_s.shape[-2:]
+            if gh > fh or gw > fw:
+                raise ValueError(
+                    f"dfd layer {self.layer!r}: the SPARK grid {(gh, gw)} is larger than the layer's feature map "
+                    f"{(fh, fw)}; use a grid of at most {(fh, fw)} cells (DistillConfig.grid) or a larger layer"
+                )
         t = teacher_features.to(f_s.dtype)
         return fused_weighted_kd(f_s, t, weight, kd_loss="l1", reduction="mean", backend=backend)
 

@@ -25,6 +25,7 @@ from .._validation import (
     check_axis,
     check_float_dtype,
     check_int,
+    check_not_nan,
     check_positive_step,
     check_real,
     check_same_device,
@@ -95,17 +96,32 @@ def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:
     return qmin, qmax
 
 
-def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> None:
+_INT_ZERO_POINT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> torch.Tensor:
+    """Validate x, scale, zero_point; returns the zero point as a float tensor.
+
+    Like torch, an integer zero point is accepted (it cannot require grad);
+    it is converted to float32, which gives the same results. A NaN zero
+    point is rejected (torch: "zero_point must be between quant_min and
+    quant_max"); an infinite one is clamped to the range, as torch does.
+    """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
     for t, name in ((scale, "scale"), (zero_point, "zero_point")):
         check_tensor(t, name)
         check_same_device(t, name, x)
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if not t.is_floating_point() and not (name == "zero_point" and t.dtype in _INT_ZERO_POINT_DTYPES):
+            kinds = "a floating dtype" + (" or an integer dtype" if name == "zero_point" else "")
+            raise TypeError(f"{name} must have {kinds}, got {t.dtype}")
         if t.numel() != expected_numel or t.dim() > 1:
             raise ValueError(f"{name} must hold {what} ({expected_numel} elements, 1-D), got shape {tuple(t.shape)}")
     check_positive_step(scale, "scale")
+    if not zero_point.is_floating_point():
+        return zero_point.to(torch.float32)
+    check_not_nan(zero_point, "zero_point")
+    return zero_point
 
 
 def fake_quantize_learnable_per_tensor_affine(
@@ -122,8 +138,14 @@ def fake_quantize_learnable_per_tensor_affine(
 
     Args:
         x: any shape, float32/float16/bfloat16, any strides.
-        scale, zero_point: one-element float tensors (zero_point is rounded
-            half-to-even and clamped to the range in the forward).
+        scale: one-element float tensor, finite and > 0. Unlike torch, a scale
+            <= 0 is rejected with a ValueError (see docs/quantization.md:
+            torch's own learnable FakeQuantize clamps the scale to >= eps, so
+            a non-positive scale here is a diverged or uninitialised parameter).
+        zero_point: one-element tensor, float (rounded half-to-even and
+            clamped to the range in the forward; NaN rejected with a
+            ValueError, +-inf clamped, as torch does) or integer (accepted like
+            torch; same results as the float value, and no gradient).
         quant_min, quant_max: ints with ``quant_min <= 0 <= quant_max``.
         grad_factor: multiplies the scale and zero-point gradients.
 
@@ -136,7 +158,7 @@ def fake_quantize_learnable_per_tensor_affine(
     place; other layouts, and a gradient whose strides differ from x's, cost
     one extra copy of x.
     """
-    _check_qparams(x, scale, zero_point, 1, "one value")
+    zero_point = _check_qparams(x, scale, zero_point, 1, "one value")
     qmin, qmax = check_quant_range(quant_min, quant_max)
     grad_factor = check_real(grad_factor, "grad_factor")
     _, fn = _dispatch.resolve(OP_PER_TENSOR, backend, x)
@@ -156,13 +178,15 @@ def fake_quantize_learnable_per_channel_affine(
 ) -> torch.Tensor:
     """Same results as ``torch._fake_quantize_learnable_per_channel_affine``, plus fp16/bf16 backward.
 
-    ``scale`` and ``zero_point`` are ``[x.shape[axis]]``; see the per-tensor op.
+    ``scale`` and ``zero_point`` are ``[x.shape[axis]]``; see the per-tensor op
+    for what they accept (every scale finite and > 0, unlike torch; a float or
+    integer zero point, NaN rejected).
     """
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension for per-channel quantization")
     axis = check_axis(axis, x.dim())
-    _check_qparams(x, scale, zero_point, x.shape[axis], f"one value per index of x.shape[{axis}]")
+    zero_point = _check_qparams(x, scale, zero_point, x.shape[axis], f"one value per index of x.shape[{axis}]")
     qmin, qmax = check_quant_range(quant_min, quant_max)
     grad_factor = check_real(grad_factor, "grad_factor")
     _, fn = _dispatch.resolve(OP_PER_CHANNEL, backend, x)

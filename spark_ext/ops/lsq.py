@@ -21,6 +21,7 @@ import torch
 from .. import _extension, reference
 from .._validation import (
     check_axis,
+    check_finite_values,
     check_float_dtype,
     check_int,
     check_positive_step,
@@ -104,7 +105,7 @@ def lsq_fake_quant(
         x: any shape, float32/float16/bfloat16, any strides.
         step: positive, finite; one element (``axis=None``) or ``[x.shape[axis]]``.
             A tiny positive step is clamped to 1e-8.
-        offset: ``None`` or a tensor shaped like ``step`` (LSQ+).
+        offset: ``None`` or a finite tensor shaped like ``step`` (LSQ+).
         bits: 2..16. signed: range ``[-2^(b-1), 2^(b-1)-1]``, else ``[0, 2^b-1]``.
         axis: ``None`` (per tensor) or the dimension that has one step per index.
         grad_scale: ``"lsq"`` (``1/sqrt(n * Qp)``, n elements per step), a
@@ -144,6 +145,8 @@ def lsq_fake_quant(
             what = "one element" if axis is None else f"shape [{expected}] (x.shape[{axis}])"
             raise ValueError(f"{name} must have {what}, got shape {tuple(t.shape)}")
     check_positive_step(step, "step")
+    if offset is not None:
+        check_finite_values(offset, "offset")
     qn, qp = reference.lsq_range(bits, signed)
     g = reference.lsq_grad_factor(grad_scale, x.numel(), expected, qp)
     _, fn = _dispatch.resolve(OP, backend, x)

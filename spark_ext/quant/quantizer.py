@@ -114,7 +114,9 @@ class LSQQuantizer(nn.Module):
     channel over all other dims); LSQ+ (``learn_offset``) ``step = (max - min)
     / (Qp + Qn)``, ``offset = min + Qn * step`` (per tensor or per channel).
     Steps are clamped to at least 1e-8 so an all-zero tensor still gives a
-    valid (tiny) step; calibrate or load a state for such tensors.
+    valid (tiny) step; calibrate or load a state for such tensors. A first
+    tensor holding NaN or inf raises ``ValueError`` and leaves the quantizer
+    uninitialised (so is a non-finite step or offset given to ``set_qparams``).
 
     Switches (plain attributes, not saved in the state dict):
         enabled: ``True`` fake-quantizes; ``False`` returns the input unchanged
@@ -129,8 +131,9 @@ class LSQQuantizer(nn.Module):
     Forward: ``x`` any shape, float32/float16/bfloat16 (float64 on the
     reference backend). Returns a tensor of x's shape and dtype, differentiable
     w.r.t. x (straight-through inside the range), ``step`` and ``offset``.
-    Initialisation reads the data once (a host sync when ``signed=None``);
-    after that a forward does not synchronise, and a model whose quantizers
+    Initialisation reads the data once (a host sync: it checks the data are
+    finite, and decides the sign when ``signed=None``); after that a forward
+    does not synchronise, and a model whose quantizers
     are initialised (one eager forward, :func:`calibrate` or a loaded state)
     compiles with ``torch.compile(fullgraph=True)``.
 
@@ -281,11 +284,18 @@ class LSQQuantizer(nn.Module):
             raise ValueError(f"a per-tensor LSQQuantizer needs one step, got shape {tuple(step.shape)}")
         if self.num_channels is not None and step.numel() != self.num_channels:
             raise ValueError(f"step must have {self.num_channels} elements, got shape {tuple(step.shape)}")
-        self._assign(self.step, step.to(stats_dtype(step)).clamp_min(LSQ_MIN_STEP))
         if offset is not None:
             offset = torch.as_tensor(offset).detach().reshape(-1)
             if offset.shape != step.shape:
                 raise ValueError(f"offset must have the step's shape {tuple(step.shape)}, got {tuple(offset.shape)}")
+        for name, t in (("step", step), ("offset", offset)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"{name} must be finite, got {t.flatten()[:4].tolist()} (NaN/inf data observed?); "
+                    "the quantizer is left unchanged"
+                )
+        self._assign(self.step, step.to(stats_dtype(step)).clamp_min(LSQ_MIN_STEP))
+        if offset is not None:
             self._assign(self.offset, offset)
         self._mark_initialized()
 
@@ -309,18 +319,35 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Data-driven init from ``x`` (SPEC §5b; see the class docstring). Overwrites any previous value."""
+        """Data-driven init from ``x`` (SPEC §5b; see the class docstring). Overwrites any previous value.
+
+        Raises ``ValueError`` (and changes nothing) when ``x`` holds NaN or
+        inf: the step would be NaN/inf and the quantizer would stay broken.
+        This reads the data on the host once, as the init does anyway.
+        """
         axis = self._axis_for(x)
-        if self._signed is None:
-            self._set_signed(bool((x.detach() < 0).any()))
+        if not bool(torch.isfinite(x.detach()).all()):
+            raise ValueError(
+                f"LSQQuantizer cannot initialise from a tensor holding NaN or inf (shape {tuple(x.shape)}); "
+                "it stays uninitialised: feed finite data, or calibrate / set_qparams / load a state first"
+            )
         rows = channel_rows(x, axis)
+        signed = self._signed if self._signed is not None else bool((x.detach() < 0).any())
         if self.learn_offset:
             # LSQ+ init is the min-max range init of set_range.
-            step, offset = range_to_qparams(*rows.aminmax(dim=1), self.bits, self._signed, True)
-            self._assign(self.offset, offset)
+            step, offset = range_to_qparams(*rows.aminmax(dim=1), self.bits, signed, True)
         else:
-            _, qp = lsq_range(self.bits, self._signed)
-            step = (2.0 * rows.abs().mean(dim=1) / math.sqrt(qp)).clamp_min(LSQ_MIN_STEP)
+            _, qp = lsq_range(self.bits, signed)
+            step, offset = (2.0 * rows.abs().mean(dim=1) / math.sqrt(qp)).clamp_min(LSQ_MIN_STEP), None
+        if not bool(torch.isfinite(step).all()):  # e.g. |x| near float max: the mean overflows
+            raise ValueError(
+                f"LSQQuantizer: the initial step from this tensor is not finite ({step.flatten()[:4].tolist()}); "
+                "it stays uninitialised: rescale the data, or calibrate / set_qparams first"
+            )
+        if self._signed is None:
+            self._set_signed(signed)
+        if offset is not None:
+            self._assign(self.offset, offset)
         self._assign(self.step, step)
         self._mark_initialized()
 
