@@ -3,16 +3,16 @@
 import torch
 
 
-def grad_layouts(shape, seed=0):
+def grad_layouts(shape, dtype=torch.float32, seed=0):
     """Gradients of x's shape in layouts other than x's own: (name, dy), read in place by the CPU kernels."""
     gen = torch.Generator().manual_seed(seed)
     B, C, H, W = shape
 
     def rand(*s):
-        return torch.randn(s, generator=gen)
+        return torch.randn(s, generator=gen).to(dtype)
 
     return [
-        ("scalar (y.sum())", torch.full((), 1.5).expand(shape)),
+        ("scalar (y.sum())", torch.full((), 1.5, dtype=dtype).expand(shape)),
         ("broadcast over batch", rand(1, C, H, W).expand(shape)),
         ("broadcast over channels", rand(B, 1, H, W).expand(shape)),
         ("broadcast along rows", rand(B, C, H, 1).expand(shape)),

@@ -415,9 +415,10 @@ print(isa)
 @pytest.mark.parametrize("case", range(len(grad_layouts(GRAD_SHAPE))))
 @pytest.mark.parametrize("axis", [None, 1])
 @pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
-def test_gradient_of_any_layout_is_read_in_place(case, axis, x_layout):
-    name, dy = grad_layouts(GRAD_SHAPE)[case]
-    x = torch.randn(GRAD_SHAPE) * 2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_of_any_layout_is_read_in_place(case, axis, x_layout, dtype):
+    name, dy = grad_layouts(GRAD_SHAPE, dtype)[case]
+    x = (torch.randn(GRAD_SHAPE) * 2).to(dtype)
     if x_layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     n = 1 if axis is None else x.shape[axis]
