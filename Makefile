@@ -37,7 +37,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m spark_ext.cli bench
 
-# CPU thread scaling of the C++ kernels at 1, 2 and all threads (~4 min on an idle
+# CPU thread scaling of the C++ kernels at 1, 2 and all threads (estimated 4-6 min on an idle
 # 2-core machine): JSON per op and thread count in bench/results/, README table printed.
 bench-cpu: $(STAMP)
 	$(PY) bench/bench_threads.py

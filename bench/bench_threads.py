@@ -28,7 +28,7 @@ after is recorded. One JSON per op and thread count goes to
 at the end (speed-up 1 -> N threads, ratios, copy fraction, the issue's
 targets met or missed) is the README's CPU table.
 
-    python bench/bench_threads.py                  # ~4 min on an idle 2-core machine
+    python bench/bench_threads.py                  # estimated 4-6 min on an idle 2-core machine
     python bench/bench_threads.py --quick          # small sizes, smoke run
     python bench/bench_threads.py --threads 1,2,4 --repeats 5
 """
