@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 export MAX_JOBS ?= 2
 
-.PHONY: venv test demo bench doctor clean cuda-compile-check gpu-check
+.PHONY: venv test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m spark_ext.cli bench
+
+# CPU thread scaling of the C++ kernels at 1, 2 and all threads (estimated 4-6 min on an idle
+# 2-core machine): JSON per op and thread count in bench/results/, README table printed.
+bench-cpu: $(STAMP)
+	$(PY) bench/bench_threads.py
 
 doctor: $(STAMP)
 	$(PY) -m spark_ext.cli doctor

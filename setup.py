@@ -49,6 +49,7 @@ def _aot_extension():
         name=f"spark_ext.{cfg.AOT_NAME}",
         sources=sources,
         extra_compile_args={"cxx": cflags, "nvcc": nvcc_flags},
+        extra_link_args=cfg.openmp_flags(),
     )
     info = {"torch": torch.__version__, "cuda": with_cuda, "sources": cfg.sources_hash(ROOT / "csrc")}
 

@@ -65,12 +65,17 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, reps: int =
     return measurement.median * 1e3
 
 
-def copy_gbps(nbytes: int, device: torch.device | str) -> float:
-    """GB/s of copying ``nbytes`` into another buffer on ``device`` (read + write counted)."""
+def copy_gbps(nbytes: int, device: torch.device | str, *, allocate: bool = False) -> float:
+    """GB/s of copying ``nbytes`` into another buffer on ``device`` (read + write counted).
+
+    ``allocate=True`` times ``src.clone()`` instead: the copy then also pays for
+    fresh output memory (on CPU, page faults and zeroing of a new mapping for
+    large sizes), as every op that returns a new tensor does.
+    """
     numel = max(nbytes // 4, 1)
     src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
+    ms = time_ms(src.clone if allocate else (lambda: dst.copy_(src)), device)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -195,8 +200,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def arg_parser(description: str) -> argparse.ArgumentParser:
-    """The options every ``bench_*.py`` script shares (``spark-ext bench`` passes ``--quick`` and ``--out``)."""
+def arg_parser(description: str, *, threads: bool = False) -> argparse.ArgumentParser:
+    """The options every ``bench_*.py`` script shares (``spark-ext bench`` passes ``--quick`` and ``--out``).
+
+    ``threads=True`` adds the CPU thread-scaling options (``--threads``, ``--repeats``).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CPU smoke run)")
     parser.add_argument("--headline", action="store_true", help="HBM-bound headline cases only (make gpu-check)")
@@ -204,6 +212,11 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result JSON")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default per script)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
+    if threads:
+        parser.add_argument("--threads", default="1,2,all",
+                            help="comma-separated CPU thread counts to time; 'all' = torch's default (default 1,2,all)")
+        parser.add_argument("--repeats", type=int, default=None,
+                            help="interleaved rounds over every thread count and implementation; the median is kept")
     return parser
 
 

@@ -34,7 +34,7 @@ DenseView dense_view(const at::Tensor& x, c10::optional<int64_t> axis);
 
 // dy in exactly x's (dense) strides and dtype: returned as-is when it already
 // is, else copied (one extra read and write; e.g. the expanded ones of
-// `y.sum().backward()`).
+// `y.sum().backward()`). CUDA backward only: the CPU one reads dy in place.
 at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& like);
 
 // Argument checks done again in C++ so the ops are safe to call directly

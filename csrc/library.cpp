@@ -8,7 +8,8 @@
 //   lsq_fake_quant_forward / lsq_fake_quant_backward  SPEC §5b, LSQ / LSQ+
 //   difficulty_forward / cell_kd_forward / cell_kd_backward  SPEC §2 (CPU only, cpu/difficulty_cpu.cpp)
 //   weighted_kd_forward / weighted_kd_backward        SPEC §3, no or per-pixel weight (CPU only)
-//   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>"
+//   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>;openmp=<0|1>"
+//   cpu_threads_used                                  test-only: threads that ran CPU kernel tasks (cpu/parallel.h)
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
 // d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
 // backward returns an offset gradient shaped like step even without an offset
@@ -16,8 +17,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <mutex>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "cpu/parallel.h"
 #include "cpu/span_kernels.h"
 #include "fake_quant.h"
 
@@ -89,10 +95,46 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, con
                     ": need -2^21 <= quant_min <= 0 <= quant_max <= 2^21, got [", lo, ", ", hi, "]");
 }
 
+// openmp=1: compiled with OpenMP, so at::parallel_for spreads the CPU kernels
+// over torch's intra-op threads (torch's own backend being OpenMP).
+#ifdef _OPENMP
+#define SPARK_OPENMP "1"
+#else
+#define SPARK_OPENMP "0"
+#endif
+
 static std::string build_info() {
   return std::string("torch=") + SPARK_TORCH_VERSION_STR + ";cuda=" + (SPARK_EXT_WITH_CUDA ? "1" : "0") +
-         ";cpu_isa=" + cpu::kernels().isa;
+         ";cpu_isa=" + cpu::kernels().isa + ";openmp=" + SPARK_OPENMP;
 }
+
+namespace cpu {
+namespace {
+struct ThreadRecord {
+  std::mutex mutex;
+  std::vector<std::thread::id> ids;
+};
+ThreadRecord& thread_record() {
+  static ThreadRecord record;
+  return record;
+}
+}  // namespace
+
+void note_thread() {
+  const std::thread::id id = std::this_thread::get_id();
+  ThreadRecord& r = thread_record();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  if (std::find(r.ids.begin(), r.ids.end(), id) == r.ids.end()) r.ids.push_back(id);
+}
+
+int64_t take_threads_used() {
+  ThreadRecord& r = thread_record();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  const int64_t n = static_cast<int64_t>(r.ids.size());
+  r.ids.clear();
+  return n;
+}
+}  // namespace cpu
 
 }  // namespace spark_ext
 
@@ -121,6 +163,7 @@ TORCH_LIBRARY(spark_ext, m) {
       "weighted_kd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction, "
       "bool need_student, bool need_teacher, bool need_weight) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &spark_ext::build_info);
+  m.def("cpu_threads_used() -> int", &spark_ext::cpu::take_threads_used);
 }
 
 TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {

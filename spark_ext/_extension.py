@@ -40,12 +40,19 @@ AOT_INFO = "_C_build.json"
 
 CPU_SOURCES = ("library.cpp", "cpu/fake_quant_cpu.cpp", "cpu/span_kernels.cpp", "cpu/difficulty_cpu.cpp")
 CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
-HEADERS = ("fake_quant.h", "cpu/span_kernels.h", "cpu/span_impl.h")
+HEADERS = ("fake_quant.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h")
 
 # -ffp-contract=off: no fused multiply-add, the kernels reproduce the
 # reference bit for bit. -fno-trapping-math lets GCC if-convert selects.
 CXX_FLAGS = ("-O3", "-ffp-contract=off", "-fno-trapping-math", "-Wno-psabi")
 NVCC_FLAGS = ("-O3", "--fmad=false", "--expt-relaxed-constexpr")
+# Where torch runs at::parallel_for on OpenMP (ATen/Config.h sets
+# AT_PARALLEL_OPENMP to match torch's build), the parallel region is an inline
+# `#pragma omp parallel` compiled into this library: without -fopenmp, in the
+# compile and the link flags, it runs its body serially on one thread. At run
+# time the library shares torch's OpenMP runtime (libgomp.so.1, already loaded
+# by libtorch_cpu), so torch.set_num_threads governs it.
+OPENMP_FLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "how": None, "path": None, "info": None}
@@ -75,7 +82,7 @@ def sources_hash(src: Optional[Path] = None) -> str:
         path = src / rel if src else None
         h.update(rel.encode())
         h.update(path.read_bytes() if path and path.is_file() else b"<missing>")
-    h.update(repr((CXX_FLAGS, NVCC_FLAGS)).encode())
+    h.update(repr((CXX_FLAGS, NVCC_FLAGS, OPENMP_FLAGS)).encode())
     return h.hexdigest()[:16]
 
 
@@ -85,9 +92,16 @@ def version_define(torch_version: str) -> str:
 
 
 def compile_flags(torch_version: str, with_cuda: bool) -> tuple[list[str], list[str]]:
-    """(C++ flags, nvcc flags) for the build, shared by setup.py and the JIT build."""
+    """(C++ flags, nvcc flags) for the build, shared by setup.py and the JIT build (imports torch)."""
     defines = [version_define(torch_version), f"-DSPARK_EXT_WITH_CUDA={int(with_cuda)}"]
-    return list(CXX_FLAGS) + defines, list(NVCC_FLAGS) + defines
+    return list(CXX_FLAGS) + openmp_flags() + defines, list(NVCC_FLAGS) + defines
+
+
+def openmp_flags() -> list[str]:
+    """``OPENMP_FLAGS`` when this torch was built with OpenMP, else none: for the C++ compile and the link."""
+    import torch
+
+    return list(OPENMP_FLAGS) if torch.backends.openmp.is_available() else []
 
 
 def cuda_build_possible() -> Optional[str]:
@@ -189,6 +203,7 @@ def _jit_build(torch_version: str) -> Path:
         sources=sources,
         extra_cflags=cflags,
         extra_cuda_cflags=nvcc_flags,
+        extra_ldflags=openmp_flags(),
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         is_python_module=False,
@@ -327,9 +342,10 @@ def status() -> str:
     if _state["loaded"]:
         fields = dict(item.split("=", 1) for item in _state["info"].split(";"))
         cuda = "with CUDA kernels" if fields.get("cuda") == "1" else "CPU only"
+        threads = "OpenMP threads" if fields.get("openmp") == "1" else "one thread"
         return (
             f"loaded ({_state['how']}, built for torch {fields.get('torch')}, {cuda}, "
-            f"CPU kernels: {fields.get('cpu_isa')}) from {_state['path']}"
+            f"CPU kernels: {fields.get('cpu_isa')}, {threads}) from {_state['path']}"
         )
     if _state["error"]:
         return _state["error"]

@@ -20,6 +20,8 @@ import spark_ext
 from spark_ext import _extension, reference
 from spark_ext.ops import fake_quant
 
+from grad_layouts import GRAD_SHAPE, grad_layouts
+
 per_tensor = spark_ext.fake_quantize_learnable_per_tensor_affine
 per_channel = spark_ext.fake_quantize_learnable_per_channel_affine
 
@@ -465,3 +467,18 @@ def test_cuda_scale_gradient_rounds_like_torch(bits):
     want = per_element_scale_terms("torch", x, scale, zp, -qmax - 1, qmax, dy, device="cuda")
     got = per_element_scale_terms("cuda", x, scale, zp, -qmax - 1, qmax, dy, device="cuda")
     assert torch.equal(got, want)
+
+@pytest.mark.parametrize("case", range(len(grad_layouts(GRAD_SHAPE))))
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+def test_gradient_of_any_layout_is_read_in_place(case, axis, x_layout):
+    name, dy = grad_layouts(GRAD_SHAPE)[case]
+    x = torch.randn(GRAD_SHAPE) * 2
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = 1 if axis is None else x.shape[axis]
+    scale, zp = torch.rand(n) * 0.3 + 0.05, torch.randint(-3, 4, (n,)).float()
+    got = check(x, scale, zp, axis, -8, 7, 1.0, dy)
+    dense = run(ours(axis, "cpp"), x, scale, zp, -8, 7, 1.0, dy=torch.empty_like(x).copy_(dy))
+    for a, b in zip(got, dense):
+        assert torch.equal(a, b), f"{name}: results must not depend on the gradient's layout"

@@ -18,6 +18,8 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_
 import spark_ext
 from spark_ext import _extension, reference
 
+from grad_layouts import GRAD_SHAPE, grad_layouts
+
 LOW = (torch.float16, torch.bfloat16)
 
 
@@ -408,3 +410,31 @@ print(isa)
             (y, grads), (y2, grads2) = base[key], res[key]
             assert torch.equal(y, y2), (isa, key)
             assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), (isa, key)
+
+
+@pytest.mark.parametrize("case", range(len(grad_layouts(GRAD_SHAPE))))
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_of_any_layout_is_read_in_place(case, axis, x_layout, dtype):
+    name, dy = grad_layouts(GRAD_SHAPE, dtype)[case]
+    x = (torch.randn(GRAD_SHAPE) * 2).to(dtype)
+    if x_layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = 1 if axis is None else x.shape[axis]
+    step, offset = torch.rand(n) * 0.3 + 0.1, torch.randn(n) * 0.1
+    got, _ = check(x, step, offset, dy, bits=4, signed=True, axis=axis)
+    dense = run(x, step, offset, torch.empty_like(x).copy_(dy), "cpp", bits=4, signed=True, axis=axis)
+    for a, b in zip(got, dense):
+        assert torch.equal(a, b), f"{name}: results must not depend on the gradient's layout"
+
+
+def test_backward_makes_no_copy_of_a_broadcast_gradient():
+    x = torch.randn(GRAD_SHAPE)
+    step, offset = torch.tensor([0.2]), torch.tensor([0.01])
+    for dy in (torch.ones(()).expand(x.shape), torch.randn(1, 6, 40, 70).expand(x.shape)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            torch.ops.spark_ext.lsq_fake_quant_backward(dy, x, step, offset, None, 8, 7, 1.0)
+        copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+                  and list(x.shape) in [list(s) for s in e.input_shapes]]
+        assert not copies, [(e.name, e.input_shapes) for e in copies]

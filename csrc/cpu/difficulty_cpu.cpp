@@ -35,7 +35,6 @@
 // of each cell in order. The shift keeps mean(x^2) - mean(x)^2 exact to many
 // digits even for values like 1000 + 1e-2 noise over 2^20-pixel cells (SPEC §2).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -47,6 +46,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "parallel.h"
 
 namespace spark_ext {
 namespace {
@@ -196,7 +197,7 @@ void difficulty_forward_impl(const at::Tensor& S, const at::Tensor& T, const at:
   const std::vector<int64_t> col_start = cell_starts(col_cell, gw);
   const double inv_c = 1.0 / static_cast<double>(C);  // inf for C = 0: g is NaN then, as in the reference
 
-  at::parallel_for(0, B * gh, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, B * gh, 1, [&](int64_t t0, int64_t t1) {
     // Rolling rows of g (above, current, below); one channel's rows of S, T, Y;
     // this row's per-pixel sums over c (in channel order); the Laplacian row.
     std::vector<double> gbuf(SIGNALS ? 3 * W : 0), lap(SIGNALS ? W : 0);
@@ -381,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> cell_kd_backward_cpu(const at::Tensor& grad, 
     const View4<scalar_t> o_s = need_s ? View4<scalar_t>(ds) : View4<scalar_t>();
     const View4<scalar_t> o_t = need_t ? View4<scalar_t>(dt) : View4<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * W));
-    at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_tasks(0, B * H, grain, [&](int64_t t0, int64_t t1) {
       std::vector<float> g_row(W), s_row(W), t_row(W), v_row(W);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t b = task / H, h = task % H;
@@ -434,7 +435,7 @@ double weighted_kd_sum(const at::Tensor& S, const at::Tensor& T, const at::Tenso
   // One partial per image row (b, h): sum over w of (sum over c in order).
   std::vector<double> partial(B * H, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * W));
-  at::parallel_for(0, B * H, grain, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, B * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<double> acc(W);
     std::vector<float> s_row(W), t_row(W), w_row(W);
     for (int64_t task = t0; task < t1; ++task) {
@@ -498,7 +499,7 @@ void weighted_kd_backward_impl(float scale, const at::Tensor& S, const at::Tenso
   const bool need_grad = ds || dt;
   const int64_t per_task = (B / std::max<int64_t>(task_b, 1)) * C * W;  // elements per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_task));
-  at::parallel_for(0, task_b * H, grain, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, task_b * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<double> acc(need_w ? wC * W : 0);
     std::vector<float> s_row(W), t_row(W), w_row(W), v_row(W);
     for (int64_t task = t0; task < t1; ++task) {

@@ -3,7 +3,7 @@
 // The input is viewed as its dense storage [outer, C, inner] (fake_quant.h)
 // and cut into tasks whose boundaries depend only on the shape, never on the
 // thread count, so every result, gradient sums included, is bitwise
-// reproducible whatever at::parallel_for does:
+// reproducible whatever at::parallel_for does (cpu/parallel.h):
 //
 // * row mode (per tensor, or inner >= kPeriodInner): each (outer, channel) row
 //   of `inner` elements is split into chunks of kChunk; a task runs one chunk
@@ -18,15 +18,17 @@
 //
 // A second stage sums each channel's partials pairwise in index order. The
 // partial buffers hold about numel / 64 floats at most; there is no other
-// temporary besides the outputs (and the documented copies of fake_quant.h).
+// temporary besides the outputs (and the documented copy of an x with gaps,
+// fake_quant.h). The gradient is read in place whatever its strides (GradReader).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../fake_quant.h"
+#include "parallel.h"
 #include "span_kernels.h"
 
 namespace spark_ext {
@@ -148,13 +150,91 @@ void for_each_period_span(const Plan& p, const Params& q, const PeriodTask& k, c
   }
 }
 
+// dy read where it lies, without a copy (a gradient may have any strides:
+// the broadcast ones of y.sum(), x's own, or another layout). offset(o) maps
+// an element's offset o in x's dense storage to dy's element offset; dy is
+// linear in o, with step `step`, within each aligned run of `run` storage
+// elements (run = numel when dy has x's strides or broadcasts one value). A
+// span inside one run with step 0 or 1 goes to the kernels as is; any other
+// span is first gathered, run piece by run piece, into its task's buffer of
+// kChunk elements (cache-resident). Either way the kernels see the same
+// values, so the results do not depend on dy's layout.
+struct GradReader {
+  at::Tensor dy;  // keeps a dtype-converted gradient alive
+  const char* base = nullptr;
+  int64_t es = 4;
+  bool same_layout = true;  // offset(o) == o
+  int64_t run = 1, step = 1;
+  std::vector<int64_t> size, xs, ds;  // x's dims of size > 1, outer to inner (x's strides, dy's strides)
+
+  int64_t offset(int64_t o) const {
+    if (same_layout) return o;
+    int64_t off = 0;
+    for (size_t d = 0; d < size.size(); ++d) off += ((o / xs[d]) % size[d]) * ds[d];
+    return off;
+  }
+
+  // Points g.dy / g.dy_stride at the dy values of the x storage span [start, start + n).
+  void point(cpu::SpanArgs& g, int64_t start, int64_t n, std::vector<char>& buf) const {
+    if (start / run == (start + n - 1) / run && (step == 0 || step == 1)) {
+      g.dy = base + offset(start) * es;
+      g.dy_stride = step;
+      return;
+    }
+    TORCH_CHECK(n <= kChunk, "internal: span of ", n, " elements is longer than a task buffer");
+    if (buf.empty()) buf.resize(kChunk * es);
+    for (int64_t o = start; o < start + n;) {
+      const int64_t end = std::min(start + n, (o / run + 1) * run);
+      const char* src = base + offset(o) * es;
+      char* dst = buf.data() + (o - start) * es;
+      for (int64_t i = 0; i < end - o; ++i) std::memcpy(dst + i * es, src + i * step * es, es);
+      o = end;
+    }
+    g.dy = buf.data();
+    g.dy_stride = 1;
+  }
+};
+
+GradReader grad_reader(const at::Tensor& dy_in, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(dy_in.sizes() == x.sizes(), "grad must have x's shape ", x.sizes(), ", got ", dy_in.sizes());
+  // Another dtype (only possible through a direct op call) is converted first.
+  GradReader r;
+  r.dy = dy_in.scalar_type() == x.scalar_type() ? dy_in : dy_in.to(x.scalar_type());
+  const at::Tensor& dy = r.dy;
+  r.base = static_cast<const char*>(dy.data_ptr());
+  r.es = x.element_size();
+  r.run = std::max<int64_t>(1, x.numel());
+  if (dy.strides() == x.strides()) return r;
+  r.same_layout = false;
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1) dims.push_back(d);
+  }
+  std::sort(dims.begin(), dims.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  for (int64_t d : dims) {
+    r.size.push_back(x.size(d));
+    r.xs.push_back(x.stride(d));
+    r.ds.push_back(dy.stride(d));
+  }
+  if (dims.empty()) return r;  // one element
+  // Grow the innermost run outwards while dy stays linear in the storage offset.
+  const size_t last = dims.size() - 1;
+  r.step = r.ds[last];
+  r.run = r.size[last];
+  for (size_t d = last; d-- > 0;) {
+    if (r.ds[d] != r.step * r.run) break;
+    r.run *= r.size[d];
+  }
+  return r;
+}
+
 void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t es = x.element_size();
   if (!p.period) {
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
-    at::parallel_for(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_tasks(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
       cpu::SpanArgs g = base_args(q);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t start = row_task(p, q, t, g);
@@ -165,7 +245,7 @@ void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const
     });
     return;
   }
-  at::parallel_for(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::SpanArgs g = base_args(q);
     for (int64_t t = t0; t < t1; ++t) {
       for_each_period_span(p, q, period_task(p, t), g, [&](int64_t start, int64_t len) {
@@ -180,9 +260,8 @@ void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const
 
 // Returns the fp32 sums [C] of the step/scale and offset/zero-point terms.
 std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, cpu::SpanFn const fns[2],
-                                               const at::Tensor& x, const at::Tensor& dy, at::Tensor& dx) {
+                                               const at::Tensor& x, const GradReader& dy, at::Tensor& dx) {
   const char* xp = static_cast<const char*>(x.data_ptr());
-  const char* dyp = static_cast<const char*>(dy.data_ptr());
   char* dxp = static_cast<char*>(dx.data_ptr());
   const int64_t es = x.element_size();
   auto f32 = x.options().dtype(at::kFloat);
@@ -192,8 +271,9 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
   if (!p.period) {
     std::vector<float> part_s(p.ntasks), part_z(p.ntasks);
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
-    at::parallel_for(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_tasks(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
       cpu::SpanArgs g = base_args(q);
+      std::vector<char> dy_buf;
       float acc_s[cpu::kLanes], acc_z[cpu::kLanes];
       g.acc_s = acc_s;
       g.acc_z = acc_z;
@@ -202,7 +282,7 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
         std::fill(acc_z, acc_z + cpu::kLanes, 0.f);
         const int64_t start = row_task(p, q, t, g);
         g.x = xp + start * es;
-        g.dy = dyp + start * es;
+        dy.point(g, start, g.n, dy_buf);
         g.out = dxp + start * es;
         fns[0](g);
         part_s[t] = pairwise_sum(acc_s, cpu::kLanes);
@@ -210,7 +290,7 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
       }
     });
     // Stage 2: channel c owns partials (o * C + c) * nck + k, summed in (o, k) order.
-    at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
+    cpu::parallel_tasks(0, p.C, 1, [&](int64_t c0, int64_t c1) {
       std::vector<float> vs(p.outer * p.nck), vz(p.outer * p.nck);
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t o = 0; o < p.outer; ++o) {
@@ -225,8 +305,9 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
     return {sum_s, sum_z};
   }
   std::vector<float> part_s(p.ngroups * p.C, 0.f), part_z(p.ngroups * p.C, 0.f);
-  at::parallel_for(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::SpanArgs g = base_args(q);
+    std::vector<char> dy_buf;
     std::vector<float> acc_s, acc_z;
     for (int64_t t = t0; t < t1; ++t) {
       const PeriodTask k = period_task(p, t);
@@ -237,7 +318,7 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
       for_each_period_span(p, q, k, g, [&](int64_t start, int64_t len) {
         g.n = len;
         g.x = xp + start * es;
-        g.dy = dyp + start * es;
+        dy.point(g, start, len, dy_buf);
         g.out = dxp + start * es;
         fns[1](g);
       });
@@ -252,7 +333,7 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
       }
     }
   });
-  at::parallel_for(0, p.C, 1, [&](int64_t c0, int64_t c1) {
+  cpu::parallel_tasks(0, p.C, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> vs(p.ngroups), vz(p.ngroups);
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t grp = 0; grp < p.ngroups; ++grp) {
@@ -329,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
                                                                int64_t quant_max, double grad_factor) {
   check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
-  at::Tensor g = match_layout(dy, v.x);
+  const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
   if (v.x.numel() == 0) return {dx, at::zeros_like(scale), at::zeros_like(zero_point)};
   const Plan p = make_plan(v);
@@ -358,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
                                                                 double grad_factor) {
   check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   DenseView v = dense_view(x, axis);
-  at::Tensor g = match_layout(dy, v.x);
+  const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
   // The offset gradient takes the offset's dtype and shape (step's without one).
   const at::Tensor& off_like = offset.has_value() ? *offset : step;

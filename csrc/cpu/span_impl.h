@@ -204,8 +204,10 @@ static void fwd_span(const SpanArgs& g, const M m) {
   }
 }
 
-template <class T, bool PE, class M>
-static void bwd_span(const SpanArgs& g, const M m) {
+// DY_BCAST: one dy value for the whole span (dy_stride 0, e.g. the gradient of
+// y.sum()), else n contiguous values (dy_stride 1). Same arithmetic either way.
+template <class T, bool PE, bool DY_BCAST, class M>
+static void bwd_loop(const SpanArgs& g, const M m) {
   const T* x = static_cast<const T*>(g.x);
   const T* dy = static_cast<const T*>(g.dy);
   T* dx = static_cast<T*>(g.out);
@@ -213,18 +215,21 @@ static void bwd_span(const SpanArgs& g, const M m) {
   const float* pb = g.pb;
   const float* pc = g.pc ? g.pc : g.pa;
   const vf a0 = splat<vf>(pa[0]), b0 = splat<vf>(pb[0]), c0 = splat<vf>(pc[0]);
+  const float dy0 = load1(dy);
+  const vf dyv0 = splat<vf>(dy0);
   const int64_t n = g.n;
   // Broadcast variant: 16 lane accumulators kept in registers.
   vf lane_s = loadv(g.acc_s), lane_z = loadv(g.acc_z);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     Grads<vf> r;
+    const vf dyv = DY_BCAST ? dyv0 : loadv(dy + i);
     if constexpr (PE) {
-      r = m.bwd(loadv(x + i), loadv(dy + i), loadv(pa + i), loadv(pb + i), loadv(pc + i));
+      r = m.bwd(loadv(x + i), dyv, loadv(pa + i), loadv(pb + i), loadv(pc + i));
       storev(g.acc_s + i, loadv(g.acc_s + i) + r.ds);
       storev(g.acc_z + i, loadv(g.acc_z + i) + r.dz);
     } else {
-      r = m.bwd(loadv(x + i), loadv(dy + i), a0, b0, c0);
+      r = m.bwd(loadv(x + i), dyv, a0, b0, c0);
       lane_s += r.ds;
       lane_z += r.dz;
     }
@@ -236,11 +241,20 @@ static void bwd_span(const SpanArgs& g, const M m) {
   }
   for (; i < n; ++i) {
     const int64_t k = PE ? i : 0;
-    Grads<float> r = m.bwd(load1(x + i), load1(dy + i), pa[k], pb[k], pc[k]);
+    Grads<float> r = m.bwd(load1(x + i), DY_BCAST ? dy0 : load1(dy + i), pa[k], pb[k], pc[k]);
     store1(dx + i, r.dx);
     const int64_t lane = PE ? i : (i % kLanes);
     g.acc_s[lane] += r.ds;
     g.acc_z[lane] += r.dz;
+  }
+}
+
+template <class T, bool PE, class M>
+static void bwd_span(const SpanArgs& g, const M m) {
+  if (g.dy_stride == 0) {
+    bwd_loop<T, PE, true>(g, m);
+  } else {
+    bwd_loop<T, PE, false>(g, m);
   }
 }
 

@@ -24,6 +24,7 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 struct SpanArgs {
   const void* x = nullptr;
   const void* dy = nullptr;
+  int64_t dy_stride = 1;  // backward: 1 = n contiguous values, 0 = one value for the whole span
   void* out = nullptr;  // y (forward) or dx (backward)
   int64_t n = 0;
   const float* pa = nullptr;

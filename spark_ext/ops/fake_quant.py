@@ -155,8 +155,9 @@ def fake_quantize_learnable_per_tensor_affine(
         gradients in their own dtypes).
 
     The compiled backends read dense layouts (contiguous, channels_last) in
-    place; other layouts, and a gradient whose strides differ from x's, cost
-    one extra copy of x.
+    place; other layouts cost one extra copy of x. The ``cpp`` backward reads
+    the upstream gradient in place whatever its strides; the ``cuda`` one
+    copies a gradient whose strides differ from x's (one extra copy of x).
     """
     zero_point = _check_qparams(x, scale, zero_point, 1, "one value")
     qmin, qmax = check_quant_range(quant_min, quant_max)

@@ -119,9 +119,10 @@ def lsq_fake_quant(
 
     The compiled backends (``cpp``, ``cuda``) take float32/float16/bfloat16 and
     any dense layout (contiguous, channels_last, permuted) as is; a layout with
-    gaps (e.g. a strided slice) is first copied densely, and a gradient whose
-    strides differ from x's (e.g. the expanded ones of ``y.sum()``) is copied
-    into x's layout: one extra read and write of x in either case.
+    gaps (e.g. a strided slice) is first copied densely (one extra read and
+    write of x). The ``cpp`` backward reads the upstream gradient in place
+    whatever its strides (e.g. the expanded ones of ``y.sum()``); the ``cuda``
+    one copies a gradient whose strides differ from x's into x's layout.
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
