@@ -171,6 +171,7 @@ def test_doctor_prints_the_library_status():
     result = python("from spark_ext.cli import main; main(['doctor'])")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "C++/CUDA library: " in result.stdout
+    assert "  CUDA kernels: " in result.stdout  # compiled in (for which GPUs), or why not
     assert "lsq_fake_quant: " in result.stdout and "cpp" in result.stdout
 
 

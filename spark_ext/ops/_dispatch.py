@@ -155,6 +155,9 @@ def registered_backends(op: str) -> list[str]:
     return sorted(_registry.get(op, {}), key=_PRIORITY.__getitem__)
 
 
+# Under torch.compile this runs while Dynamo traces, as plain Python (a warning
+# inside the traced code would break a fullgraph=True graph): once, like eagerly.
+@torch.compiler.assume_constant_result
 def _warn_once(op: str, backend: str, reason: str) -> None:
     if (op, backend) in _warned:
         return
