@@ -126,6 +126,37 @@ def _nvcc_output(*args: str) -> str:
         return ""
 
 
+def _has_cudart(home) -> bool:
+    return bool(home) and any(
+        (Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "targets/x86_64-linux/lib")
+    )
+
+
+def use_cuda_toolkit(cuda_version: str) -> Optional[Path]:
+    """The CUDA toolkit to build with (``CUDA_HOME``), correcting torch's guess where it is wrong.
+
+    Without ``CUDA_HOME`` torch takes the folder above the ``nvcc`` on PATH;
+    when that ``nvcc`` is a wrapper outside the toolkit (``/usr/local/bin/nvcc``
+    calling ``/usr/local/cuda-13.0/bin/nvcc``) the link then fails on
+    ``-lcudart``. Then the toolkit of the resolved nvcc, ``/usr/local/cuda`` or
+    ``/usr/local/cuda-<version>`` is used instead, if one holds libcudart
+    (set in ``torch.utils.cpp_extension.CUDA_HOME`` and ``$CUDA_HOME``).
+    """
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _has_cudart(home):
+        return Path(home) if home else None
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    candidates += [Path("/usr/local/cuda"), Path(f"/usr/local/cuda-{cuda_version}")]
+    for candidate in candidates:
+        if _has_cudart(candidate) and (candidate / "bin" / "nvcc").exists():
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = str(candidate)
+            return candidate
+    return Path(home) if home else None
+
+
 def cuda_build_possible() -> Optional[str]:
     """None when CUDA kernels can be compiled here, else why not, in words (imports torch)."""
     if os.environ.get("SPARK_EXT_NO_CUDA"):
@@ -134,8 +165,11 @@ def cuda_build_possible() -> Optional[str]:
 
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) has no CUDA"
+    home = use_cuda_toolkit(torch.version.cuda)
     if _nvcc() is None:
         return f"nvcc not found (install the CUDA {torch.version.cuda} toolkit or set CUDA_HOME)"
+    if not _has_cudart(home):
+        return f"no libcudart.so in the CUDA toolkit at {home} (set CUDA_HOME to the toolkit's folder)"
     found = re.search(r"release (\d+)\.(\d+)", _nvcc_output("--version"))
     if found and found.group(1) != torch.version.cuda.split(".")[0]:
         # torch.utils.cpp_extension refuses a different major version

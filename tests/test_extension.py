@@ -281,6 +281,9 @@ def test_cuda_skip_reasons_say_why_and_what_to_do(monkeypatch):
     monkeypatch.setattr(_extension, "_nvcc", lambda: None)
     assert "nvcc not found" in _extension.cuda_build_possible() and "CUDA_HOME" in _extension.cuda_build_possible()
     monkeypatch.setattr(_extension, "_nvcc", lambda: Path("/usr/local/cuda/bin/nvcc"))
+    monkeypatch.setattr(_extension, "use_cuda_toolkit", lambda version: Path("/opt/no-toolkit"))
+    assert "no libcudart.so in the CUDA toolkit at /opt/no-toolkit" in _extension.cuda_build_possible()
+    monkeypatch.setattr(_extension, "_has_cudart", lambda home: True)
     monkeypatch.setattr(_extension, "_nvcc_output", lambda *a: "Cuda compilation tools, release 13.0, V13.0.88")
     why = _extension.cuda_build_possible()
     assert "nvcc is CUDA 13.0" in why and "CUDA 12.8" in why and "CUDA_HOME" in why
@@ -340,3 +343,25 @@ def test_jit_builds_for_other_architectures_are_not_reused(monkeypatch):
     first = _extension.jit_target("2.14.1+cu130")[0]
     monkeypatch.setattr(_extension, "current_arch_plan", lambda: (None, "TORCH_CUDA_ARCH_LIST=9.0"))
     assert _extension.jit_target("2.14.1+cu130")[0] != first and "-cuda-" in first.name
+
+
+def test_a_wrapper_nvcc_outside_the_toolkit_finds_the_toolkit(monkeypatch, tmp_path):
+    """nvcc on PATH as a wrapper script (/usr/local/bin/nvcc): torch guesses /usr/local, which has no libcudart."""
+    from torch.utils import cpp_extension
+
+    wrapper_home, toolkit = tmp_path / "local", tmp_path / "cuda-13.0"
+    (wrapper_home / "bin").mkdir(parents=True)
+    (wrapper_home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "lib64").mkdir()
+    (toolkit / "lib64" / "libcudart.so").write_text("")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    monkeypatch.setattr(_extension.shutil, "which", lambda name: str(toolkit / "bin" / "nvcc"))
+    assert _extension.use_cuda_toolkit("13.0") == toolkit
+    assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_home))  # the user's choice is kept
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    assert _extension.use_cuda_toolkit("13.0") == wrapper_home
