@@ -346,7 +346,10 @@ def _jit_build(torch_version: str) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     target = build_dir / f"{name}.so"
     if not target.exists():
-        _announce(f"spark_ext: building the C++ library (first use, ~1 min) into {build_dir} …")
+        _announce(
+            f"spark_ext: building the C++ library (first use, ~1 min{', more with CUDA kernels' if with_cuda else ''}) "
+            f"into {build_dir} …"
+        )
     sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     cflags, nvcc_flags = compile_flags(torch_version, with_cuda)
     arch_value = current_arch_plan()[0] if with_cuda else None
