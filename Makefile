@@ -15,11 +15,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml setup.py $(CSRC)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q setuptools wheel ninja pybind11
+# The build needs (numpy too: torch warns "Failed to initialize NumPy" without it)
+# go in before the build, which runs without isolation against this torch.
+# CUDA torch: CUDA kernels for TORCH_CUDA_ARCH_LIST, else the visible GPU, else
+# the default list in spark_ext/_extension.py (DEFAULT_CUDA_ARCH_LIST).
+$(STAMP): $(PY) pyproject.toml setup.py spark_ext/_extension.py $(CSRC)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export]"
-	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); print('C++ library:', e.status())"
+	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); \
+	    print('C++ library:', e.status()); print('CUDA kernels:', e.cuda_status())"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -5,7 +5,10 @@ The C++/CUDA library (``torch.ops.spark_ext.*``, see spark_ext/_extension.py):
 * ``pip install --no-build-isolation .`` (torch importable here): built ahead
   of time as ``spark_ext/_C*.so`` plus ``spark_ext/_C_build.json`` recording the
   torch version and source hash it was built from. CUDA kernels are included
-  when this torch has CUDA and nvcc is found.
+  when this torch has CUDA and an nvcc of its major version is found, for
+  ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs, else the default list
+  of ``spark_ext/_extension.py`` (no GPU visible). A skipped CUDA build or a
+  failed build says why in one line.
 * ``pip install .`` with build isolation (no torch in the build environment),
   or ``SPARK_EXT_NO_AOT=1``: nothing is compiled now; the library is built
   just in time on first use from the shipped sources and cached.
@@ -16,6 +19,7 @@ Nothing here imports torch unless it is importable, so both paths work.
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -41,7 +45,15 @@ def _aot_extension():
     except ImportError:  # build isolation: no torch, JIT build on first use instead
         return [], {}
     cfg = _build_config()
-    with_cuda = cfg.cuda_build_possible() is None
+    no_cuda = cfg.cuda_build_possible()
+    with_cuda = no_cuda is None
+    if with_cuda:
+        arch_value, archs = cfg.current_arch_plan()
+        if arch_value is not None:  # torch.utils.cpp_extension reads it when it compiles
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_value
+        print(f"spark_ext: building the C++ library with CUDA kernels for {archs}", file=sys.stderr)
+    else:
+        print(f"spark_ext: building the C++ library without CUDA kernels: {no_cuda}", file=sys.stderr)
     cflags, nvcc_flags = cfg.compile_flags(torch.__version__, with_cuda)
     sources = [f"csrc/{s}" for s in cfg.CPU_SOURCES + (cfg.CUDA_SOURCES if with_cuda else ())]
     factory = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
@@ -51,13 +63,22 @@ def _aot_extension():
         extra_compile_args={"cxx": cflags, "nvcc": nvcc_flags},
         extra_link_args=cfg.openmp_flags(),
     )
-    info = {"torch": torch.__version__, "cuda": with_cuda, "sources": cfg.sources_hash(ROOT / "csrc")}
+    info = {
+        "torch": torch.__version__,
+        "cuda": with_cuda,
+        "cuda_archs": archs if with_cuda else f"none: {no_cuda}",
+        "sources": cfg.sources_hash(ROOT / "csrc"),
+    }
 
     class BuildWithInfo(cpp_extension.BuildExtension):
         """Builds the library, then records what it was built against beside it."""
 
         def run(self):
-            super().run()
+            try:
+                super().run()
+            except Exception as exc:  # the compiler output is above; end with what it means
+                print(f"spark_ext: ahead-of-time {cfg.build_failure(exc, None, with_cuda)}", file=sys.stderr)
+                raise
             for ext in self.extensions:
                 target = Path(self.get_ext_fullpath(ext.name))
                 (target.parent / cfg.AOT_INFO).write_text(json.dumps(info, indent=1) + "\n")

@@ -4,7 +4,8 @@
 #
 # torch's CPU wheel ships no CUDA headers (c10/cuda, ...), so the include/
 # folder of a CUDA build of torch is unpacked once into a cache and used for
-# this check only (the .o files are thrown away). Skipped, with a message,
+# this check only (the .o files are thrown away); a CUDA build of torch is used
+# as it is. Skipped, with a message,
 # when nvcc is not installed or the headers cannot be downloaded; set
 # SPARK_EXT_REQUIRE_NVCC=1 to fail instead. About 1 min (plus a few seconds
 # the first time, to fetch and unpack the headers).
@@ -29,7 +30,12 @@ if [[ -z "$NVCC" ]]; then
 fi
 
 start=$(date +%s)
-if [[ ! -f "$CACHE/include/c10/cuda/CUDAStream.h" ]]; then
+# A CUDA build of torch in this environment has the headers already: no download.
+OWN=$("$PYTHON" -c "import os, torch; print(os.path.dirname(torch.__file__) if torch.version.cuda else '')")
+if [[ -n "$OWN" && -f "$OWN/include/c10/cuda/CUDAStream.h" ]]; then
+  CACHE=$OWN
+  VERSION=$("$PYTHON" -c "import torch; print(torch.__version__)")
+elif [[ ! -f "$CACHE/include/c10/cuda/CUDAStream.h" ]]; then
   echo "cuda-compile-check: fetching the headers of torch==$VERSION (CUDA build) into $CACHE"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT

@@ -14,9 +14,15 @@ Two ways to get it, tried in this order by :func:`load`:
    named after the torch version and the source hash, and reused afterwards.
    The first build says so once on stderr (about a minute).
 
-CUDA kernels are compiled only where torch has CUDA and nvcc is found
-(``SPARK_EXT_NO_CUDA=1`` skips them). Only one library may define the
-``spark_ext`` namespace in a process, so whichever loads first stays.
+CUDA kernels are compiled only where torch has CUDA and an nvcc of the same
+major version is found (``SPARK_EXT_NO_CUDA=1`` skips them), for the
+architectures :func:`cuda_arch_plan` picks: ``TORCH_CUDA_ARCH_LIST`` when set,
+else the visible GPUs', else :data:`DEFAULT_CUDA_ARCH_LIST` (no GPU visible: a
+Docker build, a login node, CI). Only one library may define the ``spark_ext``
+namespace in a process, so whichever loads first stays.
+
+A build that fails is reported in one line (why, and what to do; the full
+compiler output goes to a log file), which ``spark-ext doctor`` shows.
 
 This module imports only the standard library at import time: setup.py reads
 its source lists and flags without importing torch.
@@ -24,15 +30,19 @@ its source lists and flags without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 AOT_NAME = "_C"
@@ -53,6 +63,14 @@ NVCC_FLAGS = ("-O3", "--fmad=false", "--expt-relaxed-constexpr")
 # time the library shares torch's OpenMP runtime (libgomp.so.1, already loaded
 # by libtorch_cpu), so torch.set_num_threads governs it.
 OPENMP_FLAGS = ("-fopenmp",)
+
+# CUDA architectures compiled when no GPU is visible and TORCH_CUDA_ARCH_LIST is
+# unset. Machine code for Turing (T4), Ampere (A100; sm_80 code also runs on
+# 8.6/8.9 GPUs) and Hopper (H100/H200), plus Hopper PTX that the driver compiles
+# once for newer GPUs (Blackwell). Every nvcc that can build for torch >= 2.11
+# (CUDA >= 12.6, including 13.x, which dropped sm_50..sm_72) supports these.
+# More architectures cost compile time (about one extra pass of nvcc each).
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "how": None, "path": None, "info": None}
@@ -104,19 +122,160 @@ def openmp_flags() -> list[str]:
     return list(OPENMP_FLAGS) if torch.backends.openmp.is_available() else []
 
 
+def _nvcc() -> Optional[Path]:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    nvcc = Path(home) / "bin" / "nvcc" if home else None
+    return nvcc if nvcc is not None and nvcc.exists() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_output(*args: str) -> str:
+    """stdout of ``nvcc ARGS`` ("" when it cannot run)."""
+    nvcc = _nvcc()
+    try:
+        return subprocess.run([str(nvcc), *args], capture_output=True, text=True, timeout=60).stdout if nvcc else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _has_cudart(home) -> bool:
+    return bool(home) and any(
+        (Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib", "targets/x86_64-linux/lib")
+    )
+
+
+def use_cuda_toolkit(cuda_version: str) -> Optional[Path]:
+    """The CUDA toolkit to build with (``CUDA_HOME``), correcting torch's guess where it is wrong.
+
+    Without ``CUDA_HOME`` torch takes the folder above the ``nvcc`` on PATH;
+    when that ``nvcc`` is a wrapper outside the toolkit (``/usr/local/bin/nvcc``
+    calling ``/usr/local/cuda-13.0/bin/nvcc``) the link then fails on
+    ``-lcudart``. Then the toolkit of the resolved nvcc, ``/usr/local/cuda`` or
+    ``/usr/local/cuda-<version>`` is used instead, if one holds libcudart
+    (set in ``torch.utils.cpp_extension.CUDA_HOME`` and ``$CUDA_HOME``).
+    """
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or _has_cudart(home):
+        return Path(home) if home else None
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(nvcc).resolve().parent.parent] if nvcc else []
+    candidates += [Path("/usr/local/cuda"), Path(f"/usr/local/cuda-{cuda_version}")]
+    for candidate in candidates:
+        if _has_cudart(candidate) and (candidate / "bin" / "nvcc").exists():
+            cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = str(candidate)
+            return candidate
+    return Path(home) if home else None
+
+
 def cuda_build_possible() -> Optional[str]:
-    """None when CUDA kernels can be compiled here, else why not (imports torch)."""
+    """None when CUDA kernels can be compiled here, else why not, in words (imports torch)."""
     if os.environ.get("SPARK_EXT_NO_CUDA"):
         return "SPARK_EXT_NO_CUDA is set"
     import torch
-    from torch.utils import cpp_extension
 
     if torch.version.cuda is None:
-        return "this torch has no CUDA"
-    home = cpp_extension.CUDA_HOME
-    if not home or not (Path(home) / "bin" / "nvcc").exists():
-        return "nvcc not found (set CUDA_HOME)"
+        return f"this torch ({torch.__version__}) has no CUDA"
+    home = use_cuda_toolkit(torch.version.cuda)
+    if _nvcc() is None:
+        return f"nvcc not found (install the CUDA {torch.version.cuda} toolkit or set CUDA_HOME)"
+    if not _has_cudart(home):
+        return f"no libcudart.so in the CUDA toolkit at {home} (set CUDA_HOME to the toolkit's folder)"
+    found = re.search(r"release (\d+)\.(\d+)", _nvcc_output("--version"))
+    if found and found.group(1) != torch.version.cuda.split(".")[0]:
+        # torch.utils.cpp_extension refuses a different major version
+        return (
+            f"nvcc is CUDA {found.group(1)}.{found.group(2)} but this torch was built with CUDA "
+            f"{torch.version.cuda} (point CUDA_HOME to a CUDA {torch.version.cuda.split('.')[0]}.x toolkit)"
+        )
     return None
+
+
+def _arch_key(arch: str) -> tuple[int, int]:
+    major, minor = arch.split("+")[0].split(".")
+    return int(major), int(minor[:1] or 0)
+
+
+def cuda_arch_plan(
+    env_value: Optional[str], visible: Sequence[tuple[int, int]], nvcc_archs: Optional[set[str]] = None
+) -> tuple[Optional[str], str]:
+    """(value to put in ``TORCH_CUDA_ARCH_LIST`` for the build, or None to leave it; description).
+
+    ``env_value``: the user's ``TORCH_CUDA_ARCH_LIST`` (wins when set).
+    ``visible``: compute capabilities of the visible GPUs; torch then builds
+    for exactly those (None is returned: nothing to set).
+    Otherwise :data:`DEFAULT_CUDA_ARCH_LIST`, less any architecture missing
+    from ``nvcc_archs`` (``{"7.5", "8.0", ...}`` from ``nvcc --list-gpu-arch``;
+    None: unknown, keep all); torch itself would fail on an empty list.
+    """
+    if env_value and env_value.strip():
+        return None, f"TORCH_CUDA_ARCH_LIST={env_value.strip()}"
+    if visible:
+        archs = sorted({f"{major}.{minor}" for major, minor in visible}, key=_arch_key)
+        return None, f"the visible GPU{'s' if len(visible) > 1 else ''}' architecture {';'.join(archs)}"
+    archs = DEFAULT_CUDA_ARCH_LIST.split(";")
+    kept = [a for a in archs if nvcc_archs is None or a.split("+")[0] in nvcc_archs]
+    if not kept and nvcc_archs:
+        kept = [max(nvcc_archs, key=_arch_key)]
+    if kept and not kept[-1].endswith("+PTX"):
+        kept[-1] += "+PTX"  # forward compatible with GPUs newer than the list
+    value = ";".join(kept)
+    note = "" if kept == archs else f", less what this nvcc lacks (from {DEFAULT_CUDA_ARCH_LIST})"
+    return value, f"the default list {value} (no GPU visible, TORCH_CUDA_ARCH_LIST unset{note})"
+
+
+def nvcc_archs() -> Optional[set[str]]:
+    """Architectures this nvcc compiles for, as ``{"7.5", ...}``; None when it cannot tell."""
+    found = re.findall(r"compute_(\d+)(\d)\b", _nvcc_output("--list-gpu-arch"))
+    return {f"{major}.{minor}" for major, minor in found} or None
+
+
+def current_arch_plan() -> tuple[Optional[str], str]:
+    """:func:`cuda_arch_plan` for this machine (imports torch; asks nvcc only when needed)."""
+    import torch
+
+    env_value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    needs_nvcc = not (env_value and env_value.strip()) and not visible
+    return cuda_arch_plan(env_value, visible, nvcc_archs() if needs_nvcc else None)
+
+
+@contextlib.contextmanager
+def arch_list_env(value: Optional[str]) -> Iterator[None]:
+    """Sets ``TORCH_CUDA_ARCH_LIST`` to ``value`` (unless None) for the duration of a build."""
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if previous is None:
+                os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+            else:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+
+
+def build_failure(exc: BaseException, log: Optional[Path], with_cuda: bool) -> str:
+    """One line: why the build failed (the compiler's first error) and what to do."""
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE) and "Error building" not in line]
+    cause = errors[0] if errors else (lines[0] if lines else type(exc).__name__)
+    if len(cause) > 200:
+        cause = cause[:197] + "..."
+    if not errors and not isinstance(exc, (RuntimeError, OSError, subprocess.SubprocessError)):
+        cause = f"{type(exc).__name__}: {cause}"  # an unexpected failure inside the build tooling
+    todo = [f"full output in {log}" if log else "set SPARK_EXT_VERBOSE_BUILD=1 to see the compiler output"]
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        todo.append("install a C++ compiler (g++) or set CXX")
+    if with_cuda:
+        todo.append("SPARK_EXT_NO_CUDA=1 builds the CPU kernels only")
+    todo.append("backend='reference' works without the library")
+    return f"build failed: {cause} ({'; '.join(todo)})"
 
 
 def cache_root() -> Path:
@@ -176,13 +335,19 @@ def _announce(message: str) -> None:
 
 
 def jit_target(torch_version: str) -> tuple[Path, str, bool]:
-    """(build folder, library name, with CUDA) of the JIT build for this torch and these sources."""
+    """(build folder, library name, with CUDA) of the JIT build for this torch and these sources.
+
+    A CUDA build's folder also names its architectures: a build for other GPUs is not reused.
+    """
     src = source_dir()
     if src is None:
         raise RuntimeError("the C++ sources are not installed (expected spark_ext/csrc/)")
     with_cuda = cuda_build_possible() is None
     digest = sources_hash(src)
-    build_dir = cache_root() / f"{_base_version(torch_version)}-{'cuda' if with_cuda else 'cpu'}-{digest}"
+    kind = "cpu"
+    if with_cuda:
+        kind = "cuda-" + hashlib.sha256(current_arch_plan()[1].encode()).hexdigest()[:6]
+    build_dir = cache_root() / f"{_base_version(torch_version)}-{kind}-{digest}"
     return build_dir, f"spark_ext_C_{digest[:8]}", with_cuda
 
 
@@ -195,20 +360,33 @@ def _jit_build(torch_version: str) -> Path:
     build_dir.mkdir(parents=True, exist_ok=True)
     target = build_dir / f"{name}.so"
     if not target.exists():
-        _announce(f"spark_ext: building the C++ library (first use, ~1 min) into {build_dir} …")
+        _announce(
+            f"spark_ext: building the C++ library (first use, ~1 min{', more with CUDA kernels' if with_cuda else ''}) "
+            f"into {build_dir} …"
+        )
     sources = [str(src / s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     cflags, nvcc_flags = compile_flags(torch_version, with_cuda)
-    cpp_extension.load(
-        name=name,
-        sources=sources,
-        extra_cflags=cflags,
-        extra_cuda_cflags=nvcc_flags,
-        extra_ldflags=openmp_flags(),
-        build_directory=str(build_dir),
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=bool(os.environ.get("SPARK_EXT_VERBOSE_BUILD")),
-    )
+    arch_value = current_arch_plan()[0] if with_cuda else None
+    log = build_dir / "build-error.log"
+    try:
+        with arch_list_env(arch_value):
+            cpp_extension.load(
+                name=name,
+                sources=sources,
+                extra_cflags=cflags,
+                extra_cuda_cflags=nvcc_flags,
+                extra_ldflags=openmp_flags(),
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=bool(os.environ.get("SPARK_EXT_VERBOSE_BUILD")),
+            )
+    except Exception as exc:
+        try:
+            log.write_text(f"{type(exc).__name__}: {exc}\n")
+        except OSError:
+            log = None
+        raise RuntimeError("JIT " + build_failure(exc, log, with_cuda)) from exc
     return target
 
 
@@ -244,8 +422,9 @@ def _load_locked() -> None:
             _announce(f"spark_ext: {reasons[0]}; rebuilding just in time")
         try:
             path = _jit_build(version)
-        except Exception as exc:  # compiler missing, build error, ...
-            raise RuntimeError("; ".join(reasons + [f"JIT build failed: {exc}"])) from exc
+        except Exception as exc:  # compiler missing, build error, ... (_jit_build words its own)
+            why = str(exc) if str(exc).startswith("JIT build failed") else f"JIT {build_failure(exc, None, False)}"
+            raise RuntimeError("; ".join(reasons + [why])) from exc
         _state.update(how="JIT", path=str(path))
     _state["info"] = _check_loaded(version)
     _state["loaded"] = True
@@ -363,6 +542,25 @@ def status() -> str:
     if src is None:
         return prefix + "C++ sources missing, cannot build"
     return prefix + f"builds just in time on first use into {cache_root()}"
+
+
+def cuda_status() -> str:
+    """One line for ``spark-ext doctor``: the GPU architectures of the CUDA kernels, or why there are none.
+
+    About the loaded library when it is loaded, else about the build that would run now.
+    """
+    if _state["loaded"]:
+        recorded = (aot_info() or {}).get("cuda_archs") if _state["how"] == "AOT" else None
+        if has_cuda_kernels():
+            archs = recorded or (current_arch_plan()[1] if _state["how"] == "JIT" else "architectures not recorded")
+            return f"compiled in, for {archs}"
+        if recorded and recorded.startswith("none: "):
+            return f"not compiled in: {recorded[len('none: '):]}"
+        return f"not compiled in: {cuda_build_possible() or 'it could be now: rebuild to add them'}"
+    why = cuda_build_possible()
+    if why is not None:
+        return f"would not be compiled: {why}"
+    return f"would be compiled for {current_arch_plan()[1]}"
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def _doctor(_: argparse.Namespace) -> int:
         from spark_ext import _extension
 
         print(f"C++/CUDA library: {_extension.status()}")
+        print(f"  CUDA kernels: {_extension.cuda_status()}")
     except ImportError:
         print("C++/CUDA library: not part of this build")
     print(f"default backend: {_dispatch.get_default_backend()}")

@@ -171,6 +171,7 @@ def test_doctor_prints_the_library_status():
     result = python("from spark_ext.cli import main; main(['doctor'])")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "C++/CUDA library: " in result.stdout
+    assert "  CUDA kernels: " in result.stdout  # compiled in (for which GPUs), or why not
     assert "lsq_fake_quant: " in result.stdout and "cpp" in result.stdout
 
 
@@ -212,3 +213,155 @@ def test_jit_build_from_scratch(tmp_path):
     second = python(code, env=env)  # cached: no build, no announcement
     assert second.returncode == 0, second.stderr[-3000:]
     assert "building the C++ library" not in second.stderr
+
+
+# --------------------------------------------------------------------------
+# Build configuration: CUDA architectures, skip reasons, one-line failures (issue 10)
+# --------------------------------------------------------------------------
+
+NVCC13 = {"7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1"}
+
+
+def test_arch_plan_prefers_the_users_list_then_the_visible_gpus_then_the_default():
+    assert _extension.cuda_arch_plan("8.6", [(9, 0)], NVCC13) == (None, "TORCH_CUDA_ARCH_LIST=8.6")
+    value, why = _extension.cuda_arch_plan(None, [(9, 0)], NVCC13)
+    assert value is None and "9.0" in why and "visible GPU" in why  # torch builds for the visible device
+    value, why = _extension.cuda_arch_plan(None, [(9, 0), (8, 0), (9, 0)], None)
+    assert value is None and "8.0;9.0" in why
+    for unset in (None, "", "  "):  # no GPU visible: torch alone would index an empty list
+        value, why = _extension.cuda_arch_plan(unset, [], NVCC13)
+        assert value == _extension.DEFAULT_CUDA_ARCH_LIST and "no GPU visible" in why
+    assert _extension.cuda_arch_plan(None, [], None)[0] == _extension.DEFAULT_CUDA_ARCH_LIST
+
+
+def test_default_arch_list_drops_what_nvcc_lacks_and_keeps_ptx():
+    value, why = _extension.cuda_arch_plan(None, [], {"8.0", "8.6", "9.0", "10.0"})
+    assert value == "8.0;9.0+PTX" and "less what this nvcc lacks" in why
+    assert _extension.cuda_arch_plan(None, [], {"7.5", "8.0"})[0] == "7.5;8.0+PTX"
+    assert _extension.cuda_arch_plan(None, [], {"10.0", "12.0"})[0] == "12.0+PTX"
+    assert {a.split("+")[0] for a in _extension.DEFAULT_CUDA_ARCH_LIST.split(";")} <= NVCC13
+
+
+def test_torch_accepts_the_default_arch_list():
+    """The list, put in TORCH_CUDA_ARCH_LIST, is what torch turns into -gencode flags (no GPU queried)."""
+    from torch.utils import cpp_extension
+
+    with _extension.arch_list_env(_extension.DEFAULT_CUDA_ARCH_LIST):
+        flags = cpp_extension._get_cuda_arch_flags()
+    assert "-gencode=arch=compute_75,code=sm_75" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+
+
+def test_arch_list_env_sets_and_restores(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    with _extension.arch_list_env("8.0"):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    with _extension.arch_list_env("8.0"):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    with _extension.arch_list_env(None):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_current_arch_plan_without_a_gpu_uses_the_default(monkeypatch):
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(_extension, "nvcc_archs", lambda: NVCC13)
+    assert _extension.current_arch_plan()[0] == _extension.DEFAULT_CUDA_ARCH_LIST
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
+    assert _extension.current_arch_plan() == (None, "TORCH_CUDA_ARCH_LIST=8.9")
+
+
+def test_cuda_skip_reasons_say_why_and_what_to_do(monkeypatch):
+    monkeypatch.delenv("SPARK_EXT_NO_CUDA", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "has no CUDA" in _extension.cuda_build_possible()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_extension, "_nvcc", lambda: None)
+    assert "nvcc not found" in _extension.cuda_build_possible() and "CUDA_HOME" in _extension.cuda_build_possible()
+    monkeypatch.setattr(_extension, "_nvcc", lambda: Path("/usr/local/cuda/bin/nvcc"))
+    monkeypatch.setattr(_extension, "use_cuda_toolkit", lambda version: Path("/opt/no-toolkit"))
+    assert "no libcudart.so in the CUDA toolkit at /opt/no-toolkit" in _extension.cuda_build_possible()
+    monkeypatch.setattr(_extension, "_has_cudart", lambda home: True)
+    monkeypatch.setattr(_extension, "_nvcc_output", lambda *a: "Cuda compilation tools, release 13.0, V13.0.88")
+    why = _extension.cuda_build_possible()
+    assert "nvcc is CUDA 13.0" in why and "CUDA 12.8" in why and "CUDA_HOME" in why
+    monkeypatch.setattr(_extension, "_nvcc_output", lambda *a: "Cuda compilation tools, release 12.9, V12.9.1")
+    assert _extension.cuda_build_possible() is None
+    monkeypatch.setenv("SPARK_EXT_NO_CUDA", "1")
+    assert _extension.cuda_build_possible() == "SPARK_EXT_NO_CUDA is set"
+
+
+def test_build_failure_is_one_line_with_the_first_compiler_error(tmp_path):
+    output = (
+        "Error building extension 'spark_ext_C_1234':\n[1/3] c++ -c library.cpp\nFAILED: library.o\n"
+        "csrc/library.cpp:12:5: error: 'foo' was not declared in this scope\n   12 |     foo();\n"
+        "csrc/library.cpp:13:5: error: second\nninja: build stopped: subcommand failed.\n"
+    )
+    line = _extension.build_failure(RuntimeError(output), tmp_path / "build-error.log", with_cuda=True)
+    assert "\n" not in line
+    assert line.startswith("build failed: csrc/library.cpp:12:5: error: 'foo' was not declared")
+    assert str(tmp_path / "build-error.log") in line and "SPARK_EXT_NO_CUDA=1" in line and "reference" in line
+    # what issue 10 met: an exception from inside torch's build tooling, now named, with advice
+    line = _extension.build_failure(IndexError("list index out of range"), None, with_cuda=False)
+    assert line.startswith("build failed: IndexError: list index out of range (") and "\n" not in line
+    assert "SPARK_EXT_VERBOSE_BUILD=1" in line and "SPARK_EXT_NO_CUDA" not in line
+
+
+def test_failed_jit_build_is_reported_in_one_line_with_its_log(fresh_state, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(_extension, "aot_library", lambda: None)
+    monkeypatch.setenv("SPARK_EXT_NO_CUDA", "1")
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension 'x':\nlibrary.cpp:1:1: error: boom\nninja: build stopped")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    with pytest.raises(RuntimeError) as info:
+        _extension.load()
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("spark_ext C++ library unavailable: JIT build failed: library.cpp:1:1: error: boom")
+    log = Path(message.split("full output in ")[1].split(";")[0])
+    assert log.is_file() and "error: boom" in log.read_text()
+    assert _extension.status() == message  # what `spark-ext doctor` prints
+
+
+def test_cuda_status_says_what_would_be_built(fresh_state, monkeypatch):
+    monkeypatch.setattr(_extension, "cuda_build_possible", lambda: "this torch (2.13.0+cpu) has no CUDA")
+    assert _extension.cuda_status() == "would not be compiled: this torch (2.13.0+cpu) has no CUDA"
+    monkeypatch.setattr(_extension, "cuda_build_possible", lambda: None)
+    monkeypatch.setattr(_extension, "current_arch_plan", lambda: ("7.5;8.0;9.0+PTX", "the default list 7.5;8.0;9.0+PTX"))
+    assert _extension.cuda_status() == "would be compiled for the default list 7.5;8.0;9.0+PTX"
+
+
+def test_jit_builds_for_other_architectures_are_not_reused(monkeypatch):
+    monkeypatch.setattr(_extension, "cuda_build_possible", lambda: None)
+    monkeypatch.setattr(_extension, "current_arch_plan", lambda: (None, "TORCH_CUDA_ARCH_LIST=8.0"))
+    first = _extension.jit_target("2.14.1+cu130")[0]
+    monkeypatch.setattr(_extension, "current_arch_plan", lambda: (None, "TORCH_CUDA_ARCH_LIST=9.0"))
+    assert _extension.jit_target("2.14.1+cu130")[0] != first and "-cuda-" in first.name
+
+
+def test_a_wrapper_nvcc_outside_the_toolkit_finds_the_toolkit(monkeypatch, tmp_path):
+    """nvcc on PATH as a wrapper script (/usr/local/bin/nvcc): torch guesses /usr/local, which has no libcudart."""
+    from torch.utils import cpp_extension
+
+    wrapper_home, toolkit = tmp_path / "local", tmp_path / "cuda-13.0"
+    (wrapper_home / "bin").mkdir(parents=True)
+    (wrapper_home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("")
+    (toolkit / "lib64").mkdir()
+    (toolkit / "lib64" / "libcudart.so").write_text("")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    monkeypatch.setattr(_extension.shutil, "which", lambda name: str(toolkit / "bin" / "nvcc"))
+    assert _extension.use_cuda_toolkit("13.0") == toolkit
+    assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_home))  # the user's choice is kept
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    assert _extension.use_cuda_toolkit("13.0") == wrapper_home

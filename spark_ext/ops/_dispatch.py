@@ -98,10 +98,20 @@ def library_unavailable(which: str = "cpp_unavailable") -> Callable[[], Optional
 
     Looked up at call time, so tests can patch it. The library's ops get
     their fakes and autograd from the op modules' ``_extension.on_load`` hooks.
+
+    Under ``torch.compile`` Dynamo must not trace this check: the first one in
+    a process loads (maybe builds) the library behind a lock, which stops a
+    ``fullgraph=True`` trace ("Unsupported context manager"). Marked as a
+    constant result, Dynamo runs it as plain Python while tracing and bakes
+    the answer in: the library, its fakes and autograd are in place before
+    the op itself is traced.
     """
     from .. import _extension
 
-    return lambda: getattr(_extension, which)()
+    def unavailable() -> Optional[str]:
+        return getattr(_extension, which)()
+
+    return torch.compiler.assume_constant_result(unavailable)
 
 
 def register_compiled(op: str, fn: Callable) -> None:
@@ -145,6 +155,9 @@ def registered_backends(op: str) -> list[str]:
     return sorted(_registry.get(op, {}), key=_PRIORITY.__getitem__)
 
 
+# Under torch.compile this runs while Dynamo traces, as plain Python (a warning
+# inside the traced code would break a fullgraph=True graph): once, like eagerly.
+@torch.compiler.assume_constant_result
 def _warn_once(op: str, backend: str, reason: str) -> None:
     if (op, backend) in _warned:
         return
