@@ -18,7 +18,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel ninja pybind11
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,test-metrics]"
 	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); print('C++ library:', e.status())"
 	touch $(STAMP)
 
