@@ -1,7 +1,8 @@
 """FP32 teachers shipped with the package, so every user and every seed starts from the same teacher.
 
-One teacher per demo task, the demo's ``default`` network (width 16, depth 2),
-trained by ``tools/train_teachers.py`` (the demo's teacher training, seed 0,
+One teacher per demo task, the demo's ``default`` network (width 16, depth 2):
+denoising 3000 steps, x2 SR 6000 steps (neither had fully plateaued: see
+``docs/teachers.md``), trained by ``tools/train_teachers.py`` (the demo's teacher training, seed 0,
 one CPU thread). The weights are fp32 ``state_dict`` files in
 ``spark_ext/models/weights/``; each file's sha256 is checked before loading.
 How they were trained and how well they do: ``docs/teachers.md``.
@@ -45,14 +46,14 @@ class PretrainedTeacher:
 
 PRETRAINED_TEACHERS: dict[str, PretrainedTeacher] = {
     "denoise": PretrainedTeacher(
-        task="denoise", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=1500,
-        filename="teacher_denoise.pt", sha256="d986fc31cfe1c5f8eef56b0273d4c7c3bd2437f82c7c0e0aa6e96beee78c4dfb",
-        psnr=30.2147, ssim=0.82036,
+        task="denoise", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=3000,
+        filename="teacher_denoise.pt", sha256="794322398810e0b36c98dfc32e14b30e0fe9e9c3cdc4a7a05c051070fea53bd8",
+        psnr=30.5072, ssim=0.82892,
     ),
     "sr": PretrainedTeacher(
-        task="sr", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=3000,
-        filename="teacher_sr.pt", sha256="1452b9f49a0b26a455fd018fe8eceda190e445ed9dcc9cf8fa2351c687279656",
-        psnr=33.5048, ssim=0.91676,
+        task="sr", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=6000,
+        filename="teacher_sr.pt", sha256="327719b8c703acb34e39cd99883c6cd0ddb8ec8c8298acaa12f21dfa707b97b6",
+        psnr=33.6304, ssim=0.91858,
     ),
 }
 
