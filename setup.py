@@ -91,7 +91,10 @@ ext_modules, cmdclass = _aot_extension()
 setup(
     packages=find_packages(include=["spark_ext", "spark_ext.*"]) + ["spark_ext.kernels", "spark_ext.csrc"],
     package_dir={"spark_ext.kernels": "kernels", "spark_ext.csrc": "csrc"},
-    package_data={"spark_ext.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    package_data={
+        "spark_ext.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+        "spark_ext.models": ["weights/*.pt"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

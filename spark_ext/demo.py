@@ -3,7 +3,10 @@
 What it does, for ``--task denoise`` (AWGN sigma 25/255) or ``--task sr``
 (bicubic x2), on scikit-image's bundled photos (no download):
 
-1. trains an FP32 teacher (or loads it from the cache,
+1. loads the FP32 teacher shipped with the package for the ``default``
+   preset (:func:`spark_ext.models.load_pretrained_teacher`, hash-checked;
+   ``docs/teachers.md``), or, with ``--retrain-teacher`` / ``--teacher-steps``
+   and for the other presets, trains one (cached in
    ``~/.cache/spark_ext/teachers/<hash>.pt``; the hash covers everything that
    determines the weights);
 2. quantizes a copy to W4A4 (first and last layer W8A8) and calibrates it on
@@ -13,9 +16,11 @@ What it does, for ``--task denoise`` (AWGN sigma 25/255) or ``--task sr``
    **QAT** (L1 only), **KD** (L1 + uniform KD from the FP32 teacher),
    **SPARK** (L1 + policy-weighted KD), **GoR** and **LMR** (L1 + KD combined
    by those balancers); optionally **DFD** (feature KD at the bottleneck);
-4. evaluates PSNR / SSIM (``skimage.metrics``, RGB, data range 1, outputs
-   clamped to [0, 1]; for SR a ``scale``-pixel border is shaved) on the
-   held-out photos, prints the table (with the degraded input and the FP32
+4. evaluates PSNR / SSIM as papers do (:mod:`spark_ext.metrics`: outputs
+   rounded to 8-bit levels; denoising on RGB; SR on the BT.601 Y channel with a
+   ``scale``-pixel border cropped; SSIM with an 11x11 Gaussian window) on the
+   held-out photos (and, with ``--eval-images DIR``, on every PNG/JPEG photo
+   in DIR), prints the table (with the degraded input and the FP32
    teacher), writes ``results.json``, ``crops.png`` (a row of crops per
    method), ``spark_weight_map.png`` (the SPARK policy's weight map over a
    held-out photo) and ``curves.png`` (training losses).
@@ -41,19 +46,28 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 import spark_ext
-from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RandomCropBatches, RestorationTask, bicubic_upsample, held_out_pairs
+from spark_ext.data import (
+    HELD_OUT_PHOTOS,
+    TRAIN_PHOTOS,
+    RandomCropBatches,
+    RestorationTask,
+    bicubic_upsample,
+    held_out_pairs,
+    image_folder_pairs,
+)
 from spark_ext.distill import DistillConfig, SparkDistiller, per_image_loss
-from spark_ext.models import build_model, feature_layer
 from spark_ext._validation import writable_dir_problem
+from spark_ext.metrics import SSIM_WINDOW, restoration_metrics
+from spark_ext.models import PRETRAINED_TEACHERS, build_model, feature_layer, load_pretrained_teacher
 from spark_ext.ops import _dispatch
 
-TEACHER_FORMAT = "spark_ext-teacher-v1"
+TEACHER_FORMAT = "spark_ext-teacher-v2"  # v2: SR inputs from the MATLAB-style bicubic downscale
 
 # Student methods: DistillConfig overrides. "ptq" is handled separately (no training).
 METHODS: dict[str, dict[str, Any]] = {
@@ -65,6 +79,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "dfd": {"mode": "kd", "dfd_layer": "<feature layer>"},
 }
 DEFAULT_METHODS = ("ptq", "qat", "kd", "spark", "gor", "lmr")
+METRIC_NOTES = {
+    "denoise": "BasicSR conventions: outputs rounded to uint8, RGB, no border crop, SSIM 11x11 Gaussian (sigma 1.5)",
+    "sr": "BasicSR conventions: outputs rounded to uint8, Y channel (BT.601), border = scale cropped, "
+    "SSIM 11x11 Gaussian (sigma 1.5)",
+}
 LABELS = {
     "input": "input (degraded)",
     "fp32": "FP32 teacher",
@@ -190,8 +209,20 @@ def _teacher_key(task: RestorationTask, preset: Preset) -> dict[str, Any]:
     }
 
 
-def train_teacher(task: RestorationTask, preset: Preset, device: torch.device, quiet: bool) -> tuple[nn.Module, list[float]]:
-    """FP32 teacher: L1 loss, Adam with cosine decay, seed 0."""
+def train_teacher(
+    task: RestorationTask,
+    preset: Preset,
+    device: torch.device,
+    quiet: bool,
+    callback: Optional[Callable[[int, nn.Module], None]] = None,
+) -> tuple[nn.Module, list[float]]:
+    """FP32 teacher: L1 loss, Adam with cosine decay over ``preset.teacher_steps``, seed 0.
+
+    Deterministic: on one CPU thread, the same torch build gives bitwise the same
+    weights (``tools/train_teachers.py`` made the shipped teachers this way).
+    ``callback(step, model)``, if given, runs after every optimiser step
+    (``step`` counts from 1), e.g. to record a held-out curve.
+    """
     torch.manual_seed(0)
     model = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device)
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=10_000, device=device)
@@ -206,10 +237,28 @@ def train_teacher(task: RestorationTask, preset: Preset, device: torch.device, q
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(len(losses), model)
     return model, losses
 
 
-def get_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool) -> tuple[nn.Module, dict[str, Any]]:
+def uses_pretrained_teacher(task: RestorationTask, preset: Preset) -> bool:
+    """Whether the shipped teacher fits this task and preset (same network and degradation)."""
+    spec = PRETRAINED_TEACHERS[task.kind]
+    same_task = task.sigma == spec.sigma if task.kind == "denoise" else task.scale == spec.scale
+    return same_task and (preset.width, preset.depth) == (spec.width, spec.depth)
+
+
+def get_teacher(
+    task, preset, device, cache_dir: Optional[Path], quiet: bool, retrain: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The FP32 teacher: the shipped one when it fits ``preset`` and ``retrain`` is off, else
+    trained with ``preset.teacher_steps`` (from / into ``cache_dir`` when given)."""
+    if not retrain and uses_pretrained_teacher(task, preset):
+        spec = PRETRAINED_TEACHERS[task.kind]
+        model = load_pretrained_teacher(task.kind, device)
+        print(f"teacher: shipped {task.kind} teacher ({spec.steps} steps, sha256 {spec.sha256[:12]}...)")
+        return model, {"pretrained": True, "steps": spec.steps, "sha256": spec.sha256, "seconds": 0.0, "losses": []}
     key = _teacher_key(task, preset)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"{digest}.pt" if cache_dir is not None else None
@@ -219,7 +268,7 @@ def get_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool) ->
             model = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device)
             model.load_state_dict(blob["state_dict"])
             print(f"teacher: loaded from cache {path}")
-            return model.eval(), {"cached": True, "path": str(path), "seconds": 0.0, "losses": []}
+            return model.eval(), {"pretrained": False, "steps": preset.teacher_steps, "cached": True, "path": str(path), "seconds": 0.0, "losses": []}
     t0 = time.perf_counter()
     model, losses = train_teacher(task, preset, device, quiet)
     seconds = time.perf_counter() - t0
@@ -230,7 +279,7 @@ def get_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool) ->
         torch.save({"key": json.dumps(key, sort_keys=True), "state_dict": model.state_dict()}, tmp)
         os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
         print(f"teacher: cached at {path}")
-    return model.eval(), {"cached": False, "path": str(path) if path else None, "seconds": seconds, "losses": losses}
+    return model.eval(), {"pretrained": False, "steps": preset.teacher_steps, "cached": False, "path": str(path) if path else None, "seconds": seconds, "losses": losses}
 
 
 # ----------------------------------------------------------------------------- students
@@ -291,26 +340,25 @@ def restore(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def image_metrics(output: torch.Tensor, target: torch.Tensor, shave: int) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of ``[1, 3, H, W]`` images in [0, 1] (RGB, data range 1)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    a = output[0].permute(1, 2, 0).double().cpu().numpy()
-    b = target[0].permute(1, 2, 0).double().cpu().numpy()
-    if shave:
-        a, b = a[shave:-shave, shave:-shave], b[shave:-shave, shave:-shave]
-    psnr = peak_signal_noise_ratio(b, a, data_range=1.0)
-    ssim = structural_similarity(b, a, data_range=1.0, channel_axis=2)
-    return float(psnr), float(ssim)
-
-
-def evaluate(outputs: dict[str, torch.Tensor], held, shave: int) -> dict[str, Any]:
-    per = {name: image_metrics(outputs[name], target, shave) for name, _, target in held}
+def score_outputs(outputs: dict[str, torch.Tensor], held, task: RestorationTask) -> dict[str, Any]:
+    """PSNR / SSIM of ``outputs[name]`` against each held-out target (:func:`spark_ext.metrics.restoration_metrics`:
+    8-bit levels; SR on the Y channel with a ``scale``-pixel border cropped), mean over the images."""
+    per = {}
+    for name, _, target in held:
+        m = restoration_metrics(outputs[name], target, task.kind, task.scale)
+        per[name] = {"psnr": float(m["psnr"][0]), "ssim": float(m["ssim"][0])}
     return {
-        "psnr": sum(p for p, _ in per.values()) / len(per),
-        "ssim": sum(s for _, s in per.values()) / len(per),
-        "per_image": {k: {"psnr": p, "ssim": s} for k, (p, s) in per.items()},
+        "psnr": sum(v["psnr"] for v in per.values()) / len(per),
+        "ssim": sum(v["ssim"] for v in per.values()) / len(per),
+        "per_image": per,
     }
+
+
+def evaluate(model: nn.Module, task: RestorationTask, held) -> dict[str, Any]:
+    """Mean PSNR (dB) / SSIM of ``model`` over ``held`` (``[(name, input, target), ...]``, e.g. from
+    :func:`spark_ext.data.held_out_pairs` or :func:`spark_ext.data.image_folder_pairs`) for ``task``,
+    plus ``per_image`` scores. Outputs are clamped to [0, 1]; the model is left in its mode."""
+    return score_outputs(model_outputs(model, held), held, task)
 
 
 def model_outputs(model: nn.Module, held) -> dict[str, torch.Tensor]:
@@ -466,7 +514,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         epilog=(
             f"Presets: {presets}. 'default' takes about 5 minutes on a 2-core CPU; 'smoke' seconds; 'full' "
             "is meant for a GPU. Writes OUT/results.json (table, settings, backends), crops.png, "
-            "spark_weight_map.png (with SPARK) and curves.png. The FP32 teacher is cached (see --cache-dir)."
+            "spark_weight_map.png (with SPARK) and curves.png. The 'default' preset uses the FP32 teacher "
+            "shipped with the package; a trained one is cached (see --cache-dir)."
         ),
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="run budget, see Presets below (default: %(default)s)")
@@ -483,7 +532,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=_int_at_least(1), default=None, help="number of student seeds (default: the preset's)")
     p.add_argument("--steps", type=_int_at_least(1), default=None, help="student training steps (default: the preset's)")
-    p.add_argument("--teacher-steps", type=_int_at_least(1), default=None, help="teacher training steps (default: the preset's)")
+    p.add_argument(
+        "--teacher-steps", type=_int_at_least(1), default=None,
+        help="train the teacher for this many steps (implies --retrain-teacher; default: the preset's)",
+    )
+    p.add_argument(
+        "--retrain-teacher", action="store_true",
+        help="train the FP32 teacher (preset's steps) instead of loading the one shipped with the package "
+        "(the 'default' preset's network; other presets always train theirs)",
+    )
+    p.add_argument(
+        "--eval-images", type=Path, default=None, metavar="DIR",
+        help="also evaluate every method on the PNG/JPEG photos in DIR (whole photos, degraded like the "
+        "held-out set)",
+    )
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="always train the teacher, do not cache it")
@@ -553,11 +615,20 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         why = writable_dir_problem(args.cache_dir)
         if why:
             p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
+    args.eval_folder = None
+    if args.eval_images is not None:  # loaded here: every file must decode before any work
+        task = RestorationTask(args.task)
+        try:
+            args.eval_folder = image_folder_pairs(task, args.eval_images)
+        except ValueError as exc:
+            p.error(f"argument --eval-images: {exc}")
+        small = [name for name, _, y in args.eval_folder if min(y.shape[-2:]) < SSIM_WINDOW + 2 * task.scale]
+        if small:
+            p.error(f"argument --eval-images: images smaller than {SSIM_WINDOW + 2 * task.scale}px: {small}")
 
 
-def _table(rows: list[tuple[str, str, str, str]]) -> str:
-    header = ("method", "PSNR (dB)", "SSIM", "train s")
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(4)]
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
@@ -575,6 +646,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         replace["seeds"] = tuple(range(args.seeds))
     preset = dataclasses.replace(preset, **replace)
     methods, device = args.method_list, args.torch_device
+    task, folder = RestorationTask(args.task), args.eval_folder
     spark_ext.set_default_backend(args.backend)
     if device.type == "cpu":
         threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 2) // 2)
@@ -585,7 +657,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"spark_ext.quant is not available ({exc}); the demo needs the QAT toolkit", file=sys.stderr)
         return 1
 
-    task = RestorationTask(args.task)
     backends = _resolve_backends(device, args.backend)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"spark_ext {spark_ext.__version__} demo: task={task.kind} preset={preset.name} device={dev_name} torch {torch.__version__}")
@@ -594,15 +665,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f" ({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'})")
     print(f"budget per student: {preset.student_steps} steps x batch {preset.batch} x {preset.crop}px crops, seeds {list(preset.seeds)}")
 
+    if folder is not None:
+        print(f"extra evaluation: {len(folder)} photo(s) in {args.eval_images} (whole photos)")
     held = held_out_pairs(task, preset.eval_size, device=device)
-    shave = task.scale if task.kind == "sr" else 0
+    folder = [(n, x.to(device), y.to(device)) for n, x, y in folder] if folder is not None else None
     cache_dir = None if args.no_cache else args.cache_dir
-    teacher, teacher_info = get_teacher(task, preset, device, cache_dir, args.quiet)
+    retrain = args.retrain_teacher or args.teacher_steps is not None
+    teacher, teacher_info = get_teacher(task, preset, device, cache_dir, args.quiet, retrain=retrain)
     for p in teacher.parameters():
         p.requires_grad_(False)
 
+    def score(outs: dict[str, torch.Tensor], model: Optional[nn.Module]) -> dict[str, Any]:
+        """Held-out scores of ``outs`` (+ the --eval-images folder's, from ``model`` or the input)."""
+        result = score_outputs(outs, held, task)
+        if folder is not None:
+            extra = model_outputs(model, folder) if model is not None else input_outputs(task, folder)
+            result["eval_images"] = score_outputs(extra, folder, task)
+        return result
+
     pictures: dict[str, dict[str, torch.Tensor]] = {"input": input_outputs(task, held), "fp32": model_outputs(teacher, held)}
-    scores: dict[str, list[dict]] = {name: [evaluate(outs, held, shave)] for name, outs in pictures.items()}
+    scores: dict[str, list[dict]] = {"input": [score(pictures["input"], None)], "fp32": [score(pictures["fp32"], teacher)]}
     train_seconds: dict[str, list[float]] = {}
     histories: dict[str, list[dict[str, float]]] = {}
     spark_state = None
@@ -610,7 +692,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base = make_ptq(teacher, task, preset, seed, device)
         if "ptq" in methods:
             outs = model_outputs(base, held)
-            scores.setdefault("ptq", []).append(evaluate(outs, held, shave))
+            scores.setdefault("ptq", []).append(score(outs, base))
             if seed == preset.seeds[0]:
                 pictures["ptq"] = outs
         for method in methods:
@@ -618,7 +700,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             student, distiller, logs, seconds = train_student(method, base, teacher, task, preset, seed, device, args.quiet)
             outs = model_outputs(student, held)
-            result = evaluate(outs, held, shave)
+            result = score(outs, student)
             # LSQ steps an optimiser pushed to the quantizer's 1e-8 floor (should be 0).
             result["collapsed_quant_steps"] = sum(int((q.step.detach() <= 1e-7).sum()) for q in _lsq_quantizers(student))
             scores.setdefault(method, []).append(result)
@@ -633,28 +715,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- table
     rows, summary = [], {}
+    header = ("method", "PSNR (dB)", "SSIM") + (("PSNR (DIR)", "SSIM (DIR)") if folder is not None else ()) + ("train s",)
     for method, runs in scores.items():
-        psnr_m, psnr_s = _mean_std([r["psnr"] for r in runs])
-        ssim_m, ssim_s = _mean_std([r["ssim"] for r in runs])
+        sets = [("", runs)] + ([("eval_images_", [r["eval_images"] for r in runs])] if folder is not None else [])
+        summary[method] = {"label": LABELS[method]}
+        row = [LABELS[method]]
+        for prefix, results in sets:
+            psnr_m, psnr_s = _mean_std([r["psnr"] for r in results])
+            ssim_m, ssim_s = _mean_std([r["ssim"] for r in results])
+            summary[method].update({
+                f"{prefix}psnr_mean": psnr_m, f"{prefix}psnr_std": psnr_s,
+                f"{prefix}ssim_mean": ssim_m, f"{prefix}ssim_std": ssim_s,
+            })
+            row += [f"{psnr_m:.3f}" + (f" ± {psnr_s:.3f}" if len(runs) > 1 else ""),
+                    f"{ssim_m:.4f}" + (f" ± {ssim_s:.4f}" if len(runs) > 1 else "")]
         secs = train_seconds.get(method)
-        summary[method] = {
-            "label": LABELS[method],
-            "psnr_mean": psnr_m,
-            "psnr_std": psnr_s,
-            "ssim_mean": ssim_m,
-            "ssim_std": ssim_s,
-            "seeds": len(runs),
-            "train_seconds": secs,
-            "runs": runs,
-        }
-        pm = f"{psnr_m:.3f}" + (f" ± {psnr_s:.3f}" if len(runs) > 1 else "")
-        sm = f"{ssim_m:.4f}" + (f" ± {ssim_s:.4f}" if len(runs) > 1 else "")
-        rows.append((LABELS[method], pm, sm, f"{sum(secs) / len(secs):.1f}" if secs else "-"))
+        summary[method].update({"seeds": len(runs), "train_seconds": secs, "runs": runs})
+        rows.append(tuple(row) + (f"{sum(secs) / len(secs):.1f}" if secs else "-",))
     wall = time.perf_counter() - wall0
     print()
-    print(_table(rows))
-    print(f"\n(PSNR/SSIM: mean over held-out photos {', '.join(n for n, _, _ in held)}; "
-          f"{len(preset.seeds)} seed(s); wall time {wall:.0f}s)")
+    print(_table(header, rows))
+    print(f"\n(PSNR/SSIM: mean over held-out photos {', '.join(n for n, _, _ in held)}"
+          + (f"; DIR: {len(folder)} photo(s) in {args.eval_images}" if folder is not None else "")
+          + f"; {METRIC_NOTES[task.kind]}; {len(preset.seeds)} seed(s); wall time {wall:.0f}s)")
 
     # ---- files
     args.out.mkdir(parents=True, exist_ok=True)
@@ -679,7 +762,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "preset": dataclasses.asdict(preset),
         "methods": methods,
         "held_out": [n for n, _, _ in held],
-        "metric_notes": "RGB, data range 1, outputs clamped to [0,1]" + (f", {shave}px border shaved" if shave else ""),
+        "eval_images": None if folder is None else {"dir": str(args.eval_images), "images": [n for n, _, _ in folder]},
+        "metric_notes": METRIC_NOTES[task.kind],
         "teacher": {k: v for k, v in teacher_info.items() if k != "losses"},
         "results": summary,
         "wall_seconds": wall,

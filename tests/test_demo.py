@@ -41,7 +41,56 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
     assert demo.main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["results"]) == {"input", "fp32", "ptq", "spark", "dfd"}
-    assert "border shaved" in report["metric_notes"]
+    assert "Y channel" in report["metric_notes"] and "border = scale" in report["metric_notes"]
+
+
+def test_eval_images_folder_is_scored_and_checked_first(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(photos / "a.png")
+    Image.fromarray(rng.integers(0, 256, (34, 30), dtype=np.uint8)).save(photos / "b.JPG")
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["--preset", "smoke", "--task", "sr", "--methods", "ptq,qat", "--out", str(out), "--no-cache", "--quiet",
+            "--eval-images", str(photos)]
+    assert demo.main(argv) == 0
+    assert "PSNR (DIR)" in capsys.readouterr().out
+    report = json.loads((out / "results.json").read_text())
+    assert report["eval_images"]["images"] == ["a.png", "b.JPG"]
+    for row in report["results"].values():
+        assert 3.0 < row["eval_images_psnr_mean"] < 60.0
+        assert set(row["runs"][0]["eval_images"]["per_image"]) == {"a.png", "b.JPG"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, why in ((tmp_path / "nowhere", "does not exist"), (empty, "has no")):
+        assert demo.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--eval-images", str(bad)]) == 2
+        assert why in capsys.readouterr().err
+    (photos / "broken.png").write_bytes(b"not a png")
+    assert demo.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--eval-images", str(photos)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_default_preset_uses_the_shipped_teacher_unless_retraining(capsys):
+    import torch
+
+    from spark_ext.data import RestorationTask
+    from spark_ext.models import PRETRAINED_TEACHERS
+
+    task, cpu = RestorationTask("denoise"), torch.device("cpu")
+    teacher, info = demo.get_teacher(task, demo.PRESETS["default"], cpu, None, quiet=True)
+    assert info["pretrained"] and info["sha256"] == PRETRAINED_TEACHERS["denoise"].sha256
+    assert "shipped denoise teacher" in capsys.readouterr().out
+    assert not demo.uses_pretrained_teacher(task, demo.PRESETS["smoke"])
+    assert not demo.uses_pretrained_teacher(RestorationTask("denoise", sigma=0.1), demo.PRESETS["default"])
+    tiny = demo.dataclasses.replace(demo.PRESETS["default"], teacher_steps=1, width=16)
+    _, info = demo.get_teacher(task, tiny, cpu, None, quiet=True, retrain=True)
+    assert not info["pretrained"] and info["steps"] == 1
 
 
 def _no_work(*args, **kwargs):

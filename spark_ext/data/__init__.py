@@ -5,12 +5,22 @@
 * :class:`RestorationTask` — Gaussian denoising or bicubic x2 super-resolution;
 * :class:`RandomCropBatches` (seeded, checkpointable iterator) and
   :class:`RandomCropDataset` (map-style, for ``DistributedSampler``) — training crops;
-* :func:`held_out_pairs` — the fixed evaluation pairs.
+* :func:`held_out_pairs` — the fixed evaluation pairs; :func:`image_folder_pairs` — pairs
+  from any folder of PNG/JPEG photos;
+* :func:`imresize_matlab` — MATLAB-style bicubic downscale (the SR degradation).
 """
 
-from .datasets import RandomCropBatches, RandomCropDataset, RestorationTask, held_out_pairs
+from .datasets import (
+    RandomCropBatches,
+    RandomCropDataset,
+    RestorationTask,
+    evaluation_pairs,
+    held_out_pairs,
+    image_folder_pairs,
+)
 from .degradations import add_gaussian_noise, bicubic_downsample, bicubic_upsample, crop_to_multiple
-from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, available_photos, load_photo
+from .resize import imresize_matlab
+from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, available_photos, image_files, load_image_folder, load_photo
 
 __all__ = [
     "HELD_OUT_PHOTOS",
@@ -23,6 +33,11 @@ __all__ = [
     "bicubic_downsample",
     "bicubic_upsample",
     "crop_to_multiple",
+    "evaluation_pairs",
     "held_out_pairs",
+    "image_files",
+    "image_folder_pairs",
+    "imresize_matlab",
+    "load_image_folder",
     "load_photo",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from .._validation import check_choice, check_int, check_real
 from .degradations import add_gaussian_noise, bicubic_downsample, crop_to_multiple
-from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_photo
+from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_image_folder, load_photo
 
 Device = Union[str, torch.device]
 
@@ -160,9 +160,29 @@ def held_out_pairs(
     photo, cropped to a multiple of the SR scale). The noise is fixed by
     ``seed`` and the photo's position, so every method sees identical inputs.
     """
+    return evaluation_pairs(task, [(name, load_photo(name)) for name in photos], size, seed, device)
+
+
+def image_folder_pairs(
+    task: RestorationTask, directory, size: Optional[int] = None, seed: int = 1234, device: Device = "cpu"
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Evaluation pairs, as :func:`held_out_pairs`, from every PNG/JPEG photo in ``directory``
+    (:func:`~spark_ext.data.photos.load_image_folder`; whole photos by default)."""
+    return evaluation_pairs(task, load_image_folder(directory), size, seed, device)
+
+
+def evaluation_pairs(
+    task: RestorationTask,
+    images: Sequence[tuple[str, torch.Tensor]],
+    size: Optional[int] = None,
+    seed: int = 1234,
+    device: Device = "cpu",
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Degrade clean ``(name, float [3, H, W] in [0, 1])`` images into ``(name, input, target)`` pairs
+    (batch dimension added), each target centre-cropped to ``size`` (if given) and to a multiple of
+    the SR scale; image ``k``'s noise comes from seed ``seed + k``."""
     out = []
-    for k, name in enumerate(photos):
-        img = load_photo(name)
+    for k, (name, img) in enumerate(images):
         if size is not None:
             size = check_int(size, "size")
             if size < 1 or size % task.multiple or size > min(img.shape[-2:]):
@@ -170,6 +190,8 @@ def held_out_pairs(
             top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
             img = img[:, top : top + size, left : left + size]
         clean = crop_to_multiple(img, task.multiple)[None].contiguous()
+        if min(clean.shape[-2:]) < 2 * task.multiple:
+            raise ValueError(f"image {name!r} of size {tuple(img.shape[-2:])} is too small for task {task.kind!r}")
         g = torch.Generator().manual_seed(seed + k)
         out.append((name, task.degrade(clean, g).to(device), clean.to(device)))
     return out

@@ -3,9 +3,10 @@
 * Denoising: additive white Gaussian noise of standard deviation ``sigma``
   (on the [0, 1] scale, e.g. 25/255), *not* clipped — the usual AWGN benchmark
   convention, so the noise stays zero-mean near black and white.
-* x``s`` super-resolution: bicubic downsampling with antialiasing
-  (``F.interpolate(mode="bicubic", antialias=True)``, MATLAB-``imresize``-like),
-  clamped to [0, 1]. The SR networks take this low-resolution image and
+* x``s`` super-resolution: MATLAB-``imresize`` bicubic downsampling
+  (:func:`~spark_ext.data.resize.imresize_matlab`: antialiased, ``a = -0.5``,
+  mirrored borders), then clamped to [0, 1] and rounded to 8-bit levels, as the
+  benchmarks' low-resolution PNGs are. The SR networks take this low-resolution image and
   upsample it themselves (see :class:`spark_ext.models.ResidualSRNet`); the
   bicubic-upsampled image is available from :func:`bicubic_upsample` as a
   baseline.
@@ -17,6 +18,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .resize import imresize_matlab
 
 
 def add_gaussian_noise(clean: torch.Tensor, sigma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -32,12 +35,10 @@ def crop_to_multiple(image: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 def bicubic_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """``[B, C, H, W]`` (H, W multiples of scale) -> ``[B, C, H/s, W/s]``, antialiased, clamped to [0, 1]."""
-    height, width = hr.shape[-2:]
-    if height % scale or width % scale:
-        raise ValueError(f"image size {(height, width)} must be a multiple of scale={scale}; use crop_to_multiple")
-    lr = F.interpolate(hr, size=(height // scale, width // scale), mode="bicubic", antialias=True, align_corners=False)
-    return lr.clamp(0.0, 1.0)
+    """``[B, C, H, W]`` in [0, 1] (H, W multiples of scale) -> ``[B, C, H/s, W/s]``: MATLAB-style
+    bicubic downscale, clamped to [0, 1] and rounded to multiples of 1/255 (not differentiable)."""
+    lr = imresize_matlab(hr, scale)
+    return lr.clamp(0.0, 1.0).mul(255.0).round().div(255.0)
 
 
 def bicubic_upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:

@@ -17,7 +17,8 @@ Grey photos are replicated to 3 channels so that every network sees RGB.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -75,3 +76,41 @@ def load_photo(name: str) -> torch.Tensor:
         raise ValueError(f"photo must be one of {available_photos()}, got {name!r}")
     img = _load_uint8(name)
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def image_files(directory: Union[str, Path]) -> list[Path]:
+    """The PNG/JPEG files directly in ``directory`` (sorted by name; suffix case ignored).
+
+    Raises ``ValueError`` if ``directory`` is not a folder or holds no such file.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ValueError(f"image folder {str(folder)!r} does not exist or is not a directory")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} files")
+    return files
+
+
+def load_image_folder(directory: Union[str, Path]) -> list[tuple[str, torch.Tensor]]:
+    """Every PNG/JPEG photo in ``directory`` as ``(file name, float32 [3, H, W] in [0, 1])``.
+
+    8-bit images only (grey is replicated to 3 channels, alpha dropped, palette
+    converted); a file that cannot be read raises ``ValueError`` naming it.
+    """
+    from PIL import Image  # comes with the "demo" extra (scikit-image, matplotlib)
+
+    out = []
+    for path in image_files(directory):
+        try:
+            with Image.open(path) as im:
+                if im.mode not in ("L", "LA", "RGB", "RGBA", "P"):
+                    raise ValueError(f"8-bit grey/RGB expected, got PIL mode {im.mode!r}")
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+        out.append((path.name, torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)))
+    return out

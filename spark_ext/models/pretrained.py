@@ -1,0 +1,105 @@
+"""FP32 teachers shipped with the package, so every user and every seed starts from the same teacher.
+
+One teacher per demo task, the demo's ``default`` network (width 16, depth 2):
+denoising 3000 steps, x2 SR 6000 steps (neither had fully plateaued: see
+``docs/teachers.md``), trained by ``tools/train_teachers.py`` (the demo's teacher training, seed 0,
+one CPU thread). The weights are fp32 ``state_dict`` files in
+``spark_ext/models/weights/``; each file's sha256 is checked before loading.
+How they were trained and how well they do: ``docs/teachers.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .._validation import check_choice
+from .restoration import build_model
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedTeacher:
+    """What a shipped teacher is: network, degradation it was trained for, training budget, file and hash.
+
+    ``psnr`` / ``ssim``: held-out scores (chelsea, coffee, camera; whole photos;
+    :func:`spark_ext.metrics.restoration_metrics`), measured when it was trained.
+    """
+
+    task: str
+    width: int
+    depth: int
+    scale: int
+    sigma: float
+    steps: int
+    filename: str
+    sha256: str
+    psnr: float
+    ssim: float
+
+
+PRETRAINED_TEACHERS: dict[str, PretrainedTeacher] = {
+    "denoise": PretrainedTeacher(
+        task="denoise", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=3000,
+        filename="teacher_denoise.pt", sha256="794322398810e0b36c98dfc32e14b30e0fe9e9c3cdc4a7a05c051070fea53bd8",
+        psnr=30.5072, ssim=0.82892,
+    ),
+    "sr": PretrainedTeacher(
+        task="sr", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=6000,
+        filename="teacher_sr.pt", sha256="327719b8c703acb34e39cd99883c6cd0ddb8ec8c8298acaa12f21dfa707b97b6",
+        psnr=33.6304, ssim=0.91858,
+    ),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pretrained_teacher(
+    task: str, device: Union[str, torch.device] = "cpu", *, path: Optional[Union[str, Path]] = None
+) -> nn.Module:
+    """The shipped FP32 teacher for ``task`` (``"denoise"``: AWGN sigma 25/255; ``"sr"``: MATLAB-bicubic x2).
+
+    Args:
+        task: ``"denoise"`` or ``"sr"``.
+        device: where to put the model.
+        path: load this file instead of the shipped one (it must still have the
+            recorded sha256: the check is the point).
+
+    Returns:
+        the network (:func:`~spark_ext.models.build_model`) in eval mode, float32,
+        with ``requires_grad`` off on every parameter (a teacher is frozen).
+
+    Raises:
+        FileNotFoundError: the weights file is missing (a broken install).
+        RuntimeError: the file's sha256 differs from the recorded one.
+    """
+    check_choice(task, "task", tuple(PRETRAINED_TEACHERS))
+    spec = PRETRAINED_TEACHERS[task]
+    file = Path(path) if path is not None else WEIGHTS_DIR / spec.filename
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"pretrained {task} teacher not found at {file}; reinstall spark_ext (the weights ship as package data) "
+            f"or retrain it (spark-ext demo --retrain-teacher, or tools/train_teachers.py)"
+        )
+    actual = _sha256(file)
+    if actual != spec.sha256:
+        raise RuntimeError(
+            f"pretrained {task} teacher {file} has sha256 {actual}, expected {spec.sha256}: the file is corrupt "
+            f"or not the shipped one; reinstall spark_ext or retrain (spark-ext demo --retrain-teacher)"
+        )
+    model = build_model(task, spec.width, depth=spec.depth, scale=spec.scale)
+    model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    model.requires_grad_(False)
+    return model.to(device).eval()
