@@ -8,7 +8,7 @@ import torch
 
 import spark_ext
 from spark_ext.diagnose_credit import credit_correlation
-from spark_ext.distill import SparkDistiller
+from spark_ext.distill import DistillConfig, SparkDistiller
 from spark_ext.distill.credit import cell_credit, kd_output_gradient, virtual_step
 from spark_ext.models import EncoderDecoderNet
 from spark_ext.reference import _cell_sum, kd_elementwise
@@ -83,7 +83,7 @@ def test_credit_mode_trains_the_policy_on_credit_and_the_student_on_the_bounded_
     student, teacher = nets(width=8)
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
     d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4), credit_every=2, w_bound=2.0, policy_steps=20)
-    assert d.config.policy_signal == "credit" and d.config.policy_lr == 1e-3
+    assert d.config.policy_signal == "credit" and d.config.policy_lr == 2e-2 and DistillConfig().credit_every == 16
     before = copy.deepcopy(d.policy.state_dict())
     logs = [d.step(*batch(i % 3, b=4, size=24)) for i in range(8)]
     assert "credit" not in logs[0]  # step 0: no held-out (previous) batch yet

@@ -84,7 +84,8 @@ class DistillConfig:
     kd_loss: KD loss kind, as in SPEC §2.
     grid: ``(Gh, Gw)`` cells of the SPARK weight map.
     reward_every: policy update period in steps (a reward forward costs one no-grad student pass).
-    policy_lr: the policy's Adam lr (None: 1e-4 for ``"paper"``, 1e-3 otherwise).
+    policy_lr: the policy's Adam lr (None: 1e-4 for ``"paper"``, 1e-3 for ``"reinforce"``, 2e-2 for
+        ``"credit"``, which updates only every ``credit_every`` steps but with a low-variance signal).
     policy_hidden, entropy_coef, baseline_momentum: policy width and REINFORCE settings.
     w_min, w_max: optional clamp of the weight map.
     dfd_layer: module name for decoder-free distillation (replaces output KD).
@@ -96,7 +97,7 @@ class DistillConfig:
 
     mode: str = "spark"
     policy_signal: str = "credit"
-    credit_every: int = 8
+    credit_every: int = 16
     w_bound: float = 2.0
     horizon: int = 4
     policy_steps: Optional[int] = None
@@ -149,7 +150,7 @@ class DistillConfig:
         if check_int(self.reward_every, "reward_every") < 1:
             raise ValueError(f"reward_every must be >= 1, got {self.reward_every}")
         if self.policy_lr is None:
-            self.policy_lr = 1e-4 if self.policy_signal == "paper" else 1e-3
+            self.policy_lr = {"paper": 1e-4, "reinforce": 1e-3, "credit": 2e-2}[self.policy_signal]
         if check_real(self.policy_lr, "policy_lr") <= 0 or check_real(self.balancer_lr, "balancer_lr") <= 0:
             raise ValueError(f"policy_lr and balancer_lr must be > 0, got {self.policy_lr}, {self.balancer_lr}")
         if self.grad_clip is not None and check_real(self.grad_clip, "grad_clip") <= 0:
