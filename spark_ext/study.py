@@ -323,6 +323,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the students of OUT/study.json (same budget) and train only the missing ones; "
+        "its methods join this run's",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.preset = "quick"
@@ -379,16 +384,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         score = demo.evaluate(demo.model_outputs(teacher, held), held, t.scale if t.kind == "sr" else 0)
         teachers[task] = {"steps": preset.teacher_steps, "psnr": score["psnr"], "ssim": score["ssim"], "path": info.get("path")}
         print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
+    rows = load_previous_runs(args.out / "study.json", preset) if args.resume else []
+    done = {(r["task"], r["method"], r["seed"]) for r in rows}
+    if rows:
+        print(f"--resume: {len(rows)} students reused from {args.out / 'study.json'}")
+    args.methods = list(dict.fromkeys(args.methods + sorted({r["method"] for r in rows} - set(args.methods))))
     jobs = []
     for seed in preset.seeds:  # seed-major: a partial run still has complete pairs
         for task in args.tasks:
             for method in args.methods:
+                if (task, method, seed) in done:
+                    continue
                 overrides = {"mode": "kd", "lambda_kd": float(method[3:])} if method.startswith("kd@") else METHODS[method]
                 jobs.append({
                     "task": task, "method": method, "seed": seed, "overrides": overrides, "preset": preset,
                     "device": args.device, "threads": 1, "cache_dir": args.cache_dir,
                 })
-    rows = []
     progress = demo._progress(range(len(jobs)), "study", args.quiet, total=len(jobs))
     bar = progress if hasattr(progress, "update") else None
     def finished(row: dict[str, Any]) -> None:
@@ -419,6 +430,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save_plot(args.out / "study.png", summary)
     print(f"wrote study.json, study.png in {args.out}")
     return 0
+
+
+def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
+    """The runs of an earlier ``study.json`` made with the same budget (``--resume``); [] if none."""
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("preset", {}).get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
+        raise SystemExit(f"--resume: {path} was made with other settings (steps, seeds, network); use another --out")
+    return [r for r in old.get("runs", []) if r["seed"] in preset.seeds]
 
 
 def write_report(args, argv, spec, preset, device, teachers, rows, wall, complete: bool) -> dict[str, Any]:

@@ -74,3 +74,22 @@ def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
         assert "vs_qat" in methods["spark"] and "vs_best_kd" in methods["spark"]
     assert len(report["runs"]) == 2 * 2 * 6
     assert (out / "study.png").stat().st_size > 1000
+
+
+def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
+    out = tmp_path / "out"
+    common = ["--quick", "--tasks", "denoise", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+              "--device", "cpu"]
+    assert study.main(common + ["--methods", "qat,kd@1"]) == 0
+    first = json.loads((out / "study.json").read_text())
+    calls = []
+    original = study.run_job
+    monkeypatch.setattr(study, "run_job", lambda job: calls.append(job["method"]) or original(job))
+    assert study.main(common + ["--methods", "spark", "--resume"]) == 0
+    assert calls == ["spark", "spark"]  # one per seed; qat and kd@1 were reused
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["tasks"]["denoise"]["methods"]) == {"qat", "kd@1", "spark"}
+    assert report["runs"][:4] == first["runs"]
+    with pytest.raises(SystemExit, match="other settings"):
+        study.main(common + ["--methods", "qat", "--resume", "--steps", "3"])
