@@ -196,43 +196,44 @@ def iter_batches(task, preset, device):
 
 
 def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequence[str]) -> dict[str, Any]:
-    """Per task: per method mean ± std, paired differences to QAT and to the best uniform KD, cost."""
+    """Per task: per method mean ± std over its seeds, paired differences (over the seeds both have)
+    to QAT and to the best uniform KD (best mean PSNR over the seeds every ``kd@`` run has), cost."""
     out: dict[str, Any] = {}
     for task in tasks:
         by = {m: {r["seed"]: r for r in rows if r["task"] == task and r["method"] == m} for m in methods}
         by = {m: v for m, v in by.items() if v}
-        seeds = sorted(set.intersection(*(set(v) for v in by.values()))) if by else []
-        if not seeds:  # nothing paired yet (an interrupted or just-started study)
-            out[task] = {"seeds": [], "best_kd": None, "methods": {}}
-            continue
         kd_names = [m for m in by if m.startswith("kd@")]
-        best_kd = max(kd_names, key=lambda m: mean_std([by[m][s]["psnr"] for s in seeds])[0]) if kd_names else None
+        kd_seeds = sorted(set.intersection(*(set(by[m]) for m in kd_names))) if kd_names else []
+        best_kd = max(kd_names, key=lambda m: mean_std([by[m][s]["psnr"] for s in kd_seeds])[0]) if kd_seeds else None
         cost_ref = by.get("kd@1") or (by[best_kd] if best_kd else None)
         ref_ms = mean_std([r["ms_per_step"] for r in cost_ref.values()])[0] if cost_ref else None
         table = {}
         for m, per_seed in by.items():
+            seeds = sorted(per_seed)
             psnr = [per_seed[s]["psnr"] for s in seeds]
             ssim = [per_seed[s]["ssim"] for s in seeds]
             ms = mean_std([per_seed[s]["ms_per_step"] for s in seeds])[0]
             entry = {
+                "seeds": seeds,
                 "psnr_mean": mean_std(psnr)[0], "psnr_std": mean_std(psnr)[1],
                 "ssim_mean": mean_std(ssim)[0], "ssim_std": mean_std(ssim)[1],
                 "ms_per_step": ms, "cost_vs_kd": ms / ref_ms if ref_ms else None,
                 "per_seed": {str(s): per_seed[s] for s in seeds},
             }
-            if "qat" in by and m != "qat":
-                entry["vs_qat"] = paired_interval(psnr, [by["qat"][s]["psnr"] for s in seeds])
-            if best_kd and m != best_kd:
-                entry["vs_best_kd"] = paired_interval(psnr, [by[best_kd][s]["psnr"] for s in seeds])
+            for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
+                common = [s for s in seeds if ref in by and s in by[ref]]
+                if ref is not None and m != ref and common:
+                    entry[key] = paired_interval([per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common])
             table[m] = entry
-        out[task] = {"seeds": seeds, "best_kd": best_kd, "methods": table}
+        all_seeds = sorted(set().union(*(set(v) for v in by.values()))) if by else []
+        out[task] = {"seeds": all_seeds, "best_kd": best_kd, "methods": table}
     return out
 
 
 def format_table(summary: dict[str, Any]) -> str:
     lines = []
     for task, res in summary.items():
-        lines.append(f"\n{task}: {len(res['seeds'])} seeds, best uniform KD = {res['best_kd']}")
+        lines.append(f"\n{task}: seeds {res['seeds']}, best uniform KD = {res['best_kd']} (n = paired seeds)")
         lines.append(f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}")
         order = sorted(res["methods"].items(), key=lambda kv: -kv[1]["psnr_mean"])
         for m, e in order:
