@@ -371,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         teacher_steps=args.teacher_steps or spec.teacher_steps,
         seeds=tuple(range(args.seeds)),
     )
+    rows = load_previous_runs(args.out / "study.json", preset) if args.resume else []  # before any work
     args.out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -385,7 +386,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         score = demo.evaluate(demo.model_outputs(teacher, held), held, t.scale if t.kind == "sr" else 0)
         teachers[task] = {"steps": preset.teacher_steps, "psnr": score["psnr"], "ssim": score["ssim"], "path": info.get("path")}
         print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
-    rows = load_previous_runs(args.out / "study.json", preset) if args.resume else []
     done = {(r["task"], r["method"], r["seed"]) for r in rows}
     if rows:
         print(f"--resume: {len(rows)} students reused from {args.out / 'study.json'}")
@@ -440,7 +440,9 @@ def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
     with open(path) as f:
         old = json.load(f)
     if old.get("preset", {}).get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
-        raise SystemExit(f"--resume: {path} was made with other settings (steps, seeds, network); use another --out")
+        print(f"spark-ext study: error: --resume: {path} was made with other settings (steps, seeds, network); "
+              "use another --out", file=sys.stderr)
+        raise SystemExit(2)
     return [r for r in old.get("runs", []) if r["seed"] in preset.seeds]
 
 

@@ -91,5 +91,7 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "study.json").read_text())
     assert set(report["tasks"]["denoise"]["methods"]) == {"qat", "kd@1", "spark"}
     assert report["runs"][:4] == first["runs"]
-    with pytest.raises(SystemExit, match="other settings"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         study.main(common + ["--methods", "qat", "--resume", "--steps", "3"])
+    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
