@@ -73,7 +73,8 @@ class StudyPreset:
 
 
 PRESETS = {
-    # 2-core CPU, under 30 minutes alone once the teachers are cached (see docs/spark.md for the measured time).
+    # 2-core CPU: meant to take under 30 minutes alone once the teachers are cached (170 students of ~10 s
+    # CPU each over 2 workers); not yet timed on an idle machine (docs/spark.md has what was measured).
     "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0), 2),
     # the demo's default budget on a CPU (hours on 2 cores).
     "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2),
