@@ -1,4 +1,4 @@
-"""Command line: ``spark-ext demo | bench | export | doctor`` (also ``python -m spark_ext.cli``)."""
+"""Command line: ``spark-ext demo | bench | study | diagnose-credit | export | doctor`` (also ``python -m spark_ext.cli``)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def _doctor(_: argparse.Namespace) -> int:
 _DELEGATED = {
     "demo": ("spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
     "bench": ("spark_ext.benchreport", "run or summarise the benchmarks, print ratios, draw plots"),
+    "study": ("spark_ext.study", "paired-seed method matrix (QAT, KD, maps, balancers, DFD, SPARK variants)"),
+    "diagnose-credit": ("spark_ext.diagnose_credit", "does a policy signal predict the cells' held-out effect?"),
     "export": ("spark_ext.export_cli", "write a QAT model as ONNX (QuantizeLinear/DequantizeLinear), check it"),
 }
 

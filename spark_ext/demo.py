@@ -306,13 +306,18 @@ def train_student(
     seed: int,
     device: torch.device,
     quiet: bool,
+    overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[nn.Module, SparkDistiller, list[dict[str, float]], float]:
-    """Train a copy of the PTQ model with ``method``; identical data and budget for every method."""
+    """Train a copy of the PTQ model with ``method``; identical data and budget for every method.
+
+    ``overrides``: DistillConfig fields to use instead of ``METHODS[method]`` (``spark-ext study``'s variants).
+    """
     torch.manual_seed(seed)
     student = copy.deepcopy(base).train()
-    overrides = dict(METHODS[method])
+    overrides = dict(METHODS[method] if overrides is None else overrides)
     if "dfd_layer" in overrides:
         overrides["dfd_layer"] = feature_layer(teacher)
+    overrides.setdefault("policy_steps", preset.student_steps)  # the policy's lr/entropy anneal over the run
     config = DistillConfig(grid=preset.grid, seed=seed, **overrides)
     opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
     sched = _cosine(opt, preset.student_steps)
@@ -320,7 +325,7 @@ def train_student(
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=30_000 + seed, device=device)  # same for every method
     logs = []
     t0 = time.perf_counter()
-    for _ in _progress(range(preset.student_steps), f"{LABELS[method]} (seed {seed})", quiet):
+    for _ in _progress(range(preset.student_steps), f"{LABELS.get(method, method)} (seed {seed})", quiet):
         logs.append(distiller.step(*next(data)))
         sched.step()
     seconds = time.perf_counter() - t0
@@ -427,15 +432,14 @@ def save_weight_map(path: Path, distiller: SparkDistiller, student: nn.Module, t
     cell = max(preset.crop // preset.grid[0], 1)
     grid = (max(1, min(h, h // cell)), max(1, min(w, w // cell)))
     signals, _ = spark_ext.difficulty_signals(s, t, y, grid, backend=backend)
-    weight = distiller.policy.mean_weight_map(signals)[0, 0].cpu().numpy()
-    # One draw, as the training step uses it (from a copy of the policy's generator).
-    g = torch.Generator(device=distiller.generator.device)
-    g.set_state(distiller.generator.get_state())
-    sampled = distiller.policy.weight_map(distiller.policy.sample(signals, g).action)[0, 0].cpu().numpy()
+    weight = distiller.policy_weight_map(signals, mean=True)[0, 0].cpu().numpy()
+    # As the training step uses it: the mean map ("credit") or one draw (REINFORCE variants).
+    sampled = distiller.policy_weight_map(signals, mean=False)[0, 0].cpu().numpy()
+    trained_on = "the Beta-mean map (as in training)" if distiller.config.policy_signal == "credit" else "one sampled map (as in training)"
     panels = [
         ("ground truth", _to_numpy(y), None),
         ("SPARK weight map (Beta mean)", weight, "magma"),
-        ("one sampled weight map (as in training)", sampled, "magma"),
+        (trained_on, sampled, "magma"),
         ("KD gap |S-T| per cell", signals[0, 3].cpu().numpy(), "viridis"),
         ("student error |S-Y| per cell", signals[0, 2].cpu().numpy(), "viridis"),
     ]

@@ -39,15 +39,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model = torch.nn.parallel.DistributedDataParallel(student)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         # seed=rank: the ranks build *different* policies; the distiller's broadcast must fix that.
-        d = SparkDistiller(model, teacher, opt, mode="spark", balancer="gor", grid=(2, 2), seed=rank, policy_lr=1e-2, balancer_lr=0.1)
+        d = SparkDistiller(model, teacher, opt, mode="spark", balancer="gor", grid=(2, 2), seed=rank, policy_lr=1e-2,
+                           balancer_lr=0.1, policy_signal="paper")
+        # The default (credit) policy on a second student: its held-out step is averaged over ranks.
+        credit_student = copy.deepcopy(teacher)
+        credit_model = torch.nn.parallel.DistributedDataParallel(credit_student)
+        credit_opt = torch.optim.Adam(credit_model.parameters(), lr=1e-3)
+        dc = SparkDistiller(credit_model, teacher, credit_opt, mode="spark", grid=(2, 2), seed=rank, credit_every=1)
         logs = []
         for step in range(STEPS):
             g = torch.Generator().manual_seed(100 * rank + step)  # different images per rank
             y = torch.rand(2, 3, 8, 8, generator=g)
             x = y + 0.1 * torch.randn(y.shape, generator=g)
             logs.append(d.step(x, y))
+            dc.step(x, y)
         torch.save(
             {
+                "credit_policy": dc.policy.state_dict(),
+                "credit_student": credit_student.state_dict(),
                 "policy": d.policy.state_dict(),
                 "balancer": d.balancer.state_dict(),
                 "student": student.state_dict(),
@@ -67,7 +76,7 @@ def test_policy_balancer_and_student_stay_identical_across_ranks(tmp_path):
     # The ranks saw different data: their local rewards / losses differ ...
     assert r0["logs"][0]["loss_task"] != r1["logs"][0]["loss_task"]
     # ... yet everything shared is bitwise identical.
-    for part in ("policy", "balancer", "student"):
+    for part in ("policy", "balancer", "student", "credit_policy", "credit_student"):
         for k, v in r0[part].items():
             assert torch.equal(v, r1[part][k]), f"{part}.{k} differs across ranks"
     assert torch.equal(r0["baseline"], r1["baseline"])

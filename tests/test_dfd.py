@@ -70,7 +70,7 @@ def test_feature_shape_mismatch_is_an_error():
 def test_distiller_uses_feature_kd_only(mode):
     student, teacher = pair()
     opt = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: the model stays put, loss is checkable
-    d = SparkDistiller(student, teacher, opt, mode=mode, dfd_layer="bottleneck", grid=(2, 2))
+    d = SparkDistiller(student, teacher, opt, mode=mode, dfd_layer="bottleneck", grid=(2, 2), policy_signal="paper")
     seen = {}
     if mode == "spark":  # record the weight map the step uses
         original = d.policy.weight_map

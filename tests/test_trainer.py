@@ -30,7 +30,7 @@ def batch(seed=0, b=2, size=16):
 def test_short_spark_run_loss_falls():
     student, teacher = nets(width=8)
     opt = torch.optim.Adam(student.parameters(), lr=2e-3)
-    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4))
+    d = SparkDistiller(student, teacher, opt, mode="spark", policy_signal="paper", grid=(4, 4))
     batches = [batch(i, b=4, size=24) for i in range(4)]
     logs = [d.step(*batches[i % 4]) for i in range(32)]
     first = sum(l["loss"] for l in logs[:4]) / 4
@@ -44,7 +44,7 @@ def test_short_spark_run_loss_falls():
 def test_kd_term_is_weight_map_times_cell_kd():
     student, teacher = nets()
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
-    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4))
+    d = SparkDistiller(student, teacher, opt, mode="spark", policy_signal="paper", grid=(4, 4))
     seen = {}
     original = d.policy.weight_map
     d.policy.weight_map = lambda a: seen.setdefault("w", original(a))
@@ -59,7 +59,7 @@ def test_kd_term_is_weight_map_times_cell_kd():
 def test_reward_is_the_per_image_loss_decrease_and_policy_learns_only_then():
     student, teacher = nets()
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
-    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(2, 2), reward_every=2)
+    d = SparkDistiller(student, teacher, opt, mode="spark", policy_signal="paper", grid=(2, 2), reward_every=2)
     captured = {}
     original = d.updater.update
 
@@ -105,16 +105,18 @@ def test_qat_mode_needs_no_teacher():
     assert log["loss_kd"] == 0.0 and log["loss"] == log["loss_task"]
 
 
-def run(seed, steps=3, backend=None):
+def run(seed, steps=3, backend=None, policy_signal="paper"):
     student, teacher = nets()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4), seed=seed, backend=backend)
+    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4), seed=seed, backend=backend,
+                       policy_signal=policy_signal, credit_every=1)
     return [d.step(*batch(i)) for i in range(steps)]
 
 
 def test_deterministic_given_seed():
     assert run(seed=3) == run(seed=3)
     assert run(seed=3)[0]["w_std"] != run(seed=4)[0]["w_std"]
+    assert run(seed=3, policy_signal="credit") == run(seed=3, policy_signal="credit")
 
 
 @pytest.mark.skipif(

@@ -73,3 +73,17 @@ def average_scalar(value: torch.Tensor, group: Optional[object] = None) -> torch
     out = value.detach().clone()
     dist.all_reduce(out, group=group)
     return out / n
+
+
+def average_tensors(tensors: list[torch.Tensor], group: Optional[object] = None) -> None:
+    """Replace each tensor's values, in place, by their mean over ranks (one flat all-reduce)."""
+    n = world_size(group)
+    if n == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= n
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

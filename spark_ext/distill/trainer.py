@@ -31,7 +31,8 @@ dropout, whose state that forward would otherwise touch).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+import math
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -40,28 +41,52 @@ from .._validation import KD_LOSSES, check_choice, check_int, check_real, check_
 from ..ops import difficulty_signals, fused_weighted_kd
 from ..ops._dispatch import check_backend_name
 from . import distributed
+from ..reference import _cell_sum, expand_cells, kd_elementwise
 from .balancers import BALANCERS, make_balancer
+from .credit import RunningScale, cell_credit, credit_loss
 from .dfd import DecoderFreeDistillation
 from .losses import REC_LOSSES, per_image_loss
-from .policy import SparkPolicy
+from .policy import ACTION_EPS, SparkPolicy
 from .reinforce import ReinforceUpdater
 
-MODES = ("qat", "kd", "spark")
-STATE_FORMAT = 1
+MODES = ("qat", "kd", "spark", "map")
+POLICY_SIGNALS = ("credit", "reinforce", "paper")
+KD_GATES = ("none", "teacher")
+MAP_SIGNALS = ("lap_var", "pix_var", "recon_err", "kd_gap", "teacher_adv", "random")
+STATE_FORMAT = 2
 
 
 @dataclasses.dataclass
 class DistillConfig:
     """Settings of :class:`SparkDistiller` (defaults are SPEC §4's).
 
-    mode: ``"qat"`` | ``"kd"`` | ``"spark"``.
+    mode: ``"qat"`` | ``"kd"`` | ``"spark"`` | ``"map"`` (a fixed heuristic map from ``map_signal``).
+    policy_signal: how the SPARK policy learns (docs/spark.md): ``"credit"`` (default: first-order
+        held-out credit per cell, the student trains on the bounded Beta-mean map ``w_bound * a_mean``),
+        ``"reinforce"`` (repaired REINFORCE: per-cell rewards over ``horizon`` steps, per-image mean
+        baseline, running-std advantage scale, annealed lr and entropy; bounded sampled map) or
+        ``"paper"`` (SPEC §4 as written: per-image one-step reward, EMA baseline, mean-1 sampled map).
+    credit_every: credit (or reward) period in steps; the policy's map is used every step.
+    w_bound: upper bound of the weights in ``"credit"``/``"reinforce"`` (weights in ``(0, w_bound)``,
+        the policy can change the total amount of KD).
+    horizon: steps between a ``"reinforce"`` action and its reward.
+    policy_steps: the run's length, for annealing the policy lr (cosine) and the entropy bonus
+        (linear to 0); None = constant.
+    kd_gate: ``"teacher"`` keeps KD only on output values where the teacher is closer to the
+        target than the student (needs targets; applies to ``"kd"``, ``"spark"``, ``"map"``).
+    kd_anneal_steps: if set, ``lambda_kd`` decays linearly to 0 over that many steps.
+    map_signal: the signal a ``"map"`` student's weights come from (mean-1 per image):
+        ``lap_var``, ``pix_var``, ``recon_err``, ``kd_gap``, ``teacher_adv`` (``relu(err_S - err_T)``
+        per cell) or ``random`` (Beta(1.7, 1.7) draws: the initial policy's per-cell variance).
     balancer: ``"none"`` | ``"gor"`` | ``"lmr"`` (SPEC §6), trained by its own Adam at ``balancer_lr``.
     lambda_kd: KD weight (scales the KD term before the balancer).
     rec_loss: task loss ``L_rec`` kind: ``"l1"``, ``"l2"``, ``"charbonnier"``.
     kd_loss: KD loss kind, as in SPEC §2.
     grid: ``(Gh, Gw)`` cells of the SPARK weight map.
     reward_every: policy update period in steps (a reward forward costs one no-grad student pass).
-    policy_lr, policy_hidden, entropy_coef, baseline_momentum: REINFORCE settings.
+    policy_lr: the policy's Adam lr (None: 1e-4 for ``"paper"``, 1e-3 for ``"reinforce"``, 2e-2 for
+        ``"credit"``, which updates only every ``credit_every`` steps but with a low-variance signal).
+    policy_hidden, entropy_coef, baseline_momentum: policy width and REINFORCE settings.
     w_min, w_max: optional clamp of the weight map.
     dfd_layer: module name for decoder-free distillation (replaces output KD).
     grad_clip: optional max-norm clip of the student's gradients.
@@ -71,13 +96,21 @@ class DistillConfig:
     """
 
     mode: str = "spark"
+    policy_signal: str = "credit"
+    credit_every: int = 16
+    w_bound: float = 2.0
+    horizon: int = 4
+    policy_steps: Optional[int] = None
+    kd_gate: str = "none"
+    kd_anneal_steps: Optional[int] = None
+    map_signal: str = "kd_gap"
     balancer: str = "none"
     lambda_kd: float = 1.0
     rec_loss: str = "l1"
     kd_loss: str = "l1"
     grid: tuple[int, int] = (8, 8)
     reward_every: int = 1
-    policy_lr: float = 1e-4
+    policy_lr: Optional[float] = None
     policy_hidden: int = 16
     entropy_coef: float = 1e-3
     baseline_momentum: float = 0.9
@@ -91,6 +124,20 @@ class DistillConfig:
 
     def validate(self) -> "DistillConfig":
         check_choice(self.mode, "mode", MODES)
+        check_choice(self.policy_signal, "policy_signal", POLICY_SIGNALS)
+        check_choice(self.kd_gate, "kd_gate", KD_GATES)
+        check_choice(self.map_signal, "map_signal", MAP_SIGNALS)
+        for name in ("credit_every", "horizon"):
+            if check_int(getattr(self, name), name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("policy_steps", "kd_anneal_steps"):
+            value = getattr(self, name)
+            if value is not None and check_int(value, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if check_real(self.w_bound, "w_bound") <= 0:
+            raise ValueError(f"w_bound must be > 0, got {self.w_bound}")
+        if self.kd_gate != "none" and self.mode == "qat":
+            raise ValueError("kd_gate needs a KD term; mode 'qat' has none")
         check_choice(self.balancer, "balancer", BALANCERS)
         check_choice(self.rec_loss, "rec_loss", REC_LOSSES)
         check_choice(self.kd_loss, "kd_loss", KD_LOSSES)
@@ -102,6 +149,8 @@ class DistillConfig:
             raise ValueError(f"grid must be >= 1 in both dims, got {self.grid}")
         if check_int(self.reward_every, "reward_every") < 1:
             raise ValueError(f"reward_every must be >= 1, got {self.reward_every}")
+        if self.policy_lr is None:
+            self.policy_lr = {"paper": 1e-4, "reinforce": 1e-3, "credit": 2e-2}[self.policy_signal]
         if check_real(self.policy_lr, "policy_lr") <= 0 or check_real(self.balancer_lr, "balancer_lr") <= 0:
             raise ValueError(f"policy_lr and balancer_lr must be > 0, got {self.policy_lr}, {self.balancer_lr}")
         if self.grad_clip is not None and check_real(self.grad_clip, "grad_clip") <= 0:
@@ -111,6 +160,8 @@ class DistillConfig:
             check_backend_name(self.backend)
         if self.dfd_layer is not None and self.mode == "qat":
             raise ValueError("dfd_layer needs mode 'kd' or 'spark' (mode 'qat' has no distillation)")
+        if self.kd_gate != "none" and self.dfd_layer is not None:
+            raise ValueError("kd_gate applies to output KD; it cannot be combined with dfd_layer")
         if self.balancer != "none" and self.mode == "qat":
             raise ValueError(f"balancer {self.balancer!r} needs a KD term; mode 'qat' has none")
         return self
@@ -140,6 +191,9 @@ class SparkDistiller:
         config: a :class:`DistillConfig`; keyword ``overrides`` replace its fields.
         policy: optionally a pre-built :class:`SparkPolicy` (else one is built from the seed).
         process_group: DDP process group for the policy/balancer sync (default group).
+        held_out: an iterator of ``(inputs, targets)`` batches the student does not train on, for the
+            ``"credit"`` policy signal; None uses the previous step's training batch (a batch other
+            than the one being weighted).
 
     Use ``log = distiller.step(inputs, targets)`` in a loop; ``state_dict()``
     and ``load_state_dict()`` checkpoint everything the run needs to continue
@@ -155,6 +209,7 @@ class SparkDistiller:
         *,
         policy: Optional[SparkPolicy] = None,
         process_group: Optional[object] = None,
+        held_out: Optional[Iterator[tuple[torch.Tensor, torch.Tensor]]] = None,
         **overrides: Any,
     ):
         if not isinstance(student, nn.Module):
@@ -176,6 +231,13 @@ class SparkDistiller:
         self.policy: Optional[SparkPolicy] = None
         self.updater: Optional[ReinforceUpdater] = None
         self.generator: Optional[torch.Generator] = None
+        self.policy_optimizer: Optional[torch.optim.Optimizer] = None
+        self.signal_scale: Optional[RunningScale] = None
+        self.held_out = held_out
+        self._previous_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._pending: Optional[dict[str, Any]] = None  # "reinforce": an action waiting for its reward
+        if cfg.mode == "map":
+            self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
         if cfg.mode == "spark":
             if policy is None:
                 # Seeded init that leaves the caller's global RNG untouched.
@@ -184,13 +246,17 @@ class SparkDistiller:
                     policy = SparkPolicy(hidden=cfg.policy_hidden, w_min=cfg.w_min, w_max=cfg.w_max)
             self.policy = policy.to(self.device)
             distributed.broadcast_parameters(self.policy.parameters(), process_group)
-            self.updater = ReinforceUpdater(
-                self.policy,
-                cfg.policy_lr,
-                baseline_momentum=cfg.baseline_momentum,
-                entropy_coef=cfg.entropy_coef,
-                process_group=process_group,
-            )
+            if cfg.policy_signal == "paper":
+                self.updater = ReinforceUpdater(
+                    self.policy,
+                    cfg.policy_lr,
+                    baseline_momentum=cfg.baseline_momentum,
+                    entropy_coef=cfg.entropy_coef,
+                    process_group=process_group,
+                )
+            else:
+                self.policy_optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.policy_lr)
+                self.signal_scale = RunningScale(device=self.device)
             # Each rank samples its own actions (its own images), reproducibly.
             self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
 
@@ -222,6 +288,94 @@ class SparkDistiller:
         mean = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
         return mean.to(like.dtype)
 
+    def _lambda(self) -> float:
+        cfg = self.config
+        if cfg.kd_anneal_steps is None:
+            return cfg.lambda_kd
+        return cfg.lambda_kd * max(0.0, 1.0 - self.steps / cfg.kd_anneal_steps)
+
+    def _anneal(self) -> float:
+        """Cosine factor in [0, 1] over ``policy_steps`` (1 when it is None)."""
+        total = self.config.policy_steps
+        if total is None:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * min(self.steps, total) / total))
+
+    @torch.no_grad()
+    def _fixed_map(self, signals, student_out, teacher_out, targets) -> torch.Tensor:
+        """``mode="map"``: mean-1 per-image weights from one signal (see ``map_signal``)."""
+        name = self.config.map_signal
+        if name == "random":
+            conc = torch.full((*signals.shape[:1], 1, *signals.shape[2:], 2), 1.7, device=signals.device)
+            raw = torch._sample_dirichlet(conc, generator=self.generator)[..., 0].clamp_min(ACTION_EPS)
+        elif name == "teacher_adv":
+            err_gap = (student_out.detach() - targets).abs().mean(1) - (teacher_out - targets).abs().mean(1)
+            raw = _cell_sum(err_gap.float(), tuple(signals.shape[-2:]))[:, None].clamp_min(0)
+        else:
+            raw = signals[:, MAP_SIGNALS.index(name) : MAP_SIGNALS.index(name) + 1].float()
+        mean = raw.mean(dim=(-2, -1), keepdim=True)
+        # An image whose signal is 0 everywhere gets uniform weights rather than 0/0.
+        return torch.where(mean > 0, raw / mean.clamp_min(1e-30), torch.ones_like(raw))
+
+    def _policy_map(self, signals: torch.Tensor, track_log_prob: bool):
+        """The weight map the student trains on this step, and the policy sample (or None)."""
+        cfg = self.config
+        if cfg.policy_signal == "credit":
+            with torch.no_grad():
+                alpha, beta = self.policy(signals)
+            return cfg.w_bound * alpha / (alpha + beta), None
+        with torch.set_grad_enabled(track_log_prob):  # log pi is only needed when the policy learns
+            sample = self.policy.sample(signals, self.generator)
+        if cfg.policy_signal == "paper":
+            return self.policy.weight_map(sample.action), sample
+        return cfg.w_bound * sample.action.detach(), sample
+
+    def _cell_rec_error(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_pixel = kd_elementwise(output.detach().float() - targets.float(), self.config.rec_loss).sum(1)
+        return _cell_sum(per_pixel, self.config.grid)[:, None]
+
+    def _policy_step(self, loss: torch.Tensor) -> None:
+        self.policy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(list(self.policy.parameters()), self.group)
+        for group in self.policy_optimizer.param_groups:
+            group["lr"] = self.config.policy_lr * self._anneal()
+        self.policy_optimizer.step()
+
+    def _credit_update(self, inputs, student_out, teacher_out, signals, gate) -> dict[str, torch.Tensor]:
+        """``"credit"``: score every cell (:func:`cell_credit`), then one policy step on ``-mean(w * credit)``."""
+        cfg = self.config
+        if self.held_out is not None:
+            held = next(self.held_out)
+        else:
+            held = self._previous_batch
+        # The wrapped module, not a DistributedDataParallel wrapper: a forward of the wrapper would
+        # expect a backward that reduces gradients, and cell_credit only uses autograd.grad.
+        plain = getattr(self.student, "module", self.student)
+        credit = cell_credit(
+            plain, self.optimizer, inputs, student_out, teacher_out, held[0], held[1], cfg.grid,
+            kd_loss=cfg.kd_loss, rec_loss=cfg.rec_loss, pixel_weight=gate, process_group=self.group,
+        )
+        alpha, beta = self.policy(signals)
+        loss = credit_loss(cfg.w_bound * alpha / (alpha + beta), self.signal_scale.normalize(credit))
+        self._policy_step(loss)
+        return {"credit": credit.mean(), "credit_pos": (credit > 0).float().mean(), "policy_loss": loss.detach()}
+
+    def _reinforce_update(self) -> dict[str, torch.Tensor]:
+        """``"reinforce"``: the pending action's per-cell reward ``horizon`` steps later, one policy step."""
+        cfg, p = self.config, self._pending
+        self._pending = None
+        with torch.no_grad():
+            reward = p["err_before"] - self._cell_rec_error(self.student(p["inputs"]), p["targets"])
+        advantage = reward - reward.mean(dim=(-2, -1), keepdim=True)  # the image's mean as baseline
+        advantage = self.signal_scale.normalize(advantage)
+        dist = self.policy.distribution(p["signals"])
+        log_prob = dist.log_prob(p["action"].clamp(ACTION_EPS, 1.0 - ACTION_EPS))
+        entropy = dist.entropy()
+        loss = -(advantage * log_prob).mean() - cfg.entropy_coef * self._anneal() * entropy.mean()
+        self._policy_step(loss)
+        return {"reward": reward.mean(), "policy_loss": loss.detach(), "entropy": entropy.detach().mean()}
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """One training step on ``(inputs, targets)``.
 
@@ -231,10 +385,14 @@ class SparkDistiller:
 
         Returns:
             Per-step log of Python floats (one host sync per step): ``loss``,
-            ``loss_task``, ``loss_kd`` (before ``lambda_kd``); in ``"spark"``
-            mode ``w_mean``, ``w_std``, ``w_min``, ``w_max`` and, on reward
-            steps, ``reward``, ``baseline``, ``policy_loss``, ``entropy``;
-            balancer scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``); ``step``.
+            ``loss_task``, ``loss_kd`` (before ``lambda_kd``); in ``"spark"`` and
+            ``"map"`` modes ``w_mean``, ``w_std``, ``w_min``, ``w_max``; with the
+            ``"credit"`` signal, on credit steps, ``credit``, ``credit_pos``,
+            ``policy_loss``; with ``"paper"``, on reward steps, ``reward``,
+            ``baseline``, ``policy_loss``, ``entropy`` (``baseline`` every step);
+            with ``"reinforce"``, on reward steps, ``reward``, ``policy_loss``,
+            ``entropy``; with ``kd_gate="teacher"``, ``gate_frac``; balancer
+            scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``); ``step``.
         """
         cfg = self.config
         self._check_batch(inputs, targets)
@@ -249,24 +407,39 @@ class SparkDistiller:
         rec_before = per_image_loss(student_out, targets, cfg.rec_loss)
         l_task = rec_before.mean()
         log: dict[str, torch.Tensor] = {}
-        reward_step = cfg.mode == "spark" and self.steps % cfg.reward_every == 0
-        sample = weight = None
+        spark = cfg.mode == "spark"
+        policy_step = spark and self.steps % cfg.credit_every == 0
+        paper_reward = spark and cfg.policy_signal == "paper" and self.steps % cfg.reward_every == 0
+        stash = policy_step and cfg.policy_signal == "reinforce" and self._pending is None
+        credit_step = (
+            policy_step and cfg.policy_signal == "credit" and (self.held_out is not None or self._previous_batch is not None)
+        )
+        sample = weight = signals = cell_kd = gate = None
         if cfg.mode == "qat":
             l_kd = torch.zeros((), device=l_task.device)
         else:
-            if cfg.mode == "spark":
+            if cfg.mode in ("spark", "map"):
                 signals, cell_kd = difficulty_signals(student_out, teacher_out, targets, cfg.grid, cfg.kd_loss, backend=cfg.backend)
-                with torch.set_grad_enabled(reward_step):  # log pi is only needed when the policy learns
-                    sample = self.policy.sample(signals, self.generator)
-                weight = self.policy.weight_map(sample.action)
+                if cfg.mode == "map":
+                    weight = self._fixed_map(signals, student_out, teacher_out, targets)
+                else:
+                    weight, sample = self._policy_map(signals, paper_reward)
                 log.update(w_mean=weight.mean(), w_std=weight.std(unbiased=False), w_min=weight.min(), w_max=weight.max())
+            if cfg.kd_gate == "teacher":
+                with torch.no_grad():
+                    gate = ((teacher_out - targets).abs() < (student_out.detach() - targets).abs()).to(student_out.dtype)
+                log["gate_frac"] = gate.mean()
             if self.dfd is not None:
                 l_kd = self.dfd.loss(self.dfd.teacher_features(), weight, backend=cfg.backend)
-            elif cfg.mode == "spark":
+            elif gate is not None:
+                h, w = student_out.shape[-2:]
+                pixel_weight = gate if weight is None else gate * expand_cells(weight, h, w)
+                l_kd = fused_weighted_kd(student_out, teacher_out, pixel_weight, kd_loss=cfg.kd_loss, backend=cfg.backend)
+            elif weight is not None:
                 l_kd = (weight * cell_kd).sum() / student_out.numel()
             else:
                 l_kd = fused_weighted_kd(student_out, teacher_out, None, kd_loss=cfg.kd_loss, backend=cfg.backend)
-        total = self.balancer(l_task, cfg.lambda_kd * l_kd)
+        total = self.balancer(l_task, self._lambda() * l_kd)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.balancer_optimizer is not None:
@@ -277,9 +450,19 @@ class SparkDistiller:
         if self.balancer_optimizer is not None:
             distributed.average_gradients(list(self.balancer.parameters()), self.group)
             self.balancer_optimizer.step()
+        if credit_step:  # before the student's update: the credit is about this step's gradient
+            log.update(self._credit_update(inputs, student_out, teacher_out, signals, gate))
+            if self.dfd is not None:
+                self.dfd.discard()
+        if stash:
+            self._pending = {
+                "inputs": inputs.detach(), "targets": targets.detach(), "signals": signals,
+                "action": sample.action.detach(), "err_before": self._cell_rec_error(student_out, targets),
+                "due": self.steps + cfg.horizon - 1,
+            }
         self.optimizer.step()
 
-        if reward_step:
+        if paper_reward:
             with torch.no_grad():
                 rec_after = per_image_loss(self.student(inputs), targets, cfg.rec_loss)
             if self.dfd is not None:
@@ -287,9 +470,15 @@ class SparkDistiller:
             rewards = rec_before.detach() - rec_after
             log.update(self.updater.update(rewards, sample.log_prob, sample.entropy))
             log.pop("baseline_used")
-        elif cfg.mode == "spark":
+        elif spark and cfg.policy_signal == "paper":
             # Keep the log's keys stable: the baseline is still reported.
             log["baseline"] = self.updater.baseline
+        if self._pending is not None and self._pending["due"] <= self.steps:
+            log.update(self._reinforce_update())
+            if self.dfd is not None:
+                self.dfd.discard()
+        if self.held_out is None and spark and cfg.policy_signal == "credit":
+            self._previous_batch = (inputs.detach(), targets.detach())
 
         log.update(loss=total.detach(), loss_task=l_task.detach(), loss_kd=l_kd.detach())
         log.update(self.balancer.stats())
@@ -317,11 +506,21 @@ class SparkDistiller:
         if self.dfd is not None:
             self.dfd.discard()
         signals, _ = difficulty_signals(s, t, targets.to(s.dtype), self.config.grid, self.config.kd_loss, backend=self.config.backend)
-        if mean:
-            return self.policy.mean_weight_map(signals)
-        g = torch.Generator(device=self.device)
-        g.set_state(self.generator.get_state())
-        return self.policy.weight_map(self.policy.sample(signals, g).action)
+        return self.policy_weight_map(signals, mean=mean)
+
+    @torch.no_grad()
+    def policy_weight_map(self, signals: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
+        """The map the student would train on for ``signals [B, 4, Gh, Gw]`` (``mean=True``: from
+        the Beta means, deterministic; else one draw from a throwaway copy of the generator)."""
+        cfg = self.config
+        if cfg.policy_signal == "credit" or mean:
+            alpha, beta = self.policy(signals)
+            a = alpha / (alpha + beta)
+        else:
+            g = torch.Generator(device=self.device)
+            g.set_state(self.generator.get_state())
+            a = self.policy.sample(signals, g).action
+        return self.policy.weight_map(a) if cfg.policy_signal == "paper" else cfg.w_bound * a
 
     # ------------------------------------------------------------ checkpoint
 
@@ -334,6 +533,7 @@ class SparkDistiller:
             "format": STATE_FORMAT,
             "mode": self.config.mode,
             "balancer_name": self.config.balancer,
+            "policy_signal": self.config.policy_signal,
             "steps": self.steps,
             "optimizer": self.optimizer.state_dict(),
             "balancer": self.balancer.state_dict(),
@@ -345,8 +545,17 @@ class SparkDistiller:
             state["balancer_optimizer"] = self.balancer_optimizer.state_dict()
         if self.policy is not None:
             state["policy"] = self.policy.state_dict()
-            state["reinforce"] = self.updater.state_dict()
+            if self.updater is not None:
+                state["reinforce"] = self.updater.state_dict()
+            else:
+                state["policy_optimizer"] = self.policy_optimizer.state_dict()
+                state["signal_scale"] = self.signal_scale.state_dict()
+        if self.generator is not None:
             state["policy_rng"] = self.generator.get_state()
+        if self._previous_batch is not None:
+            state["previous_batch"] = list(self._previous_batch)
+        if self._pending is not None:
+            state["pending"] = dict(self._pending)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return _clone(state)
@@ -355,7 +564,10 @@ class SparkDistiller:
         """Restore :meth:`state_dict`'s output into this distiller (same mode/balancer)."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state format {state.get('format')!r} is not {STATE_FORMAT}")
-        for key, mine in (("mode", self.config.mode), ("balancer_name", self.config.balancer)):
+        for key, mine in (
+            ("mode", self.config.mode), ("balancer_name", self.config.balancer),
+            ("policy_signal", self.config.policy_signal),
+        ):
             if state[key] != mine:
                 raise ValueError(f"checkpoint {key} {state[key]!r} differs from this distiller's {mine!r}")
         if "student" in state:
@@ -366,8 +578,15 @@ class SparkDistiller:
             self.balancer_optimizer.load_state_dict(state["balancer_optimizer"])
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
-            self.updater.load_state_dict(state["reinforce"])
+            if self.updater is not None:
+                self.updater.load_state_dict(state["reinforce"])
+            else:
+                self.policy_optimizer.load_state_dict(state["policy_optimizer"])
+                self.signal_scale.load_state_dict(state["signal_scale"])
+        if self.generator is not None:
             self.generator.set_state(state["policy_rng"])
+        self._previous_batch = tuple(state["previous_batch"]) if "previous_batch" in state else None
+        self._pending = dict(state["pending"]) if "pending" in state else None
         self.steps = int(state["steps"])
         if restore_global_rng:
             torch.set_rng_state(state["torch_rng"])

@@ -1,0 +1,477 @@
+"""``spark-ext study``: the KD method matrix with paired seeds, on denoising and x2 SR.
+
+Every method trains a copy of the same PTQ W4A4 student (per seed: the same
+calibration crops, data order and budget; the demo's :func:`~spark_ext.demo.train_student`)
+from the same FP32 teacher (:func:`study_teacher`), and is scored on the demo's
+held-out photos. Per task and method the study reports mean ± std PSNR/SSIM
+over seeds, the paired PSNR difference to QAT and to uniform KD at its best
+``lambda_kd`` (best by mean PSNR over the grid ``--lambdas``, on the same
+held-out photos, so the KD reference is, if anything, favoured) with a 95 %
+t-interval over seeds, and the training cost per step relative to uniform KD
+at ``lambda_kd = 1``. Writes ``study.json`` and ``study.png``.
+
+Methods (``--methods``; default all):
+
+* ``qat``: L1 only. ``kd@L``: uniform KD at ``lambda_kd = L`` for each ``L`` in ``--lambdas``.
+* ``kd_anneal``: uniform KD, ``lambda_kd`` decaying linearly from 1 to 0 over the run.
+* ``map_random``: a random mean-1 map with the initial policy's per-cell variance.
+* ``map_<signal>``: a fixed mean-1 map proportional to one signal (``lap_var``, ``pix_var``,
+  ``recon_err``, ``kd_gap``) or to the teacher's advantage (``teacher_adv``).
+* ``kd_gate``: uniform KD only where the teacher is closer to the target than the student.
+* ``gor``, ``lmr``, ``dfd``: SPEC §6's balancers and decoder-free distillation.
+* ``spark_paper``: SPEC §4's REINFORCE as written. ``spark_reinforce``: the repaired REINFORCE.
+* ``spark``: SPARK's default (the first-order credit policy, docs/spark.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+METHODS: dict[str, dict[str, Any]] = {
+    "qat": {"mode": "qat"},
+    "kd_anneal": {"mode": "kd", "kd_anneal_steps": None},  # filled with the run's steps
+    "map_random": {"mode": "map", "map_signal": "random"},
+    "map_lap_var": {"mode": "map", "map_signal": "lap_var"},
+    "map_pix_var": {"mode": "map", "map_signal": "pix_var"},
+    "map_recon_err": {"mode": "map", "map_signal": "recon_err"},
+    "map_kd_gap": {"mode": "map", "map_signal": "kd_gap"},
+    "map_teacher_adv": {"mode": "map", "map_signal": "teacher_adv"},
+    "kd_gate": {"mode": "kd", "kd_gate": "teacher"},
+    "gor": {"mode": "kd", "balancer": "gor"},
+    "lmr": {"mode": "kd", "balancer": "lmr"},
+    "dfd": {"mode": "kd", "dfd_layer": "<feature layer>"},
+    "spark_paper": {"mode": "spark", "policy_signal": "paper"},
+    "spark_reinforce": {"mode": "spark", "policy_signal": "reinforce"},
+    "spark": {"mode": "spark"},
+}
+TASKS = ("denoise", "sr")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPreset:
+    """Budget of a study: the demo preset it starts from, and what it changes."""
+
+    name: str
+    demo_preset: str
+    student_steps: int
+    teacher_steps: int
+    seeds: int
+    lambdas: tuple[float, ...]
+    workers: int
+
+
+PRESETS = {
+    # 2-core CPU: meant to take under 30 minutes alone once the teachers are cached (170 students of ~10 s
+    # CPU each over 2 workers); not yet timed on an idle machine (docs/spark.md has what was measured).
+    "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0), 2),
+    # the demo's default budget on a CPU (hours on 2 cores).
+    "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2),
+    # a GPU: the demo's "full" network and crops (not measured by the project yet).
+    "gpu": StudyPreset("gpu", "full", 5000, 20000, 5, (0.25, 0.5, 1.0, 2.0), 1),
+}
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def study_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool):
+    """The FP32 teacher every student of the study distils from: ``(model, info)``.
+
+    The teacher shipped with the package where it fits the demo preset (same
+    network and degradation: :func:`spark_ext.demo.get_teacher`), else the demo's
+    teacher trained for ``preset.teacher_steps`` (cached in ``cache_dir``).
+    """
+    from spark_ext.demo import get_teacher
+
+    teacher, info = get_teacher(task, preset, device, cache_dir, quiet)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, info
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """Two-sided Student-t quantile (``scipy.stats.t``; scipy comes with scikit-image)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return m, s
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of ``a - b`` (paired by index) with its t-interval; ``wins`` counts ``a > b``."""
+    diffs = [x - y for x, y in zip(a, b)]
+    m, s = mean_std(diffs)
+    n = len(diffs)
+    half = t_quantile(n - 1, level) * s / math.sqrt(n) if n > 1 else float("inf")
+    return {"mean": m, "lo": m - half, "hi": m + half, "wins": sum(d > 0 for d in diffs), "n": n}
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+_CACHE: dict[tuple, Any] = {}
+
+
+def _setup(task_name: str, preset, device, cache_dir, quiet):
+    from spark_ext.data import RestorationTask, held_out_pairs
+
+    key = ("setup", task_name)
+    if key not in _CACHE:
+        task = RestorationTask(task_name)
+        teacher, info = study_teacher(task, preset, device, cache_dir, quiet=True)
+        held = held_out_pairs(task, preset.eval_size, device=device)
+        _CACHE[key] = (task, teacher, info, held)
+    return _CACHE[key]
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train and score one (task, method, seed): the unit of work of a worker process."""
+    from spark_ext import demo
+
+    torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    preset = job["preset"]
+    task, teacher, _, held = _setup(job["task"], preset, device, job["cache_dir"], True)
+    base_key = ("ptq", job["task"], job["seed"])
+    if base_key not in _CACHE:
+        for key in [k for k in _CACHE if k[0] == "ptq"]:  # jobs come seed-major: keep one seed's students
+            if key[2] != job["seed"]:
+                del _CACHE[key]
+        _CACHE[base_key] = demo.make_ptq(teacher, task, preset, job["seed"], device)
+    base = _CACHE[base_key]
+    overrides = dict(job["overrides"])
+    if "kd_anneal_steps" in overrides:
+        overrides["kd_anneal_steps"] = preset.student_steps
+    student, distiller, logs, seconds = demo.train_student(
+        job["method"], base, teacher, task, preset, job["seed"], device, True, overrides=overrides
+    )
+    shave = task.scale if task.kind == "sr" else 0
+    result = demo.evaluate(demo.model_outputs(student, held), held, shave)
+    extra = {}
+    if distiller.policy is not None:
+        from spark_ext.ops import difficulty_signals
+
+        x, y = next(iter_batches(task, preset, device))
+        with torch.no_grad():
+            s, t = student(x), teacher(x)
+        signals, _ = difficulty_signals(s, t, y, preset.grid)
+        w = distiller.policy_weight_map(signals, mean=True)
+        extra["mean_map"] = {"min": float(w.min()), "max": float(w.max()), "mean": float(w.mean()), "std": float(w.std())}
+    distiller.close()
+    return {
+        "task": job["task"], "method": job["method"], "seed": job["seed"],
+        "psnr": result["psnr"], "ssim": result["ssim"], "seconds": seconds,
+        "ms_per_step": 1000.0 * seconds / preset.student_steps,
+        "final_loss_task": sum(l["loss_task"] for l in logs[-20:]) / max(1, len(logs[-20:])),
+        **extra,
+    }
+
+
+def iter_batches(task, preset, device):
+    from spark_ext.data import RandomCropBatches
+
+    return RandomCropBatches(task, preset.crop, preset.batch, seed=99, device=device)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequence[str]) -> dict[str, Any]:
+    """Per task: per method mean ± std over its seeds, paired differences (over the seeds both have)
+    to QAT and to the best uniform KD (best mean PSNR over the seeds every ``kd@`` run has), cost."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        by = {m: {r["seed"]: r for r in rows if r["task"] == task and r["method"] == m} for m in methods}
+        by = {m: v for m, v in by.items() if v}
+        kd_names = [m for m in by if m.startswith("kd@")]
+        kd_seeds = sorted(set.intersection(*(set(by[m]) for m in kd_names))) if kd_names else []
+        best_kd = max(kd_names, key=lambda m: mean_std([by[m][s]["psnr"] for s in kd_seeds])[0]) if kd_seeds else None
+        cost_ref = by.get("kd@1") or (by[best_kd] if best_kd else None)
+        ref_ms = mean_std([r["ms_per_step"] for r in cost_ref.values()])[0] if cost_ref else None
+        table = {}
+        for m, per_seed in by.items():
+            seeds = sorted(per_seed)
+            psnr = [per_seed[s]["psnr"] for s in seeds]
+            ssim = [per_seed[s]["ssim"] for s in seeds]
+            ms = mean_std([per_seed[s]["ms_per_step"] for s in seeds])[0]
+            entry = {
+                "seeds": seeds,
+                "psnr_mean": mean_std(psnr)[0], "psnr_std": mean_std(psnr)[1],
+                "ssim_mean": mean_std(ssim)[0], "ssim_std": mean_std(ssim)[1],
+                "ms_per_step": ms, "cost_vs_kd": ms / ref_ms if ref_ms else None,
+                "per_seed": {str(s): per_seed[s] for s in seeds},
+            }
+            for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
+                common = [s for s in seeds if ref in by and s in by[ref]]
+                if ref is not None and m != ref and common:
+                    entry[key] = paired_interval([per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common])
+            table[m] = entry
+        all_seeds = sorted(set().union(*(set(v) for v in by.values()))) if by else []
+        out[task] = {"seeds": all_seeds, "best_kd": best_kd, "methods": table}
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = []
+    for task, res in summary.items():
+        lines.append(f"\n{task}: seeds {res['seeds']}, best uniform KD = {res['best_kd']} (n = paired seeds)")
+        lines.append(f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}")
+        order = sorted(res["methods"].items(), key=lambda kv: -kv[1]["psnr_mean"])
+        for m, e in order:
+            def ci(key):
+                d = e.get(key)
+                return f"{d['mean']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}] {d['wins']}/{d['n']}" if d else "-"
+            cost = f"{e['cost_vs_kd']:.2f}x" if e["cost_vs_kd"] else "-"
+            lines.append(f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} {ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}")
+    return "\n".join(lines)
+
+
+def save_plot(path: Path, summary: dict[str, Any]) -> None:
+    """Per task: paired PSNR difference to the best uniform KD with its 95 % interval, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        res = summary[task]
+        items = [(m, e["vs_best_kd"]) for m, e in res["methods"].items() if "vs_best_kd" in e]
+        items.sort(key=lambda kv: kv[1]["mean"])
+        ys = range(len(items))
+        means = [d["mean"] for _, d in items]
+        errs = [[d["mean"] - d["lo"] for _, d in items], [d["hi"] - d["mean"] for _, d in items]]
+        colors = ["tab:green" if d["lo"] > 0 else ("tab:red" if d["hi"] < 0 else "tab:gray") for _, d in items]
+        ax.barh(list(ys), means, xerr=errs, color=colors, capsize=3)
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels([m for m, _ in items], fontsize=8)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel(f"PSNR - {res['best_kd']} (dB), paired, 95% t-interval")
+        ax.set_title(f"{task} ({len(res['seeds'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _lambdas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every lambda must be a finite number > 0, got {text!r}")
+    return values
+
+
+def all_method_names(lambdas: Sequence[float]) -> list[str]:
+    return ["qat"] + [f"kd@{l:g}" for l in lambdas] + [m for m in METHODS if m != "qat"]
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="spark-ext study",
+        description="Paired-seed study of QAT, uniform KD, heuristic maps, balancers, DFD and SPARK variants "
+        "(W4A4 students of the demo's network) on denoising and x2 SR; writes study.json and study.png.",
+        epilog="Presets: " + "; ".join(
+            f"{s.name}: {s.student_steps} student steps, {s.seeds} seeds, lambdas {list(s.lambdas)}, "
+            f"demo preset {s.demo_preset!r}, {s.workers} worker(s)" for s in PRESETS.values()
+        ) + ". --quick = --preset quick. Methods: qat, kd@L (one per --lambdas), " + ", ".join(m for m in METHODS if m != "qat"),
+    )
+    p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="budget (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick")
+    p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
+    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
+    p.add_argument("--seeds", type=_positive_int, default=None, help="number of paired seeds (default: the preset's)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="student steps (default: the preset's)")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="teacher steps (default: the preset's)")
+    p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
+    p.add_argument("--workers", type=_positive_int, default=None, help="parallel worker processes, 1 thread each")
+    p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
+    p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the students of OUT/study.json (same budget) and train only the missing ones; "
+        "its methods join this run's",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset = "quick"
+    spec = PRESETS[args.preset]
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        p.error(f"--tasks: unknown {bad or 'empty'}; choose from {','.join(TASKS)}")
+    args.lambdas = args.lambdas or spec.lambdas
+    names = all_method_names(args.lambdas)
+    if args.methods == "all":
+        args.methods = names
+    else:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in args.methods if m not in names]
+        if bad or not args.methods:
+            p.error(f"--methods: unknown {bad or 'empty'}; choose from {','.join(names)}")
+    try:
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
+    args.device = str(device)
+    args.seeds = args.seeds or spec.seeds
+    args.workers = args.workers or (1 if device.type == "cuda" else spec.workers)
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from spark_ext import demo
+
+    spec = PRESETS[args.preset]
+    preset = dataclasses.replace(
+        demo.PRESETS[spec.demo_preset],
+        student_steps=args.steps or spec.student_steps,
+        teacher_steps=args.teacher_steps or spec.teacher_steps,
+        seeds=tuple(range(args.seeds)),
+    )
+    rows = load_previous_runs(args.out / "study.json", preset) if args.resume else []  # before any work
+    args.out.mkdir(parents=True, exist_ok=True)
+    wall0 = time.perf_counter()
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    teachers = {}
+    for task in args.tasks:  # trained (or loaded) once, before the workers start
+        from spark_ext.data import RestorationTask, held_out_pairs
+
+        t = RestorationTask(task)
+        teacher, info = study_teacher(t, preset, device, args.cache_dir, args.quiet)
+        held = held_out_pairs(t, preset.eval_size, device=device)
+        score = demo.evaluate(demo.model_outputs(teacher, held), held, t.scale if t.kind == "sr" else 0)
+        teachers[task] = {"steps": preset.teacher_steps, "psnr": score["psnr"], "ssim": score["ssim"], "path": info.get("path")}
+        print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
+    done = {(r["task"], r["method"], r["seed"]) for r in rows}
+    if rows:
+        print(f"--resume: {len(rows)} students reused from {args.out / 'study.json'}")
+    args.methods = list(dict.fromkeys(args.methods + sorted({r["method"] for r in rows} - set(args.methods))))
+    jobs = []
+    for seed in preset.seeds:  # seed-major: a partial run still has complete pairs
+        for task in args.tasks:
+            for method in args.methods:
+                if (task, method, seed) in done:
+                    continue
+                overrides = {"mode": "kd", "lambda_kd": float(method[3:])} if method.startswith("kd@") else METHODS[method]
+                jobs.append({
+                    "task": task, "method": method, "seed": seed, "overrides": overrides, "preset": preset,
+                    "device": args.device, "threads": 1, "cache_dir": args.cache_dir,
+                })
+    progress = demo._progress(range(len(jobs)), "study", args.quiet, total=len(jobs))
+    bar = progress if hasattr(progress, "update") else None
+    def finished(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{row['task']} {row['method']} s{row['seed']}")
+        # Rewritten after every student: an interrupted study keeps what it measured.
+        write_report(args, argv, spec, preset, device, teachers, rows, time.perf_counter() - wall0, complete=False)
+
+    if args.workers == 1:
+        for job in jobs:
+            finished(run_job(job))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+            for row in pool.map(run_job, jobs):
+                finished(row)
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - wall0
+    summary = write_report(args, argv, spec, preset, device, teachers, rows, wall, complete=True)
+    print(format_table(summary))
+    print(f"\n(PSNR: mean over held-out photos; cost = training ms/step relative to kd@1; wall {wall:.0f}s)")
+    save_plot(args.out / "study.png", summary)
+    print(f"wrote study.json, study.png in {args.out}")
+    return 0
+
+
+def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
+    """The runs of an earlier ``study.json`` made with the same budget (``--resume``); [] if none."""
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("preset", {}).get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
+        print(f"spark-ext study: error: --resume: {path} was made with other settings (steps, seeds, network); "
+              "use another --out", file=sys.stderr)
+        raise SystemExit(2)
+    return [r for r in old.get("runs", []) if r["seed"] in preset.seeds]
+
+
+def write_report(args, argv, spec, preset, device, teachers, rows, wall, complete: bool) -> dict[str, Any]:
+    """Write ``study.json`` (summary over the seeds every method has finished, and every run); returns the summary."""
+    summary = summarise(rows, args.tasks, args.methods)
+    report = {
+        "spark_ext": __import__("spark_ext").__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device) + ("" if device.type != "cpu" else f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"),
+        "command": "spark-ext study " + " ".join(sys.argv[2:] if argv is None else argv),
+        "preset": {"study": dataclasses.asdict(spec), "demo": dataclasses.asdict(preset)},
+        "teachers": teachers,
+        "methods": args.methods,
+        "tasks": summary,
+        "runs": rows,
+        "complete": complete,
+        "wall_seconds": wall,
+    }
+    tmp = args.out / "study.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, args.out / "study.json")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``spark-ext study``: argument checks before any work, paired statistics, and a tiny end-to-end run."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("skimage")
+pytest.importorskip("matplotlib")
+pytest.importorskip("scipy")
+pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
+
+from spark_ext import study  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "deblur"], "--tasks"),
+        (["--methods", "qat,magic"], "--methods"),
+        (["--seeds", "0"], "--seeds"),
+        (["--steps", "x"], "--steps"),
+        (["--lambdas", "1,-2"], "--lambdas"),
+        (["--workers", "0"], "--workers"),
+        (["--device", "cuda:99"], "--device"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        study.main(argv + ["--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paired_interval_matches_a_hand_computation():
+    a, b = [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 2.5, 3.0]
+    res = study.paired_interval(a, b)
+    diffs = [0.5, 1.0, 0.5, 1.0]
+    m = sum(diffs) / 4
+    s = math.sqrt(sum((d - m) ** 2 for d in diffs) / 3)
+    half = 3.182446305284263 * s / 2  # t_{0.975, 3}
+    assert res["mean"] == pytest.approx(m)
+    assert (res["lo"], res["hi"]) == pytest.approx((m - half, m + half))
+    assert res["wins"] == 4 and res["n"] == 4
+
+
+def test_summary_picks_the_best_kd_and_pairs_by_seed():
+    rows = []
+    for seed in range(3):
+        for method, psnr, ms in (("qat", 29.0, 10.0), ("kd@0.5", 29.1, 20.0), ("kd@1", 29.05, 20.0), ("spark", 29.2, 21.0)):
+            rows.append({"task": "denoise", "method": method, "seed": seed, "psnr": psnr + 0.01 * seed,
+                         "ssim": 0.8, "ms_per_step": ms})
+    res = study.summarise(rows, ["denoise"], ["qat", "kd@0.5", "kd@1", "spark"])["denoise"]
+    assert res["best_kd"] == "kd@0.5" and res["seeds"] == [0, 1, 2]
+    spark = res["methods"]["spark"]
+    assert spark["vs_best_kd"]["mean"] == pytest.approx(0.1) and spark["vs_qat"]["mean"] == pytest.approx(0.2)
+    assert spark["cost_vs_kd"] == pytest.approx(21.0 / 20.0)
+    assert "vs_best_kd" not in res["methods"]["kd@0.5"]
+
+
+def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
+    out = tmp_path / "out"
+    argv = ["--quick", "--tasks", "denoise,sr", "--methods", "qat,kd@1,kd_gate,map_random,spark,spark_paper",
+            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    assert study.main(argv) == 0
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["tasks"]) == {"denoise", "sr"}
+    for task in ("denoise", "sr"):
+        methods = report["tasks"][task]["methods"]
+        assert set(methods) == {"qat", "kd@1", "kd_gate", "map_random", "spark", "spark_paper"}
+        assert set(methods["spark"]["per_seed"]) == {"0", "1"}
+        assert "vs_qat" in methods["spark"] and "vs_best_kd" in methods["spark"]
+    assert len(report["runs"]) == 2 * 2 * 6
+    assert (out / "study.png").stat().st_size > 1000
+
+
+def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
+    out = tmp_path / "out"
+    common = ["--quick", "--tasks", "denoise", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet",
+              "--device", "cpu"]
+    assert study.main(common + ["--methods", "qat,kd@1"]) == 0
+    first = json.loads((out / "study.json").read_text())
+    calls = []
+    original = study.run_job
+    monkeypatch.setattr(study, "run_job", lambda job: calls.append(job["method"]) or original(job))
+    assert study.main(common + ["--methods", "spark", "--resume"]) == 0
+    assert calls == ["spark", "spark"]  # one per seed; qat and kd@1 were reused
+    report = json.loads((out / "study.json").read_text())
+    assert set(report["tasks"]["denoise"]["methods"]) == {"qat", "kd@1", "spark"}
+    assert report["runs"][:4] == first["runs"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        study.main(common + ["--methods", "qat", "--resume", "--steps", "3"])
+    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
