@@ -589,7 +589,7 @@ def _parse_device(text: str) -> torch.device:
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check that needs more than argparse's types, before any work (``p.error``: one line, exit 2).
 
-    Sets ``args.method_list`` and ``args.torch_device``.
+    Sets ``args.method_list``, ``args.torch_device`` and ``args.eval_folder`` (the loaded --eval-images pairs).
     """
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     choices = f"choose from ptq,{','.join(METHODS)}"
@@ -612,13 +612,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             _dispatch.resolve(op, args.backend, like)
         except Exception as exc:  # BackendUnavailableError, or a library that fails to load
             p.error(f"argument --backend: {exc} (--backend auto picks the fastest backend each op has)")
-    why = writable_dir_problem(args.out)
-    if why:
-        p.error(f"argument --out: {why}")
-    if not args.no_cache:
-        why = writable_dir_problem(args.cache_dir)
-        if why:
-            p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
     args.eval_folder = None
     if args.eval_images is not None:  # loaded here: every file must decode before any work
         task = RestorationTask(args.task)
@@ -629,6 +622,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         small = [name for name, _, y in args.eval_folder if min(y.shape[-2:]) < SSIM_WINDOW + 2 * task.scale]
         if small:
             p.error(f"argument --eval-images: images smaller than {SSIM_WINDOW + 2 * task.scale}px: {small}")
+    why = writable_dir_problem(args.out)
+    if why:
+        p.error(f"argument --out: {why}")
+    if not args.no_cache:
+        why = writable_dir_problem(args.cache_dir)
+        if why:
+            p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
