@@ -11,6 +11,7 @@ only from ``nn.Conv2d``, ``nn.ReLU`` and ``nn.PixelShuffle`` so that
 ``spark_ext.quant.quantize_model`` can quantize every layer.
 """
 
+from .classify import DigitsCNN
 from .restoration import EncoderDecoderNet, ResidualSRNet, build_model, feature_layer
 
-__all__ = ["EncoderDecoderNet", "ResidualSRNet", "build_model", "feature_layer"]
+__all__ = ["DigitsCNN", "EncoderDecoderNet", "ResidualSRNet", "build_model", "feature_layer"]
