@@ -1,4 +1,4 @@
-"""Command line: ``spark-ext demo | bench | classify | daqakd | doctor`` (also ``python -m spark_ext.cli``)."""
+"""Command line: ``spark-ext demo | bench | classify | daqakd | diffkd | doctor`` (also ``python -m spark_ext.cli``)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ _DELEGATED = {
     "demo": ("spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
     "bench": ("spark_ext.benchreport", "run or summarise the benchmarks, print ratios, draw plots"),
     "classify": ("spark_ext.classify", "W4A4 digit classifiers: QAT vs logit KD, GoR, LMR, ensemble over paired seeds"),
+    "diffkd": ("spark_ext.diffkd_study", "W4A4 denoisers: output KD vs DFD vs DiffKD feature denoising over paired seeds"),
     "daqakd": ("spark_ext.daqakd_study", "rank augmentations by the DA-QAKD metric and test the ranking over paired seeds"),
 }
 

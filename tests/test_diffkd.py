@@ -132,3 +132,18 @@ def test_resume_is_bitwise():
         assert torch.equal(v, student_c.state_dict()[k]), k
     for k, v in run_a.diffkd.modules.state_dict().items():
         assert torch.equal(v, run_c.diffkd.modules.state_dict()[k]), k
+
+
+def test_diffkd_cli_smoke_and_bad_arguments(tmp_path, capsys):
+    from spark_ext.cli import main
+
+    assert main(["diffkd", "--methods", "kd,nope"]) == 2
+    assert "--methods" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    argv = ["diffkd", "--seeds", "0", "--teacher-steps", "2", "--steps", "2", "--crop", "16", "--eval-size", "32",
+            "--width", "4", "--methods", "kd,diffkd", "--out", str(out)]
+    assert main(argv) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    assert set(report["psnr"]) == {"kd", "diffkd"} and "diffkd_diffusion" in report["last_step_log"]["diffkd"]
