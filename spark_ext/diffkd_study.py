@@ -6,6 +6,7 @@ budget of its own. Every method starts from the same PTQ model per seed and
 sees the same crops, steps and learning rates; ``dfd`` and ``diffkd`` distil at
 the network's feature layer (``bottleneck``). Reports PSNR mean ± std and each
 method's paired difference to ``kd`` with its 95 % t-interval; ``--out`` JSON.
+``--balancer`` and ``--lambda-kd`` apply to every KD method (``qat`` has no KD term).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,6 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--eval-size", type=int, default=96)
+    p.add_argument("--balancer", default="none", choices=("none", "gor", "lmr"), help="balancer of every KD method")
+    p.add_argument("--lambda-kd", type=float, default=1.0, help="KD weight of every KD method")
     p.add_argument("--cache-dir", type=Path, default=None, help="teacher cache folder (default: no cache)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -49,6 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.crop < 8 or args.crop % 4 or args.eval_size < 16:
             raise ValueError(f"--crop must be a multiple of 4 >= 8 and --eval-size >= 16, got {args.crop}, {args.eval_size}")
+        if not math.isfinite(args.lambda_kd) or args.lambda_kd < 0:
+            raise ValueError(f"--lambda-kd must be finite and >= 0, got {args.lambda_kd}")
         if args.out is not None and not args.out.parent.exists():
             raise ValueError(f"--out: folder {args.out.parent} does not exist")
     except ValueError as exc:
@@ -76,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.manual_seed(seed)
             student = copy.deepcopy(base).train()
             overrides = {k: (layer if v is True else v) for k, v in METHODS[m].items()}
+            if overrides["mode"] != "qat":
+                overrides.update(balancer=args.balancer, lambda_kd=args.lambda_kd)
             opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
             sched = demo._cosine(opt, preset.student_steps)
             d = SparkDistiller(student, teacher if overrides["mode"] != "qat" else None, opt, DistillConfig(seed=seed, **overrides))
