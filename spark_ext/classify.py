@@ -54,11 +54,13 @@ def batches(n: int, batch_size: int, steps: int, seed: int):
     for _ in range(steps):
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        yield perm[pos:pos + batch_size]
+        yield perm[pos : pos + batch_size]
         pos += batch_size
 
 
-def train_teacher(x: torch.Tensor, y: torch.Tensor, *, width: int, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 64) -> nn.Module:
+def train_teacher(
+    x: torch.Tensor, y: torch.Tensor, *, width: int, steps: int, seed: int, lr: float = 3e-3, batch_size: int = 64
+) -> nn.Module:
     """An FP32 :class:`DigitsCNN` trained with cross-entropy (Adam) from ``seed``."""
     torch.manual_seed(seed)
     model = DigitsCNN(width)
@@ -72,9 +74,20 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, *, width: int, steps: int, s
 
 
 def train_student(
-    teachers: Sequence[nn.Module], data: tuple, *, seed: int, steps: int, width: int, bits: Optional[int],
-    mode: str = "kd", balancer: str = "none", temperature: float = 4.0, augmentation: str = "none",
-    lr: float = 3e-3, batch_size: int = 64, desc: str = "student",
+    teachers: Sequence[nn.Module],
+    data: tuple,
+    *,
+    seed: int,
+    steps: int,
+    width: int,
+    bits: Optional[int],
+    mode: str = "kd",
+    balancer: str = "none",
+    temperature: float = 4.0,
+    augmentation: str = "none",
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    desc: str = "student",
 ) -> float:
     """Train a (W``bits``A``bits``, first/last layer 8-bit) :class:`DigitsCNN` student; return its test accuracy.
 
@@ -89,7 +102,9 @@ def train_student(
     if bits is not None:
         quantize_model(student, w_bits=bits, a_bits=bits)
     opt = torch.optim.Adam(student.parameters(), lr=lr)
-    distiller = LogitDistiller(student, list(teachers) if mode == "kd" else None, opt, mode=mode, balancer=balancer, temperature=temperature)
+    distiller = LogitDistiller(
+        student, list(teachers) if mode == "kd" else None, opt, mode=mode, balancer=balancer, temperature=temperature
+    )
     g_aug = torch.Generator().manual_seed(seed + 10_000)
     for idx in progress(batches(len(y_tr), batch_size, steps, seed), desc, steps):
         distiller.step(aug(x_tr[idx], g_aug), y_tr[idx])
@@ -103,7 +118,9 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Mean of ``a_i - b_i`` with its 95 % t-interval (Student t, n - 1 dof; needs scipy, installed with scikit-learn)."""
+    """Mean of ``a_i - b_i`` with its 95 % t-interval (Student t, n - 1 dof).
+
+    Needs scipy (installed with scikit-learn, the demo extra)."""
     d = torch.tensor(list(a), dtype=torch.float64) - torch.tensor(list(b), dtype=torch.float64)
     n = len(d)
     mean = float(d.mean())
@@ -169,9 +186,13 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="spark-ext classify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="spark-ext classify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common_arguments(parser)
-    parser.add_argument("--methods", default="qat,kd,gor,lmr,ensemble", help=f"comma-separated, from {','.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default="qat,kd,gor,lmr,ensemble", help=f"comma-separated, from {','.join(METHODS)}"
+    )
     args = parser.parse_args(argv)
     try:
         seeds = check_common(args)
@@ -183,19 +204,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"spark-ext classify: error: {exc}", file=sys.stderr)
         return 2
     data = load_digits_split()
-    teachers = [train_teacher(data[0], data[1], width=args.teacher_width, steps=args.teacher_steps, seed=args.teacher_seed)]
+    teachers = [
+        train_teacher(data[0], data[1], width=args.teacher_width, steps=args.teacher_steps, seed=args.teacher_seed)
+    ]
     if "ensemble" in methods:
-        teachers.append(train_teacher(data[0], data[1], width=args.teacher_width, steps=args.teacher_steps, seed=args.teacher_seed + 1))
+        teachers.append(
+            train_teacher(
+                data[0], data[1], width=args.teacher_width, steps=args.teacher_steps, seed=args.teacher_seed + 1
+            )
+        )
     results: dict[str, list[float]] = {m: [] for m in methods}
     for seed in seeds:
         for m in methods:
             spec = dict(METHODS[m])
             ts = teachers if spec.pop("ensemble", False) else teachers[:1]
-            results[m].append(train_student(ts, data, seed=seed, steps=args.steps, width=args.width, bits=args.bits,
-                                            temperature=args.temperature, lr=args.lr, batch_size=args.batch_size,
-                                            desc=f"{m} seed {seed}", **spec))
+            results[m].append(
+                train_student(
+                    ts,
+                    data,
+                    seed=seed,
+                    steps=args.steps,
+                    width=args.width,
+                    bits=args.bits,
+                    temperature=args.temperature,
+                    lr=args.lr,
+                    batch_size=args.batch_size,
+                    desc=f"{m} seed {seed}",
+                    **spec,
+                )
+            )
     report = {
-        "command": "classify", "args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds, "environment": environment(),
+        "command": "classify",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seeds": seeds,
+        "environment": environment(),
         "teacher_accuracy": [accuracy(t, data[2], data[3]) for t in teachers],
         "accuracy": {m: {"per_seed": v, **summarize(v)} for m, v in results.items()},
     }

@@ -24,12 +24,18 @@ import torch
 
 from spark_ext.classify import environment, paired_difference, parse_seeds, progress, summarize
 
-METHODS = {"qat": {"mode": "qat"}, "kd": {"mode": "kd"}, "dfd": {"mode": "kd", "dfd_layer": True},
-           "diffkd": {"mode": "kd", "diffkd_layer": True}}
+METHODS = {
+    "qat": {"mode": "qat"},
+    "kd": {"mode": "kd"},
+    "dfd": {"mode": "kd", "dfd_layer": True},
+    "diffkd": {"mode": "kd", "diffkd_layer": True},
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="spark-ext diffkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="spark-ext diffkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="kd,dfd,diffkd", help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--width", type=int, default=8)
@@ -52,7 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.crop < 8 or args.crop % 4 or args.eval_size < 16:
-            raise ValueError(f"--crop must be a multiple of 4 >= 8 and --eval-size >= 16, got {args.crop}, {args.eval_size}")
+            raise ValueError(
+                f"--crop must be a multiple of 4 >= 8 and --eval-size >= 16, got {args.crop}, {args.eval_size}"
+            )
         if not math.isfinite(args.lambda_kd) or args.lambda_kd < 0:
             raise ValueError(f"--lambda-kd must be finite and >= 0, got {args.lambda_kd}")
         if args.out is not None and not args.out.parent.exists():
@@ -66,9 +74,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spark_ext.distill import DistillConfig, SparkDistiller
     from spark_ext.models import feature_layer
 
-    preset = dataclasses.replace(demo.PRESETS["default"], name="diffkd-study", width=args.width, depth=1, crop=args.crop,
-                                 batch=args.batch, teacher_steps=args.teacher_steps, student_steps=args.steps,
-                                 eval_size=args.eval_size, seeds=tuple(seeds))
+    preset = dataclasses.replace(
+        demo.PRESETS["default"],
+        name="diffkd-study",
+        width=args.width,
+        depth=1,
+        crop=args.crop,
+        batch=args.batch,
+        teacher_steps=args.teacher_steps,
+        student_steps=args.steps,
+        eval_size=args.eval_size,
+        seeds=tuple(seeds),
+    )
     device = torch.device("cpu")
     task = RestorationTask("denoise")
     held = held_out_pairs(task, preset.eval_size, device=device)
@@ -86,7 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 overrides.update(balancer=args.balancer, lambda_kd=args.lambda_kd)
             opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
             sched = demo._cosine(opt, preset.student_steps)
-            d = SparkDistiller(student, teacher if overrides["mode"] != "qat" else None, opt, DistillConfig(seed=seed, **overrides))
+            d = SparkDistiller(
+                student, teacher if overrides["mode"] != "qat" else None, opt, DistillConfig(seed=seed, **overrides)
+            )
             data = RandomCropBatches(task, preset.crop, preset.batch, seed=30_000 + seed, device=device)
             for _ in progress(range(preset.student_steps), f"{m} seed {seed}"):
                 last_logs[m] = d.step(*next(data))
@@ -94,7 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             d.close()
             psnr[m].append(demo.evaluate(demo.model_outputs(student.eval(), held), held, 0)["psnr"])
     report = {
-        "command": "diffkd", "args": {k: str(v) for k, v in vars(args).items()}, "seeds": seeds, "environment": environment(),
+        "command": "diffkd",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seeds": seeds,
+        "environment": environment(),
         "teacher_psnr": demo.evaluate(demo.model_outputs(teacher, held), held, 0)["psnr"],
         "psnr": {m: {"per_seed": v, **summarize(v)} for m, v in psnr.items()},
         "last_step_log": last_logs,

@@ -55,8 +55,9 @@ def test_teacher_learns(digits, teacher):
     assert accuracy(teacher, digits[2], digits[3]) > 0.6
 
 
-@pytest.mark.parametrize("mode,balancer,ensemble", [("qat", "none", False), ("kd", "none", False), ("kd", "gor", False),
-                                                    ("kd", "lmr", True)])
+@pytest.mark.parametrize(
+    "mode,balancer,ensemble", [("qat", "none", False), ("kd", "none", False), ("kd", "gor", False), ("kd", "lmr", True)]
+)
 def test_w4a4_student_trains_with_each_method(digits, teacher, mode, balancer, ensemble):
     from spark_ext.quant import quantize_model
 
@@ -65,8 +66,13 @@ def test_w4a4_student_trains_with_each_method(digits, teacher, mode, balancer, e
     student = DigitsCNN(8)
     quantize_model(student, w_bits=4, a_bits=4)
     teachers = [teacher, teacher] if ensemble else teacher
-    d = LogitDistiller(student, teachers if mode == "kd" else None, torch.optim.Adam(student.parameters(), lr=3e-3),
-                       mode=mode, balancer=balancer)
+    d = LogitDistiller(
+        student,
+        teachers if mode == "kd" else None,
+        torch.optim.Adam(student.parameters(), lr=3e-3),
+        mode=mode,
+        balancer=balancer,
+    )
     logs = [d.step(x[i], y[i]) for i in batches(len(y), 64, 40, 0)]
     assert logs[-1]["loss_task"] < logs[0]["loss_task"]
     assert (logs[-1]["loss_kd"] > 0) == (mode == "kd")
@@ -101,13 +107,19 @@ def test_cmi_and_fit_on_known_predictions():
     cmi_v, fit_v = cmi_and_fit(varied, labels, 3)
     q0, q1 = varied[:2].mean(0), varied[2:].mean(0)
     expected = sum(float((p * (p / q).log()).sum()) for p, q in zip(varied, [q0, q0, q1, q1])) / 4
-    assert float(cmi_v) == pytest.approx(expected) and float(fit_v) == pytest.approx(-(math.log(q0[0]) + math.log(q1[1])) / 2)
+    assert float(cmi_v) == pytest.approx(expected) and float(fit_v) == pytest.approx(
+        -(math.log(q0[0]) + math.log(q1[1])) / 2
+    )
 
 
 def test_ranking_puts_label_destroying_augmentations_last(digits, teacher):
-    ranking = score_augmentations(teacher, digits[0][:400], digits[1][:400], ["noise", "invert", "shift", "hflip"], seed=3)
+    ranking = score_augmentations(
+        teacher, digits[0][:400], digits[1][:400], ["noise", "invert", "shift", "hflip"], seed=3
+    )
     assert [r.name for r in ranking][-1] == "invert"
-    assert ranking == score_augmentations(teacher, digits[0][:400], digits[1][:400], ["noise", "invert", "shift", "hflip"], seed=3)
+    assert ranking == score_augmentations(
+        teacher, digits[0][:400], digits[1][:400], ["noise", "invert", "shift", "hflip"], seed=3
+    )
     for r in ranking:
         assert r.score == pytest.approx(r.fit - r.cmi)
     with pytest.raises(ValueError, match="augmentation"):
@@ -128,15 +140,18 @@ def test_paired_difference_interval():
     assert p["ci95"][1] - p["mean"] == pytest.approx(4.302653 * 0.5773503 / math.sqrt(3), rel=1e-5)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["daqakd", "--seeds", "0,x"], "--seeds"),
-    (["daqakd", "--candidates", "shift"], "--candidates"),
-    (["daqakd", "--candidates", "shift,blur"], "--candidates"),
-    (["daqakd", "--bits", "1"], "--bits"),
-    (["classify", "--methods", "kd,foo"], "--methods"),
-    (["classify", "--steps", "0"], "--steps"),
-    (["classify", "--out", "/nonexistent/dir/x.json"], "--out"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["daqakd", "--seeds", "0,x"], "--seeds"),
+        (["daqakd", "--candidates", "shift"], "--candidates"),
+        (["daqakd", "--candidates", "shift,blur"], "--candidates"),
+        (["daqakd", "--bits", "1"], "--bits"),
+        (["classify", "--methods", "kd,foo"], "--methods"),
+        (["classify", "--steps", "0"], "--steps"),
+        (["classify", "--out", "/nonexistent/dir/x.json"], "--out"),
+    ],
+)
 def test_cli_rejects_bad_arguments_before_work(argv, match, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -145,18 +160,54 @@ def test_cli_rejects_bad_arguments_before_work(argv, match, capsys):
 
 def test_daqakd_cli_smoke(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["daqakd", "--seeds", "0,1", "--steps", "5", "--teacher-steps", "5", "--teacher-width", "4", "--width", "4",
-            "--candidates", "noise,invert", "--repeats", "1", "--out", str(out)]
+    argv = [
+        "daqakd",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "5",
+        "--teacher-steps",
+        "5",
+        "--teacher-width",
+        "4",
+        "--width",
+        "4",
+        "--candidates",
+        "noise,invert",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
-    assert report["arms"]["bottom"] in ("noise", "invert") and set(report["paired"]) == {"top-none", "top-bottom", "none-bottom"}
+    assert report["arms"]["bottom"] in ("noise", "invert") and set(report["paired"]) == {
+        "top-none",
+        "top-bottom",
+        "none-bottom",
+    }
     assert len(report["accuracy"]["top"]["per_seed"]) == 2
 
 
 def test_classify_cli_smoke(tmp_path):
     out = tmp_path / "r.json"
-    argv = ["classify", "--seeds", "0,1", "--steps", "5", "--teacher-steps", "5", "--teacher-width", "4", "--width", "4",
-            "--methods", "qat,kd,ensemble", "--out", str(out)]
+    argv = [
+        "classify",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "5",
+        "--teacher-steps",
+        "5",
+        "--teacher-width",
+        "4",
+        "--width",
+        "4",
+        "--methods",
+        "qat,kd,ensemble",
+        "--out",
+        str(out),
+    ]
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["accuracy"]) == {"qat", "kd", "ensemble"} and set(report["paired_vs_qat"]) == {"kd", "ensemble"}

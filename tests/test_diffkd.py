@@ -93,7 +93,9 @@ def fresh_run(teacher, balancer="gor", mode="spark"):
         for p in student.parameters():
             p.mul_(0.9)
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    d = SparkDistiller(student, teacher, opt, mode=mode, balancer=balancer, grid=(2, 2), seed=3, diffkd_layer="bottleneck")
+    d = SparkDistiller(
+        student, teacher, opt, mode=mode, balancer=balancer, grid=(2, 2), seed=3, diffkd_layer="bottleneck"
+    )
     return student, d
 
 
@@ -108,7 +110,9 @@ def test_trainer_logs_diffkd_losses_and_trains_its_modules(balancer, mode):
     before = copy.deepcopy(d.diffkd.modules.state_dict())
     d.step(*batches()[2])
     after = d.diffkd.modules.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in ("encoder.weight", "project.weight", "noise_net.conv_out.weight"))
+    assert any(
+        not torch.equal(before[k], after[k]) for k in ("encoder.weight", "project.weight", "noise_net.conv_out.weight")
+    )
     d.close()
 
 
@@ -140,8 +144,25 @@ def test_diffkd_cli_smoke_and_bad_arguments(tmp_path, capsys):
     assert main(["diffkd", "--methods", "kd,nope"]) == 2
     assert "--methods" in capsys.readouterr().err
     out = tmp_path / "r.json"
-    argv = ["diffkd", "--seeds", "0", "--teacher-steps", "2", "--steps", "2", "--crop", "16", "--eval-size", "32",
-            "--width", "4", "--methods", "kd,diffkd", "--out", str(out)]
+    argv = [
+        "diffkd",
+        "--seeds",
+        "0",
+        "--teacher-steps",
+        "2",
+        "--steps",
+        "2",
+        "--crop",
+        "16",
+        "--eval-size",
+        "32",
+        "--width",
+        "4",
+        "--methods",
+        "kd,diffkd",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     import json
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def load_digits_split(test_fraction: float = 0.25, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits_split(
+    test_fraction: float = 0.25, split_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_test, y_test)``: images ``[N, 1, 8, 8]`` float32 in [0, 1], labels ``[N]`` int64.
 
     The split is a fixed permutation drawn from ``split_seed`` (the same for every

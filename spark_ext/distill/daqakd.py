@@ -38,6 +38,7 @@ Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 # ---------------------------------------------------------------- augmentations (images [B, C, H, W] in [0, 1])
 
+
 def _identity(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
@@ -48,7 +49,7 @@ def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     d = torch.randint(-1, 2, (b, 2), generator=g)
     padded = F.pad(x, (1, 1, 1, 1))
     h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, 1 + d[i, 0]:1 + d[i, 0] + h, 1 + d[i, 1]:1 + d[i, 1] + w] for i in range(b)])
+    return torch.stack([padded[i, :, 1 + d[i, 0] : 1 + d[i, 0] + h, 1 + d[i, 1] : 1 + d[i, 1] + w] for i in range(b)])
 
 
 def _noise(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -61,14 +62,21 @@ def _cutout(x: torch.Tensor, g: torch.Generator, size: int = 3) -> torch.Tensor:
     left = torch.randint(0, w - size + 1, (b,), generator=g)
     rows = torch.arange(h)[None, :, None]
     cols = torch.arange(w)[None, None, :]
-    hole = (rows >= top[:, None, None]) & (rows < top[:, None, None] + size) & (cols >= left[:, None, None]) & (cols < left[:, None, None] + size)
+    hole = (
+        (rows >= top[:, None, None])
+        & (rows < top[:, None, None] + size)
+        & (cols >= left[:, None, None])
+        & (cols < left[:, None, None] + size)
+    )
     return x * (~hole)[:, None].to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, g: torch.Generator, degrees: float = 15.0) -> torch.Tensor:
     angle = (torch.rand(x.shape[0], generator=g) * 2 - 1) * math.radians(degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, torch.zeros_like(cos)], 1), torch.stack([sin, cos, torch.zeros_like(cos)], 1)], 1
+    )
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -100,6 +108,7 @@ def get_augmentation(name: str) -> Augmentation:
 
 # ---------------------------------------------------------------- the metric
 
+
 @dataclasses.dataclass(frozen=True)
 class AugmentationScore:
     """One candidate's metric: ``score = fit - beta * cmi`` (lower is better), averaged over the models."""
@@ -111,7 +120,9 @@ class AugmentationScore:
 
 
 def cmi_and_fit(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cmi, fit)`` of predictions ``probs [N, K]`` (rows sum to 1) with labels ``[N]`` (see the module docstring): 0-D float64.
+    """``(cmi, fit)`` of predictions ``probs [N, K]`` (rows sum to 1) with labels ``[N]``: 0-D float64 each.
+
+    See the module docstring for the definitions.
 
     Classes with no sample are skipped."""
     p = probs.double().clamp_min(1e-12)
@@ -178,7 +189,7 @@ def score_augmentations(
             ys = labels.repeat(repeats)
             cmis, fits = [], []
             for m in models:
-                logits = torch.cat([m(xs[i:i + batch_size]) for i in range(0, len(ys), batch_size)])
+                logits = torch.cat([m(xs[i : i + batch_size]) for i in range(0, len(ys), batch_size)])
                 cmi, fit = cmi_and_fit(torch.softmax(logits.double() / temperature, 1), ys, logits.shape[1])
                 cmis.append(cmi)
                 fits.append(fit)

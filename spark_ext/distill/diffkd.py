@@ -210,12 +210,19 @@ class DiffKD(DecoderFreeDistillation):
 
     # ------------------------------------------------------------------ loss
 
-    def loss(self, teacher_features: torch.Tensor, weight: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    def loss(
+        self, teacher_features: torch.Tensor, weight: Optional[torch.Tensor] = None, backend: Optional[str] = None
+    ) -> torch.Tensor:
         """KD on the denoised student latent, ``mean (z_hat - sg(z_t))^2`` (optionally cell-weighted): 0-D float32.
 
         Also sets :attr:`aux_loss` (``L_ae + L_diff``) and the values of :meth:`stats`."""
         f_s = self.student_tap.take()
-        if f_s.dim() != 4 or teacher_features.dim() != 4 or f_s.shape[-2:] != teacher_features.shape[-2:] or f_s.shape[0] != teacher_features.shape[0]:
+        if (
+            f_s.dim() != 4
+            or teacher_features.dim() != 4
+            or f_s.shape[-2:] != teacher_features.shape[-2:]
+            or f_s.shape[0] != teacher_features.shape[0]
+        ):
             raise ValueError(
                 f"diffkd layer {self.layer!r}: student features {tuple(f_s.shape)} and teacher features "
                 f"{tuple(teacher_features.shape)} must be [B, C, H, W] with the same B, H, W (channels may differ)"

@@ -33,7 +33,10 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
     Both logits ``[B, K]``; the teacher's are detached."""
     if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logits must both be [B, K] of one shape, got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"logits must both be [B, K] of one shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
     t = check_real(temperature, "temperature")
     if t <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -44,7 +47,10 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 
 @dataclasses.dataclass
 class LogitDistillConfig:
-    """mode ``"qat"`` | ``"kd"``; balancer ``"none"`` | ``"gor"`` | ``"lmr"``; temperature ``T``; lambda_kd; balancer_lr; grad_clip."""
+    """Settings of :class:`LogitDistiller`.
+
+    mode ``"qat"`` | ``"kd"``; balancer ``"none"`` | ``"gor"`` | ``"lmr"``; temperature ``T``; lambda_kd (KD
+    weight); balancer_lr (the balancer's Adam); grad_clip (optional max-norm of the student's gradients)."""
 
     mode: str = "kd"
     balancer: str = "none"
@@ -78,8 +84,14 @@ class LogitDistiller:
     checkpoint the student, its optimiser, the balancer and its optimiser, and the step count.
     """
 
-    def __init__(self, student: nn.Module, teacher: Union[None, nn.Module, Sequence[nn.Module]],
-                 optimizer: torch.optim.Optimizer, config: Optional[LogitDistillConfig] = None, **overrides: Any):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Union[None, nn.Module, Sequence[nn.Module]],
+        optimizer: torch.optim.Optimizer,
+        config: Optional[LogitDistillConfig] = None,
+        **overrides: Any,
+    ):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -110,7 +122,9 @@ class LogitDistiller:
         check_tensor(inputs, "inputs")
         check_tensor(labels, "labels", ndim=1)
         if inputs.dim() == 0 or inputs.shape[0] == 0 or labels.shape[0] != inputs.shape[0]:
-            raise ValueError(f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} need the same batch size >= 1")
+            raise ValueError(
+                f"inputs {tuple(inputs.shape)} and labels {tuple(labels.shape)} need the same batch size >= 1"
+            )
         if labels.dtype != torch.int64:
             raise TypeError(f"labels must be int64 class indices, got {labels.dtype}")
         logits = self.student(inputs)
@@ -139,9 +153,14 @@ class LogitDistiller:
         return out
 
     def state_dict(self) -> dict:
-        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "balancer": self.balancer.state_dict(), "steps": self.steps, "mode": self.config.mode,
-                 "balancer_name": self.config.balancer}
+        state = {
+            "student": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "steps": self.steps,
+            "mode": self.config.mode,
+            "balancer_name": self.config.balancer,
+        }
         if self.balancer_optimizer is not None:
             state["balancer_optimizer"] = self.balancer_optimizer.state_dict()
         return _clone(state)
@@ -163,6 +182,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy of ``model`` on ``(x [N, ...], y [N])`` in eval mode (mode restored after)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(y), batch_size))
+    correct = sum(
+        int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(y), batch_size)
+    )
     model.train(was_training)
     return correct / max(len(y), 1)
