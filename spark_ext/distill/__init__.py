@@ -13,6 +13,9 @@ how the policy and balancer stay in sync under DDP.
 
 from .balancers import BALANCERS, Balancer, GoRBalancer, LMRBalancer, NoBalancer, make_balancer
 from .dfd import DecoderFreeDistillation, FeatureTap, find_module
+from .daqakd import AUGMENTATIONS, AugmentationScore, cmi_and_fit, get_augmentation, score_augmentations
+from .diffkd import DiffKD
+from .logit_kd import LOGIT_MODES, LogitDistillConfig, LogitDistiller, accuracy, logit_kd_loss
 from .losses import REC_LOSSES, per_image_loss
 from .policy import PolicySample, SparkPolicy, standardize_features
 from .reinforce import ReinforceUpdater, normalize_advantage, reinforce_loss
@@ -24,6 +27,17 @@ __all__ = [
     "REC_LOSSES",
     "Balancer",
     "DecoderFreeDistillation",
+    "DiffKD",
+    "AUGMENTATIONS",
+    "AugmentationScore",
+    "cmi_and_fit",
+    "get_augmentation",
+    "score_augmentations",
+    "LOGIT_MODES",
+    "LogitDistillConfig",
+    "LogitDistiller",
+    "accuracy",
+    "logit_kd_loss",
     "DistillConfig",
     "FeatureTap",
     "GoRBalancer",

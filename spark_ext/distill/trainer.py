@@ -45,6 +45,7 @@ from ..reference import _cell_sum, expand_cells, kd_elementwise
 from .balancers import BALANCERS, make_balancer
 from .credit import RunningScale, cell_credit, credit_loss
 from .dfd import DecoderFreeDistillation
+from .diffkd import DiffKD
 from .losses import REC_LOSSES, per_image_loss
 from .policy import ACTION_EPS, SparkPolicy
 from .reinforce import ReinforceUpdater
@@ -89,6 +90,7 @@ class DistillConfig:
     policy_hidden, entropy_coef, baseline_momentum: policy width and REINFORCE settings.
     w_min, w_max: optional clamp of the weight map.
     dfd_layer: module name for decoder-free distillation (replaces output KD).
+    diffkd_layer: module name for DiffKD feature denoising (replaces output KD; :mod:`.diffkd`).
     grad_clip: optional max-norm clip of the student's gradients.
     seed: seeds the policy's initialisation and its private sampling generator.
     backend: backend for the fused ops (``None`` = process default, ``"auto"``,
@@ -118,6 +120,7 @@ class DistillConfig:
     w_max: Optional[float] = None
     balancer_lr: float = 1e-2
     dfd_layer: Optional[str] = None
+    diffkd_layer: Optional[str] = None
     grad_clip: Optional[float] = None
     seed: int = 0
     backend: Optional[str] = None
@@ -160,8 +163,10 @@ class DistillConfig:
             check_backend_name(self.backend)
         if self.dfd_layer is not None and self.mode == "qat":
             raise ValueError("dfd_layer needs mode 'kd' or 'spark' (mode 'qat' has no distillation)")
-        if self.kd_gate != "none" and self.dfd_layer is not None:
-            raise ValueError("kd_gate applies to output KD; it cannot be combined with dfd_layer")
+        if self.kd_gate != "none" and (self.dfd_layer is not None or self.diffkd_layer is not None):
+            raise ValueError("kd_gate applies to output KD; it cannot be combined with dfd_layer or diffkd_layer")
+        if self.diffkd_layer is not None and (self.mode == "qat" or self.dfd_layer is not None):
+            raise ValueError("diffkd_layer needs mode 'kd' or 'spark' and no dfd_layer")
         if self.balancer != "none" and self.mode == "qat":
             raise ValueError(f"balancer {self.balancer!r} needs a KD term; mode 'qat' has none")
         return self
@@ -266,6 +271,9 @@ class SparkDistiller:
         self.balancer_optimizer = torch.optim.Adam(bal_params, lr=cfg.balancer_lr) if bal_params else None
 
         self.dfd = DecoderFreeDistillation(student, self.teachers, cfg.dfd_layer) if cfg.dfd_layer else None
+        # DiffKD takes DFD's place (same hooks and loss call) and adds its own losses and optimiser.
+        self.diffkd = DiffKD(student, self.teachers, cfg.diffkd_layer, seed=cfg.seed) if cfg.diffkd_layer else None
+        self.dfd = self.diffkd or self.dfd
         self.steps = 0
 
     # ------------------------------------------------------------------ step
@@ -440,6 +448,10 @@ class SparkDistiller:
             else:
                 l_kd = fused_weighted_kd(student_out, teacher_out, None, kd_loss=cfg.kd_loss, backend=cfg.backend)
         total = self.balancer(l_task, self._lambda() * l_kd)
+        if self.diffkd is not None:
+            total = total + self.diffkd.aux_loss
+            self.diffkd.zero_grad()
+            log.update(self.diffkd.stats())
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.balancer_optimizer is not None:
@@ -461,6 +473,8 @@ class SparkDistiller:
                 "due": self.steps + cfg.horizon - 1,
             }
         self.optimizer.step()
+        if self.diffkd is not None:
+            self.diffkd.optimizer_step()
 
         if paper_reward:
             with torch.no_grad():
@@ -556,6 +570,8 @@ class SparkDistiller:
             state["previous_batch"] = list(self._previous_batch)
         if self._pending is not None:
             state["pending"] = dict(self._pending)
+        if self.diffkd is not None:
+            state["diffkd"] = self.diffkd.state_dict()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return _clone(state)
@@ -587,6 +603,8 @@ class SparkDistiller:
             self.generator.set_state(state["policy_rng"])
         self._previous_batch = tuple(state["previous_batch"]) if "previous_batch" in state else None
         self._pending = dict(state["pending"]) if "pending" in state else None
+        if self.diffkd is not None:
+            self.diffkd.load_state_dict(state["diffkd"])
         self.steps = int(state["steps"])
         if restore_global_rng:
             torch.set_rng_state(state["torch_rng"])

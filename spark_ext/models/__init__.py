@@ -12,10 +12,12 @@ only from ``nn.Conv2d``, ``nn.ReLU`` and ``nn.PixelShuffle`` so that
 ``spark_ext.quant.quantize_model`` can quantize every layer.
 """
 
+from .classify import DigitsCNN
 from .pretrained import PRETRAINED_TEACHERS, PretrainedTeacher, load_pretrained_teacher
 from .restoration import EncoderDecoderNet, ResidualSRNet, build_model, feature_layer
 
 __all__ = [
+    "DigitsCNN",
     "EncoderDecoderNet",
     "PRETRAINED_TEACHERS",
     "PretrainedTeacher",
