@@ -111,13 +111,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 last_logs[m] = d.step(*next(data))
                 sched.step()
             d.close()
-            psnr[m].append(demo.evaluate(demo.model_outputs(student.eval(), held), held, 0)["psnr"])
+            psnr[m].append(demo.score_outputs(demo.model_outputs(student.eval(), held), held, task)["psnr"])
     report = {
         "command": "diffkd",
         "args": {k: str(v) for k, v in vars(args).items()},
         "seeds": seeds,
         "environment": environment(),
-        "teacher_psnr": demo.evaluate(demo.model_outputs(teacher, held), held, 0)["psnr"],
+        "teacher_psnr": demo.score_outputs(demo.model_outputs(teacher, held), held, task)["psnr"],
         "psnr": {m: {"per_seed": v, **summarize(v)} for m, v in psnr.items()},
         "last_step_log": last_logs,
     }

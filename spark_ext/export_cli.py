@@ -170,7 +170,6 @@ def _export_demo(args: argparse.Namespace) -> int:
     export_onnx(student, held[0][1], onnx_path, opset=args.opset, int4=not args.no_int4)
     torch.save(student, args.out / "student.pt")
 
-    shave = task.scale if task.kind == "sr" else 0
     sessions = {}
     for name, level in (("onnx_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
                         ("onnx_unfused", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
@@ -182,7 +181,7 @@ def _export_demo(args: argparse.Namespace) -> int:
         "fake_quant": demo.model_outputs(student, held),
         **{k: {n: run_onnx(None, x, session=s).clamp(0, 1) for n, x, _ in held} for k, s in sessions.items()},
     }
-    scores = {k: demo.evaluate(v, held, shave) for k, v in outputs.items()}
+    scores = {k: demo.score_outputs(v, held, task) for k, v in outputs.items()}
     fq = scores["fake_quant"]["psnr"]
     print(f"PSNR on held-out photos {', '.join(n for n, _, _ in held)} "
           f"({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'}):")

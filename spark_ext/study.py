@@ -166,8 +166,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     student, distiller, logs, seconds = demo.train_student(
         job["method"], base, teacher, task, preset, job["seed"], device, True, overrides=overrides
     )
-    shave = task.scale if task.kind == "sr" else 0
-    result = demo.evaluate(demo.model_outputs(student, held), held, shave)
+    result = demo.score_outputs(demo.model_outputs(student, held), held, task)
     extra = {}
     if distiller.policy is not None:
         from spark_ext.ops import difficulty_signals
@@ -385,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t = RestorationTask(task)
         teacher, info = study_teacher(t, preset, device, args.cache_dir, args.quiet)
         held = held_out_pairs(t, preset.eval_size, device=device)
-        score = demo.evaluate(demo.model_outputs(teacher, held), held, t.scale if t.kind == "sr" else 0)
+        score = demo.score_outputs(demo.model_outputs(teacher, held), held, t)
         teachers[task] = {"steps": preset.teacher_steps, "psnr": score["psnr"], "ssim": score["ssim"], "path": info.get("path")}
         print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
     done = {(r["task"], r["method"], r["seed"]) for r in rows}
