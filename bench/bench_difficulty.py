@@ -1,4 +1,4 @@
-"""Benchmark ``difficulty_signals`` (SPEC §2): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
+"""Benchmark ``difficulty_signals`` (docs/spec.md §2): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
 
 Passes, each timed for every implementation in the same run:
 
@@ -11,7 +11,7 @@ Passes, each timed for every implementation in the same run:
 Implementations: ``ours`` = ``backend="triton"`` on CUDA, ``"cpp"`` on CPU (see
 :func:`ours_backend`), ``eager`` = the reference
 (:mod:`spark_ext.reference`), ``compiled`` = ``torch.compile`` of the same
-reference function. Bytes are the minimum each pass must move (SPEC §8: the
+reference function. Bytes are the minimum each pass must move (docs/spec.md §8: the
 forward reads S, T, Y and writes the per-cell outputs; the backward reads S,
 T and the per-cell gradient and writes dS), so GB/s and the fraction of a
 device copy measured in the same run compare like with like.

@@ -1,4 +1,4 @@
-"""Benchmark LSQ (SPEC §5b) and the torch-compatible learnable fake quant (§5a).
+"""Benchmark LSQ (docs/spec.md §5b) and the torch-compatible learnable fake quant (§5a).
 
 For each op, layout and dtype, every implementation is timed in the same run:
 
@@ -11,7 +11,7 @@ For each op, layout and dtype, every implementation is timed in the same run:
 
 Passes: ``fwd`` (no grad), ``bwd`` (gradients of x, step/scale and
 offset/zero point for a random upstream gradient, graph built once),
-``fwd+bwd``. Bytes are the minimum a pass must move (SPEC §8): the forward
+``fwd+bwd``. Bytes are the minimum a pass must move (docs/spec.md §8): the forward
 reads x and writes y, the backward reads x and dy and writes dx (parameters
 are negligible), so GB/s and the fraction of a copy measured in the same run
 compare like with like. Peak extra memory is reported on CUDA.

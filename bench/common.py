@@ -1,4 +1,4 @@
-"""Shared benchmark harness (SPEC §8).
+"""Shared benchmark harness (docs/spec.md §8).
 
 * :func:`time_ms` — median time of a callable: on CUDA ``triton.testing.do_bench``
   (CUDA events, L2 flushed between reps, warm-up excluded); on CPU
@@ -172,7 +172,7 @@ def measure(
 ) -> dict:
     """Time ``fn`` and return one row of the schema in the module docstring.
 
-    ``nbytes`` is the minimum the op must move (SPEC §8), the same for every
+    ``nbytes`` is the minimum the op must move (docs/spec.md §8), the same for every
     implementation of one op/case/pass, so ``gbps`` compares like with like.
     """
     ms = time_ms(fn, device, reps=reps)

@@ -1,5 +1,5 @@
 // Host-side pieces shared by the CPU and CUDA implementations of the
-// fake-quantization ops (SPEC §5): the dense [outer, C, inner] view of the
+// fake-quantization ops (docs/spec.md §5): the dense [outer, C, inner] view of the
 // input, the per-channel parameters and the op entry points.
 #pragma once
 
@@ -13,8 +13,8 @@ namespace spark_ext {
 
 // Which formula family an op computes.
 enum class Semantics : int {
-  kTorchCompat = 0,  // SPEC §5a: torch._fake_quantize_learnable_*
-  kLsq = 1,          // SPEC §5b: LSQ / LSQ+
+  kTorchCompat = 0,  // docs/spec.md §5a: torch._fake_quantize_learnable_*
+  kLsq = 1,          // docs/spec.md §5b: LSQ / LSQ+
 };
 
 // A dense view of x: its storage read linearly is [outer, C, inner] with the
@@ -45,7 +45,7 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, con
 
 int64_t normalize_axis(c10::optional<int64_t> axis, int64_t dim);
 
-// Smallest step allowed inside the kernels (SPEC §5b: tiny steps are clamped).
+// Smallest step allowed inside the kernels (docs/spec.md §5b: tiny steps are clamped).
 constexpr float kMinStep = 1e-8f;
 
 // CPU entry points (fake_quant_cpu.cpp).

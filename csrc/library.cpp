@@ -4,10 +4,10 @@
 //
 // Ops (all differentiable through Python `register_autograd`, see
 // spark_ext/ops/fake_quant.py and lsq.py):
-//   fq_learnable_forward / fq_learnable_backward      SPEC §5a, torch-compatible
-//   lsq_fake_quant_forward / lsq_fake_quant_backward  SPEC §5b, LSQ / LSQ+
-//   difficulty_forward / cell_kd_forward / cell_kd_backward  SPEC §2 (CPU only, cpu/difficulty_cpu.cpp)
-//   weighted_kd_forward / weighted_kd_backward        SPEC §3, no or per-pixel weight (CPU only)
+//   fq_learnable_forward / fq_learnable_backward      docs/spec.md §5a, torch-compatible
+//   lsq_fake_quant_forward / lsq_fake_quant_backward  docs/spec.md §5b, LSQ / LSQ+
+//   difficulty_forward / cell_kd_forward / cell_kd_backward  docs/spec.md §2 (CPU only, cpu/difficulty_cpu.cpp)
+//   weighted_kd_forward / weighted_kd_backward        docs/spec.md §3, no or per-pixel weight (CPU only)
 //   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>;openmp=<0|1>"
 //   cpu_threads_used                                  test-only: threads that ran CPU kernel tasks (cpu/parallel.h)
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,

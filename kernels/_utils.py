@@ -4,7 +4,7 @@ Host side: launch-shape arithmetic (powers of two, how many programs keep a
 GPU busy), whether kernels run under Triton's CPU interpreter, and the
 mapping of torch dtypes to the small integer codes the kernels take.
 
-Device side (``@triton.jit``): the KD loss kinds of SPEC §2 and their
+Device side (``@triton.jit``): the KD loss kinds of docs/spec.md §2 and their
 derivatives, and a float32 -> output-dtype cast that rounds bfloat16 to
 nearest-even by hand. The hand rounding exists because Triton's interpreter
 (3.x) converts float32 to bfloat16 by *truncating* the mantissa (its
@@ -30,7 +30,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 KD_KINDS = {"l1": 0, "l2": 1, "charbonnier": 2}
 
-# SPEC §2 charbonnier eps; eps**2 is formed in Python (float64) and rounded
+# docs/spec.md §2 charbonnier eps; eps**2 is formed in Python (float64) and rounded
 # once to float32 inside the kernel, as the reference's `diff*diff + eps**2` does.
 CHARBONNIER_EPS = tl.constexpr(1e-3)
 CHARBONNIER_EPS2 = tl.constexpr(1e-3 * 1e-3)
@@ -111,7 +111,7 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # Arguments: d: float32 values S - T (any shape); KIND: constexpr loss kind, 0 l1, 1 l2, 2 charbonnier (KD_KINDS).
 @triton.jit
 def kd_elem(d, KIND: tl.constexpr):
-    """``ell(d)`` of SPEC §2: 0 = l1 ``|d|``, 1 = l2 ``d^2``, 2 = charbonnier."""
+    """``ell(d)`` of docs/spec.md §2: 0 = l1 ``|d|``, 1 = l2 ``d^2``, 2 = charbonnier."""
     if KIND == 0:
         r = tl.abs(d)
     elif KIND == 1:

@@ -1,4 +1,4 @@
-"""Triton kernels for SPEC §2: difficulty signals, per-cell KD, and its backward.
+"""Triton kernels for docs/spec.md §2: difficulty signals, per-cell KD, and its backward.
 
 Forward work decomposition
 --------------------------
@@ -189,7 +189,7 @@ def _difficulty_fwd_kernel(
     b = q // plane
     r = (q % plane) // GW
     c = q % GW
-    # SPEC §1: pixel row h is in cell row floor(h*GH/H), so cell row r spans
+    # docs/spec.md §1: pixel row h is in cell row floor(h*GH/H), so cell row r spans
     # rows [ceil(r*H/GH), ceil((r+1)*H/GH)); likewise for columns. int64
     # throughout: r*H and offsets can exceed 2^31.
     h0 = (r * H + GH - 1) // GH
@@ -415,7 +415,7 @@ def _cell_kd_bwd_kernel(
     rows = (tile // NTW).to(tl.int64) * BH + tl.arange(0, BH)
     cols = (tile % NTW).to(tl.int64) * BW + tl.arange(0, BW)
     m = (rows < H)[:, None] & (cols < W)[None, :]
-    # Cell of each row / column (SPEC §1), computed on the 1-D index vectors.
+    # Cell of each row / column (docs/spec.md §1), computed on the 1-D index vectors.
     g_off = b * sgb + ((rows * GH) // H)[:, None] * sgh + ((cols * GW) // W)[None, :] * sgw
     gv = tl.load(g_ptr + g_off, mask=m, other=0.0).to(tl.float32)
     off_s = b * ssb + rows[:, None] * ssh + cols[None, :] * ssw
@@ -512,7 +512,7 @@ def _launch_forward(student, teacher, target, grid, kd_loss, signals: bool, conf
 
 @on_input_device
 def difficulty_forward(student, teacher, target, grid, kd_loss, *, config=None):
-    """SPEC §2 forward: ``(signals [B,4,Gh,Gw], cell_kd [B,1,Gh,Gw])``, both float32.
+    """docs/spec.md §2 forward: ``(signals [B,4,Gh,Gw], cell_kd [B,1,Gh,Gw])``, both float32.
 
     ``student``, ``teacher``, ``target``: ``[B, C, H, W]`` float32/float16/bfloat16,
     any strides (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).

@@ -1,4 +1,4 @@
-"""Triton kernels for SPEC §3: the weighted KD loss with per-pixel weights.
+"""Triton kernels for docs/spec.md §3: the weighted KD loss with per-pixel weights.
 
 ``loss = sum(w * ell(S - T))`` (divided by ``N = B*C*H*W`` for ``"mean"``),
 ``w`` absent (uniform 1) or a per-pixel weight broadcastable to
@@ -222,7 +222,7 @@ def _weight_args(weight4, student):
 
 @on_input_device
 def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) -> torch.Tensor:
-    """SPEC §3 forward for ``weight`` None or per pixel: a float32 0-dim tensor.
+    """docs/spec.md §3 forward for ``weight`` None or per pixel: a float32 0-dim tensor.
 
     ``student``, ``teacher``: ``[B, C, H, W]`` float32/float16/bfloat16, any
     strides; ``weight``: None or any float dtype, 2-4 dims with last two

@@ -60,7 +60,7 @@ def check_images(student: object, teacher: object, target: Optional[object] = No
 
 
 def check_grid(grid: object, height: int, width: int) -> tuple[int, int]:
-    """SPEC §1: (Gh, Gw) with 1 <= Gh <= H and 1 <= Gw <= W."""
+    """docs/spec.md §1: (Gh, Gw) with 1 <= Gh <= H and 1 <= Gw <= W."""
     if isinstance(grid, (int, bool)) or not isinstance(grid, Sequence) or len(grid) != 2:
         raise TypeError(f"grid must be a pair of ints (Gh, Gw), got {grid!r}")
     gh, gw = grid
@@ -125,7 +125,7 @@ def _check_values(t: torch.Tensor, ok: torch.Tensor, message: str) -> None:
 
 
 def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
-    """Every step must be finite and > 0 (SPEC §5b), checked without a host sync (see :func:`_check_values`)."""
+    """Every step must be finite and > 0 (docs/spec.md §5b), checked without a host sync (see :func:`_check_values`)."""
     _check_values(step, torch.isfinite(step) & (step > 0), f"{name} must be finite and > 0 everywhere")
 
 

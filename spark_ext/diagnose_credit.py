@@ -18,7 +18,7 @@ weights directly and correlates it with a signal map ``s [B, 1, Gh, Gw]``:
 Signals (:func:`signal_map`): ``credit`` (SPARK's default, :func:`cell_credit`);
 ``reinforce`` (one REINFORCE draw with per-cell rewards: ``A_c * eps'_c``, ``A_c``
 the cell's one-step error decrease on the training batch minus the uniform-weight
-one, i.e. an ideal baseline); ``paper`` (the same with one reward per image, SPEC §4).
+one, i.e. an ideal baseline); ``paper`` (the same with one reward per image, docs/spec.md §4).
 """
 
 from __future__ import annotations

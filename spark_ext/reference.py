@@ -5,7 +5,7 @@ clarity and accuracy over speed:
 
 * Reductions accumulate in float32 for float32/float16/bfloat16 inputs and in
   float64 for float64 inputs (so ``torch.autograd.gradcheck`` can run on them).
-* The difficulty signals (SPEC §2) are computed in float64 with a two-pass
+* The difficulty signals (docs/spec.md §2) are computed in float64 with a two-pass
   variance, then returned in float32 (float64 for float64 input).
 * Gradients are autograd's where autograd gives exactly the spec's gradient,
   and an explicit backward where the spec's straight-through estimator needs
@@ -27,7 +27,7 @@ CHARBONNIER_EPS = 1e-3
 LSQ_MIN_STEP = 1e-8
 
 # --------------------------------------------------------------------------
-# Regions (SPEC §1)
+# Regions (docs/spec.md §1)
 # --------------------------------------------------------------------------
 
 
@@ -73,7 +73,7 @@ def expand_cells(cells: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def kd_elementwise(diff: torch.Tensor, kd_loss: str) -> torch.Tensor:
-    """``ell(d)`` of SPEC §2 for ``kd_loss`` in ``l1``, ``l2``, ``charbonnier``."""
+    """``ell(d)`` of docs/spec.md §2 for ``kd_loss`` in ``l1``, ``l2``, ``charbonnier``."""
     if kd_loss == "l1":
         return diff.abs()
     if kd_loss == "l2":
@@ -88,7 +88,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------
-# SPEC §2: difficulty signals and per-cell KD
+# docs/spec.md §2: difficulty signals and per-cell KD
 # --------------------------------------------------------------------------
 
 
@@ -113,7 +113,7 @@ def difficulty_signals(
     grid: tuple[int, int] = (8, 8),
     kd_loss: str = "l1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell difficulty signals and per-cell KD loss (SPEC §2).
+    """Per-cell difficulty signals and per-cell KD loss (docs/spec.md §2).
 
     Args:
         student, teacher, target: ``[B, C, H, W]``, one floating dtype.
@@ -145,12 +145,12 @@ def difficulty_signals(
 
 
 # --------------------------------------------------------------------------
-# SPEC §3: weighted KD loss
+# docs/spec.md §3: weighted KD loss
 # --------------------------------------------------------------------------
 
 
 def is_pixel_weight(weight: torch.Tensor, height: int, width: int) -> bool:
-    """SPEC §3: a weight whose last two dims are ``(H, W)`` is per pixel, else per cell."""
+    """docs/spec.md §3: a weight whose last two dims are ``(H, W)`` is per pixel, else per cell."""
     return tuple(weight.shape[-2:]) == (height, width)
 
 
@@ -162,11 +162,11 @@ def fused_weighted_kd(
     kd_loss: str = "l1",
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """``sum(w * ell(S - T))`` (divided by ``N = B*C*H*W`` for ``"mean"``), SPEC §3.
+    """``sum(w * ell(S - T))`` (divided by ``N = B*C*H*W`` for ``"mean"``), docs/spec.md §3.
 
     ``weight`` is None (uniform 1), per pixel (``weight.shape[-2:] == (H, W)``,
     broadcastable to ``[B, C, H, W]``) or per cell (broadcastable to
-    ``[B, 1, Gh, Gw]``, piecewise constant over SPEC §1's cells).
+    ``[B, 1, Gh, Gw]``, piecewise constant over docs/spec.md §1's cells).
     Returns a float32 scalar (float64 for float64 inputs), differentiable
     w.r.t. student, teacher and weight.
     """
@@ -185,7 +185,7 @@ def fused_weighted_kd(
 
 
 # --------------------------------------------------------------------------
-# SPEC §5a: torch-compatible learnable fake quantization
+# docs/spec.md §5a: torch-compatible learnable fake quantization
 # --------------------------------------------------------------------------
 
 
@@ -287,7 +287,7 @@ def fake_quantize_learnable_per_tensor_affine(
     quant_max: int,
     grad_factor: float = 1.0,
 ) -> torch.Tensor:
-    """Same results as ``torch._fake_quantize_learnable_per_tensor_affine`` (SPEC §5a).
+    """Same results as ``torch._fake_quantize_learnable_per_tensor_affine`` (docs/spec.md §5a).
 
     ``x`` any shape, float32/float16/bfloat16/float64; ``scale``, ``zero_point``
     one-element float tensors. Forward: ``q = clamp(round(x * (1/s)) + zp)``,
@@ -307,7 +307,7 @@ def fake_quantize_learnable_per_channel_affine(
     quant_max: int,
     grad_factor: float = 1.0,
 ) -> torch.Tensor:
-    """Same results as ``torch._fake_quantize_learnable_per_channel_affine`` (SPEC §5a).
+    """Same results as ``torch._fake_quantize_learnable_per_channel_affine`` (docs/spec.md §5a).
 
     ``scale``, ``zero_point``: ``[x.shape[axis]]``. See the per-tensor op.
     """
@@ -315,7 +315,7 @@ def fake_quantize_learnable_per_channel_affine(
 
 
 # --------------------------------------------------------------------------
-# SPEC §5b: LSQ / LSQ+
+# docs/spec.md §5b: LSQ / LSQ+
 # --------------------------------------------------------------------------
 
 
@@ -327,7 +327,7 @@ def lsq_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def lsq_grad_factor(grad_scale: Union[str, float, None], numel: int, num_steps: int, qp: int) -> float:
-    """``g`` of SPEC §5b: ``"lsq"`` -> ``1/sqrt(n * Qp)`` with n elements per step."""
+    """``g`` of docs/spec.md §5b: ``"lsq"`` -> ``1/sqrt(n * Qp)`` with n elements per step."""
     if grad_scale is None:
         return 1.0
     if isinstance(grad_scale, str):
@@ -384,7 +384,7 @@ def lsq_fake_quant(
     axis: Optional[int] = None,
     grad_scale: Union[str, float, None] = "lsq",
 ) -> torch.Tensor:
-    """LSQ (offset None) / LSQ+ fake quantization, SPEC §5b.
+    """LSQ (offset None) / LSQ+ fake quantization, docs/spec.md §5b.
 
     ``v = (x - offset) / step``, ``q = round_half_even(clamp(v, -Qn, Qp))``,
     ``y = q * step + offset``. ``step``/``offset``: one element (``axis=None``)

@@ -18,8 +18,8 @@ Methods (``--methods``; default all):
 * ``map_<signal>``: a fixed mean-1 map proportional to one signal (``lap_var``, ``pix_var``,
   ``recon_err``, ``kd_gap``) or to the teacher's advantage (``teacher_adv``).
 * ``kd_gate``: uniform KD only where the teacher is closer to the target than the student.
-* ``gor``, ``lmr``, ``dfd``: SPEC §6's balancers and decoder-free distillation.
-* ``spark_paper``: SPEC §4's REINFORCE as written. ``spark_reinforce``: the repaired REINFORCE.
+* ``gor``, ``lmr``, ``dfd``: docs/spec.md §6's balancers and decoder-free distillation.
+* ``spark_paper``: docs/spec.md §4's REINFORCE as written. ``spark_reinforce``: the repaired REINFORCE.
 * ``spark``: SPARK's default (the first-order credit policy, docs/spark.md).
 """
 

@@ -7,7 +7,7 @@ backend-specific tests/test_difficulty.py and tests/test_weighted_kd.py
 (C++). The oracle is :mod:`spark_ext.reference` run in float64 on the
 same input values. Tolerances:
 
-* signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
+* signals: docs/spec.md §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd``, losses and gradients: twice the error the reference makes in
   the input's own dtype (vs float64), plus four ulps of the output dtype at
   the result's scale.
@@ -128,7 +128,7 @@ def check(got, ref_same, ref64, what):
 
 
 # --------------------------------------------------------------------------
-# difficulty_signals (SPEC §2)
+# difficulty_signals (docs/spec.md §2)
 # --------------------------------------------------------------------------
 
 
@@ -155,7 +155,7 @@ def ref_grads(S, T, G, grid, kind, dtype):
 
 
 # --------------------------------------------------------------------------
-# fused_weighted_kd (SPEC §3)
+# fused_weighted_kd (docs/spec.md §3)
 # --------------------------------------------------------------------------
 
 

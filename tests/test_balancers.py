@@ -1,4 +1,4 @@
-"""Loss balancers (SPEC §6): values and gradients by hand, and inside the distiller."""
+"""Loss balancers (docs/spec.md §6): values and gradients by hand, and inside the distiller."""
 
 import math
 

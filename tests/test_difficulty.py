@@ -1,4 +1,4 @@
-"""Triton backend of ``difficulty_signals`` (SPEC §2): its own checks.
+"""Triton backend of ``difficulty_signals`` (docs/spec.md §2): its own checks.
 
 The checks every backend passes (forward and gradients against the reference
 over shapes, grids, layouts and dtypes; opcheck; torch.compile) run for this
@@ -12,7 +12,7 @@ TRITON_INTERPRET=1), so shapes stay small. The oracle is
 input values (the reference itself is checked against explicit loops in
 tests/test_reference.py). Tolerances:
 
-* signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
+* signals: docs/spec.md §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd`` and gradients: twice the error the reference makes in the
   input's own dtype (vs float64), plus four ulps of the output dtype at the
   result's scale (helpers in tests/kd_helpers.py).

@@ -1,4 +1,4 @@
-"""``difficulty_signals`` (SPEC §2) against the reference: the checks every backend passes.
+"""``difficulty_signals`` (docs/spec.md §2) against the reference: the checks every backend passes.
 
 Each test runs once per backend: ``triton`` (under Triton's interpreter
 without a GPU, conftest sets TRITON_INTERPRET=1; skipped when triton is not
@@ -12,7 +12,7 @@ The oracle is :func:`spark_ext.reference.difficulty_signals` run in float64
 on the same input values (the reference itself is checked against explicit
 loops in tests/test_reference.py). Tolerances (tests/kd_helpers.py):
 
-* signals: SPEC §2's 1e-4 relative + 1e-6 absolute;
+* signals: docs/spec.md §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd`` and gradients: twice the error the reference makes in the
   input's own dtype (vs float64), plus four ulps of the output dtype at the
   result's scale.
@@ -166,7 +166,7 @@ def test_low_precision_inputs(backend, kind, dtype):
 
 @per_backend("grid", {"triton": [((1, 1),)], "cpp": [((1, 1),), ((3, 2),)]})
 def test_variance_is_sound_for_a_big_cell_with_a_large_offset(backend, grid):
-    """SPEC §2: big cells (one of 2^20 pixels) of 1000 + noise agree with float64 to 1e-4 rel + 1e-6 abs.
+    """docs/spec.md §2: big cells (one of 2^20 pixels) of 1000 + noise agree with float64 to 1e-4 rel + 1e-6 abs.
 
     In float32 a naive ``mean(g^2) - mean(g)^2`` of these values is pure
     rounding noise (0 here); the kernels' shifted, merged statistics keep

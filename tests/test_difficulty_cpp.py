@@ -1,4 +1,4 @@
-"""C++ CPU backend (``cpp``) of ``difficulty_signals`` (SPEC §2): its own checks.
+"""C++ CPU backend (``cpp``) of ``difficulty_signals`` (docs/spec.md §2): its own checks.
 
 The kernels are in csrc/cpu/difficulty_cpu.cpp (ops
 ``spark_ext::difficulty_forward``, ``cell_kd_forward``, ``cell_kd_backward``).

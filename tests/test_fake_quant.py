@@ -1,4 +1,4 @@
-"""Torch-compatible learnable fake quantization (SPEC §5a): compiled backends.
+"""Torch-compatible learnable fake quantization (docs/spec.md §5a): compiled backends.
 
 Checked against ``torch._fake_quantize_learnable_per_{tensor,channel}_affine``
 and the reference: forward and input gradient bitwise equal in float32, scale

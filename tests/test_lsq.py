@@ -1,4 +1,4 @@
-"""LSQ / LSQ+ fake quantization (SPEC §5b): compiled backends against the reference.
+"""LSQ / LSQ+ fake quantization (docs/spec.md §5b): compiled backends against the reference.
 
 The reference (spark_ext.reference, checked against an independent autograd
 formulation in test_reference.py) is the oracle. The compiled kernels compute
@@ -145,7 +145,7 @@ def test_low_precision(dtype, axis):
 
 
 def test_offset_gradient_has_the_offsets_dtype_and_shape():
-    """SPEC §5: step and offset gradients each in their own dtype, also from the raw op (no autograd cast)."""
+    """docs/spec.md §5: step and offset gradients each in their own dtype, also from the raw op (no autograd cast)."""
     x = torch.randn(4, 5) * 3
     step, offset = torch.tensor([0.25]), torch.tensor(0.1, dtype=torch.float16)  # 1-D float32, 0-D float16
     dy = torch.randn_like(x)

@@ -166,7 +166,7 @@ def test_sampling_and_log_prob_make_no_value_checks(monkeypatch):
 
 
 def test_advantage_is_rescaled_not_recentred():
-    """SPEC §4's baseline must survive the batch normalisation: equal rewards above
+    """docs/spec.md §4's baseline must survive the batch normalisation: equal rewards above
     the baseline all get a positive advantage (standardising would give zeros)."""
     adv = normalize_advantage(torch.tensor([0.3, 0.3, 0.3]), torch.tensor(0.1))
     torch.testing.assert_close(adv, torch.ones(3))

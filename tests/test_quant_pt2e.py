@@ -91,7 +91,7 @@ def test_prepare_qat_pt2e_same_losses_as_torchao_and_convert(weight_scheme):
             losses.append(loss.detach())
             grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
             opt.step()
-        # The forward is bitwise torch's learnable fake quant (SPEC §5a): identical losses.
+        # The forward is bitwise torch's learnable fake quant (docs/spec.md §5a): identical losses.
         assert torch.equal(losses[0], losses[1]), step
         assert sorted(grads[0]) == sorted(grads[1])
         if step >= 2:

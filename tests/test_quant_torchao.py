@@ -88,7 +88,7 @@ def test_prepare_qat_same_losses_and_gradients(kw):
             results.append((loss.detach(), grads(m)))
             opt.step()
         (loss_t, g_t), (loss_o, g_o) = results
-        # The forward is bitwise torch's (SPEC §5a), so the losses are identical as long
+        # The forward is bitwise torch's (docs/spec.md §5a), so the losses are identical as long
         # as the parameters are. Once scale / zero point learn (step 2's update), the
         # gradients, equal to torch's up to reduction order, can move a parameter by
         # an ulp, so later losses agree to a few ulps (bitwise equality there was luck:

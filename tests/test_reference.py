@@ -1,4 +1,4 @@
-"""The pure-PyTorch references against independent computations (SPEC §1-§3, §5).
+"""The pure-PyTorch references against independent computations (docs/spec.md §1-§3, §5).
 
 Everything here is checked against formulas written out in the test itself
 (explicit loops in float64 over pixels and cells, or torch's own learnable
@@ -28,7 +28,7 @@ def _ell_grad(d, kind):
 
 
 def signals_by_loops(S, T, Y, grid, kind):
-    """SPEC §2 written out per pixel and per cell in float64 numpy."""
+    """docs/spec.md §2 written out per pixel and per cell in float64 numpy."""
     S, T, Y = (t.double().numpy() for t in (S, T, Y))
     B, C, H, W = S.shape
     gh, gw = grid
@@ -179,7 +179,7 @@ def test_fused_weighted_kd_gradcheck(weight_shape):
     )
 
 
-# ---------------------------------------------------------------- SPEC §5a
+# ---------------------------------------------------------------- docs/spec.md §5a
 
 
 def _fq_inputs(shape, scale, zp, qmin, qmax, ties=True):
@@ -247,7 +247,7 @@ def test_fake_quant_low_precision_follows_fp32():
     assert torch.equal(y16, y32.bfloat16())
 
 
-# ---------------------------------------------------------------- SPEC §5b
+# ---------------------------------------------------------------- docs/spec.md §5b
 
 
 def lsq_by_autograd(x, step, offset, bits, signed, axis, g):

@@ -1,4 +1,4 @@
-"""SparkDistiller: training works, the SPARK step computes what SPEC §4 says,
+"""SparkDistiller: training works, the SPARK step computes what docs/spec.md §4 says,
 backends agree, runs are deterministic, bad inputs are rejected."""
 
 import copy

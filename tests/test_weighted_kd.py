@@ -1,4 +1,4 @@
-"""Triton backend of ``fused_weighted_kd`` (SPEC §3): its own checks.
+"""Triton backend of ``fused_weighted_kd`` (docs/spec.md §3): its own checks.
 
 The checks every backend passes (loss and gradients against the reference
 over weight shapes, reductions, layouts and dtypes; opcheck; torch.compile)

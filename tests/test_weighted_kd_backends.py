@@ -1,4 +1,4 @@
-"""``fused_weighted_kd`` (SPEC §3) against the reference: the checks every backend passes.
+"""``fused_weighted_kd`` (docs/spec.md §3) against the reference: the checks every backend passes.
 
 Each test runs once per backend: ``triton`` (under Triton's interpreter
 without a GPU, conftest; skipped when triton is not importable) and ``cpp``
@@ -169,7 +169,7 @@ def test_compile_fullgraph_forward_and_backward(backend):
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_grid_weight_path_equals_weight_times_cell_kd(backend):
-    """SPEC §3: with grid weights the loss is sum(weight * cell_kd) / N."""
+    """docs/spec.md §3: with grid weights the loss is sum(weight * cell_kd) / N."""
     S, T, Y = images((2, 3, 7, 9), n=3)
     w = torch.rand(2, 1, 3, 4)
     _, cell_kd = spark_ext.difficulty_signals(S, T, Y, (3, 4), "charbonnier", backend=backend)

@@ -1,4 +1,4 @@
-"""C++ CPU backend (``cpp``) of ``fused_weighted_kd`` (SPEC §3): its own checks.
+"""C++ CPU backend (``cpp``) of ``fused_weighted_kd`` (docs/spec.md §3): its own checks.
 
 Kernels in csrc/cpu/difficulty_cpu.cpp (``spark_ext::weighted_kd_forward`` /
 ``weighted_kd_backward``; grid weights through ``spark_ext::cell_kd_forward``).

@@ -1,5 +1,5 @@
-// CPU kernels for SPEC §2 (difficulty signals, cell_kd and its backward) and
-// SPEC §3 (weighted KD loss with per-pixel weights). Ops (schemas in
+// CPU kernels for docs/spec.md §2 (difficulty signals, cell_kd and its backward) and
+// docs/spec.md §3 (weighted KD loss with per-pixel weights). Ops (schemas in
 // library.cpp; fakes and autograd in spark_ext/ops/difficulty.py and
 // weighted_kd.py):
 //
@@ -33,7 +33,7 @@
 // the recon/kd-gap/kd terms and *shifted* sums of L, L^2, g, g^2 (shifted by
 // the value at the first pixel of the column's cell), then adds the columns
 // of each cell in order. The shift keeps mean(x^2) - mean(x)^2 exact to many
-// digits even for values like 1000 + 1e-2 noise over 2^20-pixel cells (SPEC §2).
+// digits even for values like 1000 + 1e-2 noise over 2^20-pixel cells (docs/spec.md §2).
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -54,7 +54,7 @@ namespace {
 
 enum Kind : int { kL1 = 0, kL2 = 1, kCharbonnier = 2 };
 
-// SPEC §2: Charbonnier eps = 1e-3 (the reference adds eps^2 to a float32 d^2).
+// docs/spec.md §2: Charbonnier eps = 1e-3 (the reference adds eps^2 to a float32 d^2).
 const float kEps = static_cast<float>(1e-3);
 const float kEps2 = static_cast<float>(1e-3 * 1e-3);
 
@@ -136,7 +136,7 @@ void check_grid(const char* op, int64_t gh, int64_t gw, int64_t H, int64_t W) {
                     " and 1 <= Gw <= W=", W, ", got (", gh, ", ", gw, ")");
 }
 
-// SPEC §1: cell of index i along an axis of `size` split into `cells`, and the
+// docs/spec.md §1: cell of index i along an axis of `size` split into `cells`, and the
 // first index of every cell (cells + 1 entries, the last one = size).
 std::vector<int64_t> cell_of(int64_t size, int64_t cells) {
   std::vector<int64_t> v(size);
@@ -183,7 +183,7 @@ inline void scatter_row(const float* in, T* p, int64_t stride, int64_t n, float 
 }
 
 // --------------------------------------------------------------------------
-// SPEC §2 forward
+// docs/spec.md §2 forward
 // --------------------------------------------------------------------------
 
 template <typename scalar_t, int K, bool SIGNALS>
@@ -352,7 +352,7 @@ at::Tensor cell_kd_forward_cpu(const at::Tensor& S, const at::Tensor& T, int64_t
 }
 
 // --------------------------------------------------------------------------
-// SPEC §2 backward of cell_kd: dS = G[b, 0, cell(h), cell(w)] * ell'(S - T), dT = -dS
+// docs/spec.md §2 backward of cell_kd: dS = G[b, 0, cell(h), cell(w)] * ell'(S - T), dT = -dS
 // --------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> cell_kd_backward_cpu(const at::Tensor& grad, const at::Tensor& S,
@@ -402,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor> cell_kd_backward_cpu(const at::Tensor& grad, 
 }
 
 // --------------------------------------------------------------------------
-// SPEC §3: weighted KD with no weight or a per-pixel weight
+// docs/spec.md §3: weighted KD with no weight or a per-pixel weight
 // --------------------------------------------------------------------------
 
 // The weight as float32 [Bw, Cw, H, W] (leading size-1 dims added; Bw in {1, B},

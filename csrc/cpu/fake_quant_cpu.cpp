@@ -1,4 +1,4 @@
-// CPU implementation of the fake-quantization ops (SPEC §5a and §5b).
+// CPU implementation of the fake-quantization ops (docs/spec.md §5a and §5b).
 //
 // The input is viewed as its dense storage [outer, C, inner] (fake_quant.h)
 // and cut into tasks whose boundaries depend only on the shape, never on the

@@ -130,7 +130,7 @@ template <class V> struct Grads {
   V dx, ds, dz;  // input gradient; scale/step and zero-point/offset terms
 };
 
-// SPEC §5a, ATen's formulas. a = 1/scale, b = scale, c = rounded zero point.
+// docs/spec.md §5a, ATen's formulas. a = 1/scale, b = scale, c = rounded zero point.
 struct FqMath {
   float lo, hi, gf;
   template <class V> inline V fwd(V x, V a, V b, V c) const {
@@ -159,7 +159,7 @@ struct FqMath {
   }
 };
 
-// SPEC §5b. a = step (clamped to >= 1e-8), b = offset (0 without one).
+// docs/spec.md §5b. a = step (clamped to >= 1e-8), b = offset (0 without one).
 struct LsqMath {
   float lo, hi;  // -Qn, Qp
   template <class V> inline V fwd(V x, V a, V b, V) const {

@@ -1,4 +1,4 @@
-// CUDA implementation of the fake-quantization ops (SPEC §5a and §5b).
+// CUDA implementation of the fake-quantization ops (docs/spec.md §5a and §5b).
 //
 // Same decomposition as the CPU code (csrc/cpu/fake_quant_cpu.cpp), sized for
 // a GPU, over the dense [outer, C, inner] view of x (fake_quant.h):

@@ -2,10 +2,10 @@
 
 * :class:`SparkDistiller` / :class:`DistillConfig` — a training step for QAT,
   uniform KD and SPARK students, usable inside any training loop;
-* :class:`SparkPolicy` — the per-cell Beta policy (SPEC §4);
+* :class:`SparkPolicy` — the per-cell Beta policy (docs/spec.md §4);
 * :class:`ReinforceUpdater` — its REINFORCE update with an EMA baseline;
-* :func:`make_balancer`, :class:`GoRBalancer`, :class:`LMRBalancer` — SPEC §6;
-* :class:`DecoderFreeDistillation` — feature KD at a named bottleneck (SPEC §6).
+* :func:`make_balancer`, :class:`GoRBalancer`, :class:`LMRBalancer` — docs/spec.md §6;
+* :class:`DecoderFreeDistillation` — feature KD at a named bottleneck (docs/spec.md §6).
 
 See ``docs/spark.md`` for the choices made where the spec is silent and for
 how the policy and balancer stay in sync under DDP.

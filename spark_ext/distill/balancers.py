@@ -1,4 +1,4 @@
-"""Combining the task loss and the KD loss (SPEC §4 and §6).
+"""Combining the task loss and the KD loss (docs/spec.md §4 and §6).
 
 Each balancer is an ``nn.Module`` mapping ``(L_task, L_kd)`` (0-D tensors) to
 the student's total loss. Learnable balancers' parameters are trained by the
@@ -7,11 +7,11 @@ and averaged over DDP ranks before each step.
 
 * ``none``: ``L_task + L_kd`` (the distiller has already scaled ``L_kd`` by
   ``lambda_kd``).
-* ``gor`` (after GoR, arXiv 2509.20854, SPEC §6): ``s1, s2`` init 0,
+* ``gor`` (after GoR, arXiv 2509.20854, docs/spec.md §6): ``s1, s2`` init 0,
   ``L = 0.5 e^-s1 L_task + 0.5 e^-s2 L_kd + 0.5 (s1 + s2)``. At the optimum of
   ``s`` each term has weight ``0.5 / L``, i.e. both losses are normalised to a
   comparable magnitude.
-* ``lmr`` (learnable magnitude reweighting, SPEC §6): ``theta`` init 0,
+* ``lmr`` (learnable magnitude reweighting, docs/spec.md §6): ``theta`` init 0,
   ``L = L_task + softplus(theta) * sg(L_task / (L_kd + eps)) * L_kd``: the KD
   term is rescaled to the task loss's magnitude times a learnable factor.
   Note: as written, ``dL/dtheta = sigmoid(theta) * L_task > 0``, so gradient

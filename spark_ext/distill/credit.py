@@ -87,7 +87,7 @@ def virtual_step(
 
 
 def kd_output_gradient(student_out: torch.Tensor, teacher_out: torch.Tensor, kd_loss: str) -> torch.Tensor:
-    """``d ell(S - T) / dS`` per element (SPEC §2's KD loss), no graph: shaped like ``student_out``."""
+    """``d ell(S - T) / dS`` per element (docs/spec.md §2's KD loss), no graph: shaped like ``student_out``."""
     dtype = torch.float64 if student_out.dtype == torch.float64 else torch.float32
     with torch.enable_grad():
         diff = (student_out.detach().to(dtype) - teacher_out.detach().to(dtype)).requires_grad_(True)

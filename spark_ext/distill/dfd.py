@@ -1,4 +1,4 @@
-"""Decoder-free distillation (DFD, SPEC §6): feature KD at a named bottleneck.
+"""Decoder-free distillation (DFD, docs/spec.md §6): feature KD at a named bottleneck.
 
 Forward hooks capture the output of the module called ``layer`` in the
 student and in every teacher; the DFD loss is ``L1(F_s, sg(F_t))`` (mean
@@ -83,7 +83,7 @@ class DecoderFreeDistillation:
         """``mean |F_s - sg(F_t)|`` (optionally cell-weighted), 0-D float32, differentiable w.r.t. F_s.
 
         ``weight``: ``None`` or a ``[B, 1, Gh, Gw]`` grid weight, applied on the
-        feature map's own cell grid (SPEC §1 with the feature H', W').
+        feature map's own cell grid (docs/spec.md §1 with the feature H', W').
         """
         f_s = self.student_tap.take()
         if f_s.shape != teacher_features.shape:

@@ -1,4 +1,4 @@
-"""SPARK's weighting policy (SPEC §4): difficulty signals -> Beta per cell -> KD weight map.
+"""SPARK's weighting policy (docs/spec.md §4): difficulty signals -> Beta per cell -> KD weight map.
 
 The policy is a small CNN over the cell grid. It never receives gradient from
 the student's loss: its sample is detached before it weights the KD term, and
@@ -48,7 +48,7 @@ def standardize_features(signals: torch.Tensor, eps: float = 1e-6) -> torch.Tens
     rounding-negative value cannot reach ``log1p``'s pole.
 
     Args:
-        signals: ``[B, 4, Gh, Gw]`` float (SPEC §2's lap_var, pix_var, recon_err, kd_gap).
+        signals: ``[B, 4, Gh, Gw]`` float (docs/spec.md §2's lap_var, pix_var, recon_err, kd_gap).
     Returns:
         ``[B, 4, Gh, Gw]`` float32 features, no gradient is needed (signals carry none).
     """
@@ -71,7 +71,7 @@ def _beta(alpha: torch.Tensor, beta: torch.Tensor) -> torch.distributions.Beta:
 
 
 class SparkPolicy(nn.Module):
-    """Per-cell Beta policy of SPEC §4.
+    """Per-cell Beta policy of docs/spec.md §4.
 
     ``Conv3x3(in->hidden) ReLU Conv3x3(hidden->hidden) ReLU Conv1x1(hidden->2)``
     (padding 1 on the 3x3s, so the grid size is kept), then

@@ -1,6 +1,6 @@
-"""REINFORCE for the SPARK policy with an EMA baseline (SPEC §4).
+"""REINFORCE for the SPARK policy with an EMA baseline (docs/spec.md §4).
 
-Choices where SPEC §4 is silent (all parameters of :class:`ReinforceUpdater`):
+Choices where docs/spec.md §4 is silent (all parameters of :class:`ReinforceUpdater`):
 
 * The advantage uses the baseline *before* this step's update
   (``A_b = r_b - b_old``; a baseline that included the current rewards would
@@ -30,7 +30,7 @@ from . import distributed
 def normalize_advantage(rewards: torch.Tensor, baseline: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """``(r - b) / sqrt(mean_b((r - b)^2) + eps)``: ``[B]`` float32, no gradient.
 
-    This is our reading of SPEC §4's "advantage normalised over the batch":
+    This is our reading of docs/spec.md §4's "advantage normalised over the batch":
     the spec's loss keeps ``r_b - b`` (centred by the EMA baseline), so the
     normalisation only rescales it by a batch statistic — the RMS of
     ``r - b`` — and never re-centres it. Signs and ratios of the advantages

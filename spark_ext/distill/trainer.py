@@ -59,14 +59,14 @@ STATE_FORMAT = 2
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Settings of :class:`SparkDistiller` (defaults are SPEC §4's).
+    """Settings of :class:`SparkDistiller` (defaults are docs/spec.md §4's).
 
     mode: ``"qat"`` | ``"kd"`` | ``"spark"`` | ``"map"`` (a fixed heuristic map from ``map_signal``).
     policy_signal: how the SPARK policy learns (docs/spark.md): ``"credit"`` (default: first-order
         held-out credit per cell, the student trains on the bounded Beta-mean map ``w_bound * a_mean``),
         ``"reinforce"`` (repaired REINFORCE: per-cell rewards over ``horizon`` steps, per-image mean
         baseline, running-std advantage scale, annealed lr and entropy; bounded sampled map) or
-        ``"paper"`` (SPEC §4 as written: per-image one-step reward, EMA baseline, mean-1 sampled map).
+        ``"paper"`` (docs/spec.md §4 as written: per-image one-step reward, EMA baseline, mean-1 sampled map).
     credit_every: credit (or reward) period in steps; the policy's map is used every step.
     w_bound: upper bound of the weights in ``"credit"``/``"reinforce"`` (weights in ``(0, w_bound)``,
         the policy can change the total amount of KD).
@@ -79,10 +79,10 @@ class DistillConfig:
     map_signal: the signal a ``"map"`` student's weights come from (mean-1 per image):
         ``lap_var``, ``pix_var``, ``recon_err``, ``kd_gap``, ``teacher_adv`` (``relu(err_S - err_T)``
         per cell) or ``random`` (Beta(1.7, 1.7) draws: the initial policy's per-cell variance).
-    balancer: ``"none"`` | ``"gor"`` | ``"lmr"`` (SPEC §6), trained by its own Adam at ``balancer_lr``.
+    balancer: ``"none"`` | ``"gor"`` | ``"lmr"`` (docs/spec.md §6), trained by its own Adam at ``balancer_lr``.
     lambda_kd: KD weight (scales the KD term before the balancer).
     rec_loss: task loss ``L_rec`` kind: ``"l1"``, ``"l2"``, ``"charbonnier"``.
-    kd_loss: KD loss kind, as in SPEC §2.
+    kd_loss: KD loss kind, as in docs/spec.md §2.
     grid: ``(Gh, Gw)`` cells of the SPARK weight map.
     reward_every: policy update period in steps (a reward forward costs one no-grad student pass).
     policy_lr: the policy's Adam lr (None: 1e-4 for ``"paper"``, 1e-3 for ``"reinforce"``, 2e-2 for

@@ -6,7 +6,7 @@ then calls :func:`resolve` with the backend the user asked for (or the
 process-wide default) and the input tensor, and gets back the implementation
 to run.
 
-Backends (SPEC §7):
+Backends (docs/spec.md §7):
 
 ============  ==================================================  ==========
 name          what it is                                           devices

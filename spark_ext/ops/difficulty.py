@@ -1,4 +1,4 @@
-"""Public op ``difficulty_signals`` (SPEC §2): validation, backend registration, dispatch.
+"""Public op ``difficulty_signals`` (docs/spec.md §2): validation, backend registration, dispatch.
 
 Backends: ``reference`` (:func:`spark_ext.reference.difficulty_signals`),
 ``triton`` (fused kernels in ``spark_ext.kernels.difficulty``, CUDA tensors;
@@ -123,7 +123,7 @@ def _kernels():
 def _triton_difficulty_signals(
     student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, gh: int, gw: int, kd_loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused SPEC §2 forward: ``(signals [B,4,gh,gw], cell_kd [B,1,gh,gw])``, float32."""
+    """Fused docs/spec.md §2 forward: ``(signals [B,4,gh,gw], cell_kd [B,1,gh,gw])``, float32."""
     return _kernels().difficulty_forward(student, teacher, target, (gh, gw), kd_loss)
 
 
@@ -188,7 +188,7 @@ def _register_cell_kd_autograd(signals_op: str, cell_kd_op: str, backward_op: st
         student, teacher, _target, _gh, _gw, kd_loss = inputs
         ctx.save_for_backward(student, teacher)
         ctx.kd_loss = kd_loss
-        # SPEC §2: the signals carry no gradient (as in the reference).
+        # docs/spec.md §2: the signals carry no gradient (as in the reference).
         ctx.mark_non_differentiable(output[0])
 
     def backward_signals(ctx, _grad_signals, grad_cell_kd):
@@ -264,7 +264,7 @@ def difficulty_signals(
     *,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The four SPARK difficulty signals and the per-cell KD loss, SPEC §2.
+    """The four SPARK difficulty signals and the per-cell KD loss, docs/spec.md §2.
 
     Args:
         student, teacher, target: ``[B, C, H, W]`` tensors of one floating dtype

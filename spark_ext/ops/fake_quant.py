@@ -1,4 +1,4 @@
-"""Drop-ins for ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (SPEC §5a).
+"""Drop-ins for ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (docs/spec.md §5a).
 
 Validation, backend registration and dispatch. Backend implementations take
 ``(x, scale, zero_point, quant_min, quant_max, grad_factor)`` (per tensor) or

@@ -1,4 +1,4 @@
-"""Public op ``lsq_fake_quant`` (SPEC §5b, LSQ / LSQ+): validation, registration, dispatch.
+"""Public op ``lsq_fake_quant`` (docs/spec.md §5b, LSQ / LSQ+): validation, registration, dispatch.
 
 Backend implementations take ``(x, step, offset, axis, qn, qp, grad_factor)``
 with the range and gradient scale already resolved (see
@@ -99,7 +99,7 @@ def lsq_fake_quant(
     grad_scale: Union[str, float, None] = "lsq",
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """LSQ (``offset=None``) or LSQ+ learnable fake quantization, SPEC §5b.
+    """LSQ (``offset=None``) or LSQ+ learnable fake quantization, docs/spec.md §5b.
 
     Args:
         x: any shape, float32/float16/bfloat16, any strides.

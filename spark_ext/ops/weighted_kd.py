@@ -1,4 +1,4 @@
-"""Public op ``fused_weighted_kd`` (SPEC §3): validation, backend registration, dispatch.
+"""Public op ``fused_weighted_kd`` (docs/spec.md §3): validation, backend registration, dispatch.
 
 Backends: ``reference`` (:func:`spark_ext.reference.fused_weighted_kd`),
 ``triton`` (``spark_ext.kernels.weighted_kd``; CUDA tensors, CPU tensors only
@@ -63,7 +63,7 @@ def _kernels():
 def _triton_weighted_kd(
     student: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor], kd_loss: str, reduction: str
 ) -> torch.Tensor:
-    """SPEC §3 loss for ``weight`` None or per pixel: a float32 0-dim tensor."""
+    """docs/spec.md §3 loss for ``weight`` None or per pixel: a float32 0-dim tensor."""
     return _kernels().weighted_kd_forward(student, teacher, weight, kd_loss, reduction)
 
 
@@ -189,7 +189,7 @@ _dispatch.register(
 
 
 def check_weight(weight: torch.Tensor, student: torch.Tensor) -> None:
-    """SPEC §3: per-pixel weights broadcast to [B, C, H, W]; grid weights to [B, 1, Gh, Gw]."""
+    """docs/spec.md §3: per-pixel weights broadcast to [B, C, H, W]; grid weights to [B, 1, Gh, Gw]."""
     check_tensor(weight, "weight")
     check_same_device(weight, "weight", student)
     if not weight.is_floating_point():
@@ -227,13 +227,13 @@ def fused_weighted_kd(
     reduction: str = "mean",
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Spatially weighted KD loss ``sum(w * ell(S - T))`` (``/ N`` for ``"mean"``), SPEC §3.
+    """Spatially weighted KD loss ``sum(w * ell(S - T))`` (``/ N`` for ``"mean"``), docs/spec.md §3.
 
     Args:
         student, teacher: ``[B, C, H, W]``, one floating dtype, one device.
         weight: ``None`` (uniform), per-pixel (``weight.shape[-2:] == (H, W)``,
             broadcastable to ``[B, C, H, W]``) or per-cell (broadcastable to
-            ``[B, 1, Gh, Gw]``, constant over SPEC §1's cells). Any float dtype.
+            ``[B, 1, Gh, Gw]``, constant over docs/spec.md §1's cells). Any float dtype.
         kd_loss: ``"l1"``, ``"l2"``, ``"charbonnier"``.
         reduction: ``"mean"`` (divide by ``N = B*C*H*W``) or ``"sum"``.
         backend: ``None`` (process default), ``"auto"``, ``"triton"``, ``"cpp"``, ``"reference"``.

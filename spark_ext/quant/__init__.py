@@ -1,4 +1,4 @@
-"""Quantization-aware training (QAT) and post-training quantization (PTQ) toolkit (SPEC §5c).
+"""Quantization-aware training (QAT) and post-training quantization (PTQ) toolkit (docs/spec.md §5c).
 
 * :class:`LSQQuantizer` — learnable LSQ / LSQ+ fake quantizer (data-driven init).
 * :class:`QuantConv1d`, :class:`QuantConv2d`, :class:`QuantConvTranspose2d`,

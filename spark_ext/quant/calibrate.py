@@ -1,6 +1,6 @@
 """Post-training quantization (PTQ): set every quantizer's step from data, without training.
 
-:func:`calibrate` is the PTQ baseline of SPEC §5c. Two methods:
+:func:`calibrate` is the PTQ baseline of docs/spec.md §5c. Two methods:
 
 * ``"minmax"``: range-based. Each quantizer's grid covers the observed
   ``[min, max]`` of its input (weights per output channel, activations per

@@ -1,4 +1,4 @@
-"""``LearnableFakeQuantize``: torch.ao's learnable FakeQuantize, running spark_ext's drop-in ops (SPEC §5a).
+"""``LearnableFakeQuantize``: torch.ao's learnable FakeQuantize, running spark_ext's drop-in ops (docs/spec.md §5a).
 
 A replacement for ``torch.ao.quantization._LearnableFakeQuantize`` in a
 ``QConfig``: same constructor arguments, attributes, buffers, parameters and

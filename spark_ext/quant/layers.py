@@ -1,5 +1,5 @@
 """``QuantConv1d`` / ``QuantConv2d`` / ``QuantConvTranspose2d`` / ``QuantLinear``: float layers with LSQ
-fake quantization (SPEC §5c).
+fake quantization (docs/spec.md §5c).
 
 Each layer quantizes
 

@@ -1,4 +1,4 @@
-"""``LSQQuantizer``: a learnable LSQ / LSQ+ fake quantizer module (SPEC §5b, §5c).
+"""``LSQQuantizer``: a learnable LSQ / LSQ+ fake quantizer module (docs/spec.md §5b, §5c).
 
 The module owns the learnable step (and, for LSQ+, the learnable offset) and
 calls the public op :func:`spark_ext.lsq_fake_quant` in its forward. Its
@@ -110,7 +110,7 @@ class LSQQuantizer(nn.Module):
         device, dtype: of the step / offset parameters (default float32).
 
     Initialisation on the first tensor ``x`` quantized while not initialised
-    (SPEC §5b): LSQ ``step = 2 * mean(|x|) / sqrt(Qp)`` (per tensor, or per
+    (docs/spec.md §5b): LSQ ``step = 2 * mean(|x|) / sqrt(Qp)`` (per tensor, or per
     channel over all other dims); LSQ+ (``learn_offset``) ``step = (max - min)
     / (Qp + Qn)``, ``offset = min + Qn * step`` (per tensor or per channel).
     Steps are clamped to at least 1e-8 so an all-zero tensor still gives a
@@ -212,7 +212,7 @@ class LSQQuantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
-        """``(Qn, Qp)`` of SPEC §5b; needs the signedness to be decided."""
+        """``(Qn, Qp)`` of docs/spec.md §5b; needs the signedness to be decided."""
         if self._signed is None:
             raise RuntimeError("LSQQuantizer(signed=None) has not seen data yet: its range is not decided")
         return lsq_range(self.bits, self._signed)
@@ -319,7 +319,7 @@ class LSQQuantizer(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Data-driven init from ``x`` (SPEC §5b; see the class docstring). Overwrites any previous value.
+        """Data-driven init from ``x`` (docs/spec.md §5b; see the class docstring). Overwrites any previous value.
 
         Raises ``ValueError`` (and changes nothing) when ``x`` holds NaN or
         inf: the step would be NaN/inf and the quantizer would stay broken.
