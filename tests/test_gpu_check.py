@@ -115,8 +115,8 @@ def test_dry_run_fits_all_eight_outputs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(r["status"] == "passed" for r in summary(out)["stages"]), summary(out)["stages"]
     names = {p.name for p in check_output_folder(out)}
-    assert names == {"gpu-check.log", "summary.json", "plots.tar.gz", "bench-difficulty.json",
-                     "bench-weighted_kd.json", "bench-lsq.json", "bench-e2e.json"}
+    assert names == {"gpu-check.log", "summary.json", "bench-difficulty.json", "bench-weighted_kd.json",
+                     "bench-lsq.json", "bench-fake_quant.json", "bench-e2e.json"}
 
 
 def test_bad_settings_exit_2_before_anything_runs(tmp_path):
