@@ -342,7 +342,7 @@ def _plot_ops(run: dict, lines: list[dict], plt):
     fig = plt.figure(figsize=(width_in, height_in))
     grid = fig.add_gridspec(len(panels), 2, width_ratios=[3.3, 1], height_ratios=panel_in, left=left, right=0.98,
                             top=1 - top_in / height_in, bottom=bottom_in / height_in,
-                            hspace=gap_in / (sum(panel_in) / len(panels)), wspace=0.04)
+                            hspace=gap_in / (sum(panel_in) / len(panels)), wspace=0.07)
     values = [v for line in lines for p in PEERS for v in [line.get(f"x_{p}")] + list(line.get(f"x_{p}_range") or [])
               if v]
     lo = min([0.5] + [v / 1.4 for v in values])
@@ -458,7 +458,7 @@ def _plot_steps(run: dict, plt):
         if r.get("ms_p20") is not None and r.get("ms_p80") is not None:
             err = [[r["ms"] - r["ms_p20"]], [r["ms_p80"] - r["ms"]]]
         ax.barh(y, r["ms"], 0.6, color=colour, xerr=err, capsize=3, zorder=2)
-        ax.text(r["ms"], y, f"  {r['ms']:.3g} ms", va="center", fontsize=8.5)
+        ax.text(max(r["ms"], r.get("ms_p80") or 0), y, f"  {r['ms']:.3g} ms", va="center", fontsize=8.5)
     budget = next((r["ms"] for r in rows if (r["op"], r["impl"]) == ("qat_step", "torch")), None)
     if budget is not None:
         ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, zorder=3)
