@@ -313,7 +313,9 @@ def _panel_rows(op_lines: list[dict]) -> tuple[list[tuple[str, Optional[dict]]],
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
-    ticks = [m * 10.0**e for e in range(-3, 5) for m in (1, 2, 5)]
+    """1-2-5 ticks; 1-1.5-2-3-5-7 over a range of less than 1.5 decades (else a narrow axis gets 3 ticks)."""
+    mantissas = (1, 2, 5) if hi / lo >= 10**1.5 else (1, 1.5, 2, 3, 5, 7)
+    ticks = [m * 10.0**e for e in range(-3, 5) for m in mantissas]
     return [t for t in ticks if lo <= t <= hi]
 
 
@@ -334,7 +336,7 @@ def _plot_ops(run: dict, lines: list[dict], plt):
     llc, llc_source = run_llc_bytes(run)
     ops = list(dict.fromkeys(line["op"] for line in lines))
     panels = [(op, *_panel_rows([ln for ln in lines if ln["op"] == op])) for op in ops]
-    row_in, top_in, bottom_in, gap_in, width_in = 0.24, 1.35, 0.75, 0.8, 12.0
+    row_in, top_in, bottom_in, gap_in, width_in = 0.24, 1.5, 0.6, 0.95, 12.0
     panel_in = [row_in * (len(rows) + 0.6) for _, rows, _ in panels]
     height_in = top_in + sum(panel_in) + gap_in * (len(panels) - 1) + bottom_in
     label_chars = max(len(label) for _, rows, _ in panels for label, _ in rows)
@@ -389,23 +391,23 @@ def _plot_ops(run: dict, lines: list[dict], plt):
                      fontweight="bold")
         means = ",  ".join(f"{peer} {_geomean(v):.2g}×" for peer, v in speedups.items())
         if means:
-            ax.set_title(f"geometric means: {means}", fontsize=8.5, loc="right", color="#444444")
-        if k == len(panels) - 1:
-            ax.set_xlabel("speed-up = peer time / our time   (log scale; right of the line at 1×: ours faster)",
-                          fontsize=9)
-            llc_text = "LLC unknown" if llc is None else f"LLC {llc / 2**20:.0f} MiB"
-            ax_bw.set_xlabel(f"where bytes ≥ {MEMORY_BOUND_FACTOR}× {llc_text}", fontsize=8)
+            ax.set_xlabel(f"speed-up, geometric mean over the rows:  {means}", fontsize=8.5, color="#444444",
+                          loc="right")
+        llc_text = "LLC unknown" if llc is None else f"LLC {llc / 2**20:.0f} MiB"
+        ax_bw.set_xlabel(f"where bytes ≥ {MEMORY_BOUND_FACTOR}× {llc_text}", fontsize=8, color="#444444")
     present = [p for p in PEERS if any(line.get(f"x_{p}") for line in lines)]
     handles = [Line2D([], [], color=c, marker=m, linestyle="-", linewidth=1.2, markersize=5.5, label=lab)
                for c, m, lab in (PEER_STYLE[p] for p in present)]
     fig.legend(handles=handles, loc="upper left", ncol=3, fontsize=8.5, frameon=False,
-               bbox_to_anchor=(0.005, 1 - 0.72 / height_in))
+               bbox_to_anchor=(0.005, 1 - 0.68 / height_in))
     fig.text(0.01, 1 - 0.2 / height_in, f"{run.get('benchmark', '?')}: speed-up of spark_ext over each peer",
              fontsize=12, fontweight="bold", va="top")
     fig.text(0.01, 1 - 0.5 / height_in,
              f"{_subtitle(run)}.  Medians; whiskers p20–p80 where recorded.  Last-level cache: "
              f"{'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}).",
              fontsize=8, va="top", color="#444444")
+    fig.text(0.01, 1 - 1.05 / height_in, "speed-up = peer time / our time, log scale: right of the line at 1× "
+             "ours is faster, in the red area the peer is.", fontsize=9, va="top")
     return fig
 
 
