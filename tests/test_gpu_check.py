@@ -288,8 +288,11 @@ def test_key_numbers_of_pytest_and_bench_results(tmp_path):
             {"op": "lsq", "case": "c", "pass": "fwd", "impl": "torch", "ms": 3.0, "speedup_vs_peer": 3.0},
             {"op": "lsq", "case": "c", "pass": "fwd", "impl": "compiled", "ms": None, "speedup_vs_peer": None,
              "error": "RuntimeError: boom"}]
+    rows.append({"op": "spark_vs_qat_torch", "case": "W4A4", "pass": "step", "impl": "ratio", "ms": 0.9,
+                 "target": "<= 1"})
     keys = gpu_check.bench_keys({"env": {"device": "GPU"}, "rows": rows})
     assert keys["errors"] == 1 and keys["device"] == "GPU"
+    assert keys["headline"]["spark_vs_qat_torch | W4A4 | step"] == {"ratio": 0.9, "target": "<= 1"}
     assert keys["headline"]["lsq | c | fwd"] == {"ours_ms": 1.0, "copy_fraction": 0.812, "x_torch": 3.0,
                                                  "x_compiled": None, "error_compiled": "RuntimeError: boom"}
     text = gpu_check.text_keys("memcheck", ["ok    a\n", "FAIL  b\n", "========= ERROR SUMMARY: 3 errors\n"])
