@@ -45,6 +45,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -54,26 +55,17 @@ import torch
 from spark_ext import benchreport
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
 PERCENTILES = (20, 50, 80)
 
 
 def percentiles(samples_ms: Iterable[float]) -> dict:
-    """``{"ms": median, "ms_p20": .., "ms_p50": .., "ms_p80": ..}`` of timing samples (linear interpolation)."""
-    xs = sorted(float(v) for v in samples_ms)
+    """``{"ms": median, "ms_p20": .., "ms_p50": .., "ms_p80": ..}`` of timing samples (numpy's linear rule)."""
+    xs = [float(v) for v in samples_ms]
     if not xs:
         raise ValueError("percentiles: no timing samples")
-
-    def at(q):
-        pos = (len(xs) - 1) * q / 100
-        lo = int(pos)
-        hi = min(lo + 1, len(xs) - 1)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-    out = {f"ms_p{q}": at(q) for q in PERCENTILES}
-    out["ms"] = out["ms_p50"]
-    return out
+    p20, _, _, p80 = statistics.quantiles(xs, n=5, method="inclusive") if len(xs) > 1 else xs * 4
+    median = statistics.median(xs)
+    return {"ms": median, "ms_p20": p20, "ms_p50": median, "ms_p80": p80}
 
 
 def time_stats(fn: Callable[[], object], device: torch.device | str, *, reps: int = 50, warmup: int = 10) -> dict:
