@@ -146,9 +146,9 @@ def run_llc_bytes(run: dict) -> tuple[Optional[int], str]:
                 llc = last_level_cache_bytes(device)
                 if llc:
                     return llc, "not recorded: this machine's (same device name)"
-    except Exception:  # noqa: BLE001  a broken torch/CUDA set-up leaves the cache unknown, never the report
-        pass
-    return None, "unknown (not recorded in the run)"
+    except Exception as exc:  # noqa: BLE001  a broken torch/CUDA set-up leaves the cache unknown, not the report
+        return None, f"unknown: not recorded in the run, and this machine's could not be read ({exc})"
+    return None, "unknown: not recorded in the run, which came from another device"
 
 
 def memory_bound(nbytes: Optional[int], llc: Optional[int]) -> Optional[bool]:
