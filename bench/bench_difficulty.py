@@ -102,7 +102,8 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
 
         return call
 
-    common.run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **common_kw)
+    common.run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes,
+                    **common_kw)
 
     s = S.detach().requires_grad_()
     bwd_fns = {}
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     for shape, dtype_name, grid in cases:
         bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
-    common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
+    common.print_rows(rows, ["case", "pass", "impl", "ms", "ms_p20", "ms_p80", "gbps", "copy_fraction",
+                             "speedup_vs_peer", "peak_extra_bytes"])
     print(common.save_results("difficulty", device, rows, args.out))
     return 0
 

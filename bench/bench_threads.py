@@ -3,7 +3,7 @@
 Ops and cases (fp32; the sizes of issue 11's targets):
 
 * ``lsq_fake_quant``                 8x64x128x128 per tensor (8.4M elements)
-* ``fake_quantize_learnable`` (§5a)  8x64x128x128 per tensor, and per channel on axis 1
+* ``fake_quant`` (§5a)               8x64x128x128 per tensor, and per channel on axis 1
 * ``difficulty_signals``             16x3x256x256, grid 8x8, l1
 * ``fused_weighted_kd``              16x3x256x256, per-pixel weight [B,1,H,W], l1
 
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fake_quant  # noqa: E402
 import bench_lsq  # noqa: E402
 import common  # noqa: E402
 
@@ -59,11 +60,12 @@ def fake_quant_case(op, shape, axis):
     n = 1 if axis is None else shape[axis]
     p0 = torch.rand(n, generator=gen) * 0.2 + 0.2
     # |offset| < 0.5: torch's learnable op, LSQ's closest built-in, takes it as a zero point rounding to 0.
-    if op == "lsq_fake_quant":
+    if op == bench_lsq.OP:
         p1 = torch.randn(n, generator=gen) * 0.05
     else:
         p1 = torch.randint(-2, 3, (n,), generator=gen).float()
-    impls = bench_lsq.make_impls(op, axis, "cpp", with_compiled=False)  # ours, torch, eager
+    bench = bench_lsq if op == bench_lsq.OP else bench_fake_quant
+    impls = bench.make_impls(axis, "cpp", with_compiled=False)  # ours, torch, eager
     label = f"{'x'.join(map(str, shape))} fp32 {'per-tensor' if axis is None else f'per-channel axis{axis}'}"
     n_el = x.numel()
     nbytes = {"fwd": 2 * n_el * 4, "fwd+bwd": 5 * n_el * 4}  # x, y; then x, dy, dx
@@ -108,9 +110,9 @@ def cases(quick: bool):
     act = (2, 16, 32, 32) if quick else (8, 64, 128, 128)
     img = (2, 3, 64, 64) if quick else (16, 3, 256, 256)
     return [
-        ("lsq_fake_quant",) + fake_quant_case("lsq_fake_quant", act, None),
-        ("fake_quantize_learnable",) + fake_quant_case("fq", act, None),
-        ("fake_quantize_learnable",) + fake_quant_case("fq", act, 1),
+        (bench_lsq.OP,) + fake_quant_case(bench_lsq.OP, act, None),
+        (bench_fake_quant.OP,) + fake_quant_case(bench_fake_quant.OP, act, None),
+        (bench_fake_quant.OP,) + fake_quant_case(bench_fake_quant.OP, act, 1),
         ("difficulty_signals",) + difficulty_case(img),
         ("fused_weighted_kd",) + weighted_kd_case(img),
     ]

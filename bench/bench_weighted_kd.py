@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     for shape, dtype_name, weight_kind in cases:
         bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
-    common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "speedup_vs_peer", "peak_extra_bytes"])
+    common.print_rows(rows, ["case", "pass", "impl", "ms", "ms_p20", "ms_p80", "gbps", "copy_fraction",
+                             "speedup_vs_peer", "peak_extra_bytes"])
     print(common.save_results("weighted_kd", device, rows, args.out))
     return 0
 

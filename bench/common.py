@@ -1,8 +1,10 @@
 """Shared benchmark harness (docs/spec.md §8).
 
-* :func:`time_ms` — median time of a callable: on CUDA ``triton.testing.do_bench``
-  (CUDA events, L2 flushed between reps, warm-up excluded); on CPU
-  ``torch.utils.benchmark.Timer.blocked_autorange``.
+* :func:`time_stats` — the 20th, 50th and 80th percentile of a callable's
+  time: on CUDA ``triton.testing.do_bench`` (CUDA events, L2 flushed between
+  reps, warm-up excluded), over its reps; on CPU
+  ``torch.utils.benchmark.Timer.blocked_autorange``, over its timed blocks
+  (each block averages several calls). :func:`time_ms` is its median.
 * :func:`copy_gbps` — bandwidth of a device-to-device copy of a given size,
   measured in the same run: the yardstick for "fraction of copy bandwidth".
 * :func:`peak_extra_bytes` — peak memory a callable allocates beyond what was
@@ -17,8 +19,16 @@ reads these to print ratios and draw plots)::
 
     {"op": "difficulty_signals", "case": "16x3x1024x1024 bf16 grid8x8",
      "pass": "fwd" | "bwd" | "fwd+bwd", "impl": "ours" | "eager" | "compiled" | "torch",
-     "ms": 1.23, "bytes": 123456, "gbps": 812.0, "copy_fraction": 0.86,
+     "ms": 1.23, "ms_p20": 1.21, "ms_p50": 1.23, "ms_p80": 1.30,
+     "bytes": 123456, "gbps": 812.0, "copy_fraction": 0.86,
      "peak_extra_bytes": 4096 or None}
+
+``ms`` is the median (= ``ms_p50``), the headline every ratio uses; ``ms_p20``
+and ``ms_p80`` show the spread (a machine shared with other jobs widens it).
+``gbps`` and ``copy_fraction`` derive from the median; whether a case's bytes
+really come from memory (not from the last-level cache) is judged when the
+results are read (:mod:`spark_ext.benchreport`), from ``bytes`` and the
+``llc_bytes`` that :func:`environment` records.
 
 ``impl`` names: ``ours`` = spark_ext's fast backend, ``eager`` = the
 reference in eager mode, ``compiled`` = ``torch.compile(reference)``,
@@ -35,17 +45,31 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
+from spark_ext import benchreport
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PERCENTILES = (20, 50, 80)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, *, reps: int = 50, warmup: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on ``device`` (compile/autotune excluded by warm-up)."""
+def percentiles(samples_ms: Iterable[float]) -> dict:
+    """``{"ms": median, "ms_p20": .., "ms_p50": .., "ms_p80": ..}`` of timing samples (numpy's linear rule)."""
+    xs = [float(v) for v in samples_ms]
+    if not xs:
+        raise ValueError("percentiles: no timing samples")
+    p20, _, _, p80 = statistics.quantiles(xs, n=5, method="inclusive") if len(xs) > 1 else xs * 4
+    median = statistics.median(xs)
+    return {"ms": median, "ms_p20": p20, "ms_p50": median, "ms_p80": p80}
+
+
+def time_stats(fn: Callable[[], object], device: torch.device | str, *, reps: int = 50, warmup: int = 10) -> dict:
+    """Percentiles of ``fn()``'s time on ``device``, in ms (:func:`percentiles`; warm-up excludes compile/autotune)."""
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
@@ -53,8 +77,12 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, reps: int =
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
-        # do_bench flushes L2 between reps and returns the median by default.
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20) * 5, return_mode="median"))
+        # do_bench flushes L2 between reps and returns the requested quantiles of its reps.
+        qs = triton.testing.do_bench(fn, warmup=25, rep=max(reps, 20) * 5, quantiles=[q / 100 for q in PERCENTILES])
+        qs = [qs] if isinstance(qs, (int, float)) else list(qs)
+        out = {f"ms_p{q}": float(v) for q, v in zip(PERCENTILES, qs)}
+        out["ms"] = out["ms_p50"]
+        return out
     import torch.utils.benchmark as tbench
 
     for _ in range(min(warmup, 3)):
@@ -62,7 +90,12 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, *, reps: int =
     measurement = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=0.2
     )
-    return measurement.median * 1e3
+    return percentiles(t * 1e3 for t in measurement.times)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device | str, *, reps: int = 50, warmup: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on ``device`` (compile/autotune excluded by warm-up)."""
+    return time_stats(fn, device, reps=reps, warmup=warmup)["ms"]
 
 
 def copy_gbps(nbytes: int, device: torch.device | str, *, allocate: bool = False) -> float:
@@ -116,9 +149,10 @@ def environment(device: torch.device | str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {
-        "device": name,
+        "device": benchreport.device_name(device),
+        # what decides whether a case's bandwidth is reported (spark_ext.benchreport.memory_bound)
+        "llc_bytes": benchreport.last_level_cache_bytes(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
@@ -170,19 +204,20 @@ def measure(
     copy_rate_gbps: float,
     reps: int = 50,
 ) -> dict:
-    """Time ``fn`` and return one row of the schema in the module docstring.
+    """Time ``fn`` and return one row of the schema in the module docstring (median ``ms`` and its percentiles).
 
     ``nbytes`` is the minimum the op must move (docs/spec.md §8), the same for every
     implementation of one op/case/pass, so ``gbps`` compares like with like.
     """
-    ms = time_ms(fn, device, reps=reps)
+    stats = time_stats(fn, device, reps=reps)
+    ms = stats["ms"]
     rate = gbps(nbytes, ms)
     return {
         "op": op,
         "case": case,
         "pass": pass_,
         "impl": impl,
-        "ms": ms,
+        **stats,
         "bytes": int(nbytes),
         "gbps": rate,
         "copy_fraction": rate / copy_rate_gbps if copy_rate_gbps else None,

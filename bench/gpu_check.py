@@ -18,12 +18,14 @@ any point leaves what finished before it:
   skipped), seconds, limit, note and key numbers (test counts and failures,
   headline ratios, memcheck errors);
 * ``bench-<name>.json`` each benchmark's result as soon as it is written
-  (``spark-ext bench --from`` reads them);
-* ``plots.tar.gz``   the benchmark plots, last.
+  (``spark-ext bench --from`` reads them and draws the plots, on any machine).
 
-That is at most 8 files (with the one ``partial.tmp`` an atomic write can
-leave), flat in the folder, names of letters, digits, ``.``, ``_``, ``-``: the
-device tool's limits.
+That is at most 8 files (five benchmarks, with the one ``partial.tmp`` an
+atomic write can leave), flat in the folder, names of letters, digits, ``.``,
+``_``, ``-``: the device tool's limits. The plots are not among them: they
+are drawn from the returned JSON afterwards (``spark-ext bench --from
+OUT/bench-*.json --plot DIR``); the last stage prints the report (ratios,
+bandwidth where memory-bound) into the log.
 
 Environment (checked before anything runs; a bad value exits 2):
 
@@ -63,7 +65,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -74,9 +75,9 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
-LOG, SUMMARY, TMP, PLOTS = "gpu-check.log", "summary.json", "partial.tmp", "plots.tar.gz"
-BENCHES = ("difficulty", "weighted_kd", "lsq", "e2e")
-OUTPUT_NAMES = (LOG, SUMMARY, TMP, PLOTS) + tuple(f"bench-{b}.json" for b in BENCHES)
+LOG, SUMMARY, TMP = "gpu-check.log", "summary.json", "partial.tmp"
+BENCHES = ("difficulty", "weighted_kd", "lsq", "fake_quant", "e2e")
+OUTPUT_NAMES = (LOG, SUMMARY, TMP) + tuple(f"bench-{b}.json" for b in BENCHES)
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 LOG_CAP_BYTES = 15 * 2**20
 KILL_GRACE_S = 5.0  # SIGTERM, then this long before SIGKILL
@@ -93,8 +94,8 @@ class Stage:
     command: list[str]
     expected_s: float  # planned duration: not started with less budget than this left
     limit_s: float  # killed after this long (or when the budget runs out)
-    kind: str = "text"  # how its key numbers are read: build, doctor, pytest, bench, memcheck, plots
-    artifact: Optional[Path] = None  # junit XML, bench result folder or plot folder, in the scratch folder
+    kind: str = "text"  # how its key numbers are read: build, doctor, pytest, bench, memcheck, report
+    artifact: Optional[Path] = None  # junit XML or bench result folder, in the scratch folder
     env: dict = dataclasses.field(default_factory=dict)
     required: bool = False  # on failure the rest is skipped
     unavailable: Optional[str] = None  # why it cannot run here (skipped with this note)
@@ -131,10 +132,11 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
                      ["tests/test_properties.py"], scratch, min(4, jobs), 25, 60, jobs),
         bench_stage("difficulty", "SPARK path fwd+bwd vs eager, compiled; % of copy", [], scratch, 60, 110),
         bench_stage("weighted_kd", "weighted KD vs eager, compiled, F.l1_loss; % of copy", [], scratch, 50, 100),
-        bench_stage("lsq", "LSQ and §5a vs torch's learnable op, eager, compiled; % of copy", [], scratch,
-                    80, 150),
-        bench_stage("e2e", "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT", ["--no-compiled"],
-                    scratch, 45, 100),
+        bench_stage("lsq", "LSQ vs torch's learnable op, eager, compiled; % of copy", [], scratch, 45, 90),
+        bench_stage("fake_quant", "§5a drop-ins vs torch's learnable ops, eager, compiled; % of copy", [],
+                    scratch, 45, 90),
+        bench_stage("e2e", "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT with our / torch's "
+                    "fake quant", ["--no-compiled"], scratch, 50, 100),
         pytest_stage("cuda-graphs", "CUDA-graph capture and replay of every fast op", ["tests/test_cuda_graphs.py"],
                      scratch, 1, 20, 60, jobs),
         Stage("memcheck", "compute-sanitizer memcheck, one short run of each kernel",
@@ -145,18 +147,18 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
               unavailable=None if sanitizer else "compute-sanitizer not found"),
         pytest_stage("rest", "the rest of the suite (not cuda-marked), slow tests included",
                      ["-m", "not cuda", "tests", "--ignore=tests/test_properties.py"], scratch, jobs, 150, 300, jobs),
-        Stage("plots", "plots of the benchmark results (packed into plots.tar.gz)",
-              plots_command(out, scratch / "plots"), 15, 40, "plots", scratch / "plots"),
+        Stage("report", "spark-ext bench --from the benchmark results: ratio tables into the log",
+              report_command(out), 10, 40, "report"),
     ]
     return stages
 
 
-def plots_command(out: Path, folder: Path) -> list[str]:
-    """``spark-ext bench --from`` the bench JSON already in the output folder (all four when planning)."""
+def report_command(out: Path) -> list[str]:
+    """``spark-ext bench --from`` the bench JSON already in the output folder (all of them when planning)."""
     results = [out / f"bench-{b}.json" for b in BENCHES]
     existing = [p for p in results if p.is_file()]
     files = [str(p) for p in existing or results]
-    return [PY, "-m", "spark_ext.cli", "bench", "--from", *files, "--plot", str(folder)]
+    return [PY, "-m", "spark_ext.cli", "bench", "--from", *files]
 
 
 # --------------------------------------------------------------------------
@@ -250,8 +252,10 @@ def bench_keys(result: dict) -> dict:
         if r.get("impl") == "ours":
             line["ours_ms"] = r.get("ms")
             line["copy_fraction"] = r.get("copy_fraction")
-        elif r.get("impl") == "ratio":
+        elif r.get("impl") == "ratio":  # a whole-result ratio (bench_e2e: ms holds it), with its target if any
             line["ratio"] = r.get("ms")
+            if r.get("target"):
+                line["target"] = r["target"]
         else:
             line[f"x_{r.get('impl')}"] = r.get("speedup_vs_peer")
         if r.get("error"):
@@ -278,7 +282,7 @@ def text_keys(kind: str, lines: list[str]) -> dict:
 
 
 def collect(stage: Stage, out: Path, output: list[str]) -> dict:
-    """Key numbers of a stage that ran; copies bench JSON and packs plots into the output folder."""
+    """Key numbers of a stage that ran; copies bench JSON into the output folder."""
     if stage.kind == "pytest":
         return pytest_keys(stage.artifact)
     if stage.kind == "bench":
@@ -288,16 +292,6 @@ def collect(stage: Stage, out: Path, output: list[str]) -> dict:
         name = f"{stage.artifact.name}.json"  # bench-<script name>.json
         write_atomic(out, name, results[-1].read_bytes())
         return {"file": name, **bench_keys(json.loads(results[-1].read_text()))}
-    if stage.kind == "plots":
-        pngs = sorted(stage.artifact.glob("*.png")) if stage.artifact.is_dir() else []
-        if not pngs:
-            return {"plots": 0, "note": "no plot was written: see the log"}
-        packed = stage.artifact.parent / PLOTS
-        with tarfile.open(packed, "w:gz") as tar:
-            for png in pngs:
-                tar.add(png, arcname=f"plots/{png.name}")
-        write_atomic(out, PLOTS, packed.read_bytes())
-        return {"file": PLOTS, "plots": len(pngs)}
     return text_keys(stage.kind, output)
 
 
@@ -447,9 +441,6 @@ def write_stand_in_artifact(stage: Stage) -> None:
                 for impl, ms in (("ours", 1.0), ("eager", 2.0))]
         result = {"benchmark": "dry_run", "env": {"device": "DRY RUN: stand-in, nothing measured"}, "rows": rows}
         (stage.artifact / "dry_run.json").write_text(json.dumps(result))
-    elif stage.kind == "plots":
-        stage.artifact.mkdir(parents=True, exist_ok=True)
-        (stage.artifact / "dry_run.png").write_bytes(b"dry run: not an image")
 
 
 def build(jobs: int) -> int:
@@ -518,8 +509,8 @@ def skip_reason(stage: Stage, cfg: dict, out: Path, left_s: float, blocked: Opti
         return f"{blocked} failed"
     if stage.unavailable and not cfg["dry_run"]:
         return stage.unavailable
-    if stage.kind == "plots" and not any((out / f"bench-{b}.json").is_file() for b in BENCHES):
-        return "no benchmark results to plot"
+    if stage.kind == "report" and not any((out / f"bench-{b}.json").is_file() for b in BENCHES):
+        return "no benchmark results to report"
     if left_s < stage.expected_s:
         return f"budget: expected to take {stage.expected_s:.0f} s, {max(left_s, 0):.0f} s left"
     return None
@@ -531,7 +522,7 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
     stages = plan(scratch, out, cfg["jobs"]) if stages is None else stages
     start, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
     deadline = start + (cfg["budget_s"] - END_MARGIN_S) * scale
-    final_reserve = (stages[-1].expected_s + KILL_GRACE_S) * scale  # kept for the last stage (plots)
+    final_reserve = (stages[-1].expected_s + KILL_GRACE_S) * scale  # kept for the last stage (the report)
     log = Log(out / LOG)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
     summary = {
@@ -572,8 +563,8 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
                 stamp(f"=== {stage.name}: skipped ({note})")
                 save()
                 continue
-            if stage.kind == "plots":
-                stage.command = plots_command(out, stage.artifact)  # the results that exist now
+            if stage.kind == "report":
+                stage.command = report_command(out)  # the results that exist now
             limit = min(stage.limit_s * scale, left)
             record.update(status="running", limit_s=round(limit / scale, 1))
             if limit < stage.limit_s * scale:

@@ -40,7 +40,8 @@ def test_load_rejects_foreign_json(tmp_path):
 def test_doctor_lists_every_op(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
-    for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine"):
+    ops = ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine")
+    for op in ops:
         assert op in out
 
 
@@ -93,3 +94,91 @@ def test_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
     for argv, message in cases:
         line = _rejected(argv, capsys)
         assert line.startswith("spark-ext bench: error: ") and message in line, (argv, line)
+
+
+def _run(rows, llc_bytes=None, device="test"):
+    env = {"device": device, **({"llc_bytes": llc_bytes} if llc_bytes else {})}
+    return {"benchmark": "lsq", "env": env, "rows": rows, "path": "lsq-test.json"}
+
+
+def _row(case, impl, ms, nbytes, pass_="fwd", frac=None, spread=None):
+    row = {"op": "lsq_fake_quant", "case": case, "pass": pass_, "impl": impl, "ms": ms, "bytes": nbytes,
+           "copy_fraction": frac, "peak_extra_bytes": None}
+    if spread:
+        row.update(ms_p20=ms - spread, ms_p50=ms, ms_p80=ms + spread)
+    return row
+
+
+def test_bandwidth_only_where_the_working_set_is_four_times_the_last_level_cache(capsys):
+    llc = 32 * 2**20
+    rows = [_row("small", "ours", 1.0, 4 * llc - 1, frac=26.0), _row("small", "torch", 3.0, 4 * llc - 1),
+            _row("large", "ours", 8.0, 4 * llc, frac=0.85), _row("large", "torch", 24.0, 4 * llc)]
+    lines = {ln["case"]: ln for ln in benchreport.summarise(_run(rows, llc))}
+    assert lines["small"]["memory_bound"] is False and lines["large"]["memory_bound"] is True
+    assert lines["large"]["x_torch"] == pytest.approx(3.0)
+    benchreport._print_table(list(lines.values()))
+    table = capsys.readouterr().out.splitlines()
+    assert "in cache" in next(t for t in table if t.startswith("lsq_fake_quant  small"))
+    assert "0.85" in next(t for t in table if t.startswith("lsq_fake_quant  large"))
+    # No cache size recorded and the run's device is not this machine's: the fraction is shown as unknown.
+    (unknown, _) = benchreport.summarise(_run(rows, None, device="some other machine"))
+    assert unknown["memory_bound"] is None and benchreport._bandwidth_cell(unknown) == "26.00?"
+
+
+def test_percentiles_give_the_speedup_spread():
+    rows = [_row("c", "ours", 2.0, 100, spread=0.5), _row("c", "eager", 10.0, 100, spread=1.0),
+            _row("c", "compiled", 4.0, 100)]  # an older result without percentiles: no spread
+    (line,) = benchreport.summarise(_run(rows))
+    assert line["x_eager"] == pytest.approx(5.0)
+    assert line["x_eager_range"] == pytest.approx((9.0 / 2.5, 11.0 / 1.5))
+    assert line["x_compiled"] == pytest.approx(2.0) and "x_compiled_range" not in line
+    assert (line["ours_p20"], line["ours_p80"]) == (1.5, 2.5)
+
+
+def test_last_level_cache_from_sysfs_and_lscpu(tmp_path):
+    for name, level, kind, size in (("index0", 1, "Data", "48K"), ("index1", 1, "Instruction", "32K"),
+                                    ("index2", 2, "Unified", "2048K"), ("index3", 3, "Unified", "307200K")):
+        (tmp_path / name).mkdir()
+        for field, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / name / field).write_text(f"{value}\n")
+    assert benchreport._sysfs_llc_bytes(tmp_path) == 300 * 2**20
+    assert benchreport._sysfs_llc_bytes(tmp_path / "missing") is None
+    lscpu = "L1d cache:  96 KiB (2 instances)\nL2 cache:   4 MiB (2 instances)\nL3 cache:   64 MiB (2 instances)\n"
+    assert benchreport._lscpu_llc_bytes(lscpu) == 32 * 2**20
+    assert benchreport._lscpu_llc_bytes("L2 cache: 1 MiB\n") == 2**20
+    assert benchreport._lscpu_llc_bytes("nothing here") is None
+    llc = benchreport.last_level_cache_bytes("cpu")  # this machine: a size, or None where nothing says it
+    assert llc is None or llc >= 2**16
+
+
+def test_plots_one_panel_row_per_op_and_the_step_benchmark(tmp_path, capsys):
+    rows = []
+    for op in ("lsq_fake_quant", "fake_quant"):
+        for case in ("act 4x16x32x32 per-tensor fp32", "weight 64x32x3x3 per-channel axis0 fp32"):
+            for pass_ in ("fwd", "bwd", "fwd+bwd"):
+                for impl, ms in (("ours", 1.0), ("torch", 4.0), ("eager", 9.0), ("compiled", 0.8)):
+                    rows.append({**_row(case, impl, ms, 2**20, pass_, frac=0.5, spread=0.1), "op": op})
+    ops_path = tmp_path / "lsq-test.json"
+    ops_path.write_text(json.dumps({"benchmark": "lsq", "env": {"device": "test", "llc_bytes": 2**18},
+                                    "rows": rows}))
+    steps = [{"op": "spark_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 20.0},
+             {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 12.0},
+             {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "torch", "ms": 19.0},
+             {"op": "spark_overhead", "case": "W4A4 b2", "pass": "step", "impl": "ratio", "ms": 20 / 12},
+             {"op": "spark_vs_qat_torch", "case": "W4A4 b2", "pass": "step", "impl": "ratio", "ms": 20 / 19,
+              "target": "<= 1, issue 15: SPARK for free"}]
+    steps_path = tmp_path / "e2e-test.json"
+    steps_path.write_text(json.dumps({"benchmark": "e2e", "env": {"device": "test"}, "rows": steps}))
+    assert benchreport.main(["--from", str(ops_path), str(steps_path), "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "spark_vs_qat_torch: 1.053" in out and "(target <= 1, issue 15: SPARK for free)" in out
+    for name in ("lsq-test.png", "e2e-test.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_case_labels_drop_the_words_every_case_shares():
+    labels, shared = benchreport.short_cases(["2x3x32x32 fp32 grid8x8 l1", "2x3x32x32 bf16 grid8x8 l1"])
+    assert labels == ["fp32", "bf16"] and shared == "2x3x32x32 grid8x8 l1"
+    labels, _ = benchreport.short_cases(["act 16x64x64x64 channels_last per-channel axis1 bf16"])
+    assert labels == ["act 16x64x64x64 NHWC per-ch ax1 bf16"]

@@ -115,8 +115,8 @@ def test_dry_run_fits_all_eight_outputs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(r["status"] == "passed" for r in summary(out)["stages"]), summary(out)["stages"]
     names = {p.name for p in check_output_folder(out)}
-    assert names == {"gpu-check.log", "summary.json", "plots.tar.gz", "bench-difficulty.json",
-                     "bench-weighted_kd.json", "bench-lsq.json", "bench-e2e.json"}
+    assert names == {"gpu-check.log", "summary.json", "bench-difficulty.json", "bench-weighted_kd.json",
+                     "bench-lsq.json", "bench-fake_quant.json", "bench-e2e.json"}
 
 
 def test_bad_settings_exit_2_before_anything_runs(tmp_path):
@@ -288,8 +288,11 @@ def test_key_numbers_of_pytest_and_bench_results(tmp_path):
             {"op": "lsq", "case": "c", "pass": "fwd", "impl": "torch", "ms": 3.0, "speedup_vs_peer": 3.0},
             {"op": "lsq", "case": "c", "pass": "fwd", "impl": "compiled", "ms": None, "speedup_vs_peer": None,
              "error": "RuntimeError: boom"}]
+    rows.append({"op": "spark_vs_qat_torch", "case": "W4A4", "pass": "step", "impl": "ratio", "ms": 0.9,
+                 "target": "<= 1"})
     keys = gpu_check.bench_keys({"env": {"device": "GPU"}, "rows": rows})
     assert keys["errors"] == 1 and keys["device"] == "GPU"
+    assert keys["headline"]["spark_vs_qat_torch | W4A4 | step"] == {"ratio": 0.9, "target": "<= 1"}
     assert keys["headline"]["lsq | c | fwd"] == {"ours_ms": 1.0, "copy_fraction": 0.812, "x_torch": 3.0,
                                                  "x_compiled": None, "error_compiled": "RuntimeError: boom"}
     text = gpu_check.text_keys("memcheck", ["ok    a\n", "FAIL  b\n", "========= ERROR SUMMARY: 3 errors\n"])
