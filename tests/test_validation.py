@@ -137,7 +137,9 @@ def test_auto_warns_once_and_falls_back_when_a_fast_backend_cannot_load(monkeypa
         raise AssertionError("must not be called")
 
     monkeypatch.setitem(_dispatch._registry, "fake_op", {})
-    _dispatch.register("fake_op", "cpp", broken, unavailable=lambda: "library failed to build")
+    # the cpp backend's one availability rule, looked up at call time
+    monkeypatch.setattr(_dispatch._extension, "cpp_unavailable", lambda: "library failed to build")
+    _dispatch.register("fake_op", "cpp", broken)
     _dispatch.register("fake_op", "reference", lambda: "ref")
     x = torch.zeros(1)
     with pytest.warns(RuntimeWarning, match="library failed to build"):
@@ -149,3 +151,25 @@ def test_auto_warns_once_and_falls_back_when_a_fast_backend_cannot_load(monkeypa
         assert _dispatch.resolve("fake_op", "auto", x)[0] == "reference"
     with pytest.raises(spark_ext.BackendUnavailableError, match="library failed to build"):
         _dispatch.resolve("fake_op", "cpp", x)
+
+
+def test_backend_for_and_available_backends_answer_publicly(monkeypatch):
+    from spark_ext import _extension
+
+    x64, x32 = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    assert spark_ext.backend_for("lsq_fake_quant", x64) == "reference"
+    assert spark_ext.backend_for("difficulty_signals", x32, "reference") == "reference"
+    with spark_ext.use_backend("reference"):
+        assert spark_ext.backend_for("fused_weighted_kd", x32) == "reference"
+    with pytest.raises(ValueError, match="op must be one of"):
+        spark_ext.backend_for("no_such_op", x32)
+    with pytest.raises(spark_ext.BackendUnavailableError, match="lsq_fake_quant: backend 'cuda' cannot run here"):
+        spark_ext.backend_for("lsq_fake_quant", x32, "cuda")
+    table = spark_ext.available_backends()
+    ops = {"difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine"}
+    assert ops <= set(table)
+    for op in ops:
+        assert list(table[op]) == spark_ext.registered_backends(op)
+        assert table[op]["reference"] is None
+    monkeypatch.setattr(_extension, "cpp_unavailable", lambda: "library failed to build")
+    assert spark_ext.available_backends()["lsq_fake_quant"]["cpp"] == "library failed to build"

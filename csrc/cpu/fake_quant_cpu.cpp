@@ -21,6 +21,7 @@
 // temporary besides the outputs (and the documented copy of an x with gaps,
 // fake_quant.h). The gradient is read in place whatever its strides (GradReader).
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -394,7 +395,7 @@ Params lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offse
 
 at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                           c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_forward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
   at::Tensor y = at::empty_like(v.x);
   if (v.x.numel() == 0) return y;
@@ -408,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
                                                                const at::Tensor& scale, const at::Tensor& zero_point,
                                                                c10::optional<int64_t> axis, int64_t quant_min,
                                                                int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
@@ -422,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
 
 at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                            c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant_forward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   DenseView v = dense_view(x, axis);
   at::Tensor y = at::empty_like(v.x);
   if (v.x.numel() == 0) return y;
@@ -452,3 +453,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
 }
 
 }  // namespace spark_ext
+
+// Schemas of the fake-quant ops (the CUDA kernels in cuda/fake_quant_cuda.cu
+// register against the same schemas).
+TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
+  m.def(
+      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
+      "float grad_factor) -> Tensor");
+  m.def(
+      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
+      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsq_fake_quant(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
+      "-> Tensor");
+  m.def(
+      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
+      "float grad_factor) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
+  m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cpu);
+  m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cpu);
+  m.impl("lsq_fake_quant", &spark_ext::lsq_forward_cpu);
+  m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cpu);
+}

@@ -376,7 +376,7 @@ ParamsDev lsq_params(int64_t qn, int64_t qp, double grad_factor) {
 
 at::Tensor fq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                            c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_forward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
   return forward_impl<FqDev>(x, scale, zero_point, axis, fq_params(quant_min, quant_max, grad_factor, false));
 }
 
@@ -385,14 +385,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cuda(const at::Tensor
                                                                 const at::Tensor& zero_point,
                                                                 c10::optional<int64_t> axis, int64_t quant_min,
                                                                 int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   return backward_impl<FqDev>(dy, x, scale, zero_point, zero_point, axis,
                               fq_params(quant_min, quant_max, grad_factor, !axis.has_value()));
 }
 
 at::Tensor lsq_forward_cuda(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                             c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant_forward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   return forward_impl<LsqDev>(x, step, offset, axis, lsq_params(qn, qp, grad_factor));
 }
 
@@ -411,8 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
 }  // namespace spark_ext
 
 TORCH_LIBRARY_IMPL(spark_ext, CUDA, m) {
-  m.impl("fq_learnable_forward", &spark_ext::fq_forward_cuda);
-  m.impl("fq_learnable_backward", &spark_ext::fq_backward_cuda);
-  m.impl("lsq_fake_quant_forward", &spark_ext::lsq_forward_cuda);
+  m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cuda);
+  m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cuda);
+  m.impl("lsq_fake_quant", &spark_ext::lsq_forward_cuda);
   m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cuda);
 }

@@ -6,7 +6,7 @@ Validation, backend registration and dispatch. Backend implementations take
 channel, ``axis`` non-negative), already validated.
 
 Backends ``cpp`` (CPU) and ``cuda`` run the compiled ops
-``torch.ops.spark_ext.fq_learnable_forward`` / ``_backward`` (csrc/, ``axis``
+``torch.ops.spark_ext.fake_quantize_learnable`` / ``_backward`` (csrc/, ``axis``
 None for per tensor); their fake implementations and autograd formula (the
 forward's autograd calls the fused backward op) are registered here once the
 library loads. The kernels round with a trick exact for ``|v| <= 2^22``, so a
@@ -44,11 +44,11 @@ KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 def _register_cpp_hooks() -> None:
     """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
 
-    @torch.library.register_fake("spark_ext::fq_learnable_forward")
+    @torch.library.register_fake("spark_ext::fake_quantize_learnable")
     def _forward_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("spark_ext::fq_learnable_backward")
+    @torch.library.register_fake("spark_ext::fake_quantize_learnable_backward")
     def _backward_fake(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
 
@@ -59,10 +59,10 @@ def _register_cpp_hooks() -> None:
 
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
-        dx, dscale, dzp = torch.ops.spark_ext.fq_learnable_backward(grad, x, scale, zero_point, *ctx.args)
+        dx, dscale, dzp = torch.ops.spark_ext.fake_quantize_learnable_backward(grad, x, scale, zero_point, *ctx.args)
         return dx, dscale, dzp, None, None, None, None
 
-    torch.library.register_autograd("spark_ext::fq_learnable_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd("spark_ext::fake_quantize_learnable", backward, setup_context=setup_context)
 
 
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
@@ -72,7 +72,7 @@ def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
 def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor):
     if not _in_kernel_range(quant_min, quant_max):
         return reference.fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, grad_factor)
-    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
 
 
 def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
@@ -80,7 +80,7 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
         return reference.fake_quantize_learnable_per_channel_affine(
             x, scale, zero_point, axis, quant_min, quant_max, grad_factor
         )
-    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
 _extension.on_load(_register_cpp_hooks)

@@ -5,7 +5,7 @@ with the range and gradient scale already resolved (see
 :func:`spark_ext.reference.lsq_fake_quant_core`).
 
 Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
-``torch.ops.spark_ext.lsq_fake_quant_forward`` / ``_backward`` (csrc/); their
+``torch.ops.spark_ext.lsq_fake_quant`` / ``_backward`` (csrc/); their
 fake (meta) implementations and autograd formula are registered here, once,
 when the library loads. The forward op's autograd calls the fused backward op,
 which reads x and dy once, writes dx and reduces the step and offset
@@ -39,7 +39,7 @@ _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 def _register_cpp_hooks() -> None:
     """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
 
-    @torch.library.register_fake("spark_ext::lsq_fake_quant_forward")
+    @torch.library.register_fake("spark_ext::lsq_fake_quant")
     def _forward_fake(x, step, offset, axis, qn, qp, grad_factor):
         # The kernels allocate with empty_like(x): same shape, dtype and strides
         # (dense layouts kept, others made dense in empty_like's layout).
@@ -60,12 +60,12 @@ def _register_cpp_hooks() -> None:
         dx, dstep, doffset = torch.ops.spark_ext.lsq_fake_quant_backward(grad, x, step, offset, *ctx.args)
         return dx, dstep, doffset if ctx.has_offset else None, None, None, None, None
 
-    torch.library.register_autograd("spark_ext::lsq_fake_quant_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd("spark_ext::lsq_fake_quant", backward, setup_context=setup_context)
 
 
 def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
-    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant_forward`` (differentiable)."""
-    return torch.ops.spark_ext.lsq_fake_quant_forward(x, step, offset, axis, qn, qp, grad_factor)
+    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant`` (differentiable)."""
+    return torch.ops.spark_ext.lsq_fake_quant(x, step, offset, axis, qn, qp, grad_factor)
 
 
 _extension.on_load(_register_cpp_hooks)
