@@ -46,7 +46,7 @@ CPU_SOURCES = (
     "cpu/weighted_kd_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
-HEADERS = ("fake_quant.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h", "cpu/image_rows.h")
+HEADERS = ("fake_quant.h", "kernel_dtypes.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h", "cpu/image_rows.h")
 
 # -ffp-contract=off: no fused multiply-add, the kernels reproduce the
 # reference bit for bit. -fno-trapping-math lets GCC if-convert selects.

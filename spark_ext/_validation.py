@@ -15,7 +15,7 @@ import math
 import tempfile
 from numbers import Real
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -92,6 +92,36 @@ def check_real(value: object, name: str, *, finite: bool = True) -> float:
     value = float(value)
     if finite and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+MIN_BITS, MAX_BITS = 2, 16  # the bit widths lsq_fake_quant takes (SPEC §5b)
+
+
+def check_bits(bits: object, name: str = "bits", *, allow_none: bool = False) -> Optional[int]:
+    """An int bit width in ``[MIN_BITS, MAX_BITS]`` (or ``None`` when ``allow_none``)."""
+    if bits is None and allow_none:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {expected}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}] (unsupported bit width), got {bits}")
+    return int(bits)
+
+
+def check_grad_scale(grad_scale: object) -> Union[str, float, None]:
+    """LSQ's gradient scale: ``"lsq"``, ``None`` or a finite number > 0 (returned as a float).
+
+    TypeError for a value of the wrong type, ValueError for a wrong value.
+    """
+    if grad_scale is None or (isinstance(grad_scale, str) and grad_scale == "lsq"):
+        return grad_scale
+    if isinstance(grad_scale, str):
+        raise ValueError(f"grad_scale must be 'lsq', a positive float or None, got {grad_scale!r}")
+    value = check_real(grad_scale, "grad_scale", finite=False)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
     return value
 
 

@@ -90,7 +90,7 @@ def test_lsq_errors():
         spark_ext.lsq_fake_quant(x, torch.tensor([1]), bits=4, signed=True)
     with pytest.raises(ValueError, match="grad_scale"):
         spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, grad_scale="adaptive")
-    with pytest.raises(ValueError, match="grad_scale must be > 0"):
+    with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
         spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, grad_scale=-1.0)
 
 
@@ -173,3 +173,17 @@ def test_backend_for_and_available_backends_answer_publicly(monkeypatch):
         assert table[op]["reference"] is None
     monkeypatch.setattr(_extension, "cpp_unavailable", lambda: "library failed to build")
     assert spark_ext.available_backends()["lsq_fake_quant"]["cpp"] == "library failed to build"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_check_positive_step_accepts_exactly_the_finite_positive_values(dtype):
+    from spark_ext._validation import check_positive_step
+
+    info = torch.finfo(dtype)
+    smallest = torch.tensor(info.smallest_normal * info.eps, dtype=dtype)  # the smallest positive subnormal
+    assert smallest > 0
+    for value in (smallest, torch.tensor(1.0, dtype=dtype), torch.tensor(info.max, dtype=dtype)):
+        check_positive_step(value.reshape(1), "step")
+    for bad in (0.0, -0.0, -1.0, -float(smallest), float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="step must be finite and > 0 everywhere"):
+            check_positive_step(torch.tensor([1.0, bad], dtype=dtype), "step")

@@ -4,7 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include "../kernel_dtypes.h"
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -60,12 +60,7 @@ inline void dispatch(at::ScalarType st, int kind, F&& f) {
       default: f(zero, std::integral_constant<int, kCharbonnier>{}); break;
     }
   };
-  switch (st) {
-    case at::kFloat: with_kind(float{}); break;
-    case at::kHalf: with_kind(c10::Half{}); break;
-    case at::kBFloat16: with_kind(c10::BFloat16{}); break;
-    default: TORCH_CHECK_TYPE(false, "spark_ext: inputs must be float32, float16 or bfloat16, got ", st);
-  }
+  SPARK_DISPATCH_KERNEL_DTYPES(st, "spark_ext", [&] { with_kind(scalar_t{}); });
 }
 
 // A 4-D tensor's data pointer and strides (elements).

@@ -36,6 +36,7 @@
 #include <algorithm>
 
 #include "../fake_quant.h"
+#include "../kernel_dtypes.h"
 
 namespace spark_ext {
 namespace {
@@ -56,12 +57,7 @@ struct Tag {
 // float64 kernels are instantiated.
 template <class F>
 void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<c10::Half>{}); break;
-    case at::kBFloat16: f(Tag<c10::BFloat16>{}); break;
-    default: TORCH_CHECK_TYPE(false, "spark_ext: unsupported dtype ", dt);
-  }
+  SPARK_DISPATCH_KERNEL_DTYPES(dt, "spark_ext", [&] { f(Tag<scalar_t>{}); });
 }
 
 struct Geometry {

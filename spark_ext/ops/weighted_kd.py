@@ -36,7 +36,7 @@ import torch
 from .. import _extension, reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
-from .difficulty import cell_kd_triton, cell_kd_cpp
+from .difficulty import cell_kd_cpp, cell_kd_triton
 
 OP = "fused_weighted_kd"
 
