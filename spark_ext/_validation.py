@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 

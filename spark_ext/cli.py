@@ -6,7 +6,8 @@ import argparse
 import importlib
 import platform
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _doctor(_: argparse.Namespace) -> int:

@@ -52,7 +52,8 @@ def _marks(backend):
     return [pytest.mark.skip(reason=why)] if why else []
 
 
-# ``@pytest.mark.parametrize("backend", BACKEND_PARAMS)``: one test per backend, skipped with the reason where unavailable.
+# ``@pytest.mark.parametrize("backend", BACKEND_PARAMS)``: one test per backend,
+# skipped with the reason where unavailable.
 BACKEND_PARAMS = [pytest.param(b, marks=_marks(b), id=b) for b in BACKENDS]
 
 
@@ -97,7 +98,6 @@ def gpu_like(monkeypatch):
     for mod in (kd_kernels, wkd_kernels):
         monkeypatch.setattr(mod, "tile_pixels", lambda device, gpu=1024: 256)
         monkeypatch.setattr(mod, "target_programs", lambda device: 64)
-
 
 
 def images(shape, dtype=torch.float32, layout="contiguous", n=3, device=None):

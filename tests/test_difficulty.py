@@ -23,7 +23,17 @@ import torch
 
 import spark_ext
 
-from kd_helpers import BACKEND_PARAMS, KINDS, check, check_signals, images, per_backend, ref_forward, ref_grads, signals_fn
+from kd_helpers import (
+    BACKEND_PARAMS,
+    KINDS,
+    check,
+    check_signals,
+    images,
+    per_backend,
+    ref_forward,
+    ref_grads,
+    signals_fn,
+)
 
 # Raw torch.library ops of each backend: (forward with signals, cell_kd only, cell_kd backward).
 OPS = {

@@ -154,7 +154,20 @@ def test_bfloat16_rounding_matches_torch_bit_for_bit():
     """
     bits = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int64).to(torch.int32)
     specials = torch.tensor(
-        [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4028234e38, -3.4028234e38, 3.3961e38, 1e-45, -1e-40, 1.00390625, 1.01171875]
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            3.4028234e38,
+            -3.4028234e38,
+            3.3961e38,
+            1e-45,
+            -1e-40,
+            1.00390625,
+            1.01171875,
+        ]
     )
     x = torch.cat([bits.view(torch.float32), specials, torch.randn(1000)])
     x = torch.cat([x, (x.view(torch.int32) & ~0xFFFF | 0x8000).view(torch.float32)])  # exact ties
@@ -224,10 +237,12 @@ for dt, kind in (("fp32", 2), ("fp16", 1), ("bf16", 0)):
            "OUT": out, "OUT_W": out, "BH": 8, "BW": 128})
 # 64-bit strides (tensors beyond 2^31 elements) and the small kernels.
 build(D._difficulty_fwd_kernel, {"s_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": "*fp32", "sig_ptr": "*fp32",
-      "kd_ptr": "*fp32", "part_ptr": "*fp32"}, {"KIND": 0, "SIGNALS": True, "DIRECT": False, "NC": 4, "BH": 4, "BW": 16},
+      "kd_ptr": "*fp32", "part_ptr": "*fp32"},
+      {"KIND": 0, "SIGNALS": True, "DIRECT": False, "NC": 4, "BH": 4, "BW": 16},
       i64=("ssb", "stb", "syb", "NCELLS"))
-build(D._difficulty_merge_kernel, {"part_ptr": "*fp32", "sig_ptr": "*fp32", "kd_ptr": "*fp32"}, {"SIGNALS": True, "BLOCK": 256})
-build(D._difficulty_merge_kernel, {"part_ptr": "*fp32", "sig_ptr": "*fp32", "kd_ptr": "*fp32"}, {"SIGNALS": False, "BLOCK": 256})
+MERGE_PTRS = {"part_ptr": "*fp32", "sig_ptr": "*fp32", "kd_ptr": "*fp32"}
+build(D._difficulty_merge_kernel, MERGE_PTRS, {"SIGNALS": True, "BLOCK": 256})
+build(D._difficulty_merge_kernel, MERGE_PTRS, {"SIGNALS": False, "BLOCK": 256})
 build(WK._sum_partials_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32"}, {"BLOCK": 1024})
 build(WK._wkd_bwd_kernel, {"g_ptr": "*fp32", "s_ptr": "*fp32", "t_ptr": "*fp32", "w_ptr": "*fp64", "ds_ptr": "*fp32",
       "dt_ptr": "*fp32", "dw_ptr": "*fp64"}, {"KIND": 0, "HAS_W": True, "NEED_S": False, "NEED_T": False,
@@ -264,7 +279,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize(
-    "shape,grid", [((4, 3, 128, 96), (8, 8)), ((2, 3, 67, 129), (5, 7)), ((2, 3, 64, 64), (64, 64)), ((16, 3, 64, 80), (1, 1))]
+    "shape,grid",
+    [((4, 3, 128, 96), (8, 8)), ((2, 3, 67, 129), (5, 7)), ((2, 3, 64, 64), (64, 64)), ((16, 3, 64, 80), (1, 1))],
 )
 def test_cuda_matrix(shape, grid, kind, layout, dtype):
     S, T, Y = images(shape, dtype=dtype, layout=layout, device="cuda")

@@ -32,7 +32,9 @@ def cpp_fn(S, T, w, kind, reduction):
 def test_raw_backward_skips_unrequested_outputs():
     S, T = images((2, 3, 7, 9))
     w = torch.rand(2, 1, 7, 9)
-    ds, dt, dw = torch.ops.spark_ext.fused_weighted_kd_backward(torch.tensor(1.0), S, T, w, "l1", "sum", False, True, False)
+    ds, dt, dw = torch.ops.spark_ext.fused_weighted_kd_backward(
+        torch.tensor(1.0), S, T, w, "l1", "sum", False, True, False
+    )
     assert ds.shape == (0,) and dw.shape == (0,) and dt.shape == S.shape
 
 

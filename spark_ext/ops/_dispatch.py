@@ -37,7 +37,8 @@ import os
 import sys
 import threading
 import warnings
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 

@@ -45,6 +45,7 @@ OP = "difficulty_signals"
 
 _dispatch.register(OP, "reference", reference.difficulty_signals)
 
+
 def _kernels():
     from ..kernels import difficulty as kernels
 
@@ -97,7 +98,12 @@ _cell_kd_triton.register_fake(_fake_cell_kd)
 
 @torch.library.custom_op("spark_ext::cell_kd_backward_triton", mutates_args=())
 def _cell_kd_backward_triton(
-    grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, kd_loss: str, need_student: bool, need_teacher: bool
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kd_loss: str,
+    need_student: bool,
+    need_teacher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dS, dT)`` of ``cell_kd`` for upstream ``grad [B,1,gh,gw]``; an unneeded one is empty ``[0]``."""
     return _kernels().cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher)
@@ -161,6 +167,7 @@ _dispatch.register(OP, "triton", _triton_backend)
 # --------------------------------------------------------------------------
 # C++ backend (CPU): ops of the compiled library (csrc/cpu/difficulty_cpu.cpp)
 # --------------------------------------------------------------------------
+
 
 def _register_cpp_hooks() -> None:
     """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library has loaded."""

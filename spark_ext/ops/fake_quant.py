@@ -41,6 +41,7 @@ _dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnabl
 
 KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 
+
 def register_compiled_hooks(op: str) -> None:
     """Fakes and autograd of the compiled op ``op`` and its ``op + "_backward"``.
 
@@ -82,7 +83,9 @@ def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
 
 def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor):
     if not _in_kernel_range(quant_min, quant_max):
-        return reference.fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, grad_factor)
+        return reference.fake_quantize_learnable_per_tensor_affine(
+            x, scale, zero_point, quant_min, quant_max, grad_factor
+        )
     return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
 
 

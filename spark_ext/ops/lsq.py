@@ -36,6 +36,7 @@ OP = "lsq_fake_quant"
 
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
+
 def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
     """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant`` (differentiable)."""
     return torch.ops.spark_ext.lsq_fake_quant(x, step, offset, axis, qn, qp, grad_factor)

@@ -158,6 +158,7 @@ _dispatch.register(OP, "triton", _backend(cell_kd_triton, "fused_weighted_kd_tri
 # C++ backend (CPU): spark_ext::fused_weighted_kd / _backward (csrc/cpu/weighted_kd_cpu.cpp)
 # --------------------------------------------------------------------------
 
+
 def _register_cpp_hooks() -> None:
     """Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones)."""
     torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
