@@ -1,4 +1,4 @@
-"""Every op's outputs keep the dtypes SPEC.md gives them under ``torch.autocast``.
+"""Every op's outputs keep the dtypes docs/spec.md gives them under ``torch.autocast``.
 
 Autocast casts the inputs of listed ops (matmul, einsum, ...) to float16 /
 bfloat16. Our ops must not inherit that: ``difficulty_signals`` returns
