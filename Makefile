@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 export MAX_JOBS ?= 2
 
-.PHONY: venv test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
+.PHONY: venv lint test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,11 @@ venv: $(STAMP)
 cuda-compile-check: $(STAMP)
 	PYTHON=$(PY) bash .ci/cuda_compile_check.sh
 
-test: $(STAMP) cuda-compile-check
+# ruff lint and format check (configuration in pyproject.toml).
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+test: $(STAMP) lint cuda-compile-check
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -1,15 +1,16 @@
-// Op schemas of the spark_ext library (one TORCH_LIBRARY for the namespace;
-// Python custom ops of the same namespace use FRAGMENT libraries beside it)
-// and the host-side helpers shared by the CPU and CUDA implementations.
+// The spark_ext library's namespace (one TORCH_LIBRARY; every kernel file
+// adds its own ops' schemas with TORCH_LIBRARY_FRAGMENT and registers its
+// kernels beside them, and the Python Triton ops use fragments too) and the
+// host-side helpers shared by the CPU and CUDA fake-quant implementations.
 //
-// Ops (all differentiable through Python `register_autograd`, see
-// spark_ext/ops/fake_quant.py and lsq.py):
-//   fq_learnable_forward / fq_learnable_backward      docs/spec.md §5a, torch-compatible
-//   lsq_fake_quant_forward / lsq_fake_quant_backward  docs/spec.md §5b, LSQ / LSQ+
-//   difficulty_forward / cell_kd_forward / cell_kd_backward  docs/spec.md §2 (CPU only, cpu/difficulty_cpu.cpp)
-//   weighted_kd_forward / weighted_kd_backward        docs/spec.md §3, no or per-pixel weight (CPU only)
-//   build_info                                        "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>;openmp=<0|1>"
-//   cpu_threads_used                                  test-only: threads that ran CPU kernel tasks (cpu/parallel.h)
+// Ops, each registered by the file that implements it (all differentiable
+// through Python `register_autograd` in spark_ext/ops/<family>.py):
+//   fake_quantize_learnable / _backward       docs/spec.md §5a, torch-compatible   cpu/fake_quant_cpu.cpp, cuda/
+//   lsq_fake_quant / _backward                docs/spec.md §5b, LSQ / LSQ+          cpu/fake_quant_cpu.cpp, cuda/
+//   difficulty_signals / cell_kd / cell_kd_backward  docs/spec.md §2 (CPU only)    cpu/difficulty_cpu.cpp
+//   fused_weighted_kd / _backward             docs/spec.md §3, no or per-pixel weight (CPU only)  cpu/weighted_kd_cpu.cpp
+//   build_info                                "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>;openmp=<0|1>" (here)
+//   cpu_threads_used                          test-only: threads that ran CPU kernel tasks (here, cpu/parallel.h)
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
 // d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
 // backward returns an offset gradient shaped like step even without an offset
@@ -139,36 +140,6 @@ int64_t take_threads_used() {
 }  // namespace spark_ext
 
 TORCH_LIBRARY(spark_ext, m) {
-  m.def(
-      "fq_learnable_forward(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
-      "float grad_factor) -> Tensor");
-  m.def(
-      "fq_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
-      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lsq_fake_quant_forward(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
-      "-> Tensor");
-  m.def(
-      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
-      "float grad_factor) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "difficulty_forward(Tensor student, Tensor teacher, Tensor target, int gh, int gw, str kd_loss) "
-      "-> (Tensor, Tensor)");
-  m.def("cell_kd_forward(Tensor student, Tensor teacher, int gh, int gw, str kd_loss) -> Tensor");
-  m.def(
-      "cell_kd_backward(Tensor grad, Tensor student, Tensor teacher, str kd_loss, bool need_student, "
-      "bool need_teacher) -> (Tensor, Tensor)");
-  m.def("weighted_kd_forward(Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction) -> Tensor");
-  m.def(
-      "weighted_kd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction, "
-      "bool need_student, bool need_teacher, bool need_weight) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &spark_ext::build_info);
   m.def("cpu_threads_used() -> int", &spark_ext::cpu::take_threads_used);
-}
-
-TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
-  m.impl("fq_learnable_forward", &spark_ext::fq_forward_cpu);
-  m.impl("fq_learnable_backward", &spark_ext::fq_backward_cpu);
-  m.impl("lsq_fake_quant_forward", &spark_ext::lsq_forward_cpu);
-  m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cpu);
 }

@@ -511,7 +511,7 @@ def _launch_forward(student, teacher, target, grid, kd_loss, signals: bool, conf
 
 
 @on_input_device
-def difficulty_forward(student, teacher, target, grid, kd_loss, *, config=None):
+def difficulty_signals(student, teacher, target, grid, kd_loss, *, config=None):
     """docs/spec.md §2 forward: ``(signals [B,4,Gh,Gw], cell_kd [B,1,Gh,Gw])``, both float32.
 
     ``student``, ``teacher``, ``target``: ``[B, C, H, W]`` float32/float16/bfloat16,
@@ -525,7 +525,7 @@ def difficulty_forward(student, teacher, target, grid, kd_loss, *, config=None):
 
 
 @on_input_device
-def cell_kd_forward(student, teacher, grid, kd_loss, *, config=None):
+def cell_kd(student, teacher, grid, kd_loss, *, config=None):
     """``cell_kd [B,1,Gh,Gw]`` float32 alone (no Y, no signals): the grid-weighted KD path."""
     return _launch_forward(student, teacher, None, grid, kd_loss, False, config)
 

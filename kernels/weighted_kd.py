@@ -221,7 +221,7 @@ def _weight_args(weight4, student):
 
 
 @on_input_device
-def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) -> torch.Tensor:
+def fused_weighted_kd(student, teacher, weight, kd_loss: str, reduction: str) -> torch.Tensor:
     """docs/spec.md §3 forward for ``weight`` None or per pixel: a float32 0-dim tensor.
 
     ``student``, ``teacher``: ``[B, C, H, W]`` float32/float16/bfloat16, any
@@ -251,8 +251,8 @@ def weighted_kd_forward(student, teacher, weight, kd_loss: str, reduction: str) 
 
 
 @on_input_device
-def weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
-    """One-pass backward of :func:`weighted_kd_forward`: ``(dS, dT, dweight)``.
+def fused_weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
+    """One-pass backward of :func:`fused_weighted_kd`: ``(dS, dT, dweight)``.
 
     ``grad``: 0-dim float32 upstream gradient (read on device). ``dS``/``dT``
     have the input's dtype and layout, ``dweight`` the weight's dtype and

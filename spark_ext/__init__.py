@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 from .ops import (  # noqa: E402
     BACKENDS,
     BackendUnavailableError,
+    available_backends,
+    backend_for,
     difficulty_signals,
     fake_quantize_learnable_per_channel_affine,
     fake_quantize_learnable_per_tensor_affine,
@@ -30,6 +32,8 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "__version__",
+    "available_backends",
+    "backend_for",
     "difficulty_signals",
     "fake_quantize_learnable_per_channel_affine",
     "fake_quantize_learnable_per_tensor_affine",

@@ -48,9 +48,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 AOT_NAME = "_C"
 AOT_INFO = "_C_build.json"
 
-CPU_SOURCES = ("library.cpp", "cpu/fake_quant_cpu.cpp", "cpu/span_kernels.cpp", "cpu/difficulty_cpu.cpp")
+CPU_SOURCES = (
+    "library.cpp",
+    "cpu/fake_quant_cpu.cpp",
+    "cpu/span_kernels.cpp",
+    "cpu/difficulty_cpu.cpp",
+    "cpu/weighted_kd_cpu.cpp",
+)
 CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
-HEADERS = ("fake_quant.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h")
+HEADERS = ("fake_quant.h", "kernel_dtypes.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h", "cpu/image_rows.h")
 
 # -ffp-contract=off: no fused multiply-add, the kernels reproduce the
 # reference bit for bit. -fno-trapping-math lets GCC if-convert selects.

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -95,6 +96,36 @@ def check_real(value: object, name: str, *, finite: bool = True) -> float:
     return value
 
 
+MIN_BITS, MAX_BITS = 2, 16  # the bit widths lsq_fake_quant takes (docs/spec.md §5b)
+
+
+def check_bits(bits: object, name: str = "bits", *, allow_none: bool = False) -> Optional[int]:
+    """An int bit width in ``[MIN_BITS, MAX_BITS]`` (or ``None`` when ``allow_none``)."""
+    if bits is None and allow_none:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        expected = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {expected}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}] (unsupported bit width), got {bits}")
+    return int(bits)
+
+
+def check_grad_scale(grad_scale: object) -> Union[str, float, None]:
+    """LSQ's gradient scale: ``"lsq"``, ``None`` or a finite number > 0 (returned as a float).
+
+    TypeError for a value of the wrong type, ValueError for a wrong value.
+    """
+    if grad_scale is None or (isinstance(grad_scale, str) and grad_scale == "lsq"):
+        return grad_scale
+    if isinstance(grad_scale, str):
+        raise ValueError(f"grad_scale must be 'lsq', a positive float or None, got {grad_scale!r}")
+    value = check_real(grad_scale, "grad_scale", finite=False)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+    return value
+
+
 def check_axis(axis: object, ndim: int, name: str = "axis") -> int:
     axis = check_int(axis, name)
     if not -ndim <= axis < ndim:
@@ -125,8 +156,17 @@ def _check_values(t: torch.Tensor, ok: torch.Tensor, message: str) -> None:
 
 
 def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
-    """Every step must be finite and > 0 (docs/spec.md §5b), checked without a host sync (see :func:`_check_values`)."""
-    _check_values(step, torch.isfinite(step) & (step > 0), f"{name} must be finite and > 0 everywhere")
+    """Every step must be finite and > 0 (docs/spec.md §5b), checked without a host sync (see :func:`_check_values`).
+
+    One elementwise test: clamping to [smallest positive subnormal, largest
+    finite] leaves exactly the finite positive values unchanged (NaN
+    propagates and compares unequal), so a call costs a clamp, a compare and
+    the reduction instead of isfinite's, > and &'s kernels each. ``step`` is
+    floating (the callers check the dtype first).
+    """
+    info = torch.finfo(step.dtype)
+    ok = step.clamp(info.smallest_normal * info.eps, info.max) == step
+    _check_values(step, ok, f"{name} must be finite and > 0 everywhere")
 
 
 def check_not_nan(t: torch.Tensor, name: str) -> None:

@@ -9,14 +9,14 @@ import argparse
 import importlib
 import platform
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 
 def _doctor(_: argparse.Namespace) -> int:
     import torch
 
     import spark_ext
-    from spark_ext.ops import _dispatch
 
     print(f"spark_ext {spark_ext.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     try:
@@ -34,12 +34,9 @@ def _doctor(_: argparse.Namespace) -> int:
         print(f"  CUDA kernels: {_extension.cuda_status()}")
     except ImportError:
         print("C++/CUDA library: not part of this build")
-    print(f"default backend: {_dispatch.get_default_backend()}")
-    for op in sorted(_dispatch._registry):
-        rows = []
-        for name in _dispatch.registered_backends(op):
-            reason = _dispatch._registry[op][name].unavailable()
-            rows.append(f"{name}" + ("" if reason is None else f" (unavailable: {reason})"))
+    print(f"default backend: {spark_ext.get_default_backend()}")
+    for op, backends in spark_ext.available_backends().items():
+        rows = [name + ("" if reason is None else f" (unavailable: {reason})") for name, reason in backends.items()]
         print(f"  {op}: {', '.join(rows)}")
     return 0
 

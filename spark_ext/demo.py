@@ -65,7 +65,6 @@ from spark_ext.distill import DistillConfig, SparkDistiller, per_image_loss
 from spark_ext._validation import writable_dir_problem
 from spark_ext.metrics import SSIM_WINDOW, restoration_metrics
 from spark_ext.models import PRETRAINED_TEACHERS, build_model, feature_layer, load_pretrained_teacher
-from spark_ext.ops import _dispatch
 
 TEACHER_FORMAT = "spark_ext-teacher-v2"  # v2: SR inputs from the MATLAB-style bicubic downscale
 
@@ -184,7 +183,7 @@ def _resolve_backends(device: torch.device, backend: str) -> dict[str, str]:
     out = {}
     for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant"):
         try:
-            out[op] = _dispatch.resolve(op, backend, like)[0]
+            out[op] = spark_ext.backend_for(op, like, backend)
         except Exception as exc:  # report, and let the real call raise with its own message
             out[op] = f"unavailable ({exc})"
     return out
@@ -609,7 +608,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     like = torch.empty(1, device=args.torch_device)
     for op in ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant"):
         try:
-            _dispatch.resolve(op, args.backend, like)
+            spark_ext.backend_for(op, like, args.backend)
         except Exception as exc:  # BackendUnavailableError, or a library that fails to load
             p.error(f"argument --backend: {exc} (--backend auto picks the fastest backend each op has)")
     args.eval_folder = None

@@ -83,7 +83,8 @@ def kd_elementwise(diff: torch.Tensor, kd_loss: str) -> torch.Tensor:
     raise ValueError(f"kd_loss must be one of ('l1', 'l2', 'charbonnier'), got {kd_loss!r}")
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for accumulation, statistics and qparam math; float64 kept for float64 inputs (exact checks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -127,7 +128,7 @@ def difficulty_signals(
         float32 (float64 for float64 inputs).
     """
     height, width = student.shape[-2:]
-    out_dtype = _accumulation_dtype(student.dtype)
+    out_dtype = accumulation_dtype(student.dtype)
     with torch.no_grad():
         s64, t64, y64 = (t.detach().to(torch.float64) for t in (student, teacher, target))
         counts = _cell_counts(height, width, grid, student.device, torch.float64)
@@ -171,7 +172,7 @@ def fused_weighted_kd(
     w.r.t. student, teacher and weight.
     """
     height, width = student.shape[-2:]
-    acc = _accumulation_dtype(student.dtype)
+    acc = accumulation_dtype(student.dtype)
     loss = kd_elementwise(student.to(acc) - teacher.to(acc), kd_loss)
     if weight is not None:
         w = weight.to(acc)
@@ -237,7 +238,7 @@ class _TorchLearnableFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         s32 = scale.detach().to(torch.float32)
         # ATen computes 1/scale in float32 whatever the input dtype.
         inv = (1.0 / s32).to(acc)
@@ -259,7 +260,7 @@ class _TorchLearnableFakeQuant(torch.autograd.Function):
     def backward(ctx, dy):
         x, scale, zero_point = ctx.saved_tensors
         axis, quant_min, quant_max, grad_factor = ctx.args
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         s32 = scale.to(torch.float32)
         inv = (1.0 / s32).to(acc)
         s = s32.to(acc)
@@ -339,7 +340,7 @@ def lsq_grad_factor(grad_scale: Union[str, float, None], numel: int, num_steps: 
 class _LSQFakeQuant(torch.autograd.Function):
     @staticmethod
     def _quantize(x, step, offset, axis, qn, qp):
-        acc = _accumulation_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         s = step.to(acc).clamp_min(LSQ_MIN_STEP)
         o = offset.to(acc) if offset is not None else torch.zeros((), dtype=acc, device=x.device)
         if axis is not None:

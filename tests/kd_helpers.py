@@ -1,8 +1,8 @@
 """Helpers shared by the backend tests of ``difficulty_signals`` and ``fused_weighted_kd``.
 
-Used by tests/test_difficulty_backends.py and tests/test_weighted_kd_backends.py
+Used by tests/test_difficulty.py and tests/test_weighted_kd.py
 (the checks every backend passes, parametrised over the backend) and by the
-backend-specific tests/test_difficulty.py and tests/test_weighted_kd.py
+backend-specific tests/test_difficulty_triton.py and tests/test_weighted_kd_triton.py
 (Triton) and tests/test_difficulty_cpp.py and tests/test_weighted_kd_cpp.py
 (C++). The oracle is :mod:`spark_ext.reference` run in float64 on the
 same input values. Tolerances:
@@ -52,7 +52,8 @@ def _marks(backend):
     return [pytest.mark.skip(reason=why)] if why else []
 
 
-# ``@pytest.mark.parametrize("backend", BACKEND_PARAMS)``: one test per backend, skipped with the reason where unavailable.
+# ``@pytest.mark.parametrize("backend", BACKEND_PARAMS)``: one test per backend,
+# skipped with the reason where unavailable.
 BACKEND_PARAMS = [pytest.param(b, marks=_marks(b), id=b) for b in BACKENDS]
 
 
@@ -97,7 +98,6 @@ def gpu_like(monkeypatch):
     for mod in (kd_kernels, wkd_kernels):
         monkeypatch.setattr(mod, "tile_pixels", lambda device, gpu=1024: 256)
         monkeypatch.setattr(mod, "target_programs", lambda device: 64)
-
 
 
 def images(shape, dtype=torch.float32, layout="contiguous", n=3, device=None):

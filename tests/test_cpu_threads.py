@@ -34,14 +34,14 @@ def _fake_quant_cases():
     s16, o16 = torch.rand(16, generator=gen) * 0.3 + 0.1, torch.randn(16, generator=gen) * 0.1
     zp1, zp16 = torch.tensor([1.0]), torch.randint(-3, 3, (16,), generator=gen).float()
     return {
-        "lsq_forward per tensor": lambda: ops.lsq_fake_quant_forward(x, s1, o1, None, 8, 7, 0.1),
+        "lsq_forward per tensor": lambda: ops.lsq_fake_quant(x, s1, o1, None, 8, 7, 0.1),
         "lsq_backward per tensor": lambda: ops.lsq_fake_quant_backward(dy, x, s1, o1, None, 8, 7, 0.1),
-        "lsq_forward per channel": lambda: ops.lsq_fake_quant_forward(xc, s16, o16, 1, 8, 7, 0.1),
+        "lsq_forward per channel": lambda: ops.lsq_fake_quant(xc, s16, o16, 1, 8, 7, 0.1),
         "lsq_backward per channel": lambda: ops.lsq_fake_quant_backward(dyc, xc, s16, o16, 1, 8, 7, 0.1),
-        "fq_forward per tensor": lambda: ops.fq_learnable_forward(x, s1, zp1, None, -8, 7, 1.0),
-        "fq_backward per tensor": lambda: ops.fq_learnable_backward(dy, x, s1, zp1, None, -8, 7, 1.0),
-        "fq_forward per channel": lambda: ops.fq_learnable_forward(xc, s16, zp16, 1, -8, 7, 1.0),
-        "fq_backward per channel": lambda: ops.fq_learnable_backward(dyc, xc, s16, zp16, 1, -8, 7, 1.0),
+        "fq_forward per tensor": lambda: ops.fake_quantize_learnable(x, s1, zp1, None, -8, 7, 1.0),
+        "fq_backward per tensor": lambda: ops.fake_quantize_learnable_backward(dy, x, s1, zp1, None, -8, 7, 1.0),
+        "fq_forward per channel": lambda: ops.fake_quantize_learnable(xc, s16, zp16, 1, -8, 7, 1.0),
+        "fq_backward per channel": lambda: ops.fake_quantize_learnable_backward(dyc, xc, s16, zp16, 1, -8, 7, 1.0),
     }
 
 
@@ -50,11 +50,11 @@ def _kd_cases():
     G = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     w = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(3))
     return {
-        "difficulty_forward": lambda: ops.difficulty_forward(S, T, Y, 4, 4, "l1"),
-        "cell_kd_forward": lambda: ops.cell_kd_forward(S, T, 4, 4, "l2"),
+        "difficulty_signals": lambda: ops.difficulty_signals(S, T, Y, 4, 4, "l1"),
+        "cell_kd": lambda: ops.cell_kd(S, T, 4, 4, "l2"),
         "cell_kd_backward": lambda: ops.cell_kd_backward(G, S, T, "l1", True, True),
-        "weighted_kd_forward": lambda: ops.weighted_kd_forward(S, T, w, "charbonnier", "mean"),
-        "weighted_kd_backward": lambda: ops.weighted_kd_backward(
+        "fused_weighted_kd": lambda: ops.fused_weighted_kd(S, T, w, "charbonnier", "mean"),
+        "fused_weighted_kd_backward": lambda: ops.fused_weighted_kd_backward(
             torch.tensor(1.3), S, T, w, "charbonnier", "mean", True, True, True
         ),
     }

@@ -1,10 +1,10 @@
 """C++ CPU backend (``cpp``) of ``difficulty_signals`` (docs/spec.md §2): its own checks.
 
 The kernels are in csrc/cpu/difficulty_cpu.cpp (ops
-``spark_ext::difficulty_forward``, ``cell_kd_forward``, ``cell_kd_backward``).
+``spark_ext::difficulty_signals``, ``cell_kd``, ``cell_kd_backward``).
 The checks every backend passes (forward and gradients against the reference
 over shapes, grids, layouts and dtypes; opcheck; torch.compile) run for this
-backend in tests/test_difficulty_backends.py; here: raw-op outputs,
+backend in tests/test_difficulty.py; here: raw-op outputs,
 determinism across thread counts, empty batches, dispatch.
 """
 
@@ -79,6 +79,6 @@ def test_dispatch_rules():
         cpp_signals(S, T, Y, (5, 2), "l1")
     # The raw op checks its arguments too.
     with pytest.raises(ValueError, match="grid"):
-        torch.ops.spark_ext.difficulty_forward(S, T, Y, 5, 2, "l1")
+        torch.ops.spark_ext.difficulty_signals(S, T, Y, 5, 2, "l1")
     with pytest.raises(ValueError, match="kd_loss"):
-        torch.ops.spark_ext.cell_kd_forward(S, T, 2, 2, "huber")
+        torch.ops.spark_ext.cell_kd(S, T, 2, 2, "huber")

@@ -157,7 +157,7 @@ def test_coexists_with_python_custom_ops_in_the_same_namespace(python_ops_first)
         _extension.load()
         x = torch.randn(8)
         assert torch.equal(torch.ops.spark_ext._probe_double(x), x * 2)
-        assert torch.ops.spark_ext.triton_weighted_kd is not None
+        assert torch.ops.spark_ext.fused_weighted_kd_triton is not None
         y = spark_ext.lsq_fake_quant(x, torch.tensor([0.1]), bits=4, signed=True, backend="cpp")
         print("ok", y.shape)
         """),

@@ -18,7 +18,6 @@ from torch._prims_common import is_non_overlapping_and_dense_or_false as is_dens
 
 import spark_ext
 from spark_ext import _extension, reference
-from spark_ext.ops import fake_quant
 
 from grad_layouts import GRAD_SHAPE, grad_layouts
 
@@ -29,7 +28,6 @@ per_channel = spark_ext.fake_quantize_learnable_per_channel_affine
 @pytest.fixture(scope="module", autouse=True)
 def _library():
     _extension.load()
-    spark_ext.ops._dispatch.resolve(fake_quant.OP_PER_TENSOR, "cpp", torch.zeros(1))
 
 
 def run(fn, x, scale, zp, *args, dy, **kw):
@@ -200,7 +198,7 @@ def test_wide_ranges_use_the_reference_path():
 
 
 def test_direct_op_rejects_bad_arguments():
-    op = torch.ops.spark_ext.fq_learnable_forward
+    op = torch.ops.spark_ext.fake_quantize_learnable
     x = torch.randn(4, 5)
     s, z = torch.ones(1), torch.zeros(1)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
@@ -212,14 +210,14 @@ def test_direct_op_rejects_bad_arguments():
     with pytest.raises(ValueError, match="quant_min <= 0 <= quant_max"):
         op(x, s, z, None, 1, 7, 1.0)
     with pytest.raises(ValueError, match="grad must have x's shape"):
-        torch.ops.spark_ext.fq_learnable_backward(torch.ones(3), x, s, z, None, -8, 7, 1.0)
+        torch.ops.spark_ext.fake_quantize_learnable_backward(torch.ones(3), x, s, z, None, -8, 7, 1.0)
 
 
 def test_opcheck():
     x = torch.randn(2, 3, 5, 4)
     scale, zp = torch.rand(3) + 0.1, torch.randn(3) * 2
-    fwd = torch.ops.spark_ext.fq_learnable_forward.default
-    bwd = torch.ops.spark_ext.fq_learnable_backward.default
+    fwd = torch.ops.spark_ext.fake_quantize_learnable.default
+    bwd = torch.ops.spark_ext.fake_quantize_learnable_backward.default
     torch.library.opcheck(fwd, (x.clone().requires_grad_(), scale.clone().requires_grad_(), zp.clone().requires_grad_(), 1, -8, 7, 0.3))
     torch.library.opcheck(fwd, (x, scale[:1], zp[:1], None, 0, 255, 1.0))
     torch.library.opcheck(fwd, (x.contiguous(memory_format=torch.channels_last), scale, zp, 1, -8, 7, 1.0))
@@ -453,7 +451,7 @@ def test_cuda_layouts_determinism_opcheck():
     assert a[0].stride() == x.stride()
     want = run(torch_op(1), x, scale, zp, -8, 7, 1.0, dy=dy)
     assert torch.equal(a[0], want[0]) and torch.equal(a[1], want[1])
-    torch.library.opcheck(torch.ops.spark_ext.fq_learnable_forward.default, (x, scale, zp, 1, -8, 7, 1.0))
+    torch.library.opcheck(torch.ops.spark_ext.fake_quantize_learnable.default, (x, scale, zp, 1, -8, 7, 1.0))
 
 
 @pytest.mark.cuda

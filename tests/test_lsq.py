@@ -26,7 +26,6 @@ LOW = (torch.float16, torch.bfloat16)
 @pytest.fixture(scope="module", autouse=True)
 def _library():
     _extension.load()  # a build or load failure fails these tests (it must work in CI)
-    spark_ext.ops._dispatch.resolve("lsq_fake_quant", "cpp", torch.zeros(1))  # registers fake/autograd
 
 
 def run(x, step, offset, dy, backend, **kw):
@@ -228,7 +227,7 @@ def test_lsq_grad_scale_uses_elements_per_step():
 
 
 def test_direct_op_rejects_bad_arguments():
-    op = torch.ops.spark_ext.lsq_fake_quant_forward
+    op = torch.ops.spark_ext.lsq_fake_quant
     x = torch.randn(4, 5)
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         op(x.int(), torch.ones(1), None, None, 8, 7, 1.0)
@@ -253,7 +252,7 @@ def test_float64_falls_back_to_the_reference():
 def test_opcheck():
     x = torch.randn(2, 3, 5, 4)
     step, offset = torch.rand(3) + 0.1, torch.randn(3) * 0.1
-    fwd = torch.ops.spark_ext.lsq_fake_quant_forward.default
+    fwd = torch.ops.spark_ext.lsq_fake_quant.default
     bwd = torch.ops.spark_ext.lsq_fake_quant_backward.default
     for args in (
         (x.requires_grad_(), step.requires_grad_(), offset.requires_grad_(), 1, 8, 7, 0.3),
@@ -339,7 +338,7 @@ def test_cuda_layouts_determinism_and_compile():
     f = torch.compile(lambda t, s: spark_ext.lsq_fake_quant(t, s, bits=4, signed=True, axis=1).sum(), fullgraph=True)
     f(xc, step.cuda().requires_grad_()).backward()
     args = (xc.detach(), step.cuda(), offset.cuda(), 1, 8, 7, 0.3)
-    torch.library.opcheck(torch.ops.spark_ext.lsq_fake_quant_forward.default, args)
+    torch.library.opcheck(torch.ops.spark_ext.lsq_fake_quant.default, args)
 
 
 @pytest.mark.cuda
@@ -351,7 +350,7 @@ def test_cuda_more_than_2_31_elements():
         pytest.skip("not enough GPU memory")
     x = torch.empty(n, dtype=torch.bfloat16, device="cuda").uniform_(-3, 3)
     step = torch.tensor([0.25], device="cuda")
-    y = torch.ops.spark_ext.lsq_fake_quant_forward(x, step, None, None, 8, 7, 1.0)
+    y = torch.ops.spark_ext.lsq_fake_quant(x, step, None, None, 8, 7, 1.0)
     tail = slice(n - 4096, n)
     want = reference.lsq_fake_quant(x[tail].cpu(), step.cpu(), bits=4, signed=True)
     assert torch.equal(y[tail].cpu(), want)
@@ -387,10 +386,10 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
         s = torch.rand(n, generator=gen) * 0.3 + 0.05
         o = torch.randn(n, generator=gen) * 0.2
         key = (str(dt), axis)
-        out[key + ("lsq",)] = (torch.ops.spark_ext.lsq_fake_quant_forward(x, s, o, axis, 8, 7, 0.1),
+        out[key + ("lsq",)] = (torch.ops.spark_ext.lsq_fake_quant(x, s, o, axis, 8, 7, 0.1),
                                torch.ops.spark_ext.lsq_fake_quant_backward(dy, x, s, o, axis, 8, 7, 0.1))
-        out[key + ("fq",)] = (torch.ops.spark_ext.fq_learnable_forward(x, s, o * 10, axis, -8, 7, 0.7),
-                              torch.ops.spark_ext.fq_learnable_backward(dy, x, s, o * 10, axis, -8, 7, 0.7))
+        out[key + ("fq",)] = (torch.ops.spark_ext.fake_quantize_learnable(x, s, o * 10, axis, -8, 7, 0.7),
+                              torch.ops.spark_ext.fake_quantize_learnable_backward(dy, x, s, o * 10, axis, -8, 7, 0.7))
 torch.save(out, {str(tmp_path)!r} + "/" + isa + ".pt")
 print(isa)
 """

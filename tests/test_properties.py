@@ -34,7 +34,7 @@ def images_and_grid(draw):
 @pytest.mark.skipif(not _available("difficulty_signals", "triton"), reason="triton backend not registered")
 @SETTINGS
 @given(case=images_and_grid(), kd_loss=st.sampled_from(["l1", "l2", "charbonnier"]), channels_last=st.booleans())
-def test_triton_difficulty_signals_equal_reference(case, kd_loss, channels_last):
+def test_difficulty_signals_triton_equal_reference(case, kd_loss, channels_last):
     shape, grid, seed = case
     gen = torch.Generator().manual_seed(seed)
     S, T, Y = (torch.randn(shape, generator=gen).to(DEVICE) for _ in range(3))

@@ -90,7 +90,7 @@ def test_lsq_errors():
         spark_ext.lsq_fake_quant(x, torch.tensor([1]), bits=4, signed=True)
     with pytest.raises(ValueError, match="grad_scale"):
         spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, grad_scale="adaptive")
-    with pytest.raises(ValueError, match="grad_scale must be > 0"):
+    with pytest.raises(ValueError, match="grad_scale must be a finite number > 0"):
         spark_ext.lsq_fake_quant(x, step, bits=4, signed=True, grad_scale=-1.0)
 
 
@@ -137,7 +137,9 @@ def test_auto_warns_once_and_falls_back_when_a_fast_backend_cannot_load(monkeypa
         raise AssertionError("must not be called")
 
     monkeypatch.setitem(_dispatch._registry, "fake_op", {})
-    _dispatch.register("fake_op", "cpp", broken, unavailable=lambda: "library failed to build")
+    # the cpp backend's one availability rule, looked up at call time
+    monkeypatch.setattr(_dispatch._extension, "cpp_unavailable", lambda: "library failed to build")
+    _dispatch.register("fake_op", "cpp", broken)
     _dispatch.register("fake_op", "reference", lambda: "ref")
     x = torch.zeros(1)
     with pytest.warns(RuntimeWarning, match="library failed to build"):
@@ -149,3 +151,39 @@ def test_auto_warns_once_and_falls_back_when_a_fast_backend_cannot_load(monkeypa
         assert _dispatch.resolve("fake_op", "auto", x)[0] == "reference"
     with pytest.raises(spark_ext.BackendUnavailableError, match="library failed to build"):
         _dispatch.resolve("fake_op", "cpp", x)
+
+
+def test_backend_for_and_available_backends_answer_publicly(monkeypatch):
+    from spark_ext import _extension
+
+    x64, x32 = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    assert spark_ext.backend_for("lsq_fake_quant", x64) == "reference"
+    assert spark_ext.backend_for("difficulty_signals", x32, "reference") == "reference"
+    with spark_ext.use_backend("reference"):
+        assert spark_ext.backend_for("fused_weighted_kd", x32) == "reference"
+    with pytest.raises(ValueError, match="op must be one of"):
+        spark_ext.backend_for("no_such_op", x32)
+    with pytest.raises(spark_ext.BackendUnavailableError, match="lsq_fake_quant: backend 'cuda' cannot run here"):
+        spark_ext.backend_for("lsq_fake_quant", x32, "cuda")
+    table = spark_ext.available_backends()
+    ops = {"difficulty_signals", "fused_weighted_kd", "lsq_fake_quant", "fake_quantize_learnable_per_tensor_affine"}
+    assert ops <= set(table)
+    for op in ops:
+        assert list(table[op]) == spark_ext.registered_backends(op)
+        assert table[op]["reference"] is None
+    monkeypatch.setattr(_extension, "cpp_unavailable", lambda: "library failed to build")
+    assert spark_ext.available_backends()["lsq_fake_quant"]["cpp"] == "library failed to build"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_check_positive_step_accepts_exactly_the_finite_positive_values(dtype):
+    from spark_ext._validation import check_positive_step
+
+    info = torch.finfo(dtype)
+    smallest = torch.tensor(info.smallest_normal * info.eps, dtype=dtype)  # the smallest positive subnormal
+    assert smallest > 0
+    for value in (smallest, torch.tensor(1.0, dtype=dtype), torch.tensor(info.max, dtype=dtype)):
+        check_positive_step(value.reshape(1), "step")
+    for bad in (0.0, -0.0, -1.0, -float(smallest), float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="step must be finite and > 0 everywhere"):
+            check_positive_step(torch.tensor([1.0, bad], dtype=dtype), "step")

@@ -1,10 +1,10 @@
 """C++ CPU backend (``cpp``) of ``fused_weighted_kd`` (docs/spec.md §3): its own checks.
 
-Kernels in csrc/cpu/difficulty_cpu.cpp (``spark_ext::weighted_kd_forward`` /
-``weighted_kd_backward``; grid weights through ``spark_ext::cell_kd_forward``).
+Kernels in csrc/cpu/weighted_kd_cpu.cpp (``spark_ext::fused_weighted_kd`` /
+``fused_weighted_kd_backward``; grid weights through ``spark_ext::cell_kd``).
 The checks every backend passes (loss and gradients against the reference over
 weight shapes, layouts and dtypes; opcheck; torch.compile) run for this
-backend in tests/test_weighted_kd_backends.py; here: raw-op outputs,
+backend in tests/test_weighted_kd.py; here: raw-op outputs,
 determinism across thread counts, empty inputs, dispatch.
 """
 
@@ -32,7 +32,9 @@ def cpp_fn(S, T, w, kind, reduction):
 def test_raw_backward_skips_unrequested_outputs():
     S, T = images((2, 3, 7, 9))
     w = torch.rand(2, 1, 7, 9)
-    ds, dt, dw = torch.ops.spark_ext.weighted_kd_backward(torch.tensor(1.0), S, T, w, "l1", "sum", False, True, False)
+    ds, dt, dw = torch.ops.spark_ext.fused_weighted_kd_backward(
+        torch.tensor(1.0), S, T, w, "l1", "sum", False, True, False
+    )
     assert ds.shape == (0,) and dw.shape == (0,) and dt.shape == S.shape
 
 

@@ -21,6 +21,7 @@
 // temporary besides the outputs (and the documented copy of an x with gaps,
 // fake_quant.h). The gradient is read in place whatever its strides (GradReader).
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -40,35 +41,44 @@ constexpr int64_t kPeriodWidth = 256;  // minimum width of a period-mode row
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-struct Plan {
-  int64_t n = 0, outer = 1, C = 1, inner = 0;
-  bool period = false;
-  int64_t ntasks = 0;
+// How a dense [outer, channels, inner] view is cut into tasks (the CUDA file
+// has the same struct: one thread block per task there). Row mode: each
+// (outer, channel) row of `inner` elements is cut into `row_chunks` chunks of
+// at most kChunk. Period mode (many channels, small inner stride): the flat
+// tensor is read as rows of `period_row_len` elements, a whole number of
+// channel periods (`period_len` = channels * inner), so every column has one
+// channel; a task covers `rows_per_task` rows of one block of `block_cols`
+// columns.
+struct LaunchPlan {
+  int64_t numel = 0, outer = 1, channels = 1, inner = 0;
+  bool period_mode = false;
+  int64_t tasks = 0;
   // row mode
-  int64_t nck = 1;
+  int64_t row_chunks = 1;
   // period mode
-  int64_t P = 0, Pp = 0, prows = 0, CB = 0, ncb = 1, RT = 1, ngroups = 0;
+  int64_t period_len = 0, period_row_len = 0, period_rows = 0;
+  int64_t block_cols = 0, col_blocks = 1, rows_per_task = 1, row_groups = 0;
 };
 
-Plan make_plan(const DenseView& v) {
-  Plan p;
-  p.n = v.x.numel();
+LaunchPlan make_plan(const DenseView& v) {
+  LaunchPlan p;
+  p.numel = v.x.numel();
   p.outer = v.outer;
-  p.C = v.channels;
+  p.channels = v.channels;
   p.inner = v.inner;
-  p.period = p.C > 1 && p.inner < kPeriodInner;
-  if (!p.period) {
-    p.nck = ceil_div(p.inner, kChunk);
-    p.ntasks = p.outer * p.C * p.nck;
+  p.period_mode = p.channels > 1 && p.inner < kPeriodInner;
+  if (!p.period_mode) {
+    p.row_chunks = ceil_div(p.inner, kChunk);
+    p.tasks = p.outer * p.channels * p.row_chunks;
   } else {
-    p.P = p.C * p.inner;
-    p.Pp = p.P * std::max<int64_t>(1, ceil_div(kPeriodWidth, p.P));
-    p.prows = ceil_div(p.n, p.Pp);
-    p.CB = p.inner * std::max<int64_t>(1, kChunk / p.inner);  // whole channels per column block
-    p.ncb = ceil_div(p.Pp, p.CB);
-    p.RT = std::max<int64_t>(1, kChunk / std::min(p.Pp, p.CB));
-    p.ngroups = ceil_div(p.prows, p.RT);
-    p.ntasks = p.ngroups * p.ncb;
+    p.period_len = p.channels * p.inner;
+    p.period_row_len = p.period_len * std::max<int64_t>(1, ceil_div(kPeriodWidth, p.period_len));
+    p.period_rows = ceil_div(p.numel, p.period_row_len);
+    p.block_cols = p.inner * std::max<int64_t>(1, kChunk / p.inner);  // whole channels per column block
+    p.col_blocks = ceil_div(p.period_row_len, p.block_cols);
+    p.rows_per_task = std::max<int64_t>(1, kChunk / std::min(p.period_row_len, p.block_cols));
+    p.row_groups = ceil_div(p.period_rows, p.rows_per_task);
+    p.tasks = p.row_groups * p.col_blocks;
   }
   return p;
 }
@@ -81,10 +91,10 @@ struct Params {
   float post = 1.f;  // multiplies the reduced sums (LSQ's g)
 };
 
-void expand(std::vector<float>& v, const Plan& p) {
-  if (!p.period || v.empty()) return;
-  std::vector<float> e(p.Pp);
-  for (int64_t j = 0; j < p.Pp; ++j) e[j] = v[(j % p.P) / p.inner];
+void expand(std::vector<float>& v, const LaunchPlan& p) {
+  if (!p.period_mode || v.empty()) return;
+  std::vector<float> e(p.period_row_len);
+  for (int64_t j = 0; j < p.period_row_len; ++j) e[j] = v[(j % p.period_len) / p.inner];
   v.swap(e);
 }
 
@@ -117,8 +127,8 @@ cpu::SpanArgs base_args(const Params& q) {
 
 // Row mode: task t is chunk k of row (o, c). Sets the span length and the
 // channel's parameters in g; returns the index of the span's first element.
-int64_t row_task(const Plan& p, const Params& q, int64_t t, cpu::SpanArgs& g) {
-  const int64_t row = t / p.nck, k = t % p.nck, c = row % p.C;
+int64_t row_task(const LaunchPlan& p, const Params& q, int64_t t, cpu::SpanArgs& g) {
+  const int64_t row = t / p.row_chunks, k = t % p.row_chunks, c = row % p.channels;
   g.n = std::min(kChunk, p.inner - k * kChunk);
   g.pa = &q.a[c];
   g.pb = &q.b[c];
@@ -132,20 +142,20 @@ struct PeriodTask {
   int64_t grp, col0, col1;
 };
 
-PeriodTask period_task(const Plan& p, int64_t t) {
-  const int64_t col0 = (t % p.ncb) * p.CB;
-  return {t / p.ncb, col0, std::min(p.Pp, col0 + p.CB)};
+PeriodTask period_task(const LaunchPlan& p, int64_t t) {
+  const int64_t col0 = (t % p.col_blocks) * p.block_cols;
+  return {t / p.col_blocks, col0, std::min(p.period_row_len, col0 + p.block_cols)};
 }
 
 // Points g's parameters at the task's first position and calls
 // f(first element, length) for each of its row spans, in row order.
 template <class F>
-void for_each_period_span(const Plan& p, const Params& q, const PeriodTask& k, cpu::SpanArgs& g, F&& f) {
+void for_each_period_span(const LaunchPlan& p, const Params& q, const PeriodTask& k, cpu::SpanArgs& g, F&& f) {
   g.pa = q.a.data() + k.col0;
   g.pb = q.b.data() + k.col0;
   g.pc = q.c.empty() ? nullptr : q.c.data() + k.col0;
-  for (int64_t r = k.grp * p.RT; r < std::min(p.prows, (k.grp + 1) * p.RT); ++r) {
-    const int64_t row0 = r * p.Pp, len = std::min(k.col1, p.n - row0) - k.col0;
+  for (int64_t r = k.grp * p.rows_per_task; r < std::min(p.period_rows, (k.grp + 1) * p.rows_per_task); ++r) {
+    const int64_t row0 = r * p.period_row_len, len = std::min(k.col1, p.numel - row0) - k.col0;
     if (len > 0) f(row0 + k.col0, len);
   }
 }
@@ -228,13 +238,13 @@ GradReader grad_reader(const at::Tensor& dy_in, const at::Tensor& x) {
   return r;
 }
 
-void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
+void run_forward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t es = x.element_size();
-  if (!p.period) {
+  if (!p.period_mode) {
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
-    cpu::parallel_tasks(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_tasks(0, p.tasks, grain, [&](int64_t t0, int64_t t1) {
       cpu::SpanArgs g = base_args(q);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t start = row_task(p, q, t, g);
@@ -245,7 +255,7 @@ void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const
     });
     return;
   }
-  cpu::parallel_tasks(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+  cpu::parallel_tasks(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::SpanArgs g = base_args(q);
     for (int64_t t = t0; t < t1; ++t) {
       for_each_period_span(p, q, period_task(p, t), g, [&](int64_t start, int64_t len) {
@@ -259,19 +269,19 @@ void run_forward(const Plan& p, const Params& q, cpu::SpanFn const fns[2], const
 }
 
 // Returns the fp32 sums [C] of the step/scale and offset/zero-point terms.
-std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, cpu::SpanFn const fns[2],
+std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2],
                                                const at::Tensor& x, const GradReader& dy, at::Tensor& dx) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* dxp = static_cast<char*>(dx.data_ptr());
   const int64_t es = x.element_size();
   auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor sum_s = at::empty({p.C}, f32), sum_z = at::empty({p.C}, f32);
+  at::Tensor sum_s = at::empty({p.channels}, f32), sum_z = at::empty({p.channels}, f32);
   float* ss = sum_s.data_ptr<float>();
   float* sz = sum_z.data_ptr<float>();
-  if (!p.period) {
-    std::vector<float> part_s(p.ntasks), part_z(p.ntasks);
+  if (!p.period_mode) {
+    std::vector<float> part_s(p.tasks), part_z(p.tasks);
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
-    cpu::parallel_tasks(0, p.ntasks, grain, [&](int64_t t0, int64_t t1) {
+    cpu::parallel_tasks(0, p.tasks, grain, [&](int64_t t0, int64_t t1) {
       cpu::SpanArgs g = base_args(q);
       std::vector<char> dy_buf;
       float acc_s[cpu::kLanes], acc_z[cpu::kLanes];
@@ -289,14 +299,14 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
         part_z[t] = pairwise_sum(acc_z, cpu::kLanes);
       }
     });
-    // Stage 2: channel c owns partials (o * C + c) * nck + k, summed in (o, k) order.
-    cpu::parallel_tasks(0, p.C, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> vs(p.outer * p.nck), vz(p.outer * p.nck);
+    // Stage 2: channel c owns partials (o * channels + c) * row_chunks + k, summed in (o, k) order.
+    cpu::parallel_tasks(0, p.channels, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> vs(p.outer * p.row_chunks), vz(p.outer * p.row_chunks);
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t o = 0; o < p.outer; ++o) {
-          const int64_t base = (o * p.C + c) * p.nck;
-          std::copy(part_s.begin() + base, part_s.begin() + base + p.nck, vs.begin() + o * p.nck);
-          std::copy(part_z.begin() + base, part_z.begin() + base + p.nck, vz.begin() + o * p.nck);
+          const int64_t base = (o * p.channels + c) * p.row_chunks;
+          std::copy(part_s.begin() + base, part_s.begin() + base + p.row_chunks, vs.begin() + o * p.row_chunks);
+          std::copy(part_z.begin() + base, part_z.begin() + base + p.row_chunks, vz.begin() + o * p.row_chunks);
         }
         ss[c] = q.post * pairwise_sum(vs.data(), int64_t(vs.size()));
         sz[c] = q.post * pairwise_sum(vz.data(), int64_t(vz.size()));
@@ -304,8 +314,8 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
     });
     return {sum_s, sum_z};
   }
-  std::vector<float> part_s(p.ngroups * p.C, 0.f), part_z(p.ngroups * p.C, 0.f);
-  cpu::parallel_tasks(0, p.ntasks, 1, [&](int64_t t0, int64_t t1) {
+  std::vector<float> part_s(p.row_groups * p.channels, 0.f), part_z(p.row_groups * p.channels, 0.f);
+  cpu::parallel_tasks(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
     cpu::SpanArgs g = base_args(q);
     std::vector<char> dy_buf;
     std::vector<float> acc_s, acc_z;
@@ -324,24 +334,24 @@ std::pair<at::Tensor, at::Tensor> run_backward(const Plan& p, const Params& q, c
       });
       // Column blocks hold whole channels (or the whole period row), so this
       // task is the only writer of these channels' partials for its group.
-      float* ps = part_s.data() + k.grp * p.C;
-      float* pz = part_z.data() + k.grp * p.C;
+      float* ps = part_s.data() + k.grp * p.channels;
+      float* pz = part_z.data() + k.grp * p.channels;
       for (int64_t j = 0; j < k.col1 - k.col0; ++j) {
-        const int64_t c = ((k.col0 + j) % p.P) / p.inner;
+        const int64_t c = ((k.col0 + j) % p.period_len) / p.inner;
         ps[c] += acc_s[j];
         pz[c] += acc_z[j];
       }
     }
   });
-  cpu::parallel_tasks(0, p.C, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> vs(p.ngroups), vz(p.ngroups);
+  cpu::parallel_tasks(0, p.channels, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> vs(p.row_groups), vz(p.row_groups);
     for (int64_t c = c0; c < c1; ++c) {
-      for (int64_t grp = 0; grp < p.ngroups; ++grp) {
-        vs[grp] = part_s[grp * p.C + c];
-        vz[grp] = part_z[grp * p.C + c];
+      for (int64_t grp = 0; grp < p.row_groups; ++grp) {
+        vs[grp] = part_s[grp * p.channels + c];
+        vz[grp] = part_z[grp * p.channels + c];
       }
-      ss[c] = q.post * pairwise_sum(vs.data(), p.ngroups);
-      sz[c] = q.post * pairwise_sum(vz.data(), p.ngroups);
+      ss[c] = q.post * pairwise_sum(vs.data(), p.row_groups);
+      sz[c] = q.post * pairwise_sum(vz.data(), p.row_groups);
     }
   });
   return {sum_s, sum_z};
@@ -355,7 +365,7 @@ std::vector<float> to_floats(const at::Tensor& t) {
 // §5a parameters. Forward and per-channel backward round the zero point half
 // to even; ATen's per-tensor backward takes trunc(clamp(zp + 0.5)) instead.
 Params fq_params(const at::Tensor& scale, const at::Tensor& zero_point, bool per_tensor_backward, int64_t lo,
-                 int64_t hi, double grad_factor, const Plan& p) {
+                 int64_t hi, double grad_factor, const LaunchPlan& p) {
   Params q;
   q.lo = float(lo);
   q.hi = float(hi);
@@ -377,7 +387,7 @@ Params fq_params(const at::Tensor& scale, const at::Tensor& zero_point, bool per
 }
 
 Params lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offset, int64_t qn, int64_t qp,
-                  double grad_factor, const Plan& p) {
+                  double grad_factor, const LaunchPlan& p) {
   Params q;
   q.lo = -float(qn);
   q.hi = float(qp);
@@ -394,11 +404,11 @@ Params lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offse
 
 at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                           c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_forward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
   at::Tensor y = at::empty_like(v.x);
   if (v.x.numel() == 0) return y;
-  const Plan p = make_plan(v);
+  const LaunchPlan p = make_plan(v);
   const Params q = fq_params(scale, zero_point, false, quant_min, quant_max, grad_factor, p);
   run_forward(p, q, cpu::kernels().fq_fwd[dtype_code(x)], v.x, y);
   return y;
@@ -408,12 +418,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
                                                                const at::Tensor& scale, const at::Tensor& zero_point,
                                                                c10::optional<int64_t> axis, int64_t quant_min,
                                                                int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
   if (v.x.numel() == 0) return {dx, at::zeros_like(scale), at::zeros_like(zero_point)};
-  const Plan p = make_plan(v);
+  const LaunchPlan p = make_plan(v);
   const Params q = fq_params(scale, zero_point, !axis.has_value(), quant_min, quant_max, grad_factor, p);
   auto sums = run_backward(p, q, cpu::kernels().fq_bwd[dtype_code(x)], v.x, g, dx);
   return {dx, sums.first.to(scale.scalar_type()).reshape(scale.sizes()),
@@ -422,11 +432,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
 
 at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                            c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant_forward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   DenseView v = dense_view(x, axis);
   at::Tensor y = at::empty_like(v.x);
   if (v.x.numel() == 0) return y;
-  const Plan p = make_plan(v);
+  const LaunchPlan p = make_plan(v);
   const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
   run_forward(p, q, cpu::kernels().lsq_fwd[dtype_code(x)], v.x, y);
   return y;
@@ -444,7 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
   // The offset gradient takes the offset's dtype and shape (step's without one).
   const at::Tensor& off_like = offset.has_value() ? *offset : step;
   if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(off_like)};
-  const Plan p = make_plan(v);
+  const LaunchPlan p = make_plan(v);
   const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
   auto sums = run_backward(p, q, cpu::kernels().lsq_bwd[dtype_code(x)], v.x, g, dx);
   return {dx, sums.first.to(step.scalar_type()).reshape(step.sizes()),
@@ -452,3 +462,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
 }
 
 }  // namespace spark_ext
+
+// Schemas of the fake-quant ops (the CUDA kernels in cuda/fake_quant_cuda.cu
+// register against the same schemas).
+TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
+  m.def(
+      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
+      "float grad_factor) -> Tensor");
+  m.def(
+      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
+      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lsq_fake_quant(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
+      "-> Tensor");
+  m.def(
+      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
+      "float grad_factor) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
+  m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cpu);
+  m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cpu);
+  m.impl("lsq_fake_quant", &spark_ext::lsq_forward_cpu);
+  m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cpu);
+}

@@ -36,6 +36,7 @@
 #include <algorithm>
 
 #include "../fake_quant.h"
+#include "../kernel_dtypes.h"
 
 namespace spark_ext {
 namespace {
@@ -56,44 +57,44 @@ struct Tag {
 // float64 kernels are instantiated.
 template <class F>
 void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<c10::Half>{}); break;
-    case at::kBFloat16: f(Tag<c10::BFloat16>{}); break;
-    default: TORCH_CHECK_TYPE(false, "spark_ext: unsupported dtype ", dt);
-  }
+  SPARK_DISPATCH_KERNEL_DTYPES(dt, "spark_ext", [&] { f(Tag<scalar_t>{}); });
 }
 
-struct Geometry {
-  int64_t n, outer, C, inner;
-  bool period;
-  int64_t nck;                         // row mode: chunks per row
-  int64_t P, Pp, prows, ncb, ngroups;  // period mode
-  int64_t blocks;
+// How a dense [outer, channels, inner] view is cut into thread blocks (the
+// fields of the CPU file's LaunchPlan, one block per task): row mode cuts each
+// (outer, channel) row into `row_chunks` chunks; period mode reads the flat
+// tensor as `period_rows` rows of `period_row_len` elements (whole channel
+// periods of `period_len` = channels * inner), kRowsPerGroup rows per block.
+struct LaunchPlan {
+  int64_t numel, outer, channels, inner;
+  bool period_mode;
+  int64_t row_chunks;                                                        // row mode
+  int64_t period_len, period_row_len, period_rows, col_blocks, row_groups;  // period mode
+  int64_t tasks;                                                             // thread blocks
   int64_t partials;  // backward: partial sums per gradient
 };
 
-Geometry make_geometry(const DenseView& v) {
-  Geometry g{};
-  g.n = v.x.numel();
+LaunchPlan make_plan(const DenseView& v) {
+  LaunchPlan g{};
+  g.numel = v.x.numel();
   g.outer = v.outer;
-  g.C = v.channels;
+  g.channels = v.channels;
   g.inner = v.inner;
-  g.period = g.C > 1 && g.inner < kPeriodInner;
-  if (!g.period) {
-    g.nck = ceil_div(g.inner, kChunk);
-    g.blocks = g.outer * g.C * g.nck;
-    g.partials = g.blocks;
+  g.period_mode = g.channels > 1 && g.inner < kPeriodInner;
+  if (!g.period_mode) {
+    g.row_chunks = ceil_div(g.inner, kChunk);
+    g.tasks = g.outer * g.channels * g.row_chunks;
+    g.partials = g.tasks;
   } else {
-    g.P = g.C * g.inner;
-    g.Pp = g.P * std::max<int64_t>(1, ceil_div(kThreads, g.P));
-    g.prows = ceil_div(g.n, g.Pp);
-    g.ncb = ceil_div(g.Pp, kThreads);
-    g.ngroups = ceil_div(g.prows, kRowsPerGroup);
-    g.blocks = g.ngroups * g.ncb;
-    g.partials = g.ngroups * g.Pp;
+    g.period_len = g.channels * g.inner;
+    g.period_row_len = g.period_len * std::max<int64_t>(1, ceil_div(kThreads, g.period_len));
+    g.period_rows = ceil_div(g.numel, g.period_row_len);
+    g.col_blocks = ceil_div(g.period_row_len, kThreads);
+    g.row_groups = ceil_div(g.period_rows, kRowsPerGroup);
+    g.tasks = g.row_groups * g.col_blocks;
+    g.partials = g.row_groups * g.period_row_len;
   }
-  TORCH_CHECK(g.blocks < (int64_t(1) << 31), "spark_ext: tensor too large for one launch (", g.blocks, " blocks)");
+  TORCH_CHECK(g.tasks < (int64_t(1) << 31), "spark_ext: tensor too large for one launch (", g.tasks, " blocks)");
   return g;
 }
 
@@ -207,9 +208,9 @@ __device__ __forceinline__ void element(const T* __restrict__ x, const T* __rest
 template <class M, class T, bool kBackward>
 __global__ void __launch_bounds__(kThreads) row_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                                        T* __restrict__ out, float* __restrict__ part_s,
-                                                       float* __restrict__ part_z, Geometry g, ParamsDev p) {
+                                                       float* __restrict__ part_z, LaunchPlan g, ParamsDev p) {
   const int64_t b = blockIdx.x;
-  const int64_t row = b / g.nck, k = b % g.nck, ch = row % g.C;
+  const int64_t row = b / g.row_chunks, k = b % g.row_chunks, ch = row % g.channels;
   const int64_t begin = row * g.inner + k * kChunk;
   const int64_t end = row * g.inner + std::min(g.inner, (k + 1) * kChunk);
   float a, pb, pc;
@@ -232,49 +233,49 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const T* __restrict__ x, 
 template <class M, class T, bool kBackward>
 __global__ void __launch_bounds__(kThreads) period_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                                           T* __restrict__ out, float* __restrict__ part_s,
-                                                          float* __restrict__ part_z, Geometry g, ParamsDev p) {
+                                                          float* __restrict__ part_z, LaunchPlan g, ParamsDev p) {
   const int64_t b = blockIdx.x;
-  const int64_t grp = b / g.ncb;
-  const int64_t col = (b % g.ncb) * kThreads + threadIdx.x;
-  if (col >= g.Pp) return;
-  const int64_t ch = (col % g.P) / g.inner;
+  const int64_t grp = b / g.col_blocks;
+  const int64_t col = (b % g.col_blocks) * kThreads + threadIdx.x;
+  if (col >= g.period_row_len) return;
+  const int64_t ch = (col % g.period_len) / g.inner;
   float a, pb, pc;
   M::params(p, ch, kBackward, a, pb, pc);
   float acc_s = 0.f, acc_z = 0.f;
-  const int64_t r1 = std::min(g.prows, (grp + 1) * kRowsPerGroup);
+  const int64_t r1 = std::min(g.period_rows, (grp + 1) * kRowsPerGroup);
   for (int64_t r = grp * kRowsPerGroup; r < r1; ++r) {
-    const int64_t i = r * g.Pp + col;
-    if (i >= g.n) break;  // only the last row can be short
+    const int64_t i = r * g.period_row_len + col;
+    if (i >= g.numel) break;  // only the last row can be short
     element<M, T, kBackward>(x, dy, out, i, p, a, pb, pc, acc_s, acc_z);
   }
   if constexpr (kBackward) {
-    part_s[grp * g.Pp + col] = acc_s;
-    part_z[grp * g.Pp + col] = acc_z;
+    part_s[grp * g.period_row_len + col] = acc_s;
+    part_z[grp * g.period_row_len + col] = acc_z;
   }
 }
 
 // Stage 2: block c sums channel c's partials in a fixed order.
 __global__ void __launch_bounds__(kThreads) reduce_kernel(const float* __restrict__ part_s,
                                                           const float* __restrict__ part_z, float* __restrict__ sum_s,
-                                                          float* __restrict__ sum_z, Geometry g, float post) {
+                                                          float* __restrict__ sum_z, LaunchPlan g, float post) {
   const int64_t c = blockIdx.x;
   int64_t items;
-  if (!g.period) {
-    items = g.outer * g.nck;
+  if (!g.period_mode) {
+    items = g.outer * g.row_chunks;
   } else {
-    items = g.ngroups * (g.Pp / g.P) * g.inner;
+    items = g.row_groups * (g.period_row_len / g.period_len) * g.inner;
   }
   float s = 0.f, z = 0.f;
   for (int64_t t = threadIdx.x; t < items; t += kThreads) {
     int64_t idx;
-    if (!g.period) {
-      const int64_t o = t / g.nck, k = t % g.nck;
-      idx = (o * g.C + c) * g.nck + k;
+    if (!g.period_mode) {
+      const int64_t o = t / g.row_chunks, k = t % g.row_chunks;
+      idx = (o * g.channels + c) * g.row_chunks + k;
     } else {
       const int64_t i = t % g.inner, rest = t / g.inner;
-      const int64_t m = g.Pp / g.P;
+      const int64_t m = g.period_row_len / g.period_len;
       const int64_t r = rest % m, grp = rest / m;
-      idx = grp * g.Pp + r * g.P + c * g.inner + i;
+      idx = grp * g.period_row_len + r * g.period_len + c * g.inner + i;
     }
     s = __fadd_rn(s, part_s[idx]);
     z = __fadd_rn(z, part_z[idx]);
@@ -294,7 +295,7 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& p0, const c10::op
   DenseView v = dense_view(x, axis);
   at::Tensor y = at::empty_like(v.x);
   if (v.x.numel() == 0) return y;
-  const Geometry g = make_geometry(v);
+  const LaunchPlan g = make_plan(v);
   at::Tensor f0 = p0.to(at::kFloat).contiguous();
   at::Tensor f1 = p1.has_value() ? p1->to(at::kFloat).contiguous() : at::Tensor();
   pd.p0 = f0.data_ptr<float>();
@@ -304,10 +305,10 @@ at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& p0, const c10::op
     using scalar_t = typename decltype(tag)::type;
     const scalar_t* xp = v.x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (g.period) {
-      period_kernel<M, scalar_t, false><<<g.blocks, kThreads, 0, stream>>>(xp, nullptr, yp, nullptr, nullptr, g, pd);
+    if (g.period_mode) {
+      period_kernel<M, scalar_t, false><<<g.tasks, kThreads, 0, stream>>>(xp, nullptr, yp, nullptr, nullptr, g, pd);
     } else {
-      row_kernel<M, scalar_t, false><<<g.blocks, kThreads, 0, stream>>>(xp, nullptr, yp, nullptr, nullptr, g, pd);
+      row_kernel<M, scalar_t, false><<<g.tasks, kThreads, 0, stream>>>(xp, nullptr, yp, nullptr, nullptr, g, pd);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -325,14 +326,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
   at::Tensor gy = match_layout(dy, v.x);
   at::Tensor dx = at::empty_like(v.x);
   if (v.x.numel() == 0) return {dx, at::zeros_like(p0), at::zeros_like(out_like1)};
-  const Geometry g = make_geometry(v);
+  const LaunchPlan g = make_plan(v);
   at::Tensor f0 = p0.to(at::kFloat).contiguous();
   at::Tensor f1 = p1.has_value() ? p1->to(at::kFloat).contiguous() : at::Tensor();
   pd.p0 = f0.data_ptr<float>();
   pd.p1 = f1.defined() ? f1.data_ptr<float>() : nullptr;
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor part = at::empty({2, g.partials}, f32);
-  at::Tensor sums = at::empty({2, g.C}, f32);
+  at::Tensor sums = at::empty({2, g.channels}, f32);
   float* ps = part.data_ptr<float>();
   float* pz = ps + g.partials;
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -341,15 +342,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& d
     const scalar_t* xp = v.x.data_ptr<scalar_t>();
     const scalar_t* dyp = gy.data_ptr<scalar_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    if (g.period) {
-      period_kernel<M, scalar_t, true><<<g.blocks, kThreads, 0, stream>>>(xp, dyp, dxp, ps, pz, g, pd);
+    if (g.period_mode) {
+      period_kernel<M, scalar_t, true><<<g.tasks, kThreads, 0, stream>>>(xp, dyp, dxp, ps, pz, g, pd);
     } else {
-      row_kernel<M, scalar_t, true><<<g.blocks, kThreads, 0, stream>>>(xp, dyp, dxp, ps, pz, g, pd);
+      row_kernel<M, scalar_t, true><<<g.tasks, kThreads, 0, stream>>>(xp, dyp, dxp, ps, pz, g, pd);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   float* ss = sums.data_ptr<float>();
-  reduce_kernel<<<g.C, kThreads, 0, stream>>>(ps, pz, ss, ss + g.C, g, pd.post);
+  reduce_kernel<<<g.channels, kThreads, 0, stream>>>(ps, pz, ss, ss + g.channels, g, pd.post);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, sums[0].to(p0.scalar_type()).reshape(p0.sizes()),
           sums[1].to(out_like1.scalar_type()).reshape(out_like1.sizes())};
@@ -376,7 +377,7 @@ ParamsDev lsq_params(int64_t qn, int64_t qp, double grad_factor) {
 
 at::Tensor fq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                            c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_forward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
   return forward_impl<FqDev>(x, scale, zero_point, axis, fq_params(quant_min, quant_max, grad_factor, false));
 }
 
@@ -385,14 +386,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cuda(const at::Tensor
                                                                 const at::Tensor& zero_point,
                                                                 c10::optional<int64_t> axis, int64_t quant_min,
                                                                 int64_t quant_max, double grad_factor) {
-  check_inputs("fq_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   return backward_impl<FqDev>(dy, x, scale, zero_point, zero_point, axis,
                               fq_params(quant_min, quant_max, grad_factor, !axis.has_value()));
 }
 
 at::Tensor lsq_forward_cuda(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                             c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant_forward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   return forward_impl<LsqDev>(x, step, offset, axis, lsq_params(qn, qp, grad_factor));
 }
 
@@ -411,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
 }  // namespace spark_ext
 
 TORCH_LIBRARY_IMPL(spark_ext, CUDA, m) {
-  m.impl("fq_learnable_forward", &spark_ext::fq_forward_cuda);
-  m.impl("fq_learnable_backward", &spark_ext::fq_backward_cuda);
-  m.impl("lsq_fake_quant_forward", &spark_ext::lsq_forward_cuda);
+  m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cuda);
+  m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cuda);
+  m.impl("lsq_fake_quant", &spark_ext::lsq_forward_cuda);
   m.impl("lsq_fake_quant_backward", &spark_ext::lsq_backward_cuda);
 }

@@ -3,6 +3,8 @@
 from ._dispatch import (
     BACKENDS,
     BackendUnavailableError,
+    available_backends,
+    backend_for,
     get_default_backend,
     registered_backends,
     set_default_backend,
@@ -16,6 +18,8 @@ from .weighted_kd import fused_weighted_kd
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "available_backends",
+    "backend_for",
     "difficulty_signals",
     "fake_quantize_learnable_per_channel_affine",
     "fake_quantize_learnable_per_tensor_affine",

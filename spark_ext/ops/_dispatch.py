@@ -4,7 +4,8 @@ Each op family module (``difficulty``, ``weighted_kd``, ``fake_quant``, ``lsq``)
 registers one implementation per backend with :func:`register`. A public op
 then calls :func:`resolve` with the backend the user asked for (or the
 process-wide default) and the input tensor, and gets back the implementation
-to run.
+to run. :func:`backend_for` and :func:`available_backends` answer, publicly,
+which backend a call runs and which backends load here.
 
 Backends (docs/spec.md §7):
 
@@ -20,106 +21,175 @@ name          what it is                                           devices
 ``reference`` pure PyTorch (:mod:`spark_ext.reference`)             any
 ============  ==================================================  ==========
 
-``"auto"`` walks the op's registered backends in priority order and takes the
-first that is available and supports the input's device and dtype. If a fast
-backend that would have been chosen fails to load, ``auto`` warns once and
-falls back; an explicitly requested backend never falls back, it raises
+Each backend has one availability rule (:func:`unavailable`, :func:`unsupported`),
+whatever the op. ``"auto"`` walks the op's registered backends in the order
+above and takes the first that is available and supports the input's device
+and dtype. If a fast backend that would have been chosen fails to load,
+``auto`` warns once and falls back; an explicitly requested backend never falls back, it raises
 :class:`BackendUnavailableError` naming what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import importlib.util
+import os
+import sys
 import threading
 import warnings
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Optional
 
 import torch
 
+from .. import _extension
+
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 
-# Lower number = tried earlier by "auto". Triton and CUDA are only ever
-# auto-selected for CUDA tensors (their `supports` says so), C++ for CPU tensors.
-_PRIORITY = {"triton": 0, "cuda": 1, "cpp": 2, "reference": 3}
+# The order "auto" tries them in. Triton and CUDA only ever run CUDA tensors
+# under "auto" (their rules below say so), C++ only CPU tensors.
+_AUTO_ORDER = ("triton", "cuda", "cpp", "reference")
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run this call."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """One backend's implementation of one op.
+# --------------------------------------------------------------------------
+# One availability rule per backend
+# --------------------------------------------------------------------------
+# unavailable(backend) -> None when the backend loads here, else why not
+# (checked lazily: loading may compile). unsupported(backend, device, dtype,
+# forced) -> None when it runs such tensors, else why not; ``forced`` is True
+# when the user named the backend (Triton runs CPU tensors only then, under
+# the interpreter). The compiled library's rules live in _extension.py and are
+# looked up at call time, so tests can patch them.
 
-    fn: the callable, taking the op's already-validated arguments.
-    unavailable: returns ``None`` when the backend can be loaded here, else a
-        sentence saying what is missing (checked lazily: loading may compile).
-    unsupported: ``(device, dtype, forced) -> None | reason``; ``forced`` is
-        True when the user named this backend (e.g. Triton on CPU runs only
-        when forced, under the interpreter).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether a triton package is installed at all: a cheap path search now (no
+# import: importing triton costs about a second), the real import on first use.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+_triton_import_error: Optional[str] = None if _TRITON_FOUND else "triton is not installed"
+_triton_checked = not _TRITON_FOUND
+
+
+def _triton_unavailable() -> Optional[str]:
+    """``None`` if Triton imports here, else why not (checked once, then cached).
+
+    Under ``torch.compile`` it only reads the cached answer (tracing an import
+    would break the graph); an unchecked install counts as available there and
+    a broken one then fails loudly when the kernel module is imported.
     """
+    global _triton_import_error, _triton_checked
+    if not _triton_checked and not torch.compiler.is_compiling():
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _triton_import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
+        _triton_checked = True
+    return _triton_import_error
 
-    fn: Callable
-    unavailable: Callable[[], Optional[str]]
-    unsupported: Callable[[torch.device, torch.dtype, bool], Optional[str]]
+
+def _interpreter_active() -> bool:
+    """Whether our kernels run under Triton's CPU interpreter.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when the kernel module is imported,
+    so once ``spark_ext.kernels`` is loaded its own record decides.
+    """
+    utils = sys.modules.get("spark_ext.kernels._utils")
+    if utils is not None:
+        return bool(utils.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_registry: dict[str, dict[str, Implementation]] = {}
+def _triton_unsupported(device: torch.device, dtype: torch.dtype, forced: bool) -> Optional[str]:
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton kernels take float32, float16 or bfloat16 inputs, got {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not forced:
+            return (
+                "the Triton kernels run on CUDA tensors "
+                "(CPU only when backend='triton' is forced, under the interpreter)"
+            )
+        if not _interpreter_active():
+            return (
+                "CPU tensors run the Triton kernels only under Triton's interpreter (tests only): "
+                "set TRITON_INTERPRET=1 before spark_ext.kernels is first imported"
+            )
+        return None
+    return f"the Triton kernels need CUDA tensors, got a {device.type} tensor"
+
+
+# Under torch.compile Dynamo must not trace the compiled library's checks: the
+# first one in a process loads (maybe builds) the library behind a lock, which
+# stops a fullgraph=True trace ("Unsupported context manager"). Marked as
+# constant results, Dynamo runs them as plain Python while tracing and bakes
+# the answer in: the library, its fakes and autograd are in place before the
+# op itself is traced.
+@torch.compiler.assume_constant_result
+def _cuda_library_unavailable() -> Optional[str]:
+    return _extension.cuda_unavailable()
+
+
+@torch.compiler.assume_constant_result
+def _cpp_library_unavailable() -> Optional[str]:
+    return _extension.cpp_unavailable()
+
+
+# Each backend's "can it load here" check (the compiled ones are looked up at
+# call time, so tests can patch spark_ext._extension).
+_UNAVAILABLE: dict[str, Callable[[], Optional[str]]] = {
+    "triton": _triton_unavailable,
+    "cuda": _cuda_library_unavailable,
+    "cpp": _cpp_library_unavailable,
+}
+
+
+def unavailable(backend: str) -> Optional[str]:
+    """``None`` when ``backend`` can be loaded here, else a sentence saying what is missing."""
+    check = _UNAVAILABLE.get(backend)
+    return None if check is None else check()
+
+
+def unsupported(backend: str, device: torch.device, dtype: torch.dtype, forced: bool) -> Optional[str]:
+    """``None`` when ``backend`` runs tensors of ``device``/``dtype``, else why not."""
+    if backend == "triton":
+        return _triton_unsupported(device, dtype, forced)
+    if backend == "cuda":
+        return _extension.cuda_unsupported(device, dtype, forced)
+    if backend == "cpp":
+        return _extension.cpu_unsupported(device, dtype, forced)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Registry: op -> backend -> implementation
+# --------------------------------------------------------------------------
+
+_registry: dict[str, dict[str, Callable]] = {}
 _state = threading.local()
 _global_default = "auto"
 _warned: set[tuple[str, str]] = set()
 
 
-def _always_available() -> Optional[str]:
-    return None
-
-
-def _supports_anything(device: torch.device, dtype: torch.dtype, forced: bool) -> Optional[str]:
-    return None
-
-
-def register(
-    op: str,
-    backend: str,
-    fn: Callable,
-    *,
-    unavailable: Callable[[], Optional[str]] = _always_available,
-    unsupported: Callable[[torch.device, torch.dtype, bool], Optional[str]] = _supports_anything,
-) -> None:
-    """Register ``fn`` as ``backend``'s implementation of ``op``."""
-    if backend not in _PRIORITY:
-        raise ValueError(f"backend must be one of {tuple(_PRIORITY)}, got {backend!r}")
-    _registry.setdefault(op, {})[backend] = Implementation(fn, unavailable, unsupported)
-
-
-def library_unavailable(which: str = "cpp_unavailable") -> Callable[[], Optional[str]]:
-    """``unavailable`` of a compiled-library backend: ``spark_ext._extension.<which>()``.
-
-    Looked up at call time, so tests can patch it. The library's ops get
-    their fakes and autograd from the op modules' ``_extension.on_load`` hooks.
-
-    Under ``torch.compile`` Dynamo must not trace this check: the first one in
-    a process loads (maybe builds) the library behind a lock, which stops a
-    ``fullgraph=True`` trace ("Unsupported context manager"). Marked as a
-    constant result, Dynamo runs it as plain Python while tracing and bakes
-    the answer in: the library, its fakes and autograd are in place before
-    the op itself is traced.
-    """
-    from .. import _extension
-
-    def unavailable() -> Optional[str]:
-        return getattr(_extension, which)()
-
-    return torch.compiler.assume_constant_result(unavailable)
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Register ``fn`` (taking the op's validated arguments) as ``backend``'s implementation of ``op``."""
+    if backend not in _AUTO_ORDER:
+        raise ValueError(f"backend must be one of {_AUTO_ORDER}, got {backend!r}")
+    _registry.setdefault(op, {})[backend] = fn
 
 
 def register_compiled(op: str, fn: Callable) -> None:
-    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library."""
-    from .. import _extension
+    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library.
 
-    register(op, "cpp", fn, unavailable=library_unavailable("cpp_unavailable"), unsupported=_extension.cpu_unsupported)
-    register(op, "cuda", fn, unavailable=library_unavailable("cuda_unavailable"), unsupported=_extension.cuda_unsupported)
+    The library's ops get their fakes and autograd from the op modules'
+    ``_extension.on_load`` hooks.
+    """
+    register(op, "cpp", fn)
+    register(op, "cuda", fn)
 
 
 def check_backend_name(backend: object, argument: str = "backend") -> str:
@@ -152,7 +222,17 @@ def use_backend(backend: str) -> Iterator[None]:
 
 
 def registered_backends(op: str) -> list[str]:
-    return sorted(_registry.get(op, {}), key=_PRIORITY.__getitem__)
+    """The backends that implement ``op``, in the order ``auto`` tries them."""
+    return [name for name in _AUTO_ORDER if name in _registry.get(op, {})]
+
+
+def available_backends() -> dict[str, dict[str, Optional[str]]]:
+    """Every public op's backends, each mapped to ``None`` (loads here) or why it cannot load.
+
+    Whether a backend also runs a given tensor's device and dtype is
+    :func:`backend_for`'s question. Checking may load (and build) the library.
+    """
+    return {op: {name: unavailable(name) for name in registered_backends(op)} for op in sorted(_registry)}
 
 
 # Under torch.compile this runs while Dynamo traces, as plain Python (a warning
@@ -180,23 +260,33 @@ def resolve(op: str, backend: Optional[str], like: torch.Tensor) -> tuple[str, C
     impls = _registry.get(op, {})
     device, dtype = like.device, like.dtype
     if name != "auto":
-        impl = impls.get(name)
-        if impl is None:
+        fn = impls.get(name)
+        if fn is None:
             raise BackendUnavailableError(
-                f"{op}: backend {name!r} is not implemented for this op; "
-                f"available: {registered_backends(op)}"
+                f"{op}: backend {name!r} is not implemented for this op; available: {registered_backends(op)}"
             )
-        reason = impl.unavailable() or impl.unsupported(device, dtype, True)
+        reason = unavailable(name) or unsupported(name, device, dtype, True)
         if reason:
             raise BackendUnavailableError(f"{op}: backend {name!r} cannot run here: {reason}")
-        return name, impl.fn
+        return name, fn
     for candidate in registered_backends(op):
-        impl = impls[candidate]
-        if impl.unsupported(device, dtype, False):
+        if unsupported(candidate, device, dtype, False):
             continue
-        reason = impl.unavailable()
+        reason = unavailable(candidate)
         if reason:
             _warn_once(op, candidate, reason)
             continue
-        return candidate, impl.fn
+        return candidate, impls[candidate]
     raise BackendUnavailableError(f"{op}: no backend supports {device} tensors of dtype {dtype}")
+
+
+def backend_for(op: str, like: torch.Tensor, backend: Optional[str] = None) -> str:
+    """The backend a call of public op ``op`` (e.g. ``"lsq_fake_quant"``) on tensors like ``like`` runs.
+
+    ``backend`` as the op takes it (``None``: the default of this thread).
+    Raises what the call would raise when no backend can run it; ``auto``
+    warns once, as the call would, when it skips a backend that cannot load.
+    """
+    if op not in _registry:
+        raise ValueError(f"op must be one of {sorted(_registry)}, got {op!r}")
+    return resolve(op, backend, like)[0]

@@ -11,20 +11,20 @@ autograd formula whose backward is itself a custom op, so
 ``torch.compile(fullgraph=True)`` traces forward and backward without graph
 breaks and ``torch.library.opcheck`` passes:
 
-* ``spark_ext::triton_difficulty_signals(S, T, Y, gh, gw, kd_loss) -> (signals, cell_kd)``
-* ``spark_ext::triton_cell_kd(S, T, gh, gw, kd_loss) -> cell_kd`` (no Y, no
+* ``spark_ext::difficulty_signals_triton(S, T, Y, gh, gw, kd_loss) -> (signals, cell_kd)``
+* ``spark_ext::cell_kd_triton(S, T, gh, gw, kd_loss) -> cell_kd`` (no Y, no
   signals; used by grid-weighted :func:`~spark_ext.fused_weighted_kd`)
-* ``spark_ext::triton_cell_kd_backward(G, S, T, kd_loss, need_s, need_t) -> (dS, dT)``
+* ``spark_ext::cell_kd_backward_triton(G, S, T, kd_loss, need_s, need_t) -> (dS, dT)``
 
 (Opaque ``custom_op`` rather than ``triton_op``/``wrap_triton``: the latter
 traces into the kernel, which fails opcheck's fake-tensor test and
-``torch.compile`` when kernels run under the interpreter.) The op names
-carry a ``triton_`` prefix so they cannot collide with the schemas of the
-compiled C++/CUDA library in the same namespace.
+``torch.compile`` when kernels run under the interpreter.) The Triton op
+is the compiled op's name plus ``_triton``: one name to grep, and no
+collision with the compiled library's schemas in the same namespace.
 
 The ``cpp`` backend runs that library's ops, with the same signatures,
 fakes and autograd structure (registered once the library has loaded):
-``spark_ext::difficulty_forward``, ``spark_ext::cell_kd_forward`` and
+``spark_ext::difficulty_signals``, ``spark_ext::cell_kd`` and
 ``spark_ext::cell_kd_backward``.
 
 Triton is imported lazily, on the first call that needs it, so
@@ -33,9 +33,6 @@ Triton is imported lazily, on the first call that needs it, so
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from typing import Optional
 
 import torch
@@ -47,65 +44,6 @@ from . import _dispatch
 OP = "difficulty_signals"
 
 _dispatch.register(OP, "reference", reference.difficulty_signals)
-
-# --------------------------------------------------------------------------
-# Triton backend: availability (shared with ops/weighted_kd.py)
-# --------------------------------------------------------------------------
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Whether a triton package is installed at all: a cheap path search now (no
-# import: importing triton costs about a second), the real import on first use.
-_TRITON_FOUND = importlib.util.find_spec("triton") is not None
-_triton_import_error: Optional[str] = None if _TRITON_FOUND else "triton is not installed"
-_triton_checked = not _TRITON_FOUND
-
-
-def triton_unavailable() -> Optional[str]:
-    """``None`` if Triton imports here, else why not (checked once, then cached).
-
-    Under ``torch.compile`` it only reads the cached answer (tracing an import
-    would break the graph); an unchecked install counts as available there and
-    a broken one then fails loudly when the kernel module is imported.
-    """
-    global _triton_import_error, _triton_checked
-    if not _triton_checked and not torch.compiler.is_compiling():
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-        except Exception as exc:  # ImportError, or a broken install raising anything
-            _triton_import_error = f"triton cannot be imported ({type(exc).__name__}: {exc})"
-        _triton_checked = True
-    return _triton_import_error
-
-
-def _interpreter_active() -> bool:
-    """Whether our kernels run under Triton's CPU interpreter.
-
-    ``@triton.jit`` reads TRITON_INTERPRET when the kernel module is imported,
-    so once ``spark_ext.kernels`` is loaded its own record decides.
-    """
-    utils = sys.modules.get("spark_ext.kernels._utils")
-    if utils is not None:
-        return bool(utils.INTERPRETED)
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def triton_unsupported(device: torch.device, dtype: torch.dtype, forced: bool) -> Optional[str]:
-    """Why the Triton kernels cannot run on ``device``/``dtype`` (``None`` when they can)."""
-    if dtype not in TRITON_DTYPES:
-        return f"the Triton kernels take float32, float16 or bfloat16 inputs, got {dtype}"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if not forced:
-            return "the Triton kernels run on CUDA tensors (CPU only when backend='triton' is forced, under the interpreter)"
-        if not _interpreter_active():
-            return (
-                "CPU tensors run the Triton kernels only under Triton's interpreter (tests only): "
-                "set TRITON_INTERPRET=1 before spark_ext.kernels is first imported"
-            )
-        return None
-    return f"the Triton kernels need CUDA tensors, got a {device.type} tensor"
 
 
 def _kernels():
@@ -119,12 +57,12 @@ def _kernels():
 # --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("spark_ext::triton_difficulty_signals", mutates_args=())
-def _triton_difficulty_signals(
+@torch.library.custom_op("spark_ext::difficulty_signals_triton", mutates_args=())
+def _difficulty_signals_triton(
     student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, gh: int, gw: int, kd_loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused docs/spec.md §2 forward: ``(signals [B,4,gh,gw], cell_kd [B,1,gh,gw])``, float32."""
-    return _kernels().difficulty_forward(student, teacher, target, (gh, gw), kd_loss)
+    return _kernels().difficulty_signals(student, teacher, target, (gh, gw), kd_loss)
 
 
 # Fakes shared by the Triton ops and the compiled C++ ops (same schemas, same outputs).
@@ -146,27 +84,32 @@ def _fake_cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_t
     return ds, dt
 
 
-_triton_difficulty_signals.register_fake(_fake_signals)
+_difficulty_signals_triton.register_fake(_fake_signals)
 
 
-@torch.library.custom_op("spark_ext::triton_cell_kd", mutates_args=())
-def _triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: int, kd_loss: str) -> torch.Tensor:
+@torch.library.custom_op("spark_ext::cell_kd_triton", mutates_args=())
+def _cell_kd_triton(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: int, kd_loss: str) -> torch.Tensor:
     """``cell_kd [B,1,gh,gw]`` float32 alone (reads S and T only)."""
-    return _kernels().cell_kd_forward(student, teacher, (gh, gw), kd_loss)
+    return _kernels().cell_kd(student, teacher, (gh, gw), kd_loss)
 
 
-_triton_cell_kd.register_fake(_fake_cell_kd)
+_cell_kd_triton.register_fake(_fake_cell_kd)
 
 
-@torch.library.custom_op("spark_ext::triton_cell_kd_backward", mutates_args=())
-def _triton_cell_kd_backward(
-    grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, kd_loss: str, need_student: bool, need_teacher: bool
+@torch.library.custom_op("spark_ext::cell_kd_backward_triton", mutates_args=())
+def _cell_kd_backward_triton(
+    grad: torch.Tensor,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kd_loss: str,
+    need_student: bool,
+    need_teacher: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dS, dT)`` of ``cell_kd`` for upstream ``grad [B,1,gh,gw]``; an unneeded one is empty ``[0]``."""
     return _kernels().cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher)
 
 
-_triton_cell_kd_backward.register_fake(_fake_cell_kd_backward)
+_cell_kd_backward_triton.register_fake(_fake_cell_kd_backward)
 
 
 def _register_cell_kd_autograd(signals_op: str, cell_kd_op: str, backward_op: str) -> None:
@@ -206,48 +149,47 @@ def _register_cell_kd_autograd(signals_op: str, cell_kd_op: str, backward_op: st
     torch.library.register_autograd(f"spark_ext::{cell_kd_op}", backward_cell_kd, setup_context=setup_cell_kd)
 
 
-_register_cell_kd_autograd("triton_difficulty_signals", "triton_cell_kd", "triton_cell_kd_backward")
+_register_cell_kd_autograd("difficulty_signals_triton", "cell_kd_triton", "cell_kd_backward_triton")
 
 
-def triton_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
+def cell_kd_triton(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
     """Differentiable ``cell_kd [B,1,Gh,Gw]`` (float32) via the Triton kernels; arguments already validated."""
-    return torch.ops.spark_ext.triton_cell_kd(student, teacher, grid[0], grid[1], kd_loss)
+    return torch.ops.spark_ext.cell_kd_triton(student, teacher, grid[0], grid[1], kd_loss)
 
 
 def _triton_backend(student, teacher, target, grid, kd_loss):
-    return torch.ops.spark_ext.triton_difficulty_signals(student, teacher, target, grid[0], grid[1], kd_loss)
+    return torch.ops.spark_ext.difficulty_signals_triton(student, teacher, target, grid[0], grid[1], kd_loss)
 
 
-_dispatch.register(OP, "triton", _triton_backend, unavailable=triton_unavailable, unsupported=triton_unsupported)
+_dispatch.register(OP, "triton", _triton_backend)
 
 
 # --------------------------------------------------------------------------
 # C++ backend (CPU): ops of the compiled library (csrc/cpu/difficulty_cpu.cpp)
 # --------------------------------------------------------------------------
 
+
 def _register_cpp_hooks() -> None:
     """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library has loaded."""
-    torch.library.register_fake("spark_ext::difficulty_forward", _fake_signals)
-    torch.library.register_fake("spark_ext::cell_kd_forward", _fake_cell_kd)
+    torch.library.register_fake("spark_ext::difficulty_signals", _fake_signals)
+    torch.library.register_fake("spark_ext::cell_kd", _fake_cell_kd)
     torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
-    _register_cell_kd_autograd("difficulty_forward", "cell_kd_forward", "cell_kd_backward")
+    _register_cell_kd_autograd("difficulty_signals", "cell_kd", "cell_kd_backward")
 
 
 _extension.on_load(_register_cpp_hooks)
 
 
-def cpp_cell_kd(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
+def cell_kd_cpp(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:
     """Differentiable ``cell_kd [B,1,Gh,Gw]`` (float32) via the C++ kernel; arguments already validated."""
-    return torch.ops.spark_ext.cell_kd_forward(student, teacher, grid[0], grid[1], kd_loss)
+    return torch.ops.spark_ext.cell_kd(student, teacher, grid[0], grid[1], kd_loss)
 
 
 def _cpp_backend(student, teacher, target, grid, kd_loss):
-    return torch.ops.spark_ext.difficulty_forward(student, teacher, target, grid[0], grid[1], kd_loss)
+    return torch.ops.spark_ext.difficulty_signals(student, teacher, target, grid[0], grid[1], kd_loss)
 
 
-_dispatch.register(
-    OP, "cpp", _cpp_backend, unavailable=_dispatch.library_unavailable(), unsupported=_extension.cpu_unsupported
-)
+_dispatch.register(OP, "cpp", _cpp_backend)
 
 
 # --------------------------------------------------------------------------

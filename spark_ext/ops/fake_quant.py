@@ -6,7 +6,7 @@ Validation, backend registration and dispatch. Backend implementations take
 channel, ``axis`` non-negative), already validated.
 
 Backends ``cpp`` (CPU) and ``cuda`` run the compiled ops
-``torch.ops.spark_ext.fq_learnable_forward`` / ``_backward`` (csrc/, ``axis``
+``torch.ops.spark_ext.fake_quantize_learnable`` / ``_backward`` (csrc/, ``axis``
 None for per tensor); their fake implementations and autograd formula (the
 forward's autograd calls the fused backward op) are registered here once the
 library loads. The kernels round with a trick exact for ``|v| <= 2^22``, so a
@@ -41,28 +41,40 @@ _dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnabl
 
 KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 
-def _register_cpp_hooks() -> None:
-    """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
 
-    @torch.library.register_fake("spark_ext::fq_learnable_forward")
-    def _forward_fake(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+def register_compiled_hooks(op: str) -> None:
+    """Fakes and autograd of the compiled op ``op`` and its ``op + "_backward"``.
+
+    Both fake-quant families share the shape of their schemas:
+    ``op(x, p0, p1, axis, lo, hi, grad_factor) -> y`` and
+    ``op_backward(grad, x, p0, p1, axis, lo, hi, grad_factor) -> (dx, dp0, dp1)``,
+    with ``(p0, p1)`` = (scale, zero_point) or (step, offset); only LSQ's
+    offset may be None (its gradient is then dropped). The kernels allocate
+    ``y`` and ``dx`` with ``empty_like(x)``: same shape, dtype and strides
+    (dense layouts kept, others made dense in empty_like's layout).
+    """
+    backward_op = f"{op}_backward"
+
+    def forward_fake(x, p0, p1, axis, lo, hi, grad_factor):
         return torch.empty_like(x)
 
-    @torch.library.register_fake("spark_ext::fq_learnable_backward")
-    def _backward_fake(grad, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
-        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
+    def backward_fake(grad, x, p0, p1, axis, lo, hi, grad_factor):
+        return torch.empty_like(x), torch.empty_like(p0), torch.empty_like(p0 if p1 is None else p1)
 
     def setup_context(ctx, inputs, output):
-        x, scale, zero_point, axis, quant_min, quant_max, grad_factor = inputs
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (axis, quant_min, quant_max, grad_factor)
+        x, p0, p1, *args = inputs
+        ctx.save_for_backward(x, p0, p1)
+        ctx.args = args
+        ctx.has_p1 = p1 is not None
 
     def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        dx, dscale, dzp = torch.ops.spark_ext.fq_learnable_backward(grad, x, scale, zero_point, *ctx.args)
-        return dx, dscale, dzp, None, None, None, None
+        x, p0, p1 = ctx.saved_tensors
+        dx, dp0, dp1 = getattr(torch.ops.spark_ext, backward_op)(grad, x, p0, p1, *ctx.args)
+        return dx, dp0, dp1 if ctx.has_p1 else None, None, None, None, None
 
-    torch.library.register_autograd("spark_ext::fq_learnable_forward", backward, setup_context=setup_context)
+    torch.library.register_fake(f"spark_ext::{op}", forward_fake)
+    torch.library.register_fake(f"spark_ext::{backward_op}", backward_fake)
+    torch.library.register_autograd(f"spark_ext::{op}", backward, setup_context=setup_context)
 
 
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
@@ -71,8 +83,10 @@ def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
 
 def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor):
     if not _in_kernel_range(quant_min, quant_max):
-        return reference.fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, quant_min, quant_max, grad_factor)
-    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+        return reference.fake_quantize_learnable_per_tensor_affine(
+            x, scale, zero_point, quant_min, quant_max, grad_factor
+        )
+    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
 
 
 def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
@@ -80,10 +94,10 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
         return reference.fake_quantize_learnable_per_channel_affine(
             x, scale, zero_point, axis, quant_min, quant_max, grad_factor
         )
-    return torch.ops.spark_ext.fq_learnable_forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-_extension.on_load(_register_cpp_hooks)
+_extension.on_load(lambda: register_compiled_hooks("fake_quantize_learnable"))
 _dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor)
 _dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel)
 

@@ -5,7 +5,7 @@ with the range and gradient scale already resolved (see
 :func:`spark_ext.reference.lsq_fake_quant_core`).
 
 Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
-``torch.ops.spark_ext.lsq_fake_quant_forward`` / ``_backward`` (csrc/); their
+``torch.ops.spark_ext.lsq_fake_quant`` / ``_backward`` (csrc/); their
 fake (meta) implementations and autograd formula are registered here, once,
 when the library loads. The forward op's autograd calls the fused backward op,
 which reads x and dy once, writes dx and reduces the step and offset
@@ -21,71 +21,29 @@ import torch
 from .. import _extension, reference
 from .._validation import (
     check_axis,
+    check_bits,
     check_finite_values,
     check_float_dtype,
-    check_int,
+    check_grad_scale,
     check_positive_step,
-    check_real,
     check_same_device,
     check_tensor,
 )
 from . import _dispatch
+from .fake_quant import register_compiled_hooks
 
 OP = "lsq_fake_quant"
-MIN_BITS, MAX_BITS = 2, 16
 
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
-def _register_cpp_hooks() -> None:
-    """Fake implementations and autograd for the compiled ops (run once the library has loaded)."""
-
-    @torch.library.register_fake("spark_ext::lsq_fake_quant_forward")
-    def _forward_fake(x, step, offset, axis, qn, qp, grad_factor):
-        # The kernels allocate with empty_like(x): same shape, dtype and strides
-        # (dense layouts kept, others made dense in empty_like's layout).
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("spark_ext::lsq_fake_quant_backward")
-    def _backward_fake(grad, x, step, offset, axis, qn, qp, grad_factor):
-        return torch.empty_like(x), torch.empty_like(step), torch.empty_like(step if offset is None else offset)
-
-    def setup_context(ctx, inputs, output):
-        x, step, offset, axis, qn, qp, grad_factor = inputs
-        ctx.save_for_backward(x, step, offset)
-        ctx.args = (axis, qn, qp, grad_factor)
-        ctx.has_offset = offset is not None
-
-    def backward(ctx, grad):
-        x, step, offset = ctx.saved_tensors
-        dx, dstep, doffset = torch.ops.spark_ext.lsq_fake_quant_backward(grad, x, step, offset, *ctx.args)
-        return dx, dstep, doffset if ctx.has_offset else None, None, None, None, None
-
-    torch.library.register_autograd("spark_ext::lsq_fake_quant_forward", backward, setup_context=setup_context)
-
 
 def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
-    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant_forward`` (differentiable)."""
-    return torch.ops.spark_ext.lsq_fake_quant_forward(x, step, offset, axis, qn, qp, grad_factor)
+    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant`` (differentiable)."""
+    return torch.ops.spark_ext.lsq_fake_quant(x, step, offset, axis, qn, qp, grad_factor)
 
 
-_extension.on_load(_register_cpp_hooks)
+_extension.on_load(lambda: register_compiled_hooks(OP))
 _dispatch.register_compiled(OP, _compiled_lsq)
-
-
-def check_bits(bits: object, name: str = "bits") -> int:
-    bits = check_int(bits, name)
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    return bits
-
-
-def _check_grad_scale(grad_scale: object) -> None:
-    if grad_scale is None or grad_scale == "lsq":
-        return
-    if isinstance(grad_scale, str):
-        raise ValueError(f"grad_scale must be 'lsq', a positive float or None, got {grad_scale!r}")
-    if check_real(grad_scale, "grad_scale") <= 0:
-        raise ValueError(f"grad_scale must be > 0 when a number, got {grad_scale}")
 
 
 def lsq_fake_quant(
@@ -129,7 +87,7 @@ def lsq_fake_quant(
     bits = check_bits(bits)
     if not isinstance(signed, bool):
         raise TypeError(f"signed must be a bool, got {signed!r}")
-    _check_grad_scale(grad_scale)
+    grad_scale = check_grad_scale(grad_scale)
     if axis is not None:
         if x.dim() == 0:
             raise ValueError("axis must be None for a 0-D x")

@@ -2,26 +2,26 @@
 
 Backends: ``reference`` (:func:`spark_ext.reference.fused_weighted_kd`),
 ``triton`` (``spark_ext.kernels.weighted_kd``; CUDA tensors, CPU tensors only
-when forced under ``TRITON_INTERPRET=1``; see ``ops/difficulty.py`` for the
-availability rules and why the ops are opaque custom ops) and ``cpp``
-(``csrc/cpu/difficulty_cpu.cpp``; CPU tensors of float32/float16/bfloat16).
+when forced under ``TRITON_INTERPRET=1``; see ``ops/_dispatch.py`` for the
+availability rules and ``ops/difficulty.py`` for why the ops are opaque custom ops) and ``cpp``
+(``csrc/cpu/weighted_kd_cpu.cpp``; CPU tensors of float32/float16/bfloat16).
 
 Triton path by kind of weight:
 
-* ``None`` or per pixel: ``spark_ext::triton_weighted_kd(S, T, weight, kd_loss,
+* ``None`` or per pixel: ``spark_ext::fused_weighted_kd_triton(S, T, weight, kd_loss,
   reduction) -> loss`` (one fused pass) with autograd through
-  ``spark_ext::triton_weighted_kd_backward(g, S, T, weight, kd_loss, reduction,
+  ``spark_ext::fused_weighted_kd_backward_triton(g, S, T, weight, kd_loss, reduction,
   need_s, need_t, need_w) -> (dS, dT, dweight)`` (one fused pass; a gradient
   not needed is an empty ``[0]`` tensor and is not computed).
 * per cell (grid weights): ``sum(weight * cell_kd) / N`` with ``cell_kd`` from
-  ``spark_ext::triton_cell_kd`` (one pass over S and T; its backward is the
+  ``spark_ext::cell_kd_triton`` (one pass over S and T; its backward is the
   elementwise ``cell_kd`` backward). The product and sum are over
   ``[B, 1, Gh, Gw]`` only, and autograd reduces the weight's gradient over
   its broadcast dims.
 
 The ``cpp`` backend has the same structure with the compiled library's
-``spark_ext::weighted_kd_forward`` / ``weighted_kd_backward`` (same
-signatures) and ``spark_ext::cell_kd_forward`` for grid weights. Its
+``spark_ext::fused_weighted_kd`` / ``fused_weighted_kd_backward`` (same
+signatures) and ``spark_ext::cell_kd`` for grid weights. Its
 backward reduces ``dweight`` over the broadcast dims in the same pass,
 deterministically, with no temporary of size N (a float32 copy of a
 non-float32 weight aside, weight-sized).
@@ -36,7 +36,7 @@ import torch
 from .. import _extension, reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
-from .difficulty import cpp_cell_kd, triton_cell_kd, triton_unavailable, triton_unsupported
+from .difficulty import cell_kd_cpp, cell_kd_triton
 
 OP = "fused_weighted_kd"
 
@@ -59,12 +59,12 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("spark_ext::triton_weighted_kd", mutates_args=())
-def _triton_weighted_kd(
+@torch.library.custom_op("spark_ext::fused_weighted_kd_triton", mutates_args=())
+def _fused_weighted_kd_triton(
     student: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor], kd_loss: str, reduction: str
 ) -> torch.Tensor:
     """docs/spec.md §3 loss for ``weight`` None or per pixel: a float32 0-dim tensor."""
-    return _kernels().weighted_kd_forward(student, teacher, weight, kd_loss, reduction)
+    return _kernels().fused_weighted_kd(student, teacher, weight, kd_loss, reduction)
 
 
 # Fakes shared by the Triton ops and the compiled C++ ops (same schemas, same outputs).
@@ -84,11 +84,11 @@ def _fake_weighted_backward(
     return ds, dt, dw
 
 
-_triton_weighted_kd.register_fake(_fake_weighted)
+_fused_weighted_kd_triton.register_fake(_fake_weighted)
 
 
-@torch.library.custom_op("spark_ext::triton_weighted_kd_backward", mutates_args=())
-def _triton_weighted_kd_backward(
+@torch.library.custom_op("spark_ext::fused_weighted_kd_backward_triton", mutates_args=())
+def _fused_weighted_kd_backward_triton(
     grad: torch.Tensor,
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -100,12 +100,12 @@ def _triton_weighted_kd_backward(
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dS, dT, dweight)`` for the 0-dim upstream ``grad``; an unneeded one is empty ``[0]``."""
-    return _kernels().weighted_kd_backward(
+    return _kernels().fused_weighted_kd_backward(
         grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
     )
 
 
-_triton_weighted_kd_backward.register_fake(_fake_weighted_backward)
+_fused_weighted_kd_backward_triton.register_fake(_fake_weighted_backward)
 
 
 def _register_weighted_autograd(forward_op: str, backward_op: str) -> None:
@@ -130,7 +130,7 @@ def _register_weighted_autograd(forward_op: str, backward_op: str) -> None:
     torch.library.register_autograd(f"spark_ext::{forward_op}", backward, setup_context=setup_context)
 
 
-_register_weighted_autograd("triton_weighted_kd", "triton_weighted_kd_backward")
+_register_weighted_autograd("fused_weighted_kd_triton", "fused_weighted_kd_backward_triton")
 
 
 def _backend(cell_kd_fn, weighted_op: str):
@@ -151,36 +151,25 @@ def _backend(cell_kd_fn, weighted_op: str):
     return implementation
 
 
-_dispatch.register(
-    OP,
-    "triton",
-    _backend(triton_cell_kd, "triton_weighted_kd"),
-    unavailable=triton_unavailable,
-    unsupported=triton_unsupported,
-)
+_dispatch.register(OP, "triton", _backend(cell_kd_triton, "fused_weighted_kd_triton"))
 
 
 # --------------------------------------------------------------------------
-# C++ backend (CPU): spark_ext::weighted_kd_forward / _backward (csrc/cpu/difficulty_cpu.cpp)
+# C++ backend (CPU): spark_ext::fused_weighted_kd / _backward (csrc/cpu/weighted_kd_cpu.cpp)
 # --------------------------------------------------------------------------
+
 
 def _register_cpp_hooks() -> None:
     """Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones)."""
-    torch.library.register_fake("spark_ext::weighted_kd_forward", _fake_weighted)
-    torch.library.register_fake("spark_ext::weighted_kd_backward", _fake_weighted_backward)
-    _register_weighted_autograd("weighted_kd_forward", "weighted_kd_backward")
+    torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
+    torch.library.register_fake("spark_ext::fused_weighted_kd_backward", _fake_weighted_backward)
+    _register_weighted_autograd("fused_weighted_kd", "fused_weighted_kd_backward")
 
 
 _extension.on_load(_register_cpp_hooks)
 
 
-_dispatch.register(
-    OP,
-    "cpp",
-    _backend(cpp_cell_kd, "weighted_kd_forward"),
-    unavailable=_dispatch.library_unavailable(),
-    unsupported=_extension.cpu_unsupported,
-)
+_dispatch.register(OP, "cpp", _backend(cell_kd_cpp, "fused_weighted_kd"))
 
 
 # --------------------------------------------------------------------------

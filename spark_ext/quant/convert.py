@@ -36,8 +36,8 @@ from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 from torch import nn
 
+from .._validation import check_bits
 from .layers import QUANT_LAYERS, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
-from .quantizer import check_bits
 
 _SWAPS: dict[type, type] = {
     nn.Conv1d: QuantConv1d,

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .quantizer import LSQQuantizer, check_bits
+from .._validation import check_bits
+from .quantizer import LSQQuantizer
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",

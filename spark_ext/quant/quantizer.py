@@ -27,21 +27,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..reference import LSQ_MIN_STEP, lsq_range
-
-MIN_BITS, MAX_BITS = 2, 16
-
-
-def check_bits(bits: object, name: str = "bits", *, allow_none: bool = False) -> Optional[int]:
-    """An int bit width in ``[2, 16]`` (the range of :func:`spark_ext.lsq_fake_quant`)."""
-    if bits is None and allow_none:
-        return None
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        expected = "an int or None" if allow_none else "an int"
-        raise TypeError(f"{name} must be {expected}, got {bits!r}")
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{name} must be in [{MIN_BITS}, {MAX_BITS}] (unsupported bit width), got {bits}")
-    return int(bits)
+from .._validation import check_bits, check_grad_scale
+from ..reference import LSQ_MIN_STEP, accumulation_dtype, lsq_range
 
 
 def _check_bool(value: object, name: str, *, allow_none: bool = False) -> Optional[bool]:
@@ -53,25 +40,10 @@ def _check_bool(value: object, name: str, *, allow_none: bool = False) -> Option
     return value
 
 
-def _check_grad_scale(grad_scale: object) -> Union[str, float, None]:
-    if grad_scale is None or grad_scale == "lsq":
-        return grad_scale
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-        raise ValueError(f"grad_scale must be 'lsq', a positive float or None, got {grad_scale!r}")
-    if not (math.isfinite(grad_scale) and grad_scale > 0):
-        raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
-    return float(grad_scale)
-
-
 def _normalise_axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"per_channel_axis={axis} is out of range for a {ndim}-D input")
     return axis % ndim
-
-
-def stats_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 for statistics and qparam math; float64 kept for float64 inputs (exact checks)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def channel_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
@@ -79,7 +51,7 @@ def channel_rows(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
     ``axis`` (``[1, N]`` when None). Copies when ``axis != 0`` or x is not contiguous
     (calibration / init only).
     """
-    x = x.detach().to(stats_dtype(x))
+    x = x.detach().to(accumulation_dtype(x.dtype))
     if axis is None:
         return x.reshape(1, -1)
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
@@ -172,7 +144,7 @@ class LSQQuantizer(nn.Module):
             if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
                 raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
         self.num_channels = num_channels
-        self.grad_scale = _check_grad_scale(grad_scale)
+        self.grad_scale = check_grad_scale(grad_scale)
         self.backend = backend
         dtype = torch.float32 if dtype is None else dtype
         if not dtype.is_floating_point:
@@ -294,7 +266,7 @@ class LSQQuantizer(nn.Module):
                     f"{name} must be finite, got {t.flatten()[:4].tolist()} (NaN/inf data observed?); "
                     "the quantizer is left unchanged"
                 )
-        self._assign(self.step, step.to(stats_dtype(step)).clamp_min(LSQ_MIN_STEP))
+        self._assign(self.step, step.to(accumulation_dtype(step.dtype)).clamp_min(LSQ_MIN_STEP))
         if offset is not None:
             self._assign(self.offset, offset)
         self._mark_initialized()
@@ -311,7 +283,7 @@ class LSQQuantizer(nn.Module):
         (signed iff ``min(lo) < 0``; a host sync).
         """
         lo, hi = torch.as_tensor(lo).detach().reshape(-1), torch.as_tensor(hi).detach().reshape(-1)
-        lo, hi = lo.to(stats_dtype(lo)), hi.to(stats_dtype(hi))
+        lo, hi = lo.to(accumulation_dtype(lo.dtype)), hi.to(accumulation_dtype(hi.dtype))
         if self._signed is None:
             self._set_signed(bool((lo < 0).any()))
         step, offset = range_to_qparams(lo, hi, self.bits, self._signed, self.learn_offset)
