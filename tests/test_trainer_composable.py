@@ -73,8 +73,12 @@ def grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("cfg", [dict(mode="qat"), dict(mode="kd"), dict(mode="kd", balancer="gor", lambda_kd=0.5)],
-                         ids=["qat", "kd", "kd-gor"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(mode="qat"), dict(mode="kd"), dict(mode="kd", balancer="gor", lambda_kd=0.5),
+     dict(mode="spark", policy_signal="credit"), dict(mode="map", map_signal="lap_var", kd_gate="teacher")],
+    ids=["qat", "kd", "kd-gor", "spark-credit", "map-gate"],
+)
 def test_accumulated_micro_batches_give_the_large_batch_gradient(cfg):
     k = 3
     x, y = batch(b=2 * k)
@@ -140,8 +144,12 @@ def test_misuse_raises_clear_errors_and_validation_records_nothing():
         d.state_dict()
 
 
-@pytest.mark.parametrize("cfg", [dict(mode="kd"), dict(mode="spark", policy_signal="credit", credit_every=1),
-                                 dict(mode="spark", policy_signal="paper", balancer="gor")], ids=["kd", "credit", "paper"])
+@pytest.mark.parametrize(
+    "cfg",
+    [dict(mode="kd"), dict(mode="spark", policy_signal="credit", credit_every=1),
+     dict(mode="spark", policy_signal="paper", balancer="gor")],
+    ids=["kd", "credit", "paper"],
+)
 def test_bf16_autocast_losses_are_close_to_float32(cfg):
     runs = {}
     for amp in (False, True):

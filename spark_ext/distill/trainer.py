@@ -408,7 +408,8 @@ class SparkDistiller:
         :meth:`after_optimizer_step`, from values recorded here). Call it inside ``torch.autocast`` if you
         like: the student and teachers run under it, the losses, the policy and the credit in float32.
         Backpropagate ``loss`` (divided by k when accumulating k equal micro-batches: the gradient is then
-        that of one k-times larger batch in modes ``"qat"`` and ``"kd"``), step your optimiser, then call
+        that of one k-times larger batch wherever the weight map is deterministic: ``"qat"``, ``"kd"``,
+        ``"map"``, ``"spark"`` with ``"credit"``; docs/spark.md), step your optimiser, then call
         :meth:`after_optimizer_step` once. Under ``torch.no_grad`` (validation) nothing is recorded.
 
         ``logs``: detached 0-D tensors (no host sync): ``loss``, ``loss_task``, ``loss_kd`` (before
@@ -450,7 +451,9 @@ class SparkDistiller:
             l_kd = torch.zeros((), device=l_task.device)
         else:
             if cfg.mode in ("spark", "map"):
-                signals, cell_kd = difficulty_signals(out, teacher_out, targets, cfg.grid, cfg.kd_loss, backend=cfg.backend)
+                signals, cell_kd = difficulty_signals(
+                    out, teacher_out, targets, cfg.grid, cfg.kd_loss, backend=cfg.backend
+                )
                 if cfg.mode == "map":
                     weight = self._fixed_map(signals, out, teacher_out, targets)
                 else:
@@ -515,7 +518,9 @@ class SparkDistiller:
         ``reward``, ``policy_loss``, ``entropy``; balancer scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``).
         """
         if not self._micro:
-            raise RuntimeError("after_optimizer_step() needs a compute_loss() call (with grad enabled) since the last one")
+            raise RuntimeError(
+                "after_optimizer_step() needs a compute_loss() call (with grad enabled) since the last one"
+            )
         cfg = self.config
         micro, self._micro = self._micro, []
         spark = cfg.mode == "spark"
@@ -617,7 +622,9 @@ class SparkDistiller:
         global CPU (and CUDA) RNG states. Tensors are cloned. Take it between optimiser steps (not
         between :meth:`compute_loss` and :meth:`after_optimizer_step`)."""
         if self._micro:
-            raise RuntimeError("state_dict() between compute_loss() and after_optimizer_step(): checkpoint after the latter")
+            raise RuntimeError(
+                "state_dict() between compute_loss() and after_optimizer_step(): checkpoint after the latter"
+            )
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "mode": self.config.mode,
