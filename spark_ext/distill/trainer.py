@@ -423,15 +423,17 @@ class SparkDistiller:
             raise ValueError(f"student output must be a [B, C, H, W] tensor, got {getattr(student_out, 'shape', type(student_out))}")
         if student_out.shape != targets.shape:
             raise ValueError(f"student output shape {tuple(student_out.shape)} does not match targets shape {tuple(targets.shape)}")
+        teacher_out = self._teacher_output(inputs, student_out) if cfg.mode != "qat" else None
         with torch.autocast(student_out.device.type, enabled=False):
-            return self._loss(inputs, targets, student_out)
+            return self._loss(inputs, targets, student_out, teacher_out)
 
-    def _loss(self, inputs, targets, student_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, inputs, targets, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
         low_precision = student_out.dtype in (torch.float16, torch.bfloat16)
         out = student_out.float() if low_precision else student_out  # the losses in float32 under autocast
         targets = targets.to(out.dtype)
-        teacher_out = self._teacher_output(inputs, out) if cfg.mode != "qat" else None
+        if teacher_out is not None:
+            teacher_out = teacher_out.to(out.dtype)
 
         rec_before = per_image_loss(out, targets, cfg.rec_loss)
         l_task = rec_before.mean()
