@@ -21,7 +21,7 @@ $(PY):
 # the default list in spark_ext/_extension.py (DEFAULT_CUDA_ARCH_LIST).
 $(STAMP): $(PY) pyproject.toml setup.py spark_ext/_extension.py $(CSRC)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja pybind11
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export,test-metrics]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export,test-metrics,lightning]"
 	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); \
 	    print('C++ library:', e.status()); print('CUDA kernels:', e.cuda_status())"
 	touch $(STAMP)

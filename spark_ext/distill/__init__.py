@@ -5,7 +5,9 @@
 * :class:`SparkPolicy` — the per-cell Beta policy (docs/spec.md §4);
 * :class:`ReinforceUpdater` — its REINFORCE update with an EMA baseline;
 * :func:`make_balancer`, :class:`GoRBalancer`, :class:`LMRBalancer` — docs/spec.md §6;
-* :class:`DecoderFreeDistillation` — feature KD at a named bottleneck (docs/spec.md §6).
+* :class:`DecoderFreeDistillation` — feature KD at a named bottleneck (docs/spec.md §6);
+* ``spark_ext.distill.lightning.SparkLightningModule`` — SPARK in PyTorch Lightning (the
+  ``[lightning]`` extra; not imported here).
 
 See ``docs/spark.md`` for the choices made where the spec is silent and for
 how the policy and balancer stay in sync under DDP.

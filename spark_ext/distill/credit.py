@@ -122,21 +122,17 @@ def cell_credit(
         pixel_weight: optional per-element factor of the KD term inside each cell (e.g. a teacher gate),
             broadcastable to ``student_out``.
     Under DDP the held-out direction is averaged over ranks (every rank scores
-    its cells against the same step). The student's parameters are restored
-    bit-exactly afterwards.
+    its cells against the same step). The student's parameters are never modified, so this may run
+    while a graph through them awaits its backward.
     """
     params, deltas, _ = virtual_step(student, optimizer, held_inputs, held_targets, rec_loss)
     distributed.average_tensors(deltas, process_group)
-    saved = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, d in zip(params, deltas):
-                p.add_(d)
-            moved = student(inputs)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+    # The perturbed forward swaps in ``p + delta`` (torch.func) instead of editing the parameters in place:
+    # the caller's graph of ``student_out`` may still be waiting for its backward (SparkDistiller.compute_loss).
+    names = {id(p): name for name, p in student.named_parameters()}
+    with torch.no_grad():
+        moved_params = {names[id(p)]: p + d for p, d in zip(params, deltas)}
+        moved = torch.func.functional_call(student, moved_params, (inputs,))
     dtype = torch.float64 if student_out.dtype == torch.float64 else torch.float32
     change = moved.to(dtype) - student_out.detach().to(dtype)
     kd_grad = kd_output_gradient(student_out, teacher_out, kd_loss)

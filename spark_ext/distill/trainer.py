@@ -22,6 +22,16 @@ user's optimiser. Each :meth:`SparkDistiller.step` does, for a batch
    updated student on the same batch gives ``r_b = L_rec,b(before) - L_rec,b(after)``
    and the policy takes one REINFORCE step (:mod:`.reinforce`).
 
+:meth:`SparkDistiller.step` is the one-call convenience; in your own loop (AMP, gradient accumulation,
+clipping, EMA, schedulers, Lightning) use its parts: ``loss, logs = compute_loss(inputs, targets)``
+(steps 1-3 without backward; the balancer's parameters enter ``L`` as constants, the policy
+step's credit is measured here, at the parameters the gradient is taken at), your backward and
+``optimizer.step()``, then ``after_optimizer_step()`` once per optimiser step (the balancer's
+Adam step on the micro-batches' mean loss, the policy step, the reward forwards of step 4, the
+step count), from what every ``compute_loss`` since the last one recorded. Under
+``torch.autocast`` the networks run in low precision, the losses, policy, credit and rewards in
+float32 (with a float32 no-grad forward of the student where the policy needs one).
+
 The policy never receives gradient from ``L`` (its weights are detached).
 The student's train/eval mode is left as the caller set it; the reward
 forward runs in that same mode (the demo networks have no BatchNorm or
@@ -241,6 +251,7 @@ class SparkDistiller:
         self.held_out = held_out
         self._previous_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._pending: Optional[dict[str, Any]] = None  # "reinforce": an action waiting for its reward
+        self._micro: list[dict[str, Any]] = []  # what compute_loss recorded since the last optimiser step
         if cfg.mode == "map":
             self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
         if cfg.mode == "spark":
@@ -350,8 +361,18 @@ class SparkDistiller:
             group["lr"] = self.config.policy_lr * self._anneal()
         self.policy_optimizer.step()
 
-    def _credit_update(self, inputs, student_out, teacher_out, signals, gate) -> dict[str, torch.Tensor]:
-        """``"credit"``: score every cell (:func:`cell_credit`), then one policy step on ``-mean(w * credit)``."""
+    def _fp32_output(self, inputs: torch.Tensor, student_out: torch.Tensor) -> torch.Tensor:
+        """The student's output in float32 for the policy's signals (credit, rewards): ``student_out``
+        itself unless it came from a low-precision (autocast) forward, else a no-grad forward with
+        autocast off (an 8-bit mantissa cannot resolve a one-step change of the output)."""
+        if student_out.dtype not in (torch.float16, torch.bfloat16):
+            return student_out.detach()
+        with torch.no_grad():
+            return self.student(inputs).float()
+
+    def _cell_credit(self, inputs, student_out, teacher_out, gate) -> torch.Tensor:
+        """``"credit"``: score every cell (:func:`cell_credit`) at the parameters this step's gradient is
+        taken at (so in :meth:`compute_loss`, before the optimiser moves them)."""
         cfg = self.config
         if self.held_out is not None:
             held = next(self.held_out)
@@ -360,12 +381,15 @@ class SparkDistiller:
         # The wrapped module, not a DistributedDataParallel wrapper: a forward of the wrapper would
         # expect a backward that reduces gradients, and cell_credit only uses autograd.grad.
         plain = getattr(self.student, "module", self.student)
-        credit = cell_credit(
+        return cell_credit(
             plain, self.optimizer, inputs, student_out, teacher_out, held[0], held[1], cfg.grid,
             kd_loss=cfg.kd_loss, rec_loss=cfg.rec_loss, pixel_weight=gate, process_group=self.group,
         )
+
+    def _credit_update(self, signals: torch.Tensor, credit: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``"credit"``: one policy step on ``-mean(w * credit)``."""
         alpha, beta = self.policy(signals)
-        loss = credit_loss(cfg.w_bound * alpha / (alpha + beta), self.signal_scale.normalize(credit))
+        loss = credit_loss(self.config.w_bound * alpha / (alpha + beta), self.signal_scale.normalize(credit))
         self._policy_step(loss)
         return {"credit": credit.mean(), "credit_pos": (credit > 0).float().mean(), "policy_loss": loss.detach()}
 
@@ -384,23 +408,21 @@ class SparkDistiller:
         self._policy_step(loss)
         return {"reward": reward.mean(), "policy_loss": loss.detach(), "entropy": entropy.detach().mean()}
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """One training step on ``(inputs, targets)``.
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The student's loss on one (micro-)batch, without backward or any update: ``(loss, logs)``.
 
-        Args:
-            inputs: the student's input batch (``[B, ...]``, B >= 1).
-            targets: ground truth ``[B, C, H, W]`` shaped like the student's output.
+        ``loss`` is the 0-D float32 total ``balancer(L_rec, lambda_kd * KD)``, differentiable w.r.t. the
+        student only (the balancer's and the policy's parameters are updated by
+        :meth:`after_optimizer_step`, from values recorded here). Call it inside ``torch.autocast`` if you
+        like: the student and teachers run under it, the losses, the policy and the credit in float32.
+        Backpropagate ``loss`` (divided by k when accumulating k equal micro-batches: the gradient is then
+        that of one k-times larger batch wherever the weight map is deterministic: ``"qat"``, ``"kd"``,
+        ``"map"``, ``"spark"`` with ``"credit"``; docs/spark.md), step your optimiser, then call
+        :meth:`after_optimizer_step` once. Under ``torch.no_grad`` (validation) nothing is recorded.
 
-        Returns:
-            Per-step log of Python floats (one host sync per step): ``loss``,
-            ``loss_task``, ``loss_kd`` (before ``lambda_kd``); in ``"spark"`` and
-            ``"map"`` modes ``w_mean``, ``w_std``, ``w_min``, ``w_max``; with the
-            ``"credit"`` signal, on credit steps, ``credit``, ``credit_pos``,
-            ``policy_loss``; with ``"paper"``, on reward steps, ``reward``,
-            ``baseline``, ``policy_loss``, ``entropy`` (``baseline`` every step);
-            with ``"reinforce"``, on reward steps, ``reward``, ``policy_loss``,
-            ``entropy``; with ``kd_gate="teacher"``, ``gate_frac``; balancer
-            scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``); ``step``.
+        ``logs``: detached 0-D tensors (no host sync): ``loss``, ``loss_task``, ``loss_kd`` (before
+        ``lambda_kd``); in ``"spark"`` and ``"map"`` modes ``w_mean``, ``w_std``, ``w_min``, ``w_max``;
+        with ``kd_gate="teacher"``, ``gate_frac``.
         """
         cfg = self.config
         self._check_batch(inputs, targets)
@@ -409,96 +431,168 @@ class SparkDistiller:
             raise ValueError(f"student output must be a [B, C, H, W] tensor, got {getattr(student_out, 'shape', type(student_out))}")
         if student_out.shape != targets.shape:
             raise ValueError(f"student output shape {tuple(student_out.shape)} does not match targets shape {tuple(targets.shape)}")
-        targets = targets.to(student_out.dtype)
         teacher_out = self._teacher_output(inputs, student_out) if cfg.mode != "qat" else None
+        with torch.autocast(student_out.device.type, enabled=False):
+            return self._loss(inputs, targets, student_out, teacher_out)
 
-        rec_before = per_image_loss(student_out, targets, cfg.rec_loss)
+    def _loss(self, inputs, targets, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        low_precision = student_out.dtype in (torch.float16, torch.bfloat16)
+        out = student_out.float() if low_precision else student_out  # the losses in float32 under autocast
+        targets = targets.to(out.dtype)
+        if teacher_out is not None:
+            teacher_out = teacher_out.to(out.dtype)
+
+        rec_before = per_image_loss(out, targets, cfg.rec_loss)
         l_task = rec_before.mean()
         log: dict[str, torch.Tensor] = {}
+        training = torch.is_grad_enabled()
+        first = training and not self._micro  # the first micro-batch since the last optimiser step
         spark = cfg.mode == "spark"
-        policy_step = spark and self.steps % cfg.credit_every == 0
-        paper_reward = spark and cfg.policy_signal == "paper" and self.steps % cfg.reward_every == 0
+        policy_step = spark and training and self.steps % cfg.credit_every == 0
+        paper_reward = spark and training and cfg.policy_signal == "paper" and self.steps % cfg.reward_every == 0
         stash = policy_step and cfg.policy_signal == "reinforce" and self._pending is None
         credit_step = (
-            policy_step and cfg.policy_signal == "credit" and (self.held_out is not None or self._previous_batch is not None)
+            policy_step and first and cfg.policy_signal == "credit"
+            and (self.held_out is not None or self._previous_batch is not None)
         )
         sample = weight = signals = cell_kd = gate = None
         if cfg.mode == "qat":
             l_kd = torch.zeros((), device=l_task.device)
         else:
             if cfg.mode in ("spark", "map"):
-                signals, cell_kd = difficulty_signals(student_out, teacher_out, targets, cfg.grid, cfg.kd_loss, backend=cfg.backend)
+                signals, cell_kd = difficulty_signals(
+                    out, teacher_out, targets, cfg.grid, cfg.kd_loss, backend=cfg.backend
+                )
                 if cfg.mode == "map":
-                    weight = self._fixed_map(signals, student_out, teacher_out, targets)
+                    weight = self._fixed_map(signals, out, teacher_out, targets)
                 else:
                     weight, sample = self._policy_map(signals, paper_reward)
                 log.update(w_mean=weight.mean(), w_std=weight.std(unbiased=False), w_min=weight.min(), w_max=weight.max())
             if cfg.kd_gate == "teacher":
                 with torch.no_grad():
-                    gate = ((teacher_out - targets).abs() < (student_out.detach() - targets).abs()).to(student_out.dtype)
+                    gate = ((teacher_out - targets).abs() < (out.detach() - targets).abs()).to(out.dtype)
                 log["gate_frac"] = gate.mean()
             if self.dfd is not None:
                 l_kd = self.dfd.loss(self.dfd.teacher_features(), weight, backend=cfg.backend)
             elif gate is not None:
-                h, w = student_out.shape[-2:]
+                h, w = out.shape[-2:]
                 pixel_weight = gate if weight is None else gate * expand_cells(weight, h, w)
-                l_kd = fused_weighted_kd(student_out, teacher_out, pixel_weight, kd_loss=cfg.kd_loss, backend=cfg.backend)
+                l_kd = fused_weighted_kd(out, teacher_out, pixel_weight, kd_loss=cfg.kd_loss, backend=cfg.backend)
             elif weight is not None:
-                l_kd = (weight * cell_kd).sum() / student_out.numel()
+                l_kd = (weight * cell_kd).sum() / out.numel()
             else:
-                l_kd = fused_weighted_kd(student_out, teacher_out, None, kd_loss=cfg.kd_loss, backend=cfg.backend)
-        total = self.balancer(l_task, self._lambda() * l_kd)
-        if self.diffkd is not None:
+                l_kd = fused_weighted_kd(out, teacher_out, None, kd_loss=cfg.kd_loss, backend=cfg.backend)
+        l_kd_scaled = self._lambda() * l_kd
+        # The balancer's parameters enter the student's loss as constants: they learn in
+        # after_optimizer_step from the recorded losses, untouched by the caller's loss scaling.
+        frozen = {name: p.detach() for name, p in self.balancer.named_parameters()}
+        total = torch.func.functional_call(self.balancer, frozen, (l_task, l_kd_scaled))
+        if self.diffkd is not None:  # DiffKD's own losses; its parameters learn in after_optimizer_step
+            if first:
+                self.diffkd.zero_grad()
             total = total + self.diffkd.aux_loss
-            self.diffkd.zero_grad()
             log.update(self.diffkd.stats())
 
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.balancer_optimizer is not None:
-            self.balancer_optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
-        if self.balancer_optimizer is not None:
-            distributed.average_gradients(list(self.balancer.parameters()), self.group)
-            self.balancer_optimizer.step()
-        if credit_step:  # before the student's update: the credit is about this step's gradient
-            log.update(self._credit_update(inputs, student_out, teacher_out, signals, gate))
-            if self.dfd is not None:
-                self.dfd.discard()
-        if stash:
-            self._pending = {
-                "inputs": inputs.detach(), "targets": targets.detach(), "signals": signals,
-                "action": sample.action.detach(), "err_before": self._cell_rec_error(student_out, targets),
-                "due": self.steps + cfg.horizon - 1,
+        if training:
+            record: dict[str, Any] = {
+                "inputs": inputs.detach(), "targets": targets.detach(),
+                "l_task": l_task.detach(), "l_kd": l_kd_scaled.detach(),
             }
-        self.optimizer.step()
+            if credit_step:
+                base = self._fp32_output(inputs, student_out)
+                record["credit"] = self._cell_credit(inputs, base, teacher_out, gate)
+                record["signals"] = signals
+            if stash:
+                base = self._fp32_output(inputs, student_out)
+                self._pending = {
+                    "inputs": inputs.detach(), "targets": targets.detach(), "signals": signals,
+                    "action": sample.action.detach(), "err_before": self._cell_rec_error(base, targets),
+                    "due": self.steps + cfg.horizon - 1,
+                }
+            if paper_reward:
+                if low_precision:
+                    rec_before = per_image_loss(self._fp32_output(inputs, student_out), targets, cfg.rec_loss)
+                record.update(rec_before=rec_before.detach(), log_prob=sample.log_prob, entropy=sample.entropy)
+            if self.dfd is not None and (credit_step or stash or (paper_reward and low_precision)):
+                self.dfd.discard()  # the extra forwards' features are not distilled
+            self._micro.append(record)
+        log.update(loss=total.detach(), loss_task=l_task.detach(), loss_kd=l_kd.detach())
+        return total, log
+
+    def after_optimizer_step(self) -> dict[str, torch.Tensor]:
+        """The distiller's own updates, once per optimiser step (after ``optimizer.step()``), from every
+        :meth:`compute_loss` call since the last one: the balancer's Adam step (on the micro-batches' mean
+        loss), the policy step (``"credit"``: from the first micro-batch's credit; ``"paper"``: one
+        REINFORCE step on the rewards of every micro-batch's images, measured by a no-grad forward of the
+        updated student; ``"reinforce"``: a pending action's reward when due) and the step count.
+
+        Returns detached 0-D tensors: with the ``"credit"`` signal, on credit steps, ``credit``,
+        ``credit_pos``, ``policy_loss``; with ``"paper"``, on reward steps, ``reward``, ``baseline``,
+        ``policy_loss``, ``entropy`` (``baseline`` every step); with ``"reinforce"``, on reward steps,
+        ``reward``, ``policy_loss``, ``entropy``; balancer scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``).
+        """
+        if not self._micro:
+            raise RuntimeError(
+                "after_optimizer_step() needs a compute_loss() call (with grad enabled) since the last one"
+            )
+        cfg = self.config
+        micro, self._micro = self._micro, []
+        spark = cfg.mode == "spark"
+        log: dict[str, torch.Tensor] = {}
         if self.diffkd is not None:
             self.diffkd.optimizer_step()
-
-        if paper_reward:
-            with torch.no_grad():
-                rec_after = per_image_loss(self.student(inputs), targets, cfg.rec_loss)
-            if self.dfd is not None:
-                self.dfd.discard()
-            rewards = rec_before.detach() - rec_after
-            log.update(self.updater.update(rewards, sample.log_prob, sample.entropy))
-            log.pop("baseline_used")
-        elif spark and cfg.policy_signal == "paper":
-            # Keep the log's keys stable: the baseline is still reported.
-            log["baseline"] = self.updater.baseline
-        if self._pending is not None and self._pending["due"] <= self.steps:
-            log.update(self._reinforce_update())
-            if self.dfd is not None:
-                self.dfd.discard()
+        with torch.autocast(self.device.type, enabled=False):
+            if self.balancer_optimizer is not None:
+                self.balancer_optimizer.zero_grad(set_to_none=True)
+                (sum(self.balancer(m["l_task"], m["l_kd"]) for m in micro) / len(micro)).backward()
+                distributed.average_gradients(list(self.balancer.parameters()), self.group)
+                self.balancer_optimizer.step()
+            if "credit" in micro[0]:
+                log.update(self._credit_update(micro[0]["signals"], micro[0]["credit"]))
+            if "log_prob" in micro[0]:
+                with torch.no_grad():
+                    rec_after = [per_image_loss(self.student(m["inputs"]), m["targets"], cfg.rec_loss) for m in micro]
+                if self.dfd is not None:
+                    self.dfd.discard()
+                rewards = torch.cat([m["rec_before"] for m in micro]) - torch.cat(rec_after)
+                log_prob = torch.cat([m["log_prob"] for m in micro])
+                entropy = torch.cat([m["entropy"] for m in micro])
+                log.update(self.updater.update(rewards, log_prob, entropy))
+                log.pop("baseline_used")
+            elif spark and cfg.policy_signal == "paper":
+                # Keep the log's keys stable: the baseline is still reported.
+                log["baseline"] = self.updater.baseline
+            if self._pending is not None and self._pending["due"] <= self.steps:
+                log.update(self._reinforce_update())
+                if self.dfd is not None:
+                    self.dfd.discard()
         if self.held_out is None and spark and cfg.policy_signal == "credit":
-            self._previous_batch = (inputs.detach(), targets.detach())
-
-        log.update(loss=total.detach(), loss_task=l_task.detach(), loss_kd=l_kd.detach())
+            self._previous_batch = (micro[-1]["inputs"], micro[-1]["targets"])
         log.update(self.balancer.stats())
         self.steps += 1
+        return log
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """One training step on ``(inputs, targets)``: :meth:`compute_loss`, backward, ``grad_clip``,
+        ``optimizer.step()``, :meth:`after_optimizer_step`.
+
+        Args:
+            inputs: the student's input batch (``[B, ...]``, B >= 1).
+            targets: ground truth ``[B, C, H, W]`` shaped like the student's output.
+
+        Returns:
+            The logs of both parts as Python floats (one host sync per step), and ``step``.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, log = self.compute_loss(inputs, targets)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        log.update(self.after_optimizer_step())
         keys = list(log)
-        values = torch.stack([log[k].detach().float().reshape(()).to(l_task.device) for k in keys]).tolist()
+        values = torch.stack([log[k].detach().float().reshape(()).to(loss.device) for k in keys]).tolist()
         out = dict(zip(keys, values))
         out["step"] = self.steps
         return out
@@ -542,7 +636,12 @@ class SparkDistiller:
         """Everything needed to resume: student (with its quantizers' parameters
         and buffers) and its optimiser, policy, policy optimiser, baseline,
         policy generator, balancer and its optimiser, step count, and the
-        global CPU (and CUDA) RNG states. Tensors are cloned."""
+        global CPU (and CUDA) RNG states. Tensors are cloned. Take it between optimiser steps (not
+        between :meth:`compute_loss` and :meth:`after_optimizer_step`)."""
+        if self._micro:
+            raise RuntimeError(
+                "state_dict() between compute_loss() and after_optimizer_step(): checkpoint after the latter"
+            )
         state: dict[str, Any] = {
             "format": STATE_FORMAT,
             "mode": self.config.mode,
