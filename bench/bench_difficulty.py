@@ -102,26 +102,33 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
 
         return call
 
-    common.run_pass(rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes,
-                    **common_kw)
+    common.run_pass(
+        rows, {k: no_grad_call(f) for k, f in impls.items()}, device, pass_="fwd", nbytes=fwd_bytes, **common_kw
+    )
 
     s = S.detach().requires_grad_()
     bwd_fns = {}
     for k, f in impls.items():
         _, kd = f(s, T, Y)
-        bwd_fns[k] = (lambda kd=kd: torch.autograd.grad(kd, s, G, retain_graph=True))
+        bwd_fns[k] = lambda kd=kd: torch.autograd.grad(kd, s, G, retain_graph=True)
     common.run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **common_kw)
     del bwd_fns
 
-    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T, Y)[1], s, G)) for k, f in impls.items()}, device,
-             pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **common_kw)
+    common.run_pass(
+        rows,
+        {k: (lambda f=f: torch.autograd.grad(f(s, T, Y)[1], s, G)) for k, f in impls.items()},
+        device,
+        pass_="fwd+bwd",
+        nbytes=fwd_bytes + bwd_bytes,
+        **common_kw,
+    )
 
     spark_fns = {}
     for k, f in impls.items():
-        loss_fn = (lambda s_, t_, y_, f=f: spark_loss(f, s_, t_, y_))
+        loss_fn = lambda s_, t_, y_, f=f: spark_loss(f, s_, t_, y_)
         if k == "compiled":
             loss_fn = torch.compile(lambda s_, t_, y_: spark_loss(eager, s_, t_, y_), dynamic=False)
-        spark_fns[k] = (lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(s, T, Y), s))
+        spark_fns[k] = lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(s, T, Y), s)
     common.run_pass(rows, spark_fns, device, pass_="spark", nbytes=fwd_bytes + bwd_bytes + cells * 4, **common_kw)
 
 
@@ -148,8 +155,21 @@ def main(argv=None) -> int:
     for shape, dtype_name, grid in cases:
         bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
-    common.print_rows(rows, ["case", "pass", "impl", "ms", "ms_p20", "ms_p80", "gbps", "copy_fraction",
-                             "speedup_vs_peer", "peak_extra_bytes"])
+    common.print_rows(
+        rows,
+        [
+            "case",
+            "pass",
+            "impl",
+            "ms",
+            "ms_p20",
+            "ms_p80",
+            "gbps",
+            "copy_fraction",
+            "speedup_vs_peer",
+            "peak_extra_bytes",
+        ],
+    )
     print(common.save_results("difficulty", device, rows, args.out))
     return 0
 

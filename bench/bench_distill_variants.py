@@ -50,14 +50,17 @@ def main() -> None:
     task = RestorationTask(args.task)
     preset = demo.PRESETS["default"]
     torch.manual_seed(0)
-    teacher = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device).requires_grad_(False)
+    teacher = (
+        build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device).requires_grad_(False)
+    )
     base = demo.make_ptq(teacher, task, preset, 0, device)
     distillers = {}
     for name, kw in VARIANTS.items():
         student = copy.deepcopy(base).train()
         opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
-        distillers[name] = SparkDistiller(student, None if kw["mode"] == "qat" else teacher, opt,
-                                          DistillConfig(grid=preset.grid, **kw))
+        distillers[name] = SparkDistiller(
+            student, None if kw["mode"] == "qat" else teacher, opt, DistillConfig(grid=preset.grid, **kw)
+        )
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=1, device=device)
     batches = [next(data) for _ in range(args.window)]
     for d in distillers.values():  # warm-up; step 0 has no previous batch, so no credit

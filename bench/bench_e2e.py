@@ -95,8 +95,10 @@ def use_torch_fake_quant(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, LSQQuantizer):
             if module.offset is not None or not module.is_initialized:
-                raise ValueError("use_torch_fake_quant: needs initialised LSQ quantizers without an offset (LSQ+ "
-                                 "has no torch built-in)")
+                raise ValueError(
+                    "use_torch_fake_quant: needs initialised LSQ quantizers without an offset (LSQ+ "
+                    "has no torch built-in)"
+                )
             module.torch_zero_point = torch.zeros_like(module.step.detach())
             module.fake_quant = types.MethodType(_torch_fake_quant, module)
             switched += 1
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     variants += [("qat", "ours", "auto", False, False), ("qat", "torch", "auto", False, True)]
     rows = []
     for mode, impl, backend, compiled, torch_fq in variants:
-        with spark_ext.use_backend(backend), (compiled_reference_signals() if compiled else contextlib.nullcontext()):
+        with spark_ext.use_backend(backend), compiled_reference_signals() if compiled else contextlib.nullcontext():
             distiller, x, y = build(args, device, mode, compiled, torch_fq)
 
             def step():
@@ -186,11 +188,24 @@ def main(argv=None) -> int:
             peak = common.peak_extra_bytes(step, device)
             share = share_in_our_ops(step, device) if impl == "ours" else None
         rows.append(
-            {"op": f"{mode}_step", "case": case, "pass": "step", "impl": impl, **stats, "bytes": 0, "gbps": None,
-             "copy_fraction": None, "peak_extra_bytes": peak, "share_in_spark_ext_ops": share}
+            {
+                "op": f"{mode}_step",
+                "case": case,
+                "pass": "step",
+                "impl": impl,
+                **stats,
+                "bytes": 0,
+                "gbps": None,
+                "copy_fraction": None,
+                "peak_extra_bytes": peak,
+                "share_in_spark_ext_ops": share,
+            }
         )
-        print(f"{mode:5s} {impl:8s} {stats['ms']:9.2f} ms/step (p20 {stats['ms_p20']:.2f}, p80 {stats['ms_p80']:.2f})"
-              f"  peak {peak}  share {share}", flush=True)
+        print(
+            f"{mode:5s} {impl:8s} {stats['ms']:9.2f} ms/step (p20 {stats['ms_p20']:.2f}, p80 {stats['ms_p80']:.2f})"
+            f"  peak {peak}  share {share}",
+            flush=True,
+        )
 
     def step_ms(op, impl):
         return next(r["ms"] for r in rows if r["op"] == op and r["impl"] == impl)
@@ -202,10 +217,14 @@ def main(argv=None) -> int:
     ]
     print(f"SPARK overhead over plain QAT (both with our ops): {ratios[0][1]:.2f}x step time")
     print(f"SPARK with our ops / plain QAT with torch's fake quant: {ratios[1][1]:.2f}x (target <= 1)")
-    common.print_rows(common.add_ratios(rows), ["op", "impl", "ms", "ms_p20", "ms_p80", "speedup_vs_peer",
-                                                "peak_extra_bytes", "share_in_spark_ext_ops"])
-    rows += [{"op": op, "case": case, "pass": "step", "impl": "ratio", "ms": value,
-              **({"target": target} if target else {})} for op, value, target in ratios]
+    common.print_rows(
+        common.add_ratios(rows),
+        ["op", "impl", "ms", "ms_p20", "ms_p80", "speedup_vs_peer", "peak_extra_bytes", "share_in_spark_ext_ops"],
+    )
+    rows += [
+        {"op": op, "case": case, "pass": "step", "impl": "ratio", "ms": value, **({"target": target} if target else {})}
+        for op, value, target in ratios
+    ]
     print(common.save_results("e2e", device, rows, args.out))
     return 0
 

@@ -45,8 +45,9 @@ def make_impls(axis, backend, with_compiled):
     def ours(x, scale, zero_point):
         if axis is None:
             return spark_ext.fake_quantize_learnable_per_tensor_affine(x, scale, zero_point, -qn, qp, backend=backend)
-        return spark_ext.fake_quantize_learnable_per_channel_affine(x, scale, zero_point, axis, -qn, qp,
-                                                                    backend=backend)
+        return spark_ext.fake_quantize_learnable_per_channel_affine(
+            x, scale, zero_point, axis, -qn, qp, backend=backend
+        )
 
     def eager(x, scale, zero_point):
         if axis is None:

@@ -78,8 +78,10 @@ def bench_case(rows, op, make_impls, make_p1, layout, dtype_name, device, with_c
     ``make_p1(n, device, generator)`` gives the second parameter (LSQ's offset, §5a's zero point)."""
     name, shape, axis, channels_last = layout
     dtype = DTYPES[dtype_name]
-    case = f"{name} {'x'.join(map(str, shape))}{' channels_last' if channels_last else ''} " \
-           f"{'per-tensor' if axis is None else f'per-channel axis{axis}'} {dtype_name}"
+    case = (
+        f"{name} {'x'.join(map(str, shape))}{' channels_last' if channels_last else ''} "
+        f"{'per-tensor' if axis is None else f'per-channel axis{axis}'} {dtype_name}"
+    )
     print(f"== {op} {case}", flush=True)
     torch._dynamo.reset()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -118,22 +120,38 @@ def bench_case(rows, op, make_impls, make_p1, layout, dtype_name, device, with_c
             bwd[k] = lambda exc=exc: (_ for _ in ()).throw(exc)
     common.run_pass(rows, bwd, device, pass_="bwd", nbytes=bwd_bytes, **kw)
     del bwd
-    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, dy)) for k, f in impls.items()},
-                    device, pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **kw)
+    common.run_pass(
+        rows,
+        {k: (lambda f=f: torch.autograd.grad(f(*leaves), leaves, dy)) for k, f in impls.items()},
+        device,
+        pass_="fwd+bwd",
+        nbytes=fwd_bytes + bwd_bytes,
+        **kw,
+    )
 
 
 def layouts(args, device):
     """``(name, shape, axis, channels_last)`` cases for the run's size (``--quick``, ``--headline``, device)."""
     if args.quick:
-        return [("act", (4, 16, 32, 32), None, False), ("weight", (64, 32, 3, 3), 0, False),
-                ("act", (4, 16, 32, 32), 1, True)]
+        return [
+            ("act", (4, 16, 32, 32), None, False),
+            ("weight", (64, 32, 3, 3), 0, False),
+            ("act", (4, 16, 32, 32), 1, True),
+        ]
     if args.headline:  # an HBM-bound activation per tensor, a conv weight per channel (GPU sizes)
         return [("act", (32, 128, 128, 128), None, False), ("weight", (1024, 1024, 3, 3), 0, False)]
     if device.type == "cuda":
-        return [("act", (32, 128, 128, 128), None, False), ("weight", (1024, 1024, 3, 3), 0, False),
-                ("act", (32, 128, 128, 128), 1, True), ("act", (32, 128, 128, 128), 1, False)]
-    return [("act", (16, 64, 64, 64), None, False), ("weight", (256, 256, 3, 3), 0, False),
-            ("act", (16, 64, 64, 64), 1, True)]
+        return [
+            ("act", (32, 128, 128, 128), None, False),
+            ("weight", (1024, 1024, 3, 3), 0, False),
+            ("act", (32, 128, 128, 128), 1, True),
+            ("act", (32, 128, 128, 128), 1, False),
+        ]
+    return [
+        ("act", (16, 64, 64, 64), None, False),
+        ("weight", (256, 256, 3, 3), 0, False),
+        ("act", (16, 64, 64, 64), 1, True),
+    ]
 
 
 def summarize(rows):
@@ -164,8 +182,21 @@ def run(argv, description, op, result_name, make_impls, make_p1) -> int:
         for dtype_name in DTYPES:
             bench_case(rows, op, make_impls, make_p1, layout, dtype_name, device, not args.no_compiled, reps, backend)
     common.add_ratios(rows)
-    common.print_rows(rows, ["case", "pass", "impl", "ms", "ms_p20", "ms_p80", "gbps", "copy_fraction",
-                             "speedup_vs_peer", "peak_extra_bytes"])
+    common.print_rows(
+        rows,
+        [
+            "case",
+            "pass",
+            "impl",
+            "ms",
+            "ms_p20",
+            "ms_p80",
+            "gbps",
+            "copy_fraction",
+            "speedup_vs_peer",
+            "peak_extra_bytes",
+        ],
+    )
     summarize(rows)
     print(common.save_results(result_name, device, rows, args.out))
     return 0

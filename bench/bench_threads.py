@@ -167,8 +167,11 @@ def main(argv=None) -> int:
     torch._dynamo.config.cache_size_limit = 64  # a compiled graph per thread count and pass
     repeats = args.repeats or (1 if args.quick else 3)
     load_before = os.getloadavg()
-    print(f"library: {_extension.status()}\nthreads: {counts}  repeats: {repeats}  "
-          f"load average before: {load_before[0]:.2f}", flush=True)
+    print(
+        f"library: {_extension.status()}\nthreads: {counts}  repeats: {repeats}  "
+        f"load average before: {load_before[0]:.2f}",
+        flush=True,
+    )
     all_thread_max = torch.get_num_threads()
     summary = []
     try:
@@ -205,22 +208,38 @@ def main(argv=None) -> int:
                         continue
                     ms = statistics.median(ms_list)
                     rate = common.gbps(nbytes[pass_], ms)
-                    rows.append({"op": op, "case": f"{label} threads={n}", "pass": pass_, "impl": impl, "ms": ms,
-                                 "bytes": nbytes[pass_], "gbps": rate, "copy_fraction": rate / copy_rate,
-                                 "peak_extra_bytes": None, "threads": n, "ms_repeats": ms_list,
-                                 "copy_gbps": copy_rate, "clone_fraction": rate / clone_rate,
-                                 "clone_gbps": clone_rate})
+                    rows.append(
+                        {
+                            "op": op,
+                            "case": f"{label} threads={n}",
+                            "pass": pass_,
+                            "impl": impl,
+                            "ms": ms,
+                            "bytes": nbytes[pass_],
+                            "gbps": rate,
+                            "copy_fraction": rate / copy_rate,
+                            "peak_extra_bytes": None,
+                            "threads": n,
+                            "ms_repeats": ms_list,
+                            "copy_gbps": copy_rate,
+                            "clone_fraction": rate / clone_rate,
+                            "clone_gbps": clone_rate,
+                        }
+                    )
                 common.add_ratios(rows)
-                common.print_rows(rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "clone_fraction",
-                                         "speedup_vs_peer"])
+                common.print_rows(
+                    rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "clone_fraction", "speedup_vs_peer"]
+                )
                 path = common.save_results(f"threads-{op}-t{n}", "cpu", rows, args.out)
                 print(path, flush=True)
                 summary += rows
     finally:
         torch.set_num_threads(all_thread_max)
     load_after = os.getloadavg()
-    print(f"\nload average after: {load_after[0]:.2f} (before: {load_before[0]:.2f}; "
-          f"{os.cpu_count()} cores: timings above ~1 per core are disturbed)")
+    print(
+        f"\nload average after: {load_after[0]:.2f} (before: {load_before[0]:.2f}; "
+        f"{os.cpu_count()} cores: timings above ~1 per core are disturbed)"
+    )
     print_targets(summary, counts, in_bytes_large=LARGE_BYTES)
     return 0
 
@@ -230,24 +249,35 @@ def print_targets(rows: list[dict], counts: list[int], in_bytes_large: int) -> N
     by = {(r["op"], r["case"].rsplit(" threads=", 1)[0], r["pass"], r["impl"], r["threads"]): r for r in rows}
     keys = sorted({(k[0], k[1], k[2]) for k in by})
     lo, hi = counts[0], counts[-1]
-    print(f"\n| op | case | pass | ours {lo}t ms | ours {hi}t ms | {lo}->{hi} threads | "
-          + " | ".join(f"vs torch {n}t | vs compiled {n}t | of copy / clone {n}t" for n in counts) + " |")
+    print(
+        f"\n| op | case | pass | ours {lo}t ms | ours {hi}t ms | {lo}->{hi} threads | "
+        + " | ".join(f"vs torch {n}t | vs compiled {n}t | of copy / clone {n}t" for n in counts)
+        + " |"
+    )
     print("|" + "---|" * (6 + 3 * len(counts)))
     for op, case, pass_ in keys:
         ours = {n: by.get((op, case, pass_, "ours", n)) for n in counts}
         if any(v is None for v in ours.values()):
             continue
-        cells = [op, case, pass_, f"{ours[lo]['ms']:.2f}", f"{ours[hi]['ms']:.2f}",
-                 f"{ours[lo]['ms'] / ours[hi]['ms']:.2f}x"]
+        cells = [
+            op,
+            case,
+            pass_,
+            f"{ours[lo]['ms']:.2f}",
+            f"{ours[hi]['ms']:.2f}",
+            f"{ours[lo]['ms'] / ours[hi]['ms']:.2f}x",
+        ]
         for n in counts:
             for peer in ("torch", "compiled"):
                 r = by.get((op, case, pass_, peer, n))
                 cells.append("-" if r is None or r.get("speedup_vs_peer") is None else f"{r['speedup_vs_peer']:.2f}x")
             cells.append(f"{ours[n]['copy_fraction']:.0%} / {ours[n]['clone_fraction']:.0%}")
         print("| " + " | ".join(cells) + " |")
-    print(f"\ntargets (issue 11): >= 1.7x from 1 to 2 threads (8.4M LSQ, 16x3x256x256 difficulty); >= 3x torch's "
-          f"learnable op and >= 1.2x compiled at every thread count; >= 70% of copy bandwidth on large tensors "
-          f"(inputs >= {in_bytes_large // 2**20} MiB)")
+    print(
+        f"\ntargets (issue 11): >= 1.7x from 1 to 2 threads (8.4M LSQ, 16x3x256x256 difficulty); >= 3x torch's "
+        f"learnable op and >= 1.2x compiled at every thread count; >= 70% of copy bandwidth on large tensors "
+        f"(inputs >= {in_bytes_large // 2**20} MiB)"
+    )
 
 
 if __name__ == "__main__":

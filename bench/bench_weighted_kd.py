@@ -85,11 +85,17 @@ def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, ours_name,
     bwd_fns = {}
     for k, f in impls.items():
         loss = f(s, T)
-        bwd_fns[k] = (lambda loss=loss: torch.autograd.grad(loss, s, retain_graph=True))
+        bwd_fns[k] = lambda loss=loss: torch.autograd.grad(loss, s, retain_graph=True)
     common.run_pass(rows, bwd_fns, device, pass_="bwd", nbytes=bwd_bytes, **kw)
     del bwd_fns
-    common.run_pass(rows, {k: (lambda f=f: torch.autograd.grad(f(s, T), s)) for k, f in impls.items()}, device,
-             pass_="fwd+bwd", nbytes=fwd_bytes + bwd_bytes, **kw)
+    common.run_pass(
+        rows,
+        {k: (lambda f=f: torch.autograd.grad(f(s, T), s)) for k, f in impls.items()},
+        device,
+        pass_="fwd+bwd",
+        nbytes=fwd_bytes + bwd_bytes,
+        **kw,
+    )
 
 
 def main(argv=None) -> int:
@@ -112,8 +118,21 @@ def main(argv=None) -> int:
     for shape, dtype_name, weight_kind in cases:
         bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, ours_name, not args.no_compiled, reps)
     common.add_ratios(rows)
-    common.print_rows(rows, ["case", "pass", "impl", "ms", "ms_p20", "ms_p80", "gbps", "copy_fraction",
-                             "speedup_vs_peer", "peak_extra_bytes"])
+    common.print_rows(
+        rows,
+        [
+            "case",
+            "pass",
+            "impl",
+            "ms",
+            "ms_p20",
+            "ms_p80",
+            "gbps",
+            "copy_fraction",
+            "speedup_vs_peer",
+            "peak_extra_bytes",
+        ],
+    )
     print(common.save_results("weighted_kd", device, rows, args.out))
     return 0
 

@@ -47,8 +47,9 @@ import os
 import platform
 import statistics
 import subprocess
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 
@@ -248,10 +249,17 @@ def arg_parser(description: str, *, threads: bool = False) -> argparse.ArgumentP
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default per script)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     if threads:
-        parser.add_argument("--threads", default="1,2,all",
-                            help="comma-separated CPU thread counts to time; 'all' = torch's default (default 1,2,all)")
-        parser.add_argument("--repeats", type=int, default=None,
-                            help="interleaved rounds over every thread count and implementation; the median is kept")
+        parser.add_argument(
+            "--threads",
+            default="1,2,all",
+            help="comma-separated CPU thread counts to time; 'all' = torch's default (default 1,2,all)",
+        )
+        parser.add_argument(
+            "--repeats",
+            type=int,
+            default=None,
+            help="interleaved rounds over every thread count and implementation; the median is kept",
+        )
     return parser
 
 
@@ -264,14 +272,27 @@ def run_pass(rows: list[dict], fns: dict, device, *, op, case, pass_, nbytes, co
     """
     for impl, fn in fns.items():
         try:
-            row = measure(fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes,
-                          copy_rate_gbps=copy_rate, reps=reps)
+            row = measure(
+                fn, device, op=op, case=case, pass_=pass_, impl=impl, nbytes=nbytes, copy_rate_gbps=copy_rate, reps=reps
+            )
         except Exception as exc:
-            row = {"op": op, "case": case, "pass": pass_, "impl": impl, "ms": None, "bytes": int(nbytes),
-                   "gbps": None, "copy_fraction": None, "peak_extra_bytes": None,
-                   "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            row = {
+                "op": op,
+                "case": case,
+                "pass": pass_,
+                "impl": impl,
+                "ms": None,
+                "bytes": int(nbytes),
+                "gbps": None,
+                "copy_fraction": None,
+                "peak_extra_bytes": None,
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+            }
         rows.append(row)
         ms = "error" if row["ms"] is None else f"{row['ms']:.4g} ms"
         frac = row.get("copy_fraction")
-        print(f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}"
-              f"{'  ' + row['error'] if 'error' in row else ''}", flush=True)
+        print(
+            f"  {pass_:8s} {impl:9s} {ms:>14s}  {'' if frac is None else f'{frac:.2f} of copy'}"
+            f"{'  ' + row['error'] if 'error' in row else ''}",
+            flush=True,
+        )

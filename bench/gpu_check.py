@@ -105,50 +105,136 @@ def pytest_stage(name, what, args, scratch, workers, expected_s, limit_s, jobs):
     junit = scratch / f"{name}.xml"
     xdist = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
     threads = str(max(1, jobs // max(1, workers if xdist else 1)))  # torch threads per worker: no oversubscription
-    return Stage(name, what, [PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-                 + xdist + args, expected_s, limit_s, "pytest", junit, {"OMP_NUM_THREADS": threads})
+    return Stage(
+        name,
+        what,
+        [PY, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={junit}"] + xdist + args,
+        expected_s,
+        limit_s,
+        "pytest",
+        junit,
+        {"OMP_NUM_THREADS": threads},
+    )
 
 
 def bench_stage(bench, what, args, scratch, expected_s, limit_s):
     folder = scratch / f"bench-{bench}"
-    return Stage(f"bench-{bench.replace('_', '-')}", what,
-                 [PY, f"bench/bench_{bench}.py", "--headline", "--out", str(folder)] + args,
-                 expected_s, limit_s, "bench", folder)
+    return Stage(
+        f"bench-{bench.replace('_', '-')}",
+        what,
+        [PY, f"bench/bench_{bench}.py", "--headline", "--out", str(folder)] + args,
+        expected_s,
+        limit_s,
+        "bench",
+        folder,
+    )
 
 
 def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
     """The stages, in order of value."""
     sanitizer = shutil.which("compute-sanitizer")
     stages = [
-        Stage("build", "pip install -e . (C++/CUDA library for this GPU's arch only)",
-              [PY, "bench/gpu_check.py", "--build"],
-              100, 240, "build", required=True),
-        Stage("doctor", "spark-ext doctor: devices, backends, library status", [PY, "-m", "spark_ext.cli", "doctor"],
-              15, 60, "doctor"),
-        pytest_stage("cuda-tests", "every cuda-marked test (graph capture in its own stage)",
-                     ["-m", "cuda", "tests", "--ignore=tests/test_cuda_graphs.py"], scratch, min(8, jobs),
-                     90, 150, jobs),
-        pytest_stage("properties", "hypothesis properties: Triton and LSQ kernels on CUDA vs the reference",
-                     ["tests/test_properties.py"], scratch, min(4, jobs), 25, 60, jobs),
+        Stage(
+            "build",
+            "pip install -e . (C++/CUDA library for this GPU's arch only)",
+            [PY, "bench/gpu_check.py", "--build"],
+            100,
+            240,
+            "build",
+            required=True,
+        ),
+        Stage(
+            "doctor",
+            "spark-ext doctor: devices, backends, library status",
+            [PY, "-m", "spark_ext.cli", "doctor"],
+            15,
+            60,
+            "doctor",
+        ),
+        pytest_stage(
+            "cuda-tests",
+            "every cuda-marked test (graph capture in its own stage)",
+            ["-m", "cuda", "tests", "--ignore=tests/test_cuda_graphs.py"],
+            scratch,
+            min(8, jobs),
+            90,
+            150,
+            jobs,
+        ),
+        pytest_stage(
+            "properties",
+            "hypothesis properties: Triton and LSQ kernels on CUDA vs the reference",
+            ["tests/test_properties.py"],
+            scratch,
+            min(4, jobs),
+            25,
+            60,
+            jobs,
+        ),
         bench_stage("difficulty", "SPARK path fwd+bwd vs eager, compiled; % of copy", [], scratch, 60, 110),
         bench_stage("weighted_kd", "weighted KD vs eager, compiled, F.l1_loss; % of copy", [], scratch, 50, 100),
         bench_stage("lsq", "LSQ vs torch's learnable op, eager, compiled; % of copy", [], scratch, 45, 90),
-        bench_stage("fake_quant", "§5a drop-ins vs torch's learnable ops, eager, compiled; % of copy", [],
-                    scratch, 45, 90),
-        bench_stage("e2e", "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT with our / torch's "
-                    "fake quant", ["--no-compiled"], scratch, 50, 100),
-        pytest_stage("cuda-graphs", "CUDA-graph capture and replay of every fast op", ["tests/test_cuda_graphs.py"],
-                     scratch, 1, 20, 60, jobs),
-        Stage("memcheck", "compute-sanitizer memcheck, one short run of each kernel",
-              [sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20",
-               PY, "bench/sanitize_kernels.py", "--short"], 45, 120, "memcheck",
-              # every tensor its own cudaMalloc: out-of-bounds accesses inside the caching allocator's blocks show
-              env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-              unavailable=None if sanitizer else "compute-sanitizer not found"),
-        pytest_stage("rest", "the rest of the suite (not cuda-marked), slow tests included",
-                     ["-m", "not cuda", "tests", "--ignore=tests/test_properties.py"], scratch, jobs, 150, 300, jobs),
-        Stage("report", "spark-ext bench --from the benchmark results: ratio tables into the log",
-              report_command(out), 10, 40, "report"),
+        bench_stage(
+            "fake_quant", "§5a drop-ins vs torch's learnable ops, eager, compiled; % of copy", [], scratch, 45, 90
+        ),
+        bench_stage(
+            "e2e",
+            "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT with our / torch's fake quant",
+            ["--no-compiled"],
+            scratch,
+            50,
+            100,
+        ),
+        pytest_stage(
+            "cuda-graphs",
+            "CUDA-graph capture and replay of every fast op",
+            ["tests/test_cuda_graphs.py"],
+            scratch,
+            1,
+            20,
+            60,
+            jobs,
+        ),
+        Stage(
+            "memcheck",
+            "compute-sanitizer memcheck, one short run of each kernel",
+            [
+                sanitizer or "compute-sanitizer",
+                "--tool",
+                "memcheck",
+                "--error-exitcode",
+                "1",
+                "--print-limit",
+                "20",
+                PY,
+                "bench/sanitize_kernels.py",
+                "--short",
+            ],
+            45,
+            120,
+            "memcheck",
+            # every tensor its own cudaMalloc: out-of-bounds accesses inside the caching allocator's blocks show
+            env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
+            unavailable=None if sanitizer else "compute-sanitizer not found",
+        ),
+        pytest_stage(
+            "rest",
+            "the rest of the suite (not cuda-marked), slow tests included",
+            ["-m", "not cuda", "tests", "--ignore=tests/test_properties.py"],
+            scratch,
+            jobs,
+            150,
+            300,
+            jobs,
+        ),
+        Stage(
+            "report",
+            "spark-ext bench --from the benchmark results: ratio tables into the log",
+            report_command(out),
+            10,
+            40,
+            "report",
+        ),
     ]
     return stages
 
@@ -210,8 +296,12 @@ def source_digest() -> dict:
             if path.is_file() and path.suffix in (".py", ".cpp", ".h", ".cu", ".cuh", ".sh"):
                 h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"commit": commit, "sources_sha256": h.hexdigest()[:16]}
@@ -238,8 +328,13 @@ def pytest_keys(junit: Path) -> dict:
             skip_reasons[(case.find("skipped").get("message") or "")[:160]] += 1
         else:
             counts["passed"] += 1
-    return {"passed": counts["passed"], "failed": counts["failed"], "skipped": counts["skipped"],
-            "failed_tests": failed[:30], "skip_reasons": dict(skip_reasons.most_common(5))}
+    return {
+        "passed": counts["passed"],
+        "failed": counts["failed"],
+        "skipped": counts["skipped"],
+        "failed_tests": failed[:30],
+        "skip_reasons": dict(skip_reasons.most_common(5)),
+    }
 
 
 def bench_keys(result: dict) -> dict:
@@ -261,8 +356,12 @@ def bench_keys(result: dict) -> dict:
         if r.get("error"):
             line[f"error_{r.get('impl')}"] = r["error"]
     rounded = {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in line.items()} for k, line in lines.items()}
-    return {"device": result.get("env", {}).get("device"), "rows": len(rows),
-            "errors": sum(1 for r in rows if r.get("error")), "headline": rounded}
+    return {
+        "device": result.get("env", {}).get("device"),
+        "rows": len(rows),
+        "errors": sum(1 for r in rows if r.get("error")),
+        "headline": rounded,
+    }
 
 
 def text_keys(kind: str, lines: list[str]) -> dict:
@@ -275,9 +374,12 @@ def text_keys(kind: str, lines: list[str]) -> dict:
         return {"lines": [ln.strip() for ln in lines if ln.startswith(keep)]}
     if kind == "memcheck":
         m = re.search(r"ERROR SUMMARY: (\d+) error", text)
-        return {"sanitizer_errors": int(m.group(1)) if m else None,
-                "ok": len(re.findall(r"^ok ", text, re.M)), "fail": len(re.findall(r"^FAIL ", text, re.M)),
-                "skip": len(re.findall(r"^skip ", text, re.M))}
+        return {
+            "sanitizer_errors": int(m.group(1)) if m else None,
+            "ok": len(re.findall(r"^ok ", text, re.M)),
+            "fail": len(re.findall(r"^FAIL ", text, re.M)),
+            "skip": len(re.findall(r"^skip ", text, re.M)),
+        }
     return {}
 
 
@@ -341,8 +443,15 @@ def kill_group(proc: subprocess.Popen, grace_s: float) -> None:
 
 def run_command(command, env, timeout_s, log: Log, on_start) -> tuple[Optional[int], list[str]]:
     """Run in a new process group, tee its output; returns (exit code or None when timed out, last lines)."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     tail: collections.deque = collections.deque(maxlen=4000)
 
     def pump():
@@ -422,23 +531,36 @@ STAND_IN_OUTPUT = {
 def stand_in(stage: Stage, cfg: dict) -> list[str]:
     """The dry run's replacement for ``stage``: a shell that sleeps its scaled expected time (or hangs) and exits."""
     seconds = 3600 if stage.name in cfg["hang"] else stage.expected_s * cfg["scale"]
-    script = (f"echo {shlex.quote('dry run: would run: ' + shlex.join(stage.command))}; sleep {seconds:.4f}; "
-              f"echo {shlex.quote(STAND_IN_OUTPUT.get(stage.kind, 'dry run: ' + stage.name + ' done'))}; "
-              f"exit {1 if stage.name in cfg['fail'] else 0}")
+    script = (
+        f"echo {shlex.quote('dry run: would run: ' + shlex.join(stage.command))}; sleep {seconds:.4f}; "
+        f"echo {shlex.quote(STAND_IN_OUTPUT.get(stage.kind, 'dry run: ' + stage.name + ' done'))}; "
+        f"exit {1 if stage.name in cfg['fail'] else 0}"
+    )
     return ["sh", "-c", script]
 
 
 def write_stand_in_artifact(stage: Stage) -> None:
     """The fake result file of a dry-run stage, marked as such, for :func:`collect` to read."""
     if stage.kind == "pytest":
-        stage.artifact.write_text('<testsuites><testsuite name="dry-run"><testcase classname="dry_run" name="passes"/>'
-                                  '<testcase classname="dry_run" name="skips"><skipped message="dry run"/></testcase>'
-                                  "</testsuite></testsuites>")
+        stage.artifact.write_text(
+            '<testsuites><testsuite name="dry-run"><testcase classname="dry_run" name="passes"/>'
+            '<testcase classname="dry_run" name="skips"><skipped message="dry run"/></testcase>'
+            "</testsuite></testsuites>"
+        )
     elif stage.kind == "bench":
         stage.artifact.mkdir(parents=True, exist_ok=True)
-        rows = [{"op": "dry_run", "case": "stand-in, nothing measured", "pass": "fwd", "impl": impl, "ms": ms,
-                 "copy_fraction": 0.5 if impl == "ours" else None, "speedup_vs_peer": None if impl == "ours" else ms}
-                for impl, ms in (("ours", 1.0), ("eager", 2.0))]
+        rows = [
+            {
+                "op": "dry_run",
+                "case": "stand-in, nothing measured",
+                "pass": "fwd",
+                "impl": impl,
+                "ms": ms,
+                "copy_fraction": 0.5 if impl == "ours" else None,
+                "speedup_vs_peer": None if impl == "ours" else ms,
+            }
+            for impl, ms in (("ours", 1.0), ("eager", 2.0))
+        ]
         result = {"benchmark": "dry_run", "env": {"device": "DRY RUN: stand-in, nothing measured"}, "rows": rows}
         (stage.artifact / "dry_run.json").write_text(json.dumps(result))
 
@@ -496,8 +618,10 @@ def print_plan(stages: list[Stage], cfg: dict) -> None:
         else:
             elapsed += s.expected_s
             verdict = f"ends at {elapsed:.0f} s" + (f" (limit cut to {left:.0f} s)" if left < s.limit_s else "")
-        print(f"  {s.name:18s} {s.expected_s:4.0f} / {s.limit_s:4.0f} s  {verdict}"
-              f"{'' if s.unavailable is None else f' (unavailable here: {s.unavailable})'}\n      {s.what}")
+        print(
+            f"  {s.name:18s} {s.expected_s:4.0f} / {s.limit_s:4.0f} s  {verdict}"
+            f"{'' if s.unavailable is None else f' (unavailable here: {s.unavailable})'}\n      {s.what}"
+        )
     print(f"sources here: {source_digest()} (summary.json's 'source' says which sources a run tested)")
 
 
@@ -526,11 +650,19 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
     log = Log(out / LOG)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
     summary = {
-        "tool": "bench/gpu_check.py", "status": "running", "dry_run": cfg["dry_run"],
-        "budget_s": cfg["budget_s"], "jobs": cfg["jobs"], "started": started_at.isoformat(timespec="seconds"),
-        "elapsed_s": 0.0, "source": source_digest(), "device": None,
-        "stages": [{"name": s.name, "what": s.what, "status": "planned", "expected_s": s.expected_s,
-                    "limit_s": s.limit_s} for s in stages],
+        "tool": "bench/gpu_check.py",
+        "status": "running",
+        "dry_run": cfg["dry_run"],
+        "budget_s": cfg["budget_s"],
+        "jobs": cfg["jobs"],
+        "started": started_at.isoformat(timespec="seconds"),
+        "elapsed_s": 0.0,
+        "source": source_digest(),
+        "device": None,
+        "stages": [
+            {"name": s.name, "what": s.what, "status": "planned", "expected_s": s.expected_s, "limit_s": s.limit_s}
+            for s in stages
+        ],
     }
     if cfg["dry_run"]:
         summary["dry_run_scale"] = scale
@@ -549,8 +681,10 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
 
     previous_handler = signal.signal(signal.SIGTERM, on_term)
     save()
-    stamp(f"gpu_check: budget {cfg['budget_s']:.0f} s, {len(stages)} stages, output {out}"
-          + (f" (DRY RUN, time x{scale})" if cfg["dry_run"] else ""))
+    stamp(
+        f"gpu_check: budget {cfg['budget_s']:.0f} s, {len(stages)} stages, output {out}"
+        + (f" (DRY RUN, time x{scale})" if cfg["dry_run"] else "")
+    )
     if foreign:
         stamp(f"warning: {out} already holds {len(foreign)} other file(s); the device returns at most {MAX_FILES}")
     blocked = None
@@ -611,8 +745,11 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
     summary["status"] = "finished"
     summary["result"] = "failed" if bad else "passed"
     save()
-    stamp(f"gpu_check: {'FAILED: ' + ', '.join(bad) if bad else 'PASSED'} ({len(ran)} stages ran"
-          + (f"; skipped: {', '.join(skipped)}" if skipped else "") + f"); results in {out}")
+    stamp(
+        f"gpu_check: {'FAILED: ' + ', '.join(bad) if bad else 'PASSED'} ({len(ran)} stages ran"
+        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        + f"); results in {out}"
+    )
     shutil.rmtree(scratch, ignore_errors=True)
     return 1 if bad else 0
 

@@ -60,11 +60,17 @@ def lsq(dtype, axis, offset):
 def torch_fq(dtype, axis):
     x = torch.randn(17, 9, 5, device="cuda", dtype=dtype).requires_grad_()
     if axis is None:
-        s, z = torch.tensor([0.1], device="cuda", requires_grad=True), torch.tensor([1.0], device="cuda", requires_grad=True)
+        s, z = (
+            torch.tensor([0.1], device="cuda", requires_grad=True),
+            torch.tensor([1.0], device="cuda", requires_grad=True),
+        )
         y = spark_ext.fake_quantize_learnable_per_tensor_affine(x, s, z, -8, 7, backend="cuda")
     else:
         n = x.shape[axis]
-        s, z = torch.full((n,), 0.1, device="cuda", requires_grad=True), torch.zeros(n, device="cuda", requires_grad=True)
+        s, z = (
+            torch.full((n,), 0.1, device="cuda", requires_grad=True),
+            torch.zeros(n, device="cuda", requires_grad=True),
+        )
         y = spark_ext.fake_quantize_learnable_per_channel_affine(x, s, z, axis, -8, 7, backend="cuda")
     y.sum().backward()
 
@@ -72,16 +78,20 @@ def torch_fq(dtype, axis):
 def short():
     """One case per kernel path (fp32 and bf16, strided and channels_last, per-tensor and per-channel, tails)."""
     f32, bf16 = torch.float32, torch.bfloat16
-    return all([
-        run("spark_path fp32 cl=True grid=(5, 7) charbonnier", lambda: spark_path(f32, True, (5, 7), "charbonnier")),
-        run("spark_path bf16 cl=False grid=(1, 1) l1", lambda: spark_path(bf16, False, (1, 1), "l1")),
-        run("weighted_kd bf16 cl=True", lambda: weighted(bf16, True)),
-        run("lsq fp32 axis=None offset=True", lambda: lsq(f32, None, True)),
-        run("lsq bf16 axis=1 offset=True", lambda: lsq(bf16, 1, True)),
-        run("lsq fp32 axis=3 offset=False", lambda: lsq(f32, 3, False)),
-        run("torch_fq fp32 axis=None", lambda: torch_fq(f32, None)),
-        run("torch_fq bf16 axis=2", lambda: torch_fq(bf16, 2)),
-    ])
+    return all(
+        [
+            run(
+                "spark_path fp32 cl=True grid=(5, 7) charbonnier", lambda: spark_path(f32, True, (5, 7), "charbonnier")
+            ),
+            run("spark_path bf16 cl=False grid=(1, 1) l1", lambda: spark_path(bf16, False, (1, 1), "l1")),
+            run("weighted_kd bf16 cl=True", lambda: weighted(bf16, True)),
+            run("lsq fp32 axis=None offset=True", lambda: lsq(f32, None, True)),
+            run("lsq bf16 axis=1 offset=True", lambda: lsq(bf16, 1, True)),
+            run("lsq fp32 axis=3 offset=False", lambda: lsq(f32, 3, False)),
+            run("torch_fq fp32 axis=None", lambda: torch_fq(f32, None)),
+            run("torch_fq bf16 axis=2", lambda: torch_fq(bf16, 2)),
+        ]
+    )
 
 
 def main(argv=None):

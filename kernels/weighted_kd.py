@@ -89,12 +89,33 @@ def _program_tile(H, W, CO, NTW, NTILES, BH: tl.constexpr, BW: tl.constexpr):
 #   BH, BW                constexpr: tile rows and columns (powers of two)
 @triton.jit
 def _wkd_fwd_kernel(
-    s_ptr, t_ptr, w_ptr, part_ptr,
-    H, W, CO, BI, CI, NTW, NTILES,
-    ssb, ssc, ssh, ssw,
-    stb, stc, sth, stw,
-    swb, swc, swh, sww,
-    KIND: tl.constexpr, HAS_W: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    w_ptr,
+    part_ptr,
+    H,
+    W,
+    CO,
+    BI,
+    CI,
+    NTW,
+    NTILES,
+    ssb,
+    ssc,
+    ssh,
+    ssw,
+    stb,
+    stc,
+    sth,
+    stw,
+    swb,
+    swc,
+    swh,
+    sww,
+    KIND: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
 ):
     bo, co, rows, cols, m = _program_tile(H, W, CO, NTW, NTILES, BH, BW)
     off_s = rows * ssh + cols * ssw
@@ -139,16 +160,50 @@ def _sum_partials_kernel(part_ptr, out_ptr, NPART, DIV, BLOCK: tl.constexpr):
 #   OUT_W                    constexpr: dtype code of dweight (0 when NEED_W is False)
 @triton.jit
 def _wkd_bwd_kernel(
-    g_ptr, s_ptr, t_ptr, w_ptr, ds_ptr, dt_ptr, dw_ptr, DIV,
-    H, W, CO, BI, CI, NTW, NTILES,
-    ssb, ssc, ssh, ssw,
-    stb, stc, sth, stw,
-    swb, swc, swh, sww,
-    sdsb, sdsc, sdsh, sdsw,
-    sdtb, sdtc, sdth, sdtw,
-    KIND: tl.constexpr, HAS_W: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr, NEED_W: tl.constexpr,
-    OUT: tl.constexpr, OUT_W: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    g_ptr,
+    s_ptr,
+    t_ptr,
+    w_ptr,
+    ds_ptr,
+    dt_ptr,
+    dw_ptr,
+    DIV,
+    H,
+    W,
+    CO,
+    BI,
+    CI,
+    NTW,
+    NTILES,
+    ssb,
+    ssc,
+    ssh,
+    ssw,
+    stb,
+    stc,
+    sth,
+    stw,
+    swb,
+    swc,
+    swh,
+    sww,
+    sdsb,
+    sdsc,
+    sdsh,
+    sdsw,
+    sdtb,
+    sdtc,
+    sdth,
+    sdtw,
+    KIND: tl.constexpr,
+    HAS_W: tl.constexpr,
+    NEED_S: tl.constexpr,
+    NEED_T: tl.constexpr,
+    NEED_W: tl.constexpr,
+    OUT: tl.constexpr,
+    OUT_W: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
 ):
     bo, co, rows, cols, m = _program_tile(H, W, CO, NTW, NTILES, BH, BW)
     # d loss / d (w * ell) = g / N, as autograd forms it for the reference.
@@ -239,10 +294,25 @@ def fused_weighted_kd(student, teacher, weight, kd_loss: str, reduction: str) ->
     w_arg, w_strides = _weight_args(w4, student)
     if nprog > 0:
         _wkd_fwd_kernel[(nprog,)](
-            student, teacher, w_arg, part,
-            height, width, co, bi, ci, ntw, ntiles,
-            *student.stride(), *teacher.stride(), *w_strides,
-            KIND=KD_KINDS[kd_loss], HAS_W=w4 is not None, BH=bh, BW=bw, **LAUNCH_OPTIONS,
+            student,
+            teacher,
+            w_arg,
+            part,
+            height,
+            width,
+            co,
+            bi,
+            ci,
+            ntw,
+            ntiles,
+            *student.stride(),
+            *teacher.stride(),
+            *w_strides,
+            KIND=KD_KINDS[kd_loss],
+            HAS_W=w4 is not None,
+            BH=bh,
+            BW=bw,
+            **LAUNCH_OPTIONS,
         )
     div = float(student.numel()) if reduction == "mean" else 1.0
     block = 1024 if dev.type == "cuda" else 4096
@@ -251,7 +321,9 @@ def fused_weighted_kd(student, teacher, weight, kd_loss: str, reduction: str) ->
 
 
 @on_input_device
-def fused_weighted_kd_backward(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight):
+def fused_weighted_kd_backward(
+    grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
+):
     """One-pass backward of :func:`fused_weighted_kd`: ``(dS, dT, dweight)``.
 
     ``grad``: 0-dim float32 upstream gradient (read on device). ``dS``/``dT``
@@ -282,12 +354,35 @@ def fused_weighted_kd_backward(grad, student, teacher, weight, kd_loss, reductio
         dw_arg = dw if need_weight else student
         div = float(student.numel()) if reduction == "mean" else 1.0
         _wkd_bwd_kernel[(nprog,)](
-            grad, student, teacher, w_arg, ds_arg, dt_arg, dw_arg, div,
-            height, width, co, bi, ci, ntw, ntiles,
-            *student.stride(), *teacher.stride(), *w_strides, *ds_strides, *dt_strides,
-            KIND=KD_KINDS[kd_loss], HAS_W=w4 is not None,
-            NEED_S=need_student, NEED_T=need_teacher, NEED_W=need_weight,
-            OUT=out_code(student.dtype), OUT_W=out_code(dw.dtype) if need_weight else 0, BH=bh, BW=bw,
+            grad,
+            student,
+            teacher,
+            w_arg,
+            ds_arg,
+            dt_arg,
+            dw_arg,
+            div,
+            height,
+            width,
+            co,
+            bi,
+            ci,
+            ntw,
+            ntiles,
+            *student.stride(),
+            *teacher.stride(),
+            *w_strides,
+            *ds_strides,
+            *dt_strides,
+            KIND=KD_KINDS[kd_loss],
+            HAS_W=w4 is not None,
+            NEED_S=need_student,
+            NEED_T=need_teacher,
+            NEED_W=need_weight,
+            OUT=out_code(student.dtype),
+            OUT_W=out_code(dw.dtype) if need_weight else 0,
+            BH=bh,
+            BW=bw,
             **LAUNCH_OPTIONS,
         )
     elif need_weight:

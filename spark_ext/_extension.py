@@ -40,9 +40,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 AOT_NAME = "_C"
@@ -56,7 +57,14 @@ CPU_SOURCES = (
     "cpu/weighted_kd_cpu.cpp",
 )
 CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
-HEADERS = ("fake_quant.h", "kernel_dtypes.h", "cpu/span_kernels.h", "cpu/span_impl.h", "cpu/parallel.h", "cpu/image_rows.h")
+HEADERS = (
+    "fake_quant.h",
+    "kernel_dtypes.h",
+    "cpu/span_kernels.h",
+    "cpu/span_impl.h",
+    "cpu/parallel.h",
+    "cpu/image_rows.h",
+)
 
 # -ffp-contract=off: no fused multiply-add, the kernels reproduce the
 # reference bit for bit. -fno-trapping-math lets GCC if-convert selects.
@@ -136,7 +144,7 @@ def _nvcc() -> Optional[Path]:
     return nvcc if nvcc is not None and nvcc.exists() else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nvcc_output(*args: str) -> str:
     """stdout of ``nvcc ARGS`` ("" when it cannot run)."""
     nvcc = _nvcc()
@@ -561,7 +569,7 @@ def cuda_status() -> str:
             archs = recorded or (current_arch_plan()[1] if _state["how"] == "JIT" else "architectures not recorded")
             return f"compiled in, for {archs}"
         if recorded and recorded.startswith("none: "):
-            return f"not compiled in: {recorded[len('none: '):]}"
+            return f"not compiled in: {recorded[len('none: ') :]}"
         return f"not compiled in: {cuda_build_possible() or 'it could be now: rebuild to add them'}"
     why = cuda_build_possible()
     if why is not None:

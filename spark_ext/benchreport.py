@@ -49,8 +49,9 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from ._validation import writable_dir_problem
 
@@ -321,8 +322,10 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
 
 def _subtitle(run: dict) -> str:
     env = run.get("env", {})
-    return (f"{env.get('device', '?')}, torch {env.get('torch', '?')}, commit {env.get('commit', '?')}, "
-            f"{str(env.get('date', '?'))[:10]}")
+    return (
+        f"{env.get('device', '?')}, torch {env.get('torch', '?')}, commit {env.get('commit', '?')}, "
+        f"{str(env.get('date', '?'))[:10]}"
+    )
 
 
 def _geomean(values: list[float]) -> float:
@@ -342,11 +345,21 @@ def _plot_ops(run: dict, lines: list[dict], plt):
     label_chars = max(len(label) for _, rows, _ in panels for label, _ in rows)
     left = min(0.45, (0.3 + 0.075 * label_chars) / width_in)
     fig = plt.figure(figsize=(width_in, height_in))
-    grid = fig.add_gridspec(len(panels), 2, width_ratios=[3.3, 1], height_ratios=panel_in, left=left, right=0.98,
-                            top=1 - top_in / height_in, bottom=bottom_in / height_in,
-                            hspace=gap_in / (sum(panel_in) / len(panels)), wspace=0.07)
-    values = [v for line in lines for p in PEERS for v in [line.get(f"x_{p}")] + list(line.get(f"x_{p}_range") or [])
-              if v]
+    grid = fig.add_gridspec(
+        len(panels),
+        2,
+        width_ratios=[3.3, 1],
+        height_ratios=panel_in,
+        left=left,
+        right=0.98,
+        top=1 - top_in / height_in,
+        bottom=bottom_in / height_in,
+        hspace=gap_in / (sum(panel_in) / len(panels)),
+        wspace=0.07,
+    )
+    values = [
+        v for line in lines for p in PEERS for v in [line.get(f"x_{p}")] + list(line.get(f"x_{p}_range") or []) if v
+    ]
     lo = min([0.5] + [v / 1.4 for v in values])
     hi = max([2.0] + [v * 1.4 for v in values])
     for k, (op, rows, shared) in enumerate(panels):
@@ -387,27 +400,54 @@ def _plot_ops(run: dict, lines: list[dict], plt):
         ax.set_xticklabels([f"{t:g}×" for t in ticks], fontsize=8.5)
         ax.grid(axis="x", color="#cccccc", linewidth=0.6, zorder=0)
         ax.tick_params(axis="y", length=0)
-        ax.set_title(f"{op}" + (f"   (every case: {shared})" if shared else ""), fontsize=10.5, loc="left",
-                     fontweight="bold")
+        ax.set_title(
+            f"{op}" + (f"   (every case: {shared})" if shared else ""), fontsize=10.5, loc="left", fontweight="bold"
+        )
         means = ",  ".join(f"{peer} {_geomean(v):.2g}×" for peer, v in speedups.items())
         if means:
-            ax.set_xlabel(f"speed-up, geometric mean over the rows:  {means}", fontsize=8.5, color="#444444",
-                          loc="right")
+            ax.set_xlabel(
+                f"speed-up, geometric mean over the rows:  {means}", fontsize=8.5, color="#444444", loc="right"
+            )
         llc_text = "LLC unknown" if llc is None else f"LLC {llc / 2**20:.0f} MiB"
         ax_bw.set_xlabel(f"where bytes ≥ {MEMORY_BOUND_FACTOR}× {llc_text}", fontsize=8, color="#444444")
     present = [p for p in PEERS if any(line.get(f"x_{p}") for line in lines)]
-    handles = [Line2D([], [], color=c, marker=m, linestyle="-", linewidth=1.2, markersize=5.5, label=lab)
-               for c, m, lab in (PEER_STYLE[p] for p in present)]
-    fig.legend(handles=handles, loc="upper left", ncol=3, fontsize=8.5, frameon=False,
-               bbox_to_anchor=(0.005, 1 - 0.68 / height_in))
-    fig.text(0.01, 1 - 0.2 / height_in, f"{run.get('benchmark', '?')}: speed-up of spark_ext over each peer",
-             fontsize=12, fontweight="bold", va="top")
-    fig.text(0.01, 1 - 0.5 / height_in,
-             f"{_subtitle(run)}.  Medians; whiskers p20–p80 where recorded.  Last-level cache: "
-             f"{'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}).",
-             fontsize=8, va="top", color="#444444")
-    fig.text(0.01, 1 - 1.05 / height_in, "speed-up = peer time / our time, log scale: right of the line at 1× "
-             "ours is faster, in the red area the peer is.", fontsize=9, va="top")
+    handles = [
+        Line2D([], [], color=c, marker=m, linestyle="-", linewidth=1.2, markersize=5.5, label=lab)
+        for c, m, lab in (PEER_STYLE[p] for p in present)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="upper left",
+        ncol=3,
+        fontsize=8.5,
+        frameon=False,
+        bbox_to_anchor=(0.005, 1 - 0.68 / height_in),
+    )
+    fig.text(
+        0.01,
+        1 - 0.2 / height_in,
+        f"{run.get('benchmark', '?')}: speed-up of spark_ext over each peer",
+        fontsize=12,
+        fontweight="bold",
+        va="top",
+    )
+    fig.text(
+        0.01,
+        1 - 0.5 / height_in,
+        f"{_subtitle(run)}.  Medians; whiskers p20–p80 where recorded.  Last-level cache: "
+        f"{'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}).",
+        fontsize=8,
+        va="top",
+        color="#444444",
+    )
+    fig.text(
+        0.01,
+        1 - 1.05 / height_in,
+        "speed-up = peer time / our time, log scale: right of the line at 1× "
+        "ours is faster, in the red area the peer is.",
+        fontsize=9,
+        va="top",
+    )
     return fig
 
 
@@ -421,9 +461,18 @@ def _bandwidth_panel(ax, rows: list[tuple[str, Optional[dict]]], llc: Optional[i
     ax.tick_params(axis="x", labelsize=8)
     ax.set_title("bandwidth / copy (red: 80%)", fontsize=9, loc="left")
     if data and not shown:  # every case fits in the cache: one note instead of a column of them
-        ax.text(0.5, 0.5, f"every case fits in\nthe last-level cache\n({llc / 2**20:.0f} MiB): its bytes\nneed not "
-                "come from\nmemory, so no\nbandwidth is shown", transform=ax.transAxes, ha="center", va="center",
-                fontsize=8, color="#666666", style="italic")
+        ax.text(
+            0.5,
+            0.5,
+            f"every case fits in\nthe last-level cache\n({llc / 2**20:.0f} MiB): its bytes\nneed not "
+            "come from\nmemory, so no\nbandwidth is shown",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="#666666",
+            style="italic",
+        )
         return
     for y, line in data:
         frac, bound = line["copy_frac"], line.get("memory_bound")
@@ -431,8 +480,7 @@ def _bandwidth_panel(ax, rows: list[tuple[str, Optional[dict]]], llc: Optional[i
             ax.text(0.03, y, "in cache", fontsize=7.5, color="#888888", style="italic", va="center")
             continue
         unknown = bound is None  # no cache size: maybe in cache
-        ax.barh(y, frac, 0.6, color="#bbbbbb" if unknown else "tab:purple", hatch="//" if unknown else None,
-                zorder=2)
+        ax.barh(y, frac, 0.6, color="#bbbbbb" if unknown else "tab:purple", hatch="//" if unknown else None, zorder=2)
         ax.text(frac, y, f" {frac:.0%}" + ("?" if unknown else ""), fontsize=7.5, va="center")
 
 
@@ -464,22 +512,38 @@ def _plot_steps(run: dict, plt):
     budget = next((r["ms"] for r in rows if (r["op"], r["impl"]) == ("qat_step", "torch")), None)
     if budget is not None:
         ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, zorder=3)
-        ax.text(budget, -0.5, "plain QAT with torch's fake quant", color="tab:red", fontsize=8, ha="center",
-                va="bottom", clip_on=False)
+        ax.text(
+            budget,
+            -0.5,
+            "plain QAT with torch's fake quant",
+            color="tab:red",
+            fontsize=8,
+            ha="center",
+            va="bottom",
+            clip_on=False,
+        )
     ax.set_yticks(list(ys))
     ax.set_yticklabels([STEP_LABELS.get((r["op"], r["impl"]), f"{r['op']}, {r['impl']}") for r in rows], fontsize=9)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlim(0, 1.25 * max(r.get("ms_p80") or r["ms"] for r in rows) if rows else 1)
     ax.set_xlabel("ms per training step (median; bars p20–p80)", fontsize=9)
     ax.grid(axis="x", color="#cccccc", linewidth=0.6, zorder=0)
-    ratios = [f"{STEP_RATIO_LABELS.get(r['op'], r['op'])}: {r['ms']:.2f}×"
-              + (f"   (target {r['target']})" if r.get("target") else "") for r in ratio_rows(run)]
+    ratios = [
+        f"{STEP_RATIO_LABELS.get(r['op'], r['op'])}: {r['ms']:.2f}×"
+        + (f"   (target {r['target']})" if r.get("target") else "")
+        for r in ratio_rows(run)
+    ]
     case = rows[0]["case"] if rows else "?"
     head_in = 0.75 + 0.22 * len(ratios)
-    fig.subplots_adjust(left=0.3, right=0.97, top=1 - head_in / fig.get_figheight(),
-                        bottom=0.55 / fig.get_figheight())
-    fig.text(0.01, 1 - 0.12 / fig.get_figheight(), f"{run.get('benchmark', '?')}: one training step ({case})",
-             fontsize=12, fontweight="bold", va="top")
+    fig.subplots_adjust(left=0.3, right=0.97, top=1 - head_in / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
+    fig.text(
+        0.01,
+        1 - 0.12 / fig.get_figheight(),
+        f"{run.get('benchmark', '?')}: one training step ({case})",
+        fontsize=12,
+        fontweight="bold",
+        va="top",
+    )
     fig.text(0.01, 1 - 0.42 / fig.get_figheight(), _subtitle(run), fontsize=8, va="top", color="#444444")
     for i, text in enumerate(ratios):
         fig.text(0.01, 1 - (0.66 + 0.22 * i) / fig.get_figheight(), text, fontsize=9.5, va="top")
@@ -526,8 +590,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
         except (OSError, ValueError) as exc:  # missing/unreadable file, bad JSON, not a result
             parser.error(f"argument --from: {exc}")
     if not BENCH_DIR.is_dir():
-        parser.error(f"no bench/ folder next to the package ({BENCH_DIR}): running needs the source tree; "
-                     "use --from FILE")
+        parser.error(
+            f"no bench/ folder next to the package ({BENCH_DIR}): running needs the source tree; use --from FILE"
+        )
     names = {s.stem for s in BENCH_DIR.glob("bench_*.py")}
     unknown = [n for n in args.only if n not in names and f"bench_{n}" not in names]
     if unknown:
@@ -563,10 +628,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env = run.get("env", {})
         llc, llc_source = run_llc_bytes(run)
         print(f"\n== {run.get('benchmark')}  ({run['path']})")
-        print(f"   {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  "
-              f"commit {env.get('commit')}  {env.get('date')}")
-        print(f"   last-level cache: {'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}); "
-              f"of_copy only where a pass moves >= {MEMORY_BOUND_FACTOR}x that, 'in cache' below, '?' if unknown")
+        print(
+            f"   {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  "
+            f"commit {env.get('commit')}  {env.get('date')}"
+        )
+        print(
+            f"   last-level cache: {'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}); "
+            f"of_copy only where a pass moves >= {MEMORY_BOUND_FACTOR}x that, 'in cache' below, '?' if unknown"
+        )
         lines = summarise(run)
         _print_table(lines)
         for r in ratio_rows(run):

@@ -49,8 +49,14 @@ _DELEGATED = {
     "diagnose-credit": ("spark_ext.diagnose_credit", "does a policy signal predict the cells' held-out effect?"),
     "export": ("spark_ext.export_cli", "write a QAT model as ONNX (QuantizeLinear/DequantizeLinear), check it"),
     "classify": ("spark_ext.classify", "W4A4 digit classifiers: QAT vs logit KD, GoR, LMR, ensemble over paired seeds"),
-    "diffkd": ("spark_ext.diffkd_study", "W4A4 denoisers: output KD vs DFD vs DiffKD feature denoising over paired seeds"),
-    "daqakd": ("spark_ext.daqakd_study", "rank augmentations by the DA-QAKD metric and test the ranking over paired seeds"),
+    "diffkd": (
+        "spark_ext.diffkd_study",
+        "W4A4 denoisers: output KD vs DFD vs DiffKD feature denoising over paired seeds",
+    ),
+    "daqakd": (
+        "spark_ext.daqakd_study",
+        "rank augmentations by the DA-QAKD metric and test the ranking over paired seeds",
+    ),
 }
 
 

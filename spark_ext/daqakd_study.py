@@ -19,7 +19,8 @@ import argparse
 import json
 import math
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from spark_ext.classify import (
     check_common,
@@ -40,10 +41,10 @@ def rank_student(teacher, data, args):
     """The W4A4 student used for ranking: ``--rank-student-steps`` of KD without augmentation."""
     import torch
 
+    from spark_ext.classify import batches
     from spark_ext.distill import LogitDistiller
     from spark_ext.models import DigitsCNN
     from spark_ext.quant import quantize_model
-    from spark_ext.classify import batches
 
     torch.manual_seed(args.teacher_seed)
     student = DigitsCNN(args.width)

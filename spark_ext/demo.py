@@ -45,13 +45,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 import spark_ext
+from spark_ext._validation import writable_dir_problem
 from spark_ext.data import (
     HELD_OUT_PHOTOS,
     TRAIN_PHOTOS,
@@ -62,7 +64,6 @@ from spark_ext.data import (
     image_folder_pairs,
 )
 from spark_ext.distill import DistillConfig, SparkDistiller, per_image_loss
-from spark_ext._validation import writable_dir_problem
 from spark_ext.metrics import SSIM_WINDOW, restoration_metrics
 from spark_ext.models import PRETRAINED_TEACHERS, build_model, feature_layer, load_pretrained_teacher
 
@@ -150,7 +151,9 @@ def _progress(iterable, desc: str, quiet: bool, total: Optional[int] = None):
 
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1)))
+    )
 
 
 def _lsq_quantizers(model: nn.Module) -> list[nn.Module]:
@@ -267,18 +270,34 @@ def get_teacher(
             model = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device)
             model.load_state_dict(blob["state_dict"])
             print(f"teacher: loaded from cache {path}")
-            return model.eval(), {"pretrained": False, "steps": preset.teacher_steps, "cached": True, "path": str(path), "seconds": 0.0, "losses": []}
+            return model.eval(), {
+                "pretrained": False,
+                "steps": preset.teacher_steps,
+                "cached": True,
+                "path": str(path),
+                "seconds": 0.0,
+                "losses": [],
+            }
     t0 = time.perf_counter()
     model, losses = train_teacher(task, preset, device, quiet)
     seconds = time.perf_counter() - t0
-    print(f"teacher: trained {preset.teacher_steps} steps in {seconds:.1f}s (final L1 {sum(losses[-20:]) / max(len(losses[-20:]), 1):.4f})")
+    print(
+        f"teacher: trained {preset.teacher_steps} steps in {seconds:.1f}s (final L1 {sum(losses[-20:]) / max(len(losses[-20:]), 1):.4f})"
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"key": json.dumps(key, sort_keys=True), "state_dict": model.state_dict()}, tmp)
         os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
         print(f"teacher: cached at {path}")
-    return model.eval(), {"pretrained": False, "steps": preset.teacher_steps, "cached": False, "path": str(path) if path else None, "seconds": seconds, "losses": losses}
+    return model.eval(), {
+        "pretrained": False,
+        "steps": preset.teacher_steps,
+        "cached": False,
+        "path": str(path) if path else None,
+        "seconds": seconds,
+        "losses": losses,
+    }
 
 
 # ----------------------------------------------------------------------------- students
@@ -321,7 +340,9 @@ def train_student(
     opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
     sched = _cosine(opt, preset.student_steps)
     distiller = SparkDistiller(student, teacher if config.mode != "qat" else None, opt, config)
-    data = RandomCropBatches(task, preset.crop, preset.batch, seed=30_000 + seed, device=device)  # same for every method
+    data = RandomCropBatches(
+        task, preset.crop, preset.batch, seed=30_000 + seed, device=device
+    )  # same for every method
     logs = []
     t0 = time.perf_counter()
     for _ in _progress(range(preset.student_steps), f"{LABELS.get(method, method)} (seed {seed})", quiet):
@@ -417,7 +438,9 @@ def save_crops(path: Path, rows: dict[str, dict[str, torch.Tensor]], scores: dic
 
 
 @torch.no_grad()
-def save_weight_map(path: Path, distiller: SparkDistiller, student: nn.Module, teacher: nn.Module, held, preset: Preset, backend: str) -> dict[str, Any]:
+def save_weight_map(
+    path: Path, distiller: SparkDistiller, student: nn.Module, teacher: nn.Module, held, preset: Preset, backend: str
+) -> dict[str, Any]:
     """The trained SPARK policy's weight map (Beta means) over a held-out photo,
     at the training cell size, next to the per-cell KD gap and student error."""
     import matplotlib
@@ -434,7 +457,11 @@ def save_weight_map(path: Path, distiller: SparkDistiller, student: nn.Module, t
     weight = distiller.policy_weight_map(signals, mean=True)[0, 0].cpu().numpy()
     # As the training step uses it: the mean map ("credit") or one draw (REINFORCE variants).
     sampled = distiller.policy_weight_map(signals, mean=False)[0, 0].cpu().numpy()
-    trained_on = "the Beta-mean map (as in training)" if distiller.config.policy_signal == "credit" else "one sampled map (as in training)"
+    trained_on = (
+        "the Beta-mean map (as in training)"
+        if distiller.config.policy_signal == "credit"
+        else "one sampled map (as in training)"
+    )
     panels = [
         ("ground truth", _to_numpy(y), None),
         ("SPARK weight map (Beta mean)", weight, "magma"),
@@ -521,33 +548,60 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             "shipped with the package; a trained one is cached (see --cache-dir)."
         ),
     )
-    p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="run budget, see Presets below (default: %(default)s)")
     p.add_argument(
-        "--task", choices=("denoise", "sr"), default="denoise",
+        "--preset",
+        choices=tuple(PRESETS),
+        default="default",
+        help="run budget, see Presets below (default: %(default)s)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("denoise", "sr"),
+        default="denoise",
         help="denoise: Gaussian noise sigma 25/255; sr: bicubic x2 super-resolution (default: %(default)s)",
     )
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder for results.json and PNGs (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument("--backend", choices=spark_ext.BACKENDS, default="auto", help="backend for every spark_ext op (default: %(default)s)")
     p.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS),
+        "--out",
+        type=Path,
+        default=Path("demo_out"),
+        help="output folder for results.json and PNGs (default: %(default)s)",
+    )
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument(
+        "--backend",
+        choices=spark_ext.BACKENDS,
+        default="auto",
+        help="backend for every spark_ext op (default: %(default)s)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
         help=f"comma-separated list from ptq,{','.join(METHODS)} (default: %(default)s)",
     )
-    p.add_argument("--seeds", type=_int_at_least(1), default=None, help="number of student seeds (default: the preset's)")
-    p.add_argument("--steps", type=_int_at_least(1), default=None, help="student training steps (default: the preset's)")
     p.add_argument(
-        "--teacher-steps", type=_int_at_least(1), default=None,
+        "--seeds", type=_int_at_least(1), default=None, help="number of student seeds (default: the preset's)"
+    )
+    p.add_argument(
+        "--steps", type=_int_at_least(1), default=None, help="student training steps (default: the preset's)"
+    )
+    p.add_argument(
+        "--teacher-steps",
+        type=_int_at_least(1),
+        default=None,
         help="train the teacher for this many steps (implies --retrain-teacher; default: the preset's)",
     )
     p.add_argument(
-        "--retrain-teacher", action="store_true",
+        "--retrain-teacher",
+        action="store_true",
         help="train the FP32 teacher (preset's steps) instead of loading the one shipped with the package "
         "(the 'default' preset's network; other presets always train theirs)",
     )
     p.add_argument(
-        "--eval-images", type=Path, default=None, metavar="DIR",
-        help="also evaluate every method on the PNG/JPEG photos in DIR (whole photos, degraded like the "
-        "held-out set)",
+        "--eval-images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also evaluate every method on the PNG/JPEG photos in DIR (whole photos, degraded like the held-out set)",
     )
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
@@ -661,12 +715,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
     backends = _resolve_backends(device, args.backend)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"spark_ext {spark_ext.__version__} demo: task={task.kind} preset={preset.name} device={dev_name} torch {torch.__version__}")
-    print("backends used: " + ", ".join(f"{op}={name}" for op, name in backends.items()) + f"  (requested: {args.backend})")
-    print(f"data: train {len(TRAIN_PHOTOS)} photos, held out {', '.join(HELD_OUT_PHOTOS)}"
-          f" ({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'})")
-    print(f"budget per student: {preset.student_steps} steps x batch {preset.batch} x {preset.crop}px crops, seeds {list(preset.seeds)}")
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+    print(
+        f"spark_ext {spark_ext.__version__} demo: task={task.kind} preset={preset.name} device={dev_name} torch {torch.__version__}"
+    )
+    print(
+        "backends used: "
+        + ", ".join(f"{op}={name}" for op, name in backends.items())
+        + f"  (requested: {args.backend})"
+    )
+    print(
+        f"data: train {len(TRAIN_PHOTOS)} photos, held out {', '.join(HELD_OUT_PHOTOS)}"
+        f" ({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'})"
+    )
+    print(
+        f"budget per student: {preset.student_steps} steps x batch {preset.batch} x {preset.crop}px crops, seeds {list(preset.seeds)}"
+    )
 
     if folder is not None:
         print(f"extra evaluation: {len(folder)} photo(s) in {args.eval_images} (whole photos)")
@@ -686,8 +754,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result["eval_images"] = score_outputs(extra, folder, task)
         return result
 
-    pictures: dict[str, dict[str, torch.Tensor]] = {"input": input_outputs(task, held), "fp32": model_outputs(teacher, held)}
-    scores: dict[str, list[dict]] = {"input": [score(pictures["input"], None)], "fp32": [score(pictures["fp32"], teacher)]}
+    pictures: dict[str, dict[str, torch.Tensor]] = {
+        "input": input_outputs(task, held),
+        "fp32": model_outputs(teacher, held),
+    }
+    scores: dict[str, list[dict]] = {
+        "input": [score(pictures["input"], None)],
+        "fp32": [score(pictures["fp32"], teacher)],
+    }
     train_seconds: dict[str, list[float]] = {}
     histories: dict[str, list[dict[str, float]]] = {}
     spark_state = None
@@ -701,14 +775,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for method in methods:
             if method == "ptq":
                 continue
-            student, distiller, logs, seconds = train_student(method, base, teacher, task, preset, seed, device, args.quiet)
+            student, distiller, logs, seconds = train_student(
+                method, base, teacher, task, preset, seed, device, args.quiet
+            )
             outs = model_outputs(student, held)
             result = score(outs, student)
             # LSQ steps an optimiser pushed to the quantizer's 1e-8 floor (should be 0).
-            result["collapsed_quant_steps"] = sum(int((q.step.detach() <= 1e-7).sum()) for q in _lsq_quantizers(student))
+            result["collapsed_quant_steps"] = sum(
+                int((q.step.detach() <= 1e-7).sum()) for q in _lsq_quantizers(student)
+            )
             scores.setdefault(method, []).append(result)
             train_seconds.setdefault(method, []).append(seconds)
-            print(f"  seed {seed} {LABELS[method]:<12} PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}  ({seconds:.1f}s)")
+            print(
+                f"  seed {seed} {LABELS[method]:<12} PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}  ({seconds:.1f}s)"
+            )
             if seed == preset.seeds[0]:
                 pictures[method] = outs
                 histories[method] = logs
@@ -718,7 +798,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     # ---- table
     rows, summary = [], {}
-    header = ("method", "PSNR (dB)", "SSIM") + (("PSNR (DIR)", "SSIM (DIR)") if folder is not None else ()) + ("train s",)
+    header = (
+        ("method", "PSNR (dB)", "SSIM") + (("PSNR (DIR)", "SSIM (DIR)") if folder is not None else ()) + ("train s",)
+    )
     for method, runs in scores.items():
         sets = [("", runs)] + ([("eval_images_", [r["eval_images"] for r in runs])] if folder is not None else [])
         summary[method] = {"label": LABELS[method]}
@@ -726,28 +808,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for prefix, results in sets:
             psnr_m, psnr_s = _mean_std([r["psnr"] for r in results])
             ssim_m, ssim_s = _mean_std([r["ssim"] for r in results])
-            summary[method].update({
-                f"{prefix}psnr_mean": psnr_m, f"{prefix}psnr_std": psnr_s,
-                f"{prefix}ssim_mean": ssim_m, f"{prefix}ssim_std": ssim_s,
-            })
-            row += [f"{psnr_m:.3f}" + (f" ± {psnr_s:.3f}" if len(runs) > 1 else ""),
-                    f"{ssim_m:.4f}" + (f" ± {ssim_s:.4f}" if len(runs) > 1 else "")]
+            summary[method].update(
+                {
+                    f"{prefix}psnr_mean": psnr_m,
+                    f"{prefix}psnr_std": psnr_s,
+                    f"{prefix}ssim_mean": ssim_m,
+                    f"{prefix}ssim_std": ssim_s,
+                }
+            )
+            row += [
+                f"{psnr_m:.3f}" + (f" ± {psnr_s:.3f}" if len(runs) > 1 else ""),
+                f"{ssim_m:.4f}" + (f" ± {ssim_s:.4f}" if len(runs) > 1 else ""),
+            ]
         secs = train_seconds.get(method)
         summary[method].update({"seeds": len(runs), "train_seconds": secs, "runs": runs})
         rows.append(tuple(row) + (f"{sum(secs) / len(secs):.1f}" if secs else "-",))
     wall = time.perf_counter() - wall0
     print()
     print(_table(header, rows))
-    print(f"\n(PSNR/SSIM: mean over held-out photos {', '.join(n for n, _, _ in held)}"
-          + (f"; DIR: {len(folder)} photo(s) in {args.eval_images}" if folder is not None else "")
-          + f"; {METRIC_NOTES[task.kind]}; {len(preset.seeds)} seed(s); wall time {wall:.0f}s)")
+    print(
+        f"\n(PSNR/SSIM: mean over held-out photos {', '.join(n for n, _, _ in held)}"
+        + (f"; DIR: {len(folder)} photo(s) in {args.eval_images}" if folder is not None else "")
+        + f"; {METRIC_NOTES[task.kind]}; {len(preset.seeds)} seed(s); wall time {wall:.0f}s)"
+    )
 
     # ---- files
     args.out.mkdir(parents=True, exist_ok=True)
     extra = {}
     written = ["results.json", "crops.png"]
     if spark_state is not None:
-        extra["weight_map"] = save_weight_map(args.out / "spark_weight_map.png", spark_state[0], spark_state[1], teacher, held, preset, args.backend)
+        extra["weight_map"] = save_weight_map(
+            args.out / "spark_weight_map.png", spark_state[0], spark_state[1], teacher, held, preset, args.backend
+        )
         written.append("spark_weight_map.png")
     save_crops(args.out / "crops.png", pictures, summary, held, zoom=96)  # "target" was added last: bottom row
     if histories:

@@ -27,8 +27,9 @@ import argparse
 import copy
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -70,8 +71,19 @@ def _cell_error(out, y, grid, rec_loss):
 
 
 def signal_map(
-    signal: str, student, teacher, optimizer, batch, held, grid, *, lambda_kd=1.0, delta=0.5,
-    kd_loss="l1", rec_loss="l1", generator: Optional[torch.Generator] = None,
+    signal: str,
+    student,
+    teacher,
+    optimizer,
+    batch,
+    held,
+    grid,
+    *,
+    lambda_kd=1.0,
+    delta=0.5,
+    kd_loss="l1",
+    rec_loss="l1",
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """The per-cell training signal ``[B, 1, Gh, Gw]`` of ``signal`` at the current state (restored after)."""
     x, y = batch
@@ -133,8 +145,20 @@ def credit_correlation(
         raise ValueError(f"delta must be in (0, 1) (weights stay positive), got {delta}")
     gen = torch.Generator().manual_seed(seed)
     state = _State(student, optimizer)
-    s_map = signal_map(signal, student, teacher, optimizer, batch, held, grid, lambda_kd=lambda_kd, delta=delta,
-                       kd_loss=kd_loss, rec_loss=rec_loss, generator=gen).float()
+    s_map = signal_map(
+        signal,
+        student,
+        teacher,
+        optimizer,
+        batch,
+        held,
+        grid,
+        lambda_kd=lambda_kd,
+        delta=delta,
+        kd_loss=kd_loss,
+        rec_loss=rec_loss,
+        generator=gen,
+    ).float()
     state.restore()
     x, y = batch
     with torch.no_grad():
@@ -179,7 +203,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "policy training signal with the measured effect of the cells' KD weights on a held-out loss.",
     )
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise")
-    p.add_argument("--preset", choices=tuple(demo.PRESETS), default="default", help="network/data budget (default: %(default)s)")
+    p.add_argument(
+        "--preset", choices=tuple(demo.PRESETS), default="default", help="network/data budget (default: %(default)s)"
+    )
     p.add_argument("--teacher-steps", type=_positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--warm", type=_positive_int, default=100, help="uniform-KD steps before the state is taken")
     p.add_argument("--draws", type=_positive_int, default=48, help="weight perturbations measured (>= 4)")
@@ -216,9 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ones = torch.ones(x.shape[0], 1, *preset.grid) if ones is None else ones
         _step_with(student, opt, t, x, y, ones, 1.0, preset.grid, "l1", "l1")
     batch, held = next(data), next(held_data)
-    print(f"state: {args.task}, preset {args.preset}, {args.warm} uniform-KD steps, seed {args.seed}, {args.draws} draws")
+    print(
+        f"state: {args.task}, preset {args.preset}, {args.warm} uniform-KD steps, seed {args.seed}, {args.draws} draws"
+    )
     for signal in signals:
-        res = credit_correlation(student, teacher, opt, batch, held, preset.grid, signal=signal, draws=args.draws, seed=args.seed)
+        res = credit_correlation(
+            student, teacher, opt, batch, held, preset.grid, signal=signal, draws=args.draws, seed=args.seed
+        )
         print(f"  {signal:<10} r = {res['r']:+.3f} ± {res['se']:.3f}  (z = {res['z']:+.1f})")
     return 0
 

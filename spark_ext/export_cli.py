@@ -26,15 +26,18 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,64,64, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints like 1,3,64,64, got {text!r}"
+        ) from None
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,64,64, got {text!r}")
     return dims
@@ -67,14 +70,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     src.add_argument("--demo", action="store_true", help="the demo's round trip: train a student, export, PSNR")
     p.add_argument("--out", type=Path, required=True, help="--model: the .onnx file to write; --demo: an output folder")
     p.add_argument("--input-shape", type=_shape, help="--model: the example input's shape, e.g. 1,3,64,64")
-    p.add_argument("--opset", type=int, default=21, help="ONNX opset, >= 13; 4-bit types need 21 (default: %(default)s)")
+    p.add_argument(
+        "--opset", type=int, default=21, help="ONNX opset, >= 13; 4-bit types need 21 (default: %(default)s)"
+    )
     p.add_argument("--no-int4", action="store_true", help="store 2..4-bit operands in int8/uint8 instead of INT4/UINT4")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise", help="--demo: task (default: %(default)s)")
-    p.add_argument("--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)")
-    p.add_argument("--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)")
+    p.add_argument(
+        "--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)"
+    )
+    p.add_argument(
+        "--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)"
+    )
     p.add_argument("--steps", type=_int_in(1), default=None, help="--demo: student steps (default: the preset's)")
-    p.add_argument("--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)")
+    p.add_argument(
+        "--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)"
+    )
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
     p.add_argument("--threads", type=_int_in(1), default=None, help="CPU threads for torch (default: torch's)")
@@ -115,8 +126,10 @@ def _export_model(args: argparse.Namespace) -> int:
 
     model = torch.load(args.model, map_location="cpu", weights_only=False)
     if not isinstance(model, torch.nn.Module):
-        print(f"spark-ext export: {args.model} holds a {type(model).__name__}, not a model saved with "
-              "torch.save(model)", file=sys.stderr)
+        print(
+            f"spark-ext export: {args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)",
+            file=sys.stderr,
+        )
         return 2
     model = model.float().eval()
     x = torch.rand(args.input_shape)
@@ -161,8 +174,10 @@ def _export_demo(args: argparse.Namespace) -> int:
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=20_000 + seed, device=device)
     calibrate(base, [next(data)[0] for _ in range(preset.calib_batches)], method=preset.calib_method)
     student, _, _, seconds = demo.train_student(args.method, base, teacher, task, preset, seed, device, args.quiet)
-    print(f"student: W{args.bits}A{args.bits} ({len(report.quantized)} layers; first/last {max(args.bits, 8)}-bit), "
-          f"{args.method} for {preset.student_steps} steps in {seconds:.0f}s")
+    print(
+        f"student: W{args.bits}A{args.bits} ({len(report.quantized)} layers; first/last {max(args.bits, 8)}-bit), "
+        f"{args.method} for {preset.student_steps} steps in {seconds:.0f}s"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / "student.onnx"
@@ -171,8 +186,10 @@ def _export_demo(args: argparse.Namespace) -> int:
     torch.save(student, args.out / "student.pt")
 
     sessions = {}
-    for name, level in (("onnx_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                        ("onnx_unfused", ort.GraphOptimizationLevel.ORT_DISABLE_ALL)):
+    for name, level in (
+        ("onnx_fused", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        ("onnx_unfused", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+    ):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         sessions[name] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -183,15 +200,24 @@ def _export_demo(args: argparse.Namespace) -> int:
     }
     scores = {k: demo.score_outputs(v, held, task) for k, v in outputs.items()}
     fq = scores["fake_quant"]["psnr"]
-    print(f"PSNR on held-out photos {', '.join(n for n, _, _ in held)} "
-          f"({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'}):")
+    print(
+        f"PSNR on held-out photos {', '.join(n for n, _, _ in held)} "
+        f"({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'}):"
+    )
     for k, s in scores.items():
         delta = "" if k in ("fake_quant", "fp32_teacher") else f"  ({s['psnr'] - fq:+.4f} dB vs fake-quant)"
         print(f"  {k:<13} {s['psnr']:.4f} dB{delta}")
     result = {
-        "task": args.task, "preset": dataclasses.asdict(preset), "bits": args.bits, "method": args.method,
-        "opset": args.opset, "int4": not args.no_int4, "torch": torch.__version__, "onnxruntime": ort.__version__,
-        "held_out": [n for n, _, _ in held], "psnr": {k: s["psnr"] for k, s in scores.items()},
+        "task": args.task,
+        "preset": dataclasses.asdict(preset),
+        "bits": args.bits,
+        "method": args.method,
+        "opset": args.opset,
+        "int4": not args.no_int4,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "held_out": [n for n, _, _ in held],
+        "psnr": {k: s["psnr"] for k, s in scores.items()},
         "per_image": {k: s["per_image"] for k, s in scores.items()},
         "psnr_delta_onnx_fused_vs_fake_quant": scores["onnx_fused"]["psnr"] - fq,
         "psnr_delta_onnx_unfused_vs_fake_quant": scores["onnx_unfused"]["psnr"] - fq,

@@ -48,7 +48,9 @@ def _check_pair(output: torch.Tensor, target: torch.Tensor) -> None:
     _check_images(output, "output")
     _check_images(target, "target")
     if output.shape != target.shape:
-        raise ValueError(f"output and target must have the same shape, got {tuple(output.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"output and target must have the same shape, got {tuple(output.shape)} and {tuple(target.shape)}"
+        )
 
 
 def to_uint8_levels(images: torch.Tensor) -> torch.Tensor:

@@ -354,7 +354,9 @@ class _LSQFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, step, offset, axis, qn, qp, grad_factor):
-        _, q, s, o = _LSQFakeQuant._quantize(x.detach(), step.detach(), None if offset is None else offset.detach(), axis, qn, qp)
+        _, q, s, o = _LSQFakeQuant._quantize(
+            x.detach(), step.detach(), None if offset is None else offset.detach(), axis, qn, qp
+        )
         ctx.save_for_backward(x, step, offset)
         ctx.args = (axis, qn, qp, grad_factor)
         return (q * s + o).to(x.dtype)

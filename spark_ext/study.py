@@ -34,8 +34,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -176,11 +177,20 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             s, t = student(x), teacher(x)
         signals, _ = difficulty_signals(s, t, y, preset.grid)
         w = distiller.policy_weight_map(signals, mean=True)
-        extra["mean_map"] = {"min": float(w.min()), "max": float(w.max()), "mean": float(w.mean()), "std": float(w.std())}
+        extra["mean_map"] = {
+            "min": float(w.min()),
+            "max": float(w.max()),
+            "mean": float(w.mean()),
+            "std": float(w.std()),
+        }
     distiller.close()
     return {
-        "task": job["task"], "method": job["method"], "seed": job["seed"],
-        "psnr": result["psnr"], "ssim": result["ssim"], "seconds": seconds,
+        "task": job["task"],
+        "method": job["method"],
+        "seed": job["seed"],
+        "psnr": result["psnr"],
+        "ssim": result["ssim"],
+        "seconds": seconds,
         "ms_per_step": 1000.0 * seconds / preset.student_steps,
         "final_loss_task": sum(l["loss_task"] for l in logs[-20:]) / max(1, len(logs[-20:])),
         **extra,
@@ -216,15 +226,20 @@ def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequenc
             ms = mean_std([per_seed[s]["ms_per_step"] for s in seeds])[0]
             entry = {
                 "seeds": seeds,
-                "psnr_mean": mean_std(psnr)[0], "psnr_std": mean_std(psnr)[1],
-                "ssim_mean": mean_std(ssim)[0], "ssim_std": mean_std(ssim)[1],
-                "ms_per_step": ms, "cost_vs_kd": ms / ref_ms if ref_ms else None,
+                "psnr_mean": mean_std(psnr)[0],
+                "psnr_std": mean_std(psnr)[1],
+                "ssim_mean": mean_std(ssim)[0],
+                "ssim_std": mean_std(ssim)[1],
+                "ms_per_step": ms,
+                "cost_vs_kd": ms / ref_ms if ref_ms else None,
                 "per_seed": {str(s): per_seed[s] for s in seeds},
             }
             for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
                 common = [s for s in seeds if ref in by and s in by[ref]]
                 if ref is not None and m != ref and common:
-                    entry[key] = paired_interval([per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common])
+                    entry[key] = paired_interval(
+                        [per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common]
+                    )
             table[m] = entry
         all_seeds = sorted(set().union(*(set(v) for v in by.values()))) if by else []
         out[task] = {"seeds": all_seeds, "best_kd": best_kd, "methods": table}
@@ -235,14 +250,20 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = []
     for task, res in summary.items():
         lines.append(f"\n{task}: seeds {res['seeds']}, best uniform KD = {res['best_kd']} (n = paired seeds)")
-        lines.append(f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}")
+        lines.append(
+            f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}"
+        )
         order = sorted(res["methods"].items(), key=lambda kv: -kv[1]["psnr_mean"])
         for m, e in order:
+
             def ci(key):
                 d = e.get(key)
                 return f"{d['mean']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}] {d['wins']}/{d['n']}" if d else "-"
+
             cost = f"{e['cost_vs_kd']:.2f}x" if e["cost_vs_kd"] else "-"
-            lines.append(f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} {ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}")
+            lines.append(
+                f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} {ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}"
+            )
     return "\n".join(lines)
 
 
@@ -306,10 +327,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         prog="spark-ext study",
         description="Paired-seed study of QAT, uniform KD, heuristic maps, balancers, DFD and SPARK variants "
         "(W4A4 students of the demo's network) on denoising and x2 SR; writes study.json and study.png.",
-        epilog="Presets: " + "; ".join(
+        epilog="Presets: "
+        + "; ".join(
             f"{s.name}: {s.student_steps} student steps, {s.seeds} seeds, lambdas {list(s.lambdas)}, "
-            f"demo preset {s.demo_preset!r}, {s.workers} worker(s)" for s in PRESETS.values()
-        ) + ". --quick = --preset quick. Methods: qat, kd@L (one per --lambdas), " + ", ".join(m for m in METHODS if m != "qat"),
+            f"demo preset {s.demo_preset!r}, {s.workers} worker(s)"
+            for s in PRESETS.values()
+        )
+        + ". --quick = --preset quick. Methods: qat, kd@L (one per --lambdas), "
+        + ", ".join(m for m in METHODS if m != "qat"),
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="budget (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -326,7 +351,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="keep the students of OUT/study.json (same budget) and train only the missing ones; "
         "its methods join this run's",
     )
@@ -348,7 +374,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if bad or not args.methods:
             p.error(f"--methods: unknown {bad or 'empty'}; choose from {','.join(names)}")
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+        device = torch.device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if args.device == "auto" else args.device)
+        )
     except RuntimeError as exc:
         p.error(f"--device: {exc}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -385,7 +415,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         teacher, info = study_teacher(t, preset, device, args.cache_dir, args.quiet)
         held = held_out_pairs(t, preset.eval_size, device=device)
         score = demo.score_outputs(demo.model_outputs(teacher, held), held, t)
-        teachers[task] = {"steps": preset.teacher_steps, "psnr": score["psnr"], "ssim": score["ssim"], "path": info.get("path")}
+        teachers[task] = {
+            "steps": preset.teacher_steps,
+            "psnr": score["psnr"],
+            "ssim": score["ssim"],
+            "path": info.get("path"),
+        }
         print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
     done = {(r["task"], r["method"], r["seed"]) for r in rows}
     if rows:
@@ -397,13 +432,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for method in args.methods:
                 if (task, method, seed) in done:
                     continue
-                overrides = {"mode": "kd", "lambda_kd": float(method[3:])} if method.startswith("kd@") else METHODS[method]
-                jobs.append({
-                    "task": task, "method": method, "seed": seed, "overrides": overrides, "preset": preset,
-                    "device": args.device, "threads": 1, "cache_dir": args.cache_dir,
-                })
+                overrides = (
+                    {"mode": "kd", "lambda_kd": float(method[3:])} if method.startswith("kd@") else METHODS[method]
+                )
+                jobs.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": seed,
+                        "overrides": overrides,
+                        "preset": preset,
+                        "device": args.device,
+                        "threads": 1,
+                        "cache_dir": args.cache_dir,
+                    }
+                )
     progress = demo._progress(range(len(jobs)), "study", args.quiet, total=len(jobs))
     bar = progress if hasattr(progress, "update") else None
+
     def finished(row: dict[str, Any]) -> None:
         rows.append(row)
         if bar is not None:
@@ -441,8 +487,11 @@ def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
     with open(path) as f:
         old = json.load(f)
     if old.get("preset", {}).get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
-        print(f"spark-ext study: error: --resume: {path} was made with other settings (steps, seeds, network); "
-              "use another --out", file=sys.stderr)
+        print(
+            f"spark-ext study: error: --resume: {path} was made with other settings (steps, seeds, network); "
+            "use another --out",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return [r for r in old.get("runs", []) if r["seed"] in preset.seeds]
 
@@ -455,7 +504,8 @@ def write_report(args, argv, spec, preset, device, teachers, rows, wall, complet
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device) + ("" if device.type != "cpu" else f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"),
+        "device": str(device)
+        + ("" if device.type != "cpu" else f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"),
         "command": "spark-ext study " + " ".join(sys.argv[2:] if argv is None else argv),
         "preset": {"study": dataclasses.asdict(spec), "demo": dataclasses.asdict(preset)},
         "teachers": teachers,

@@ -11,8 +11,17 @@ def _rows():
     rows = []
     for impl, ms in (("ours", 1.0), ("eager", 6.0), ("compiled", 2.5)):
         rows.append(
-            {"op": "difficulty_signals", "case": "2x3x64x64 fp32", "pass": "fwd+bwd", "impl": impl, "ms": ms,
-             "bytes": 10_000_000, "gbps": 10 / ms, "copy_fraction": 0.9 / ms, "peak_extra_bytes": 2**20}
+            {
+                "op": "difficulty_signals",
+                "case": "2x3x64x64 fp32",
+                "pass": "fwd+bwd",
+                "impl": impl,
+                "ms": ms,
+                "bytes": 10_000_000,
+                "gbps": 10 / ms,
+                "copy_fraction": 0.9 / ms,
+                "peak_extra_bytes": 2**20,
+            }
         )
     return rows
 
@@ -102,8 +111,16 @@ def _run(rows, llc_bytes=None, device="test"):
 
 
 def _row(case, impl, ms, nbytes, pass_="fwd", frac=None, spread=None):
-    row = {"op": "lsq_fake_quant", "case": case, "pass": pass_, "impl": impl, "ms": ms, "bytes": nbytes,
-           "copy_fraction": frac, "peak_extra_bytes": None}
+    row = {
+        "op": "lsq_fake_quant",
+        "case": case,
+        "pass": pass_,
+        "impl": impl,
+        "ms": ms,
+        "bytes": nbytes,
+        "copy_fraction": frac,
+        "peak_extra_bytes": None,
+    }
     if spread:
         row.update(ms_p20=ms - spread, ms_p50=ms, ms_p80=ms + spread)
     return row
@@ -111,8 +128,12 @@ def _row(case, impl, ms, nbytes, pass_="fwd", frac=None, spread=None):
 
 def test_bandwidth_only_where_the_working_set_is_four_times_the_last_level_cache(capsys):
     llc = 32 * 2**20
-    rows = [_row("small", "ours", 1.0, 4 * llc - 1, frac=26.0), _row("small", "torch", 3.0, 4 * llc - 1),
-            _row("large", "ours", 8.0, 4 * llc, frac=0.85), _row("large", "torch", 24.0, 4 * llc)]
+    rows = [
+        _row("small", "ours", 1.0, 4 * llc - 1, frac=26.0),
+        _row("small", "torch", 3.0, 4 * llc - 1),
+        _row("large", "ours", 8.0, 4 * llc, frac=0.85),
+        _row("large", "torch", 24.0, 4 * llc),
+    ]
     lines = {ln["case"]: ln for ln in benchreport.summarise(_run(rows, llc))}
     assert lines["small"]["memory_bound"] is False and lines["large"]["memory_bound"] is True
     assert lines["large"]["x_torch"] == pytest.approx(3.0)
@@ -126,8 +147,11 @@ def test_bandwidth_only_where_the_working_set_is_four_times_the_last_level_cache
 
 
 def test_percentiles_give_the_speedup_spread():
-    rows = [_row("c", "ours", 2.0, 100, spread=0.5), _row("c", "eager", 10.0, 100, spread=1.0),
-            _row("c", "compiled", 4.0, 100)]  # an older result without percentiles: no spread
+    rows = [
+        _row("c", "ours", 2.0, 100, spread=0.5),
+        _row("c", "eager", 10.0, 100, spread=1.0),
+        _row("c", "compiled", 4.0, 100),
+    ]  # an older result without percentiles: no spread
     (line,) = benchreport.summarise(_run(rows))
     assert line["x_eager"] == pytest.approx(5.0)
     assert line["x_eager_range"] == pytest.approx((9.0 / 2.5, 11.0 / 1.5))
@@ -136,8 +160,12 @@ def test_percentiles_give_the_speedup_spread():
 
 
 def test_last_level_cache_from_sysfs_and_lscpu(tmp_path):
-    for name, level, kind, size in (("index0", 1, "Data", "48K"), ("index1", 1, "Instruction", "32K"),
-                                    ("index2", 2, "Unified", "2048K"), ("index3", 3, "Unified", "307200K")):
+    for name, level, kind, size in (
+        ("index0", 1, "Data", "48K"),
+        ("index1", 1, "Instruction", "32K"),
+        ("index2", 2, "Unified", "2048K"),
+        ("index3", 3, "Unified", "307200K"),
+    ):
         (tmp_path / name).mkdir()
         for field, value in (("level", level), ("type", kind), ("size", size)):
             (tmp_path / name / field).write_text(f"{value}\n")
@@ -159,14 +187,21 @@ def test_plots_one_panel_row_per_op_and_the_step_benchmark(tmp_path, capsys):
                 for impl, ms in (("ours", 1.0), ("torch", 4.0), ("eager", 9.0), ("compiled", 0.8)):
                     rows.append({**_row(case, impl, ms, 2**20, pass_, frac=0.5, spread=0.1), "op": op})
     ops_path = tmp_path / "lsq-test.json"
-    ops_path.write_text(json.dumps({"benchmark": "lsq", "env": {"device": "test", "llc_bytes": 2**18},
-                                    "rows": rows}))
-    steps = [{"op": "spark_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 20.0},
-             {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 12.0},
-             {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "torch", "ms": 19.0},
-             {"op": "spark_overhead", "case": "W4A4 b2", "pass": "step", "impl": "ratio", "ms": 20 / 12},
-             {"op": "spark_vs_qat_torch", "case": "W4A4 b2", "pass": "step", "impl": "ratio", "ms": 20 / 19,
-              "target": "<= 1, issue 15: SPARK for free"}]
+    ops_path.write_text(json.dumps({"benchmark": "lsq", "env": {"device": "test", "llc_bytes": 2**18}, "rows": rows}))
+    steps = [
+        {"op": "spark_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 20.0},
+        {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "ours", "ms": 12.0},
+        {"op": "qat_step", "case": "W4A4 b2", "pass": "step", "impl": "torch", "ms": 19.0},
+        {"op": "spark_overhead", "case": "W4A4 b2", "pass": "step", "impl": "ratio", "ms": 20 / 12},
+        {
+            "op": "spark_vs_qat_torch",
+            "case": "W4A4 b2",
+            "pass": "step",
+            "impl": "ratio",
+            "ms": 20 / 19,
+            "target": "<= 1, issue 15: SPARK for free",
+        },
+    ]
     steps_path = tmp_path / "e2e-test.json"
     steps_path.write_text(json.dumps({"benchmark": "e2e", "env": {"device": "test"}, "rows": steps}))
     assert benchreport.main(["--from", str(ops_path), str(steps_path), "--plot", str(tmp_path / "plots")]) == 0

@@ -58,7 +58,11 @@ def compile_first(ops: list[str], backend: str, env: dict | None = None) -> subp
             print(op, "ok")
     """)
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
         timeout=600,
     )
 

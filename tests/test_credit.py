@@ -120,8 +120,17 @@ def test_held_out_iterator_is_used_for_the_credit():
 def test_repaired_reinforce_rewards_after_the_horizon():
     student, teacher = nets()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    d = SparkDistiller(student, teacher, opt, mode="spark", policy_signal="reinforce", grid=(2, 2),
-                       credit_every=1, horizon=3, w_bound=2.0)
+    d = SparkDistiller(
+        student,
+        teacher,
+        opt,
+        mode="spark",
+        policy_signal="reinforce",
+        grid=(2, 2),
+        credit_every=1,
+        horizon=3,
+        w_bound=2.0,
+    )
     logs = [d.step(*batch(i)) for i in range(7)]
     assert [("reward" in l) for l in logs] == [False, False, True, False, False, True, False]
     assert all(0.0 < l["w_min"] and l["w_max"] < 2.0 for l in logs)
@@ -151,8 +160,17 @@ def test_fixed_maps_gate_and_annealing():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"policy_signal": "magic"}, {"credit_every": 0}, {"w_bound": 0.0}, {"horizon": 0},
-            {"kd_gate": "yes"}, {"map_signal": "x"}, {"kd_anneal_steps": 0}, {"policy_steps": -1}],
+    "bad",
+    [
+        {"policy_signal": "magic"},
+        {"credit_every": 0},
+        {"w_bound": 0.0},
+        {"horizon": 0},
+        {"kd_gate": "yes"},
+        {"map_signal": "x"},
+        {"kd_anneal_steps": 0},
+        {"policy_steps": -1},
+    ],
 )
 def test_bad_settings_are_rejected(bad):
     student, teacher = nets()
@@ -173,6 +191,15 @@ def test_default_credit_signal_predicts_the_measured_held_out_effect():
     d = SparkDistiller(student, teacher, opt, mode="kd")
     for i in range(5):
         d.step(*batch(10 + i, b=4, size=24))
-    res = credit_correlation(student, teacher, opt, batch(30, b=4, size=24), batch(31, b=4, size=24), (4, 4),
-                             signal="credit", draws=48, delta=0.5)
+    res = credit_correlation(
+        student,
+        teacher,
+        opt,
+        batch(30, b=4, size=24),
+        batch(31, b=4, size=24),
+        (4, 4),
+        signal="credit",
+        draws=48,
+        delta=0.5,
+    )
     assert res["r"] > 3 * res["se"], res

@@ -85,7 +85,11 @@ def test_lsq_graph_capture(axis):
 
 def test_torch_compatible_fake_quant_graph_capture():
     def make():
-        return [torch.randn(64, 32, device="cuda"), torch.tensor([0.05], device="cuda"), torch.tensor([1.0], device="cuda")]
+        return [
+            torch.randn(64, 32, device="cuda"),
+            torch.tensor([0.05], device="cuda"),
+            torch.tensor([1.0], device="cuda"),
+        ]
 
     def step(x, s, z):
         xs, ss, zs = (t.detach().requires_grad_() for t in (x, s, z))

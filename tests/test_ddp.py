@@ -39,8 +39,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model = torch.nn.parallel.DistributedDataParallel(student)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         # seed=rank: the ranks build *different* policies; the distiller's broadcast must fix that.
-        d = SparkDistiller(model, teacher, opt, mode="spark", balancer="gor", grid=(2, 2), seed=rank, policy_lr=1e-2,
-                           balancer_lr=0.1, policy_signal="paper")
+        d = SparkDistiller(
+            model,
+            teacher,
+            opt,
+            mode="spark",
+            balancer="gor",
+            grid=(2, 2),
+            seed=rank,
+            policy_lr=1e-2,
+            balancer_lr=0.1,
+            policy_signal="paper",
+        )
         # The default (credit) policy on a second student: its held-out step is averaged over ranks.
         credit_student = copy.deepcopy(teacher)
         credit_model = torch.nn.parallel.DistributedDataParallel(credit_student)

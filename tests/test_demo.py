@@ -37,7 +37,18 @@ def test_smoke_denoise_writes_table_pictures_and_caches_the_teacher(tmp_path, ca
 
 
 def test_smoke_sr_with_dfd(tmp_path, capsys):
-    argv = ["--preset", "smoke", "--task", "sr", "--methods", "ptq,spark,dfd", "--out", str(tmp_path), "--no-cache", "--quiet"]
+    argv = [
+        "--preset",
+        "smoke",
+        "--task",
+        "sr",
+        "--methods",
+        "ptq,spark,dfd",
+        "--out",
+        str(tmp_path),
+        "--no-cache",
+        "--quiet",
+    ]
     assert demo.main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["results"]) == {"input", "fp32", "ptq", "spark", "dfd"}
@@ -55,8 +66,20 @@ def test_eval_images_folder_is_scored_and_checked_first(tmp_path, capsys):
     Image.fromarray(rng.integers(0, 256, (34, 30), dtype=np.uint8)).save(photos / "b.JPG")
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    argv = ["--preset", "smoke", "--task", "sr", "--methods", "ptq,qat", "--out", str(out), "--no-cache", "--quiet",
-            "--eval-images", str(photos)]
+    argv = [
+        "--preset",
+        "smoke",
+        "--task",
+        "sr",
+        "--methods",
+        "ptq,qat",
+        "--out",
+        str(out),
+        "--no-cache",
+        "--quiet",
+        "--eval-images",
+        str(photos),
+    ]
     assert demo.main(argv) == 0
     assert "PSNR (DIR)" in capsys.readouterr().out
     report = json.loads((out / "results.json").read_text())
@@ -109,7 +132,13 @@ def _rejected(argv, capsys) -> str:
 
 
 def test_bad_arguments_are_rejected(tmp_path, capsys):
-    for flag, value in (("--steps", "0"), ("--teacher-steps", "-3"), ("--seeds", "0"), ("--threads", "0"), ("--steps", "x")):
+    for flag, value in (
+        ("--steps", "0"),
+        ("--teacher-steps", "-3"),
+        ("--seeds", "0"),
+        ("--threads", "0"),
+        ("--steps", "x"),
+    ):
         assert f"argument {flag}" in _rejected(["--preset", "smoke", flag, value, "--out", str(tmp_path)], capsys)
     assert not (tmp_path / "results.json").exists()
 

@@ -29,7 +29,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
         (["--demo", "--out", "o", "--input-shape", "1,3,8,8"], "--input-shape is only for --model"),
         (["--demo", "--out", "o", "--preset", "huge"], "--preset: invalid choice: 'huge'"),
         (["--model", "nope.pt", "--out", "m.onnx"], "--model needs --input-shape"),
-        (["--model", "nope.pt", "--out", "m.onnx", "--input-shape", "1,3,0"], "--input-shape: expected comma-separated"),
+        (
+            ["--model", "nope.pt", "--out", "m.onnx", "--input-shape", "1,3,0"],
+            "--input-shape: expected comma-separated",
+        ),
         (["--model", "nope.pt", "--out", "m.onnx", "--input-shape", "1,3,8,8"], "--model: no such file: nope.pt"),
     ],
 )
@@ -45,9 +48,14 @@ def test_model_file_must_be_onnx_and_demo_only_flags(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.save(nn.Linear(2, 2), path)
     for argv, message in [
-        (["--model", str(path), "--out", str(tmp_path / "m.txt"), "--input-shape", "1,2"], "--out must name a .onnx file"),
-        (["--model", str(path), "--out", str(tmp_path / "m.onnx"), "--input-shape", "1,2", "--steps", "3"],
-         "--steps is only for --demo"),
+        (
+            ["--model", str(path), "--out", str(tmp_path / "m.txt"), "--input-shape", "1,2"],
+            "--out must name a .onnx file",
+        ),
+        (
+            ["--model", str(path), "--out", str(tmp_path / "m.onnx"), "--input-shape", "1,2", "--steps", "3"],
+            "--steps is only for --demo",
+        ),
     ]:
         with pytest.raises(SystemExit) as exc:
             cli.main(["export"] + argv)
@@ -60,7 +68,10 @@ def test_export_model_file(tmp_path, capsys):
     model(torch.rand(1, 3, 8, 8))
     torch.save(model, tmp_path / "student.pt")
     out = tmp_path / "student.onnx"
-    assert cli.main(["export", "--model", str(tmp_path / "student.pt"), "--out", str(out), "--input-shape", "1,3,8,8"]) == 0
+    assert (
+        cli.main(["export", "--model", str(tmp_path / "student.pt"), "--out", str(out), "--input-shape", "1,3,8,8"])
+        == 0
+    )
     assert out.is_file() and "onnxruntime vs fake-quant model" in capsys.readouterr().out
     # A model without quantized layers: one clear line, exit 2.
     torch.save(nn.Conv2d(3, 3, 1), tmp_path / "float.pt")
@@ -72,7 +83,17 @@ def test_export_model_file(tmp_path, capsys):
 def test_demo_round_trip_smoke(tmp_path, capsys):
     pytest.importorskip("skimage", reason="needs the [demo] extra")
     out = tmp_path / "out"
-    argv = ["export", "--demo", "--preset", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    argv = [
+        "export",
+        "--demo",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     report = json.loads((out / "export_report.json").read_text())
     assert (out / "student.onnx").is_file() and (out / "student.pt").is_file()

@@ -333,7 +333,9 @@ def test_cuda_status_says_what_would_be_built(fresh_state, monkeypatch):
     monkeypatch.setattr(_extension, "cuda_build_possible", lambda: "this torch (2.13.0+cpu) has no CUDA")
     assert _extension.cuda_status() == "would not be compiled: this torch (2.13.0+cpu) has no CUDA"
     monkeypatch.setattr(_extension, "cuda_build_possible", lambda: None)
-    monkeypatch.setattr(_extension, "current_arch_plan", lambda: ("7.5;8.0;9.0+PTX", "the default list 7.5;8.0;9.0+PTX"))
+    monkeypatch.setattr(
+        _extension, "current_arch_plan", lambda: ("7.5;8.0;9.0+PTX", "the default list 7.5;8.0;9.0+PTX")
+    )
     assert _extension.cuda_status() == "would be compiled for the default list 7.5;8.0;9.0+PTX"
 
 

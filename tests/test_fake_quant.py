@@ -40,7 +40,9 @@ def run(fn, x, scale, zp, *args, dy, **kw):
 def torch_op(axis):
     if axis is None:
         return lambda x, s, z, qmin, qmax, gf: torch._fake_quantize_learnable_per_tensor_affine(x, s, z, qmin, qmax, gf)
-    return lambda x, s, z, qmin, qmax, gf: torch._fake_quantize_learnable_per_channel_affine(x, s, z, axis, qmin, qmax, gf)
+    return lambda x, s, z, qmin, qmax, gf: torch._fake_quantize_learnable_per_channel_affine(
+        x, s, z, axis, qmin, qmax, gf
+    )
 
 
 def ours(axis, backend):
@@ -218,7 +220,9 @@ def test_opcheck():
     scale, zp = torch.rand(3) + 0.1, torch.randn(3) * 2
     fwd = torch.ops.spark_ext.fake_quantize_learnable.default
     bwd = torch.ops.spark_ext.fake_quantize_learnable_backward.default
-    torch.library.opcheck(fwd, (x.clone().requires_grad_(), scale.clone().requires_grad_(), zp.clone().requires_grad_(), 1, -8, 7, 0.3))
+    torch.library.opcheck(
+        fwd, (x.clone().requires_grad_(), scale.clone().requires_grad_(), zp.clone().requires_grad_(), 1, -8, 7, 0.3)
+    )
     torch.library.opcheck(fwd, (x, scale[:1], zp[:1], None, 0, 255, 1.0))
     torch.library.opcheck(fwd, (x.contiguous(memory_format=torch.channels_last), scale, zp, 1, -8, 7, 1.0))
     dy = torch.randn_like(x)
@@ -417,8 +421,17 @@ def test_reference_backward_matches_straight_through_autograd(axis, qrange):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "shape,axis",
-    [((3, 5, 7), None), ((70001,), None), ((4, 6, 5, 7), 0), ((4, 6, 5, 7), 1), ((4, 6, 5, 7), 3), ((3, 40000), 0),
-     ((5, 20000), 1), ((37, 2, 300), 1), ((0, 4), 1)],
+    [
+        ((3, 5, 7), None),
+        ((70001,), None),
+        ((4, 6, 5, 7), 0),
+        ((4, 6, 5, 7), 1),
+        ((4, 6, 5, 7), 3),
+        ((3, 40000), 0),
+        ((5, 20000), 1),
+        ((37, 2, 300), 1),
+        ((0, 4), 1),
+    ],
 )
 def test_cuda_matches_torch_and_reference(dtype, shape, axis):
     n = 1 if axis is None else shape[axis]
@@ -465,6 +478,7 @@ def test_cuda_scale_gradient_rounds_like_torch(bits):
     want = per_element_scale_terms("torch", x, scale, zp, -qmax - 1, qmax, dy, device="cuda")
     got = per_element_scale_terms("cuda", x, scale, zp, -qmax - 1, qmax, dy, device="cuda")
     assert torch.equal(got, want)
+
 
 @pytest.mark.parametrize("case", range(len(grad_layouts(GRAD_SHAPE))))
 @pytest.mark.parametrize("axis", [None, 1])

@@ -61,8 +61,17 @@ def summary(out: Path) -> dict:
 
 
 def config(budget_s, **kw):
-    return {"budget_s": budget_s, "jobs": 1, "stages": set(), "dry_run": False, "scale": 1.0, "hang": set(),
-            "fail": set(), "out": "", **kw}
+    return {
+        "budget_s": budget_s,
+        "jobs": 1,
+        "stages": set(),
+        "dry_run": False,
+        "scale": 1.0,
+        "hang": set(),
+        "fail": set(),
+        "out": "",
+        **kw,
+    }
 
 
 def sh(script):
@@ -115,16 +124,25 @@ def test_dry_run_fits_all_eight_outputs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(r["status"] == "passed" for r in summary(out)["stages"]), summary(out)["stages"]
     names = {p.name for p in check_output_folder(out)}
-    assert names == {"gpu-check.log", "summary.json", "bench-difficulty.json", "bench-weighted_kd.json",
-                     "bench-lsq.json", "bench-fake_quant.json", "bench-e2e.json"}
+    assert names == {
+        "gpu-check.log",
+        "summary.json",
+        "bench-difficulty.json",
+        "bench-weighted_kd.json",
+        "bench-lsq.json",
+        "bench-fake_quant.json",
+        "bench-e2e.json",
+    }
 
 
 def test_bad_settings_exit_2_before_anything_runs(tmp_path):
-    for env, message in (({"GPU_CHECK_BUDGET_S": "-1"}, "GPU_CHECK_BUDGET_S must be a positive number, got '-1'"),
-                         ({"GPU_CHECK_BUDGET_S": "soon"}, "GPU_CHECK_BUDGET_S must be a positive number"),
-                         ({"GPU_CHECK_JOBS": "1.5"}, "GPU_CHECK_JOBS must be a positive integer"),
-                         ({"GPU_CHECK_STAGES": "build,bench-foo"}, "GPU_CHECK_STAGES: unknown stage(s) bench-foo;"),
-                         ({"GPU_CHECK_DRY_RUN_HANG": "nope"}, "GPU_CHECK_DRY_RUN_HANG: unknown stage(s) nope;")):
+    for env, message in (
+        ({"GPU_CHECK_BUDGET_S": "-1"}, "GPU_CHECK_BUDGET_S must be a positive number, got '-1'"),
+        ({"GPU_CHECK_BUDGET_S": "soon"}, "GPU_CHECK_BUDGET_S must be a positive number"),
+        ({"GPU_CHECK_JOBS": "1.5"}, "GPU_CHECK_JOBS must be a positive integer"),
+        ({"GPU_CHECK_STAGES": "build,bench-foo"}, "GPU_CHECK_STAGES: unknown stage(s) bench-foo;"),
+        ({"GPU_CHECK_DRY_RUN_HANG": "nope"}, "GPU_CHECK_DRY_RUN_HANG: unknown stage(s) nope;"),
+    ):
         with pytest.raises(ValueError) as info:
             gpu_check.settings(env)
         assert str(info.value).startswith(message), env
@@ -134,8 +152,13 @@ def test_bad_settings_exit_2_before_anything_runs(tmp_path):
 
 
 def test_plan_prints_every_stage():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--plan"], capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "GPU_CHECK_BUDGET_S": "480"})
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GPU_CHECK_BUDGET_S": "480"},
+    )
     assert result.returncode == 0, result.stderr
     for name in gpu_check.STAGE_NAMES:
         assert re.search(rf"^  {name} ", result.stdout, re.M), name
@@ -156,8 +179,12 @@ def test_stage_selection_and_required_failure(tmp_path):
 
 
 def test_skips_what_the_budget_cannot_cover(tmp_path, quick):
-    stages = [stage("first", sh("sleep 0.2"), expected_s=0.1), stage("too-big", sh("exit 0"), expected_s=5.0),
-              stage("small", sh("exit 0"), expected_s=0.5), stage("last", sh("exit 0"), expected_s=0.1)]
+    stages = [
+        stage("first", sh("sleep 0.2"), expected_s=0.1),
+        stage("too-big", sh("exit 0"), expected_s=5.0),
+        stage("small", sh("exit 0"), expected_s=0.5),
+        stage("last", sh("exit 0"), expected_s=0.1),
+    ]
     rc = gpu_check.run(config(3.0), tmp_path, tmp_path / "scratch", stages)
     s = summary(tmp_path)
     status = {r["name"]: (r["status"], r.get("note", "")) for r in s["stages"]}
@@ -172,8 +199,10 @@ def test_skips_what_the_budget_cannot_cover(tmp_path, quick):
 
 def test_stage_time_limit_kills_its_process_group(tmp_path, quick):
     pid_file = tmp_path / "grandchild.pid"
-    stages = [stage("hangs", sh(f"sleep 60 & echo $! > {pid_file}; wait"), limit_s=0.5),
-              stage("after", sh("echo still running"))]
+    stages = [
+        stage("hangs", sh(f"sleep 60 & echo $! > {pid_file}; wait"), limit_s=0.5),
+        stage("after", sh("echo still running")),
+    ]
     t0 = time.monotonic()
     rc = gpu_check.run(config(30.0), tmp_path, tmp_path / "scratch", stages)
     assert time.monotonic() - t0 < 10
@@ -190,8 +219,10 @@ def test_summary_is_rewritten_as_each_stage_starts_and_ends(tmp_path, quick):
     """Each stage copies summary.json as it sees it: the streamed state the device would return at that moment."""
     seen = tmp_path / "seen"
     seen.mkdir()
-    stages = [stage(name, sh(f"echo output of {name}; cp {tmp_path}/summary.json {seen}/{name}.json"))
-              for name in ("a", "b", "c")]
+    stages = [
+        stage(name, sh(f"echo output of {name}; cp {tmp_path}/summary.json {seen}/{name}.json"))
+        for name in ("a", "b", "c")
+    ]
     assert gpu_check.run(config(30.0), tmp_path, tmp_path / "scratch", stages) == 0
     for i, name in enumerate("abc"):
         snapshot = json.loads((seen / f"{name}.json").read_text())
@@ -207,10 +238,15 @@ def test_summary_is_rewritten_as_each_stage_starts_and_ends(tmp_path, quick):
 def test_a_run_killed_midway_keeps_what_finished(tmp_path):
     """SIGKILL of the whole run while a benchmark runs: the earlier stages' results are all in the folder."""
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_OUT": str(out), "GPU_CHECK_DRY_RUN_SCALE": "0.005",
-           "GPU_CHECK_STAGES": "bench-difficulty,bench-lsq", "GPU_CHECK_DRY_RUN_HANG": "bench-lsq"}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_OUT": str(out),
+        "GPU_CHECK_DRY_RUN_SCALE": "0.005",
+        "GPU_CHECK_STAGES": "bench-difficulty,bench-lsq",
+        "GPU_CHECK_DRY_RUN_HANG": "bench-lsq",
+    }
+    proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
     running = None
     try:
         deadline = time.monotonic() + 30
@@ -220,8 +256,9 @@ def test_a_run_killed_midway_keeps_what_finished(tmp_path):
                 stages = summary(out)["stages"]
             except (FileNotFoundError, json.JSONDecodeError):  # not yet written (the rename is atomic)
                 continue
-            running = next((r for r in stages if r["name"] == "bench-lsq" and r["status"] == "running"
-                            and "pid" in r), None)
+            running = next(
+                (r for r in stages if r["name"] == "bench-lsq" and r["status"] == "running" and "pid" in r), None
+            )
         assert running is not None, "bench-lsq never started"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -245,8 +282,13 @@ def test_a_run_killed_midway_keeps_what_finished(tmp_path):
 
 def test_sigterm_ends_the_stage_and_marks_the_run_interrupted(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_OUT": str(out), "GPU_CHECK_DRY_RUN_SCALE": "0.002",
-           "GPU_CHECK_DRY_RUN_HANG": "build"}
+    env = {
+        **os.environ,
+        "GPU_CHECK_DRY_RUN": "1",
+        "GPU_CHECK_OUT": str(out),
+        "GPU_CHECK_DRY_RUN_SCALE": "0.002",
+        "GPU_CHECK_DRY_RUN_HANG": "build",
+    }
     proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     pid = None
@@ -274,26 +316,48 @@ def test_log_is_capped(tmp_path, quick, monkeypatch):
 
 def test_key_numbers_of_pytest_and_bench_results(tmp_path):
     junit = tmp_path / "r.xml"
-    junit.write_text('<testsuites><testsuite><testcase classname="t" name="ok"/>'
-                     '<testcase classname="t" name="bad"><failure message="x"/></testcase>'
-                     '<testcase classname="t" name="err"><error message="y"/></testcase>'
-                     '<testcase classname="t" name="s1"><skipped message="needs X"/></testcase>'
-                     '<testcase classname="t" name="s2"><skipped message="needs X"/></testcase>'
-                     '</testsuite></testsuites>')
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="t" name="ok"/>'
+        '<testcase classname="t" name="bad"><failure message="x"/></testcase>'
+        '<testcase classname="t" name="err"><error message="y"/></testcase>'
+        '<testcase classname="t" name="s1"><skipped message="needs X"/></testcase>'
+        '<testcase classname="t" name="s2"><skipped message="needs X"/></testcase>'
+        "</testsuite></testsuites>"
+    )
     keys = gpu_check.pytest_keys(junit)
-    assert keys == {"passed": 1, "failed": 2, "skipped": 2, "failed_tests": ["t::bad", "t::err"],
-                    "skip_reasons": {"needs X": 2}}
+    assert keys == {
+        "passed": 1,
+        "failed": 2,
+        "skipped": 2,
+        "failed_tests": ["t::bad", "t::err"],
+        "skip_reasons": {"needs X": 2},
+    }
     assert "no junit report" in gpu_check.pytest_keys(tmp_path / "missing.xml")["note"]
-    rows = [{"op": "lsq", "case": "c", "pass": "fwd", "impl": "ours", "ms": 1.0, "copy_fraction": 0.81234},
-            {"op": "lsq", "case": "c", "pass": "fwd", "impl": "torch", "ms": 3.0, "speedup_vs_peer": 3.0},
-            {"op": "lsq", "case": "c", "pass": "fwd", "impl": "compiled", "ms": None, "speedup_vs_peer": None,
-             "error": "RuntimeError: boom"}]
-    rows.append({"op": "spark_vs_qat_torch", "case": "W4A4", "pass": "step", "impl": "ratio", "ms": 0.9,
-                 "target": "<= 1"})
+    rows = [
+        {"op": "lsq", "case": "c", "pass": "fwd", "impl": "ours", "ms": 1.0, "copy_fraction": 0.81234},
+        {"op": "lsq", "case": "c", "pass": "fwd", "impl": "torch", "ms": 3.0, "speedup_vs_peer": 3.0},
+        {
+            "op": "lsq",
+            "case": "c",
+            "pass": "fwd",
+            "impl": "compiled",
+            "ms": None,
+            "speedup_vs_peer": None,
+            "error": "RuntimeError: boom",
+        },
+    ]
+    rows.append(
+        {"op": "spark_vs_qat_torch", "case": "W4A4", "pass": "step", "impl": "ratio", "ms": 0.9, "target": "<= 1"}
+    )
     keys = gpu_check.bench_keys({"env": {"device": "GPU"}, "rows": rows})
     assert keys["errors"] == 1 and keys["device"] == "GPU"
     assert keys["headline"]["spark_vs_qat_torch | W4A4 | step"] == {"ratio": 0.9, "target": "<= 1"}
-    assert keys["headline"]["lsq | c | fwd"] == {"ours_ms": 1.0, "copy_fraction": 0.812, "x_torch": 3.0,
-                                                 "x_compiled": None, "error_compiled": "RuntimeError: boom"}
+    assert keys["headline"]["lsq | c | fwd"] == {
+        "ours_ms": 1.0,
+        "copy_fraction": 0.812,
+        "x_torch": 3.0,
+        "x_compiled": None,
+        "error_compiled": "RuntimeError: boom",
+    }
     text = gpu_check.text_keys("memcheck", ["ok    a\n", "FAIL  b\n", "========= ERROR SUMMARY: 3 errors\n"])
     assert text == {"sanitizer_errors": 3, "ok": 1, "fail": 1, "skip": 0}

@@ -30,8 +30,15 @@ def module(**kw):
 
 
 def trainer(tmp_path, **kw):
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
@@ -39,8 +46,14 @@ def test_fit_runs_spark_with_accumulation_and_clipping(tmp_path, precision):
     m = module(mode="spark", policy_signal="credit", credit_every=1, balancer="gor")
     teacher_before = copy.deepcopy(m.teachers[0].state_dict())
     student_before = copy.deepcopy(m.student.state_dict())
-    t = trainer(tmp_path, max_steps=3, accumulate_grad_batches=2, gradient_clip_val=1.0, precision=precision,
-                enable_checkpointing=False)
+    t = trainer(
+        tmp_path,
+        max_steps=3,
+        accumulate_grad_batches=2,
+        gradient_clip_val=1.0,
+        precision=precision,
+        enable_checkpointing=False,
+    )
     t.fit(m, data(12))
     assert m.distiller.steps == 3 == t.global_step  # once per optimiser step, not per micro-batch
     assert not m.teachers[0].training and all(not p.requires_grad for p in m.teachers[0].parameters())

@@ -72,7 +72,9 @@ def planted(shape, step, qn, qp, dtype=torch.float32, seed=0):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("bits,signed", [(2, True), (2, False), (4, True), (4, False), (8, True), (8, False), (16, True)])
+@pytest.mark.parametrize(
+    "bits,signed", [(2, True), (2, False), (4, True), (4, False), (8, True), (8, False), (16, True)]
+)
 @pytest.mark.parametrize("grad_scale", ["lsq", 0.37, None])
 def test_per_tensor_matches_reference(bits, signed, grad_scale):
     qn, qp = reference.lsq_range(bits, signed)
@@ -205,7 +207,13 @@ def test_deterministic_whatever_the_thread_count():
         for n_threads in (threads, 1, threads):
             torch.set_num_threads(n_threads)
             for axis in (None, 1, 3):
-                s, o = (step, offset) if axis == 1 else (step[:1], offset[:1]) if axis is None else (step[:17], offset[:17])
+                s, o = (
+                    (step, offset)
+                    if axis == 1
+                    else (step[:1], offset[:1])
+                    if axis is None
+                    else (step[:17], offset[:17])
+                )
                 results.append((n_threads, axis, run(x, s, o, dy, "cpp", bits=4, signed=True, axis=axis)))
     finally:
         torch.set_num_threads(threads)
@@ -311,8 +319,17 @@ def cuda_check(x, step, offset, dy, **kw):
 @pytest.mark.parametrize("dtype", (torch.float32,) + LOW)
 @pytest.mark.parametrize(
     "shape,axis",
-    [((3, 7, 11), None), ((70001,), None), ((4, 6, 5, 7), 0), ((4, 6, 5, 7), 1), ((4, 6, 5, 7), 3), ((3, 40000), 0),
-     ((5, 20000), 1), ((37, 2, 300), 1), ((0, 4), 1)],
+    [
+        ((3, 7, 11), None),
+        ((70001,), None),
+        ((4, 6, 5, 7), 0),
+        ((4, 6, 5, 7), 1),
+        ((4, 6, 5, 7), 3),
+        ((3, 40000), 0),
+        ((5, 20000), 1),
+        ((37, 2, 300), 1),
+        ((0, 4), 1),
+    ],
 )
 def test_cuda_matches_reference(dtype, shape, axis):
     x = (torch.randn(shape) * 3).to(dtype)
@@ -434,6 +451,10 @@ def test_backward_makes_no_copy_of_a_broadcast_gradient():
     for dy in (torch.ones(()).expand(x.shape), torch.randn(1, 6, 40, 70).expand(x.shape)):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             torch.ops.spark_ext.lsq_fake_quant_backward(dy, x, step, offset, None, 8, 7, 1.0)
-        copies = [e for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
-                  and list(x.shape) in [list(s) for s in e.input_shapes]]
+        copies = [
+            e
+            for e in prof.events()
+            if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")
+            and list(x.shape) in [list(s) for s in e.input_shapes]
+        ]
         assert not copies, [(e.name, e.input_shapes) for e in copies]

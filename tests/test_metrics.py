@@ -34,7 +34,9 @@ def test_y_channel_bt601():
 
 def test_uint8_levels_round_and_clamp():
     x = torch.tensor([-0.1, 0.0, 0.5 / 255, 0.49, 1.2]).view(1, 1, 1, 5)
-    torch.testing.assert_close(to_uint8_levels(x).flatten(), torch.tensor([0.0, 0.0, 1.0, 125.0, 255.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        to_uint8_levels(x).flatten(), torch.tensor([0.0, 0.0, 1.0, 125.0, 255.0], dtype=torch.float64)
+    )
     u8 = torch.tensor([0, 7, 255], dtype=torch.uint8).view(1, 1, 1, 3)
     assert to_uint8_levels(u8).dtype == torch.float64 and to_uint8_levels(u8).flatten().tolist() == [0.0, 7.0, 255.0]
 
@@ -60,7 +62,13 @@ def test_ssim_and_psnr_match_torchmetrics():
     # torchmetrics (1.x) reflect-pads by 5 and averages the whole map; BasicSR (and we) average only the
     # windows that fit inside the image: that is torchmetrics' map without its 5-pixel frame.
     _, full_map = tm.structural_similarity_index_measure(
-        x, y, gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=255.0, reduction="none",
+        x,
+        y,
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        data_range=255.0,
+        reduction="none",
         return_full_image=True,
     )
     assert full_map.shape == x.shape
@@ -74,8 +82,13 @@ def test_ssim_matches_scikit_image_gaussian_ssim():
     metrics = pytest.importorskip("skimage.metrics")
     x, y = _photo_like(n=1, seed=4), _photo_like(n=1, seed=5)
     want = metrics.structural_similarity(
-        x[0].permute(1, 2, 0).numpy(), y[0].permute(1, 2, 0).numpy(), data_range=255.0, channel_axis=2,
-        gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        x[0].permute(1, 2, 0).numpy(),
+        y[0].permute(1, 2, 0).numpy(),
+        data_range=255.0,
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
     )
     assert abs(float(ssim(x, y)[0]) - want) < 1e-6
 

@@ -48,7 +48,9 @@ def test_difficulty_signals_triton_equal_reference(case, kd_loss, channels_last)
     G = torch.randn(ck.shape, generator=gen).to(DEVICE)
     (dS,) = torch.autograd.grad(ck, S, G)
     S64 = S.detach().double().requires_grad_()
-    (want_dS,) = torch.autograd.grad(reference.difficulty_signals(S64, T.double(), Y.double(), grid, kd_loss)[1], S64, G.double())
+    (want_dS,) = torch.autograd.grad(
+        reference.difficulty_signals(S64, T.double(), Y.double(), grid, kd_loss)[1], S64, G.double()
+    )
     torch.testing.assert_close(dS.double(), want_dS, rtol=1e-5, atol=1e-5)
 
 
@@ -56,7 +58,9 @@ def _lsq_backend():
     for name in ("cuda", "cpp"):
         if _available("lsq_fake_quant", name):
             try:
-                spark_ext.lsq_fake_quant(torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE), bits=4, signed=True, backend=name)
+                spark_ext.lsq_fake_quant(
+                    torch.ones(1, device=DEVICE), torch.ones(1, device=DEVICE), bits=4, signed=True, backend=name
+                )
                 return name
             except spark_ext.BackendUnavailableError:
                 continue
@@ -88,7 +92,13 @@ def test_compiled_lsq_equals_reference(shape, bits, signed, axis_pick, with_offs
     for backend in (LSQ_BACKEND, "reference"):
         leaves = [t.clone().requires_grad_() for t in (x, step) + ((offset,) if with_offset else ())]
         y = spark_ext.lsq_fake_quant(
-            leaves[0], leaves[1], leaves[2] if with_offset else None, bits=bits, signed=signed, axis=axis, backend=backend
+            leaves[0],
+            leaves[1],
+            leaves[2] if with_offset else None,
+            bits=bits,
+            signed=signed,
+            axis=axis,
+            backend=backend,
         )
         results.append((y,) + torch.autograd.grad(y, leaves, dy))
     ours, ref = results

@@ -104,7 +104,9 @@ def test_minmax_steps():
     # Input activation: one range over all batches; signed (negatives seen).
     allx = torch.cat(batches)
     assert first.input_quantizer.signed is True
-    torch.testing.assert_close(first.input_quantizer.step.detach(), torch.maximum(-allx.min() / 8, allx.max() / 7).reshape(1))
+    torch.testing.assert_close(
+        first.input_quantizer.step.detach(), torch.maximum(-allx.min() / 8, allx.max() / 7).reshape(1)
+    )
     # After a ReLU the input is non-negative: unsigned, step = max / 15, where the
     # activations are those of the float network (quantizers off while calibrating).
     second = model[2]
@@ -227,7 +229,9 @@ def test_unreached_quantizer_warns_and_progress(capsys):
 
     model = TwoPaths()
     quantize_model(model)
-    with pytest.warns(UserWarning, match=r"1 quantizer\(s\) received no input and were not calibrated: \['unused.input_quantizer'\]"):
+    with pytest.warns(
+        UserWarning, match=r"1 quantizer\(s\) received no input and were not calibrated: \['unused.input_quantizer'\]"
+    ):
         calibrate(model, [torch.randn(2, 4)], progress=True)
     assert model.unused.weight_quantizer.is_initialized  # weights need no data
     assert not model.unused.input_quantizer.is_initialized

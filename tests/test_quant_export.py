@@ -44,9 +44,11 @@ def codes_of_model(model, x):
     for name, m in model.named_modules():
         q = getattr(m, "input_quantizer", None)
         if isinstance(q, LSQQuantizer):
+
             def hook(mod, args, out, name=name):
                 o = 0.0 if mod.offset is None else mod.offset.detach()
                 codes[name] = torch.round((out.detach() - o) / mod.step.detach())
+
             hooks.append(q.register_forward_hook(hook))
     with torch.no_grad():
         y = model(x)
@@ -77,7 +79,11 @@ def codes_of_onnx(proto, x, fused):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
     outs = sess.run(None, {"input": x.numpy()})
-    got = {names[o.name]: torch.from_numpy(v.astype("int64")).double() for o, v in zip(sess.get_outputs(), outs) if o.name in names}
+    got = {
+        names[o.name]: torch.from_numpy(v.astype("int64")).double()
+        for o, v in zip(sess.get_outputs(), outs)
+        if o.name in names
+    }
     return torch.from_numpy(outs[0]), got
 
 
@@ -97,8 +103,11 @@ def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") == 10
     types = {i.name: i.data_type for i in proto.graph.initializer}
-    weight_types = {n.input[0].split("__")[0]: types[n.input[0]] for n in proto.graph.node
-                    if n.op_type == "DequantizeLinear" and n.input[0] in types}
+    weight_types = {
+        n.input[0].split("__")[0]: types[n.input[0]]
+        for n in proto.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in types
+    }
     T = onnx.TensorProto
     if int4:
         assert sorted(weight_types.values()) == sorted([T.INT4] * 3 + [T.INT8] * 2)  # head / fc: first / last, 8-bit
@@ -124,7 +133,9 @@ def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
     for name in codes_ref:
         diff = (codes_fused[name] - codes_ref[name].double()).abs()
         assert diff.max() <= 1 and (diff > 0).double().mean() < 0.1, name
-    print(f"fused: output max |diff| {float((y_fused - y_ref).abs().max()):.4g}, mean {float((y_fused - y_ref).abs().mean()):.3g}")
+    print(
+        f"fused: output max |diff| {float((y_fused - y_ref).abs().max()):.4g}, mean {float((y_fused - y_ref).abs().mean()):.3g}"
+    )
     assert (y_fused - y_ref).abs().mean() < float(model.fc.input_quantizer.step)
     torch.testing.assert_close(run_onnx(path, x), y_fused)
 

@@ -46,7 +46,9 @@ CONVS = [
 ]
 
 
-@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k not in ("in_channels",)))
+@pytest.mark.parametrize(
+    "cfg", CONVS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k not in ("in_channels",))
+)
 def test_quant_conv_matches_float64(cfg):
     layer = nn.Conv2d(**cfg).double()
     q = QuantConv2d.from_float(layer, w_bits=4, a_bits=3)
@@ -92,7 +94,11 @@ def test_quant_linear_matches_float64():
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_to_float_folds_quantized_weight(kind):
-    layer = nn.Conv2d(3, 4, 3, groups=1, padding=1, padding_mode="reflect") if kind == "conv" else nn.Linear(6, 4, bias=False)
+    layer = (
+        nn.Conv2d(3, 4, 3, groups=1, padding=1, padding_mode="reflect")
+        if kind == "conv"
+        else nn.Linear(6, 4, bias=False)
+    )
     q = (QuantConv2d if kind == "conv" else QuantLinear).from_float(layer, w_bits=4, a_bits=4)
     x = torch.randn(2, 3, 6, 6) if kind == "conv" else torch.randn(5, 6)
     q(x)  # initialises both quantizers
@@ -134,7 +140,13 @@ def test_partial_quantization():
     torch.testing.assert_close(wo(x), F.linear(x, wo.quantized_weight(), layer.bias))
     ao = QuantConv2d(2, 2, 1, w_bits=None, a_bits=6)
     assert ao.weight_quantizer is None and ao.quantized_weight() is ao.weight
-    assert set(ao.state_dict()) == {"weight", "bias", "input_quantizer.step", "input_quantizer.initialized", "input_quantizer.is_signed"}
+    assert set(ao.state_dict()) == {
+        "weight",
+        "bias",
+        "input_quantizer.step",
+        "input_quantizer.initialized",
+        "input_quantizer.is_signed",
+    }
 
 
 def test_layer_errors():

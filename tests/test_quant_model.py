@@ -196,7 +196,10 @@ def test_model_state_dict_roundtrip():
 
 
 def test_quantize_model_errors():
-    with pytest.raises(ValueError, match="nothing to quantize: Sequential has no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear submodule"):
+    with pytest.raises(
+        ValueError,
+        match="nothing to quantize: Sequential has no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear submodule",
+    ):
         quantize_model(nn.Sequential(nn.ReLU()))
     done = mlp()
     quantize_model(done)
@@ -224,7 +227,10 @@ def test_quantize_model_errors():
         quantize_model(mlp(), inplace="yes")
     with pytest.raises(ValueError, match=r"nothing to quantize: skip=\['\*'\] left all 3 candidate layer\(s\) float"):
         quantize_model(mlp(), skip="*")
-    with pytest.warns(UserWarning, match=r"skip pattern\(s\) \['nope'\] matched no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skip pattern\(s\) \['nope'\] matched no nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear",
+    ):
         quantize_model(mlp(), skip=["nope"])
     with pytest.raises(TypeError, match="layer_bits must be a mapping of module name patterns to bits, got list"):
         quantize_model(mlp(), layer_bits=[("0", 8)])
@@ -234,7 +240,9 @@ def test_quantize_model_errors():
         quantize_model(mlp(), layer_bits={"0": 1})
     with pytest.raises(TypeError, match=r"layer_bits\['0'\] must be an int, got None"):
         quantize_model(mlp(), layer_bits={"0": None})
-    with pytest.raises(ValueError, match=r"layer_bits\['0'\] must have the keys 'w_bits' and/or 'a_bits', got \{'bits': 4\}"):
+    with pytest.raises(
+        ValueError, match=r"layer_bits\['0'\] must have the keys 'w_bits' and/or 'a_bits', got \{'bits': 4\}"
+    ):
         quantize_model(mlp(), layer_bits={"0": {"bits": 4}})
     with pytest.raises(ValueError, match=r"layer_bits\['0'\]\['a_bits'\] must be in \[2, 16\]"):
         quantize_model(mlp(), layer_bits={"0": {"a_bits": 17}})
@@ -270,8 +278,12 @@ def test_conv1d_convtranspose_and_layer_bits():
     quant = quantize_model(
         model, w_bits=4, a_bits=4, inplace=False, layer_bits={"body.0": {"a_bits": 6}, "body.*": 5, "up": 3}
     ).model
-    rows = {(e.name, e.kind, e.w_bits, e.a_bits, e.note) for e in quantize_model(copy.deepcopy(model), layer_bits={
-        "body.0": {"a_bits": 6}, "body.*": 5, "up": 3, "tail": {"w_bits": None}})}
+    rows = {
+        (e.name, e.kind, e.w_bits, e.a_bits, e.note)
+        for e in quantize_model(
+            copy.deepcopy(model), layer_bits={"body.0": {"a_bits": 6}, "body.*": 5, "up": 3, "tail": {"w_bits": None}}
+        )
+    }
     assert rows == {
         ("head", "Conv1d", 8, 8, "first"),
         ("body.0", "Conv2d", 4, 6, "layer_bits 'body.0'"),  # the first matching pattern wins
@@ -329,8 +341,9 @@ def test_quant_conv_transpose_matches_float64(cfg):
     w = layer.weight.movedim(1, 0)
     w_fq = fq64(w, lsq_step64(w, 4, True, per_row=True), 4, True, axis=0).movedim(0, 1)
     x_fq = fq64(x, lsq_step64(x, 5, True), 5, True)
-    ref = F.conv_transpose2d(x_fq, w_fq, layer.bias, layer.stride, layer.padding, layer.output_padding,
-                             layer.groups, layer.dilation)
+    ref = F.conv_transpose2d(
+        x_fq, w_fq, layer.bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation
+    )
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     # output_size picks the output padding as torch's layer does.
     if cfg.get("stride", 1) > 1:

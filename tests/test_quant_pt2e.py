@@ -19,12 +19,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 
 def specs(cls, weight_scheme):
     act = QuantizationSpec(
-        dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_tensor_affine,
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
         observer_or_fake_quant_ctr=cls.with_args(observer=MovingAverageMinMaxObserver, use_grad_scaling=True),
     )
     per_channel = weight_scheme == torch.per_channel_symmetric
     weight = QuantizationSpec(
-        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=weight_scheme, ch_axis=0 if per_channel else None,
+        dtype=torch.int8,
+        quant_min=-127,
+        quant_max=127,
+        qscheme=weight_scheme,
+        ch_axis=0 if per_channel else None,
         observer_or_fake_quant_ctr=cls.with_args(
             observer=MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver,
             use_grad_scaling=True,
@@ -73,7 +80,10 @@ def test_prepare_qat_pt2e_same_losses_as_torchao_and_convert(weight_scheme):
     torch.manual_seed(0)
     base = Net()
     x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    theirs, ours = prepared(base, TorchaoLFQ, weight_scheme, x), prepared(base, PT2ELearnableFakeQuantize, weight_scheme, x)
+    theirs, ours = (
+        prepared(base, TorchaoLFQ, weight_scheme, x),
+        prepared(base, PT2ELearnableFakeQuantize, weight_scheme, x),
+    )
     fqs = [m for m in ours.modules() if isinstance(m, PT2ELearnableFakeQuantize)]
     assert len(fqs) == 6 and not any(isinstance(m, TorchaoLFQ) for m in ours.modules())
     for m in (theirs, ours):
@@ -158,8 +168,12 @@ def test_no_host_sync_flags_and_toggles():
 
 def test_per_channel_resizes_and_state_dict():
     cls = PT2ELearnableFakeQuantize.with_args(
-        observer=MovingAveragePerChannelMinMaxObserver, quant_min=-127, quant_max=127, dtype=torch.int8,
-        qscheme=torch.per_channel_symmetric, ch_axis=0,
+        observer=MovingAveragePerChannelMinMaxObserver,
+        quant_min=-127,
+        quant_max=127,
+        dtype=torch.int8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
     )
     fq = cls()
     param = fq.scale
@@ -178,7 +192,9 @@ def test_constructor_errors():
         PT2ELearnableFakeQuantize(obs, quant_max=255.0)
     with pytest.raises(ValueError, match="need quant_min <= 0 <= quant_max and quant_min < quant_max, got quant_min=3"):
         PT2ELearnableFakeQuantize(obs, quant_min=3, quant_max=255)
-    with pytest.raises(ValueError, match=r"\[0, 300\] is outside the range \[0, 255\] of the observer dtype torch.uint8"):
+    with pytest.raises(
+        ValueError, match=r"\[0, 300\] is outside the range \[0, 255\] of the observer dtype torch.uint8"
+    ):
         PT2ELearnableFakeQuantize(obs, quant_min=0, quant_max=300, dtype=torch.uint8)
     with pytest.raises(TypeError, match="use_grad_scaling must be a bool"):
         PT2ELearnableFakeQuantize(obs, use_grad_scaling=1)

@@ -66,7 +66,9 @@ def test_lsq_plus_init(axis, signed):
     torch.testing.assert_close(q.step.detach().double(), step, rtol=1e-6, atol=0)
     torch.testing.assert_close(q.offset.detach().double(), lo + qn * step, rtol=1e-6, atol=1e-7)
     # The grid spans [min, max] exactly: both ends are representable.
-    torch.testing.assert_close(y.double(), fq64(x, q.step.detach(), q.offset.detach(), 3, signed, axis), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        y.double(), fq64(x, q.step.detach(), q.offset.detach(), 3, signed, axis), rtol=0, atol=1e-5
+    )
     assert set(q.state_dict()) == {"step", "offset", "initialized", "is_signed"}
 
 
@@ -193,7 +195,9 @@ def test_state_dict_with_known_channels():
 def test_state_dict_errors():
     signed = LSQQuantizer(4, True)
     signed(torch.randn(8))
-    with pytest.raises(RuntimeError, match="is_signed: the state is signed but this LSQQuantizer was built with signed=False"):
+    with pytest.raises(
+        RuntimeError, match="is_signed: the state is signed but this LSQQuantizer was built with signed=False"
+    ):
         LSQQuantizer(4, False).load_state_dict(signed.state_dict())
     chan = LSQQuantizer(4, True, per_channel_axis=0)
     chan(torch.randn(3, 4))

@@ -23,13 +23,23 @@ def qconfig(cls, channels, *, grad_scaling, weight_scheme=torch.per_channel_symm
     )
     if weight_scheme in (torch.per_channel_symmetric, torch.per_channel_affine):
         weight = cls.with_args(
-            observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
-            qscheme=weight_scheme, ch_axis=0, channel_len=channels, use_grad_scaling=grad_scaling,
+            observer=tq.MovingAveragePerChannelMinMaxObserver,
+            quant_min=-128,
+            quant_max=127,
+            dtype=torch.qint8,
+            qscheme=weight_scheme,
+            ch_axis=0,
+            channel_len=channels,
+            use_grad_scaling=grad_scaling,
         )
     else:
         weight = cls.with_args(
-            observer=tq.MovingAverageMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
-            qscheme=weight_scheme, use_grad_scaling=grad_scaling,
+            observer=tq.MovingAverageMinMaxObserver,
+            quant_min=-128,
+            quant_max=127,
+            dtype=torch.qint8,
+            qscheme=weight_scheme,
+            use_grad_scaling=grad_scaling,
         )
     return tq.QConfig(activation=act, weight=weight)
 
@@ -112,8 +122,16 @@ def test_prepare_qat_same_losses_and_gradients(kw):
 
 
 def test_state_dict_interchange_and_attributes():
-    kw = dict(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
-              qscheme=torch.per_channel_affine, ch_axis=1, channel_len=4, use_grad_scaling=True)
+    kw = dict(
+        observer=tq.MovingAveragePerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_affine,
+        ch_axis=1,
+        channel_len=4,
+        use_grad_scaling=True,
+    )
     theirs, ours = _LearnableFakeQuantize(**kw), LearnableFakeQuantize(**kw)
     for name in ("quant_min", "quant_max", "dtype", "qscheme", "ch_axis", "bitwidth", "use_grad_scaling"):
         assert getattr(ours, name) == getattr(theirs, name), name
@@ -136,8 +154,14 @@ def test_toggles_match_torch():
     theirs, ours = _LearnableFakeQuantize(**kw), LearnableFakeQuantize(**kw)
 
     def flags(m):
-        return (int(m.fake_quant_enabled), int(m.static_enabled), int(m.learning_enabled), m.scale.requires_grad,
-                m.zero_point.requires_grad, int(m.observer_enabled))
+        return (
+            int(m.fake_quant_enabled),
+            int(m.static_enabled),
+            int(m.learning_enabled),
+            m.scale.requires_grad,
+            m.zero_point.requires_grad,
+            int(m.observer_enabled),
+        )
 
     assert flags(ours) == flags(theirs)
     for method in ("enable_param_learning", "enable_static_observation", "enable_static_estimate"):
@@ -159,8 +183,12 @@ def test_toggles_match_torch():
 
 def test_per_channel_without_channel_len_sizes_lazily():
     cls = LearnableFakeQuantize.with_args(
-        observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-8, quant_max=7, dtype=torch.qint8,
-        qscheme=torch.per_channel_symmetric, ch_axis=0,
+        observer=tq.MovingAveragePerChannelMinMaxObserver,
+        quant_min=-8,
+        quant_max=7,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
     )
     fq = cls()
     param = fq.scale
@@ -184,11 +212,15 @@ def test_convert_after_qat():
 
 def test_constructor_errors():
     obs = tq.MovingAverageMinMaxObserver
-    with pytest.raises(ValueError, match="quant_min must be strictly less than quant_max, got quant_min=5, quant_max=5"):
+    with pytest.raises(
+        ValueError, match="quant_min must be strictly less than quant_max, got quant_min=5, quant_max=5"
+    ):
         LearnableFakeQuantize(obs, quant_min=5, quant_max=5)
     with pytest.raises(TypeError, match="quant_max must be an int, got 255.0"):
         LearnableFakeQuantize(obs, quant_max=255.0)
     with pytest.raises(ValueError, match="channel_len must be -1 .* or a positive int, got 0"):
         LearnableFakeQuantize(obs, channel_len=0)
-    with pytest.raises(ValueError, match=r"\[0, 300\] is outside the range \[0, 255\] of the observer dtype torch.quint8"):
+    with pytest.raises(
+        ValueError, match=r"\[0, 300\] is outside the range \[0, 255\] of the observer dtype torch.quint8"
+    ):
         LearnableFakeQuantize(obs, quant_min=0, quant_max=300)

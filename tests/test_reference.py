@@ -211,7 +211,9 @@ def test_per_tensor_fake_quant_matches_torch(zp, qrange):
     x = _fq_inputs((3, 5, 7), 0.173, zp, qmin, qmax)
     grad = torch.randn_like(x)
     zero_point = torch.tensor([zp])
-    ours = _run_fq(reference.fake_quantize_learnable_per_tensor_affine, x, scale, zero_point, qmin, qmax, 0.7, grad=grad)
+    ours = _run_fq(
+        reference.fake_quantize_learnable_per_tensor_affine, x, scale, zero_point, qmin, qmax, 0.7, grad=grad
+    )
     theirs = _run_fq(torch._fake_quantize_learnable_per_tensor_affine, x, scale, zero_point, qmin, qmax, 0.7, grad=grad)
     assert torch.equal(ours[0], theirs[0]), "forward must be bitwise equal in fp32"
     assert torch.equal(ours[1], theirs[1])
@@ -230,7 +232,9 @@ def test_per_channel_fake_quant_matches_torch(axis):
     xt[:, 0, 0, 0] = (torch.arange(n) - 2 + 0.5) * scale
     grad = torch.randn_like(x)
     ax = axis % x.dim()
-    ours = _run_fq(reference.fake_quantize_learnable_per_channel_affine, x, scale, zero_point, ax, -8, 7, 1.3, grad=grad)
+    ours = _run_fq(
+        reference.fake_quantize_learnable_per_channel_affine, x, scale, zero_point, ax, -8, 7, 1.3, grad=grad
+    )
     theirs = _run_fq(torch._fake_quantize_learnable_per_channel_affine, x, scale, zero_point, ax, -8, 7, 1.3, grad=grad)
     assert torch.equal(ours[0], theirs[0])
     assert torch.equal(ours[1], theirs[1])

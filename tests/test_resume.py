@@ -33,8 +33,19 @@ def fresh(teacher, policy_signal="paper"):
     # Adam moves every parameter by ~lr per step: keep lr well below the 8-bit
     # layers' LSQ steps (~1e-3) so that no step is pushed through zero.
     opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-    d = SparkDistiller(student, teacher, opt, mode="spark", balancer="gor", grid=(2, 2), seed=5, policy_lr=1e-3,
-                       policy_signal=policy_signal, credit_every=1, horizon=2)
+    d = SparkDistiller(
+        student,
+        teacher,
+        opt,
+        mode="spark",
+        balancer="gor",
+        grid=(2, 2),
+        seed=5,
+        policy_lr=1e-3,
+        policy_signal=policy_signal,
+        credit_every=1,
+        horizon=2,
+    )
     return student, d
 
 

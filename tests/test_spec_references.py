@@ -40,7 +40,8 @@ def _text_files():
     """``(relative path, text)`` of every text file, pruning hidden and build folders before walking them."""
     for folder, dirs, files in os.walk(ROOT):
         dirs[:] = sorted(
-            d for d in dirs
+            d
+            for d in dirs
             if not ((d.startswith(".") and d not in HIDDEN_KEPT) or d in SKIPPED_DIRS or d.endswith(".egg-info"))
         )
         for name in sorted(files):
@@ -76,9 +77,7 @@ def test_every_section_reference_resolves_to_a_spec_heading():
             if number is None or number not in sections:
                 line = text.count("\n", 0, match.start()) + 1
                 bad.append(f"{rel}:{line}: {text.splitlines()[line - 1].strip()[:100]}")
-    assert not bad, (
-        f"section references that are not headings of docs/spec.md ({sorted(sections)}):\n" + "\n".join(bad)
-    )
+    assert not bad, f"section references that are not headings of docs/spec.md ({sorted(sections)}):\n" + "\n".join(bad)
 
 
 def test_no_reference_to_documents_outside_the_repository():

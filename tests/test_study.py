@@ -48,9 +48,22 @@ def test_paired_interval_matches_a_hand_computation():
 def test_summary_picks_the_best_kd_and_pairs_by_seed():
     rows = []
     for seed in range(3):
-        for method, psnr, ms in (("qat", 29.0, 10.0), ("kd@0.5", 29.1, 20.0), ("kd@1", 29.05, 20.0), ("spark", 29.2, 21.0)):
-            rows.append({"task": "denoise", "method": method, "seed": seed, "psnr": psnr + 0.01 * seed,
-                         "ssim": 0.8, "ms_per_step": ms})
+        for method, psnr, ms in (
+            ("qat", 29.0, 10.0),
+            ("kd@0.5", 29.1, 20.0),
+            ("kd@1", 29.05, 20.0),
+            ("spark", 29.2, 21.0),
+        ):
+            rows.append(
+                {
+                    "task": "denoise",
+                    "method": method,
+                    "seed": seed,
+                    "psnr": psnr + 0.01 * seed,
+                    "ssim": 0.8,
+                    "ms_per_step": ms,
+                }
+            )
     res = study.summarise(rows, ["denoise"], ["qat", "kd@0.5", "kd@1", "spark"])["denoise"]
     assert res["best_kd"] == "kd@0.5" and res["seeds"] == [0, 1, 2]
     spark = res["methods"]["spark"]
@@ -62,8 +75,20 @@ def test_summary_picks_the_best_kd_and_pairs_by_seed():
 def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
     out = tmp_path / "out"
-    argv = ["--quick", "--tasks", "denoise,sr", "--methods", "qat,kd@1,kd_gate,map_random,spark,spark_paper",
-            "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    argv = [
+        "--quick",
+        "--tasks",
+        "denoise,sr",
+        "--methods",
+        "qat,kd@1,kd_gate,map_random,spark,spark_paper",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert study.main(argv) == 0
     report = json.loads((out / "study.json").read_text())
     assert set(report["tasks"]) == {"denoise", "sr"}
@@ -79,8 +104,18 @@ def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
 def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
     out = tmp_path / "out"
-    common = ["--quick", "--tasks", "denoise", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet",
-              "--device", "cpu"]
+    common = [
+        "--quick",
+        "--tasks",
+        "denoise",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     assert study.main(common + ["--methods", "qat,kd@1"]) == 0
     first = json.loads((out / "study.json").read_text())
     calls = []

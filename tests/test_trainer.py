@@ -108,8 +108,17 @@ def test_qat_mode_needs_no_teacher():
 def run(seed, steps=3, backend=None, policy_signal="paper"):
     student, teacher = nets()
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
-    d = SparkDistiller(student, teacher, opt, mode="spark", grid=(4, 4), seed=seed, backend=backend,
-                       policy_signal=policy_signal, credit_every=1)
+    d = SparkDistiller(
+        student,
+        teacher,
+        opt,
+        mode="spark",
+        grid=(4, 4),
+        seed=seed,
+        backend=backend,
+        policy_signal=policy_signal,
+        credit_every=1,
+    )
     return [d.step(*batch(i)) for i in range(steps)]
 
 

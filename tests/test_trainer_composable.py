@@ -75,8 +75,13 @@ def grads(model):
 
 @pytest.mark.parametrize(
     "cfg",
-    [dict(mode="qat"), dict(mode="kd"), dict(mode="kd", balancer="gor", lambda_kd=0.5),
-     dict(mode="spark", policy_signal="credit"), dict(mode="map", map_signal="lap_var", kd_gate="teacher")],
+    [
+        dict(mode="qat"),
+        dict(mode="kd"),
+        dict(mode="kd", balancer="gor", lambda_kd=0.5),
+        dict(mode="spark", policy_signal="credit"),
+        dict(mode="map", map_signal="lap_var", kd_gate="teacher"),
+    ],
     ids=["qat", "kd", "kd-gor", "spark-credit", "map-gate"],
 )
 def test_accumulated_micro_batches_give_the_large_batch_gradient(cfg):
@@ -164,8 +169,11 @@ def test_the_callers_loss_scaling_never_reaches_the_balancer():
 
 @pytest.mark.parametrize(
     "cfg",
-    [dict(mode="kd"), dict(mode="spark", policy_signal="credit", credit_every=1),
-     dict(mode="spark", policy_signal="paper", balancer="gor")],
+    [
+        dict(mode="kd"),
+        dict(mode="spark", policy_signal="credit", credit_every=1),
+        dict(mode="spark", policy_signal="paper", balancer="gor"),
+    ],
     ids=["kd", "credit", "paper"],
 )
 def test_bf16_autocast_losses_are_close_to_float32(cfg):

@@ -32,7 +32,9 @@ import torch
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=("denoise", "sr"), required=True)
-    p.add_argument("--steps", type=int, nargs="+", required=True, help="total steps of each run (one cosine schedule per run)")
+    p.add_argument(
+        "--steps", type=int, nargs="+", required=True, help="total steps of each run (one cosine schedule per run)"
+    )
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -56,8 +58,11 @@ def main(argv=None) -> int:
             if step % args.eval_every == 0 or step == steps:
                 r = demo.evaluate(model, task, held_crops)
                 curve.append({"step": step, "psnr": r["psnr"], "ssim": r["ssim"], "seconds": time.perf_counter() - t0})
-                print(f"{task.kind} {steps}: step {step} PSNR {r['psnr']:.3f} SSIM {r['ssim']:.4f} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"{task.kind} {steps}: step {step} PSNR {r['psnr']:.3f} SSIM {r['ssim']:.4f} "
+                    f"({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
 
         model, losses = demo.train_teacher(task, preset, torch.device("cpu"), quiet=True, callback=record)
         seconds = time.perf_counter() - t0
@@ -78,10 +83,16 @@ def main(argv=None) -> int:
             "heldout_whole": {k: whole[k] for k in ("psnr", "ssim", "per_image")},
         }
         (args.out / f"teacher_{task.kind}_{steps}.json").write_text(json.dumps(report, indent=1))
-        print(f"{task.kind} {steps}: done in {seconds:.0f}s, crops PSNR {curve[-1]['psnr']:.3f}, "
-              f"whole PSNR {whole['psnr']:.3f} SSIM {whole['ssim']:.4f}, sha256 {sha}", flush=True)
-        print(f"  to ship: cp {path} spark_ext/models/weights/teacher_{task.kind}.pt and set in spark_ext/models/pretrained.py: "
-              f"steps={steps}, sha256=\"{sha}\", psnr={whole['psnr']:.3f}, ssim={whole['ssim']:.4f}", flush=True)
+        print(
+            f"{task.kind} {steps}: done in {seconds:.0f}s, crops PSNR {curve[-1]['psnr']:.3f}, "
+            f"whole PSNR {whole['psnr']:.3f} SSIM {whole['ssim']:.4f}, sha256 {sha}",
+            flush=True,
+        )
+        print(
+            f"  to ship: cp {path} spark_ext/models/weights/teacher_{task.kind}.pt and set in spark_ext/models/pretrained.py: "
+            f'steps={steps}, sha256="{sha}", psnr={whole["psnr"]:.3f}, ssim={whole["ssim"]:.4f}',
+            flush=True,
+        )
     return 0
 
 

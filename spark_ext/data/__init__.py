@@ -19,8 +19,8 @@ from .datasets import (
     image_folder_pairs,
 )
 from .degradations import add_gaussian_noise, bicubic_downsample, bicubic_upsample, crop_to_multiple
-from .resize import imresize_matlab
 from .photos import HELD_OUT_PHOTOS, TRAIN_PHOTOS, available_photos, image_files, load_image_folder, load_photo
+from .resize import imresize_matlab
 
 __all__ = [
     "HELD_OUT_PHOTOS",

@@ -8,7 +8,8 @@ process draws), and :class:`RandomCropBatches` can be checkpointed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -130,7 +131,14 @@ class RandomCropDataset(torch.utils.data.Dataset):
     distinct, reproducible crops). Items are ``(input [3,h,w], target [3,P,P])``.
     """
 
-    def __init__(self, task: RestorationTask, crop: int = 48, length: int = 1024, seed: int = 0, photos: Sequence[str] = TRAIN_PHOTOS):
+    def __init__(
+        self,
+        task: RestorationTask,
+        crop: int = 48,
+        length: int = 1024,
+        seed: int = 0,
+        photos: Sequence[str] = TRAIN_PHOTOS,
+    ):
         self.length = check_int(length, "length")
         self.seed = check_int(seed, "seed")
         self._source = RandomCropBatches(task, crop, 1, seed, photos)
@@ -186,7 +194,9 @@ def evaluation_pairs(
         if size is not None:
             size = check_int(size, "size")
             if size < 1 or size % task.multiple or size > min(img.shape[-2:]):
-                raise ValueError(f"size must be a multiple of {task.multiple} in [1, {min(img.shape[-2:])}] for {name!r}, got {size}")
+                raise ValueError(
+                    f"size must be a multiple of {task.multiple} in [1, {min(img.shape[-2:])}] for {name!r}, got {size}"
+                )
             top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
             img = img[:, top : top + size, left : left + size]
         clean = crop_to_multiple(img, task.multiple)[None].contiguous()

@@ -17,8 +17,9 @@ Grey photos are replicated to 3 channels so that every network sees RGB.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ def available_photos() -> tuple[str, ...]:
     return TRAIN_PHOTOS + HELD_OUT_PHOTOS
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_uint8(name: str) -> np.ndarray:
     img = np.asarray(_loader(name)())
     if img.dtype != np.uint8:

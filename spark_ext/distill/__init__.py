@@ -14,8 +14,8 @@ how the policy and balancer stay in sync under DDP.
 """
 
 from .balancers import BALANCERS, Balancer, GoRBalancer, LMRBalancer, NoBalancer, make_balancer
-from .dfd import DecoderFreeDistillation, FeatureTap, find_module
 from .daqakd import AUGMENTATIONS, AugmentationScore, cmi_and_fit, get_augmentation, score_augmentations
+from .dfd import DecoderFreeDistillation, FeatureTap, find_module
 from .diffkd import DiffKD
 from .logit_kd import LOGIT_MODES, LogitDistillConfig, LogitDistiller, accuracy, logit_kd_loss
 from .losses import REC_LOSSES, per_image_loss

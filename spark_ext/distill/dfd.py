@@ -11,7 +11,8 @@ construction; features of different shapes are an error (no adapter is added).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -75,11 +76,15 @@ class DecoderFreeDistillation:
         feats = [tap.take() for tap in self.teacher_taps]
         for i, f in enumerate(feats[1:], 1):
             if f.shape != feats[0].shape:
-                raise ValueError(f"dfd layer {self.layer!r}: teacher {i} features {tuple(f.shape)} differ from teacher 0's {tuple(feats[0].shape)}")
+                raise ValueError(
+                    f"dfd layer {self.layer!r}: teacher {i} features {tuple(f.shape)} differ from teacher 0's {tuple(feats[0].shape)}"
+                )
         mean = feats[0] if len(feats) == 1 else torch.stack(feats).mean(0)
         return mean.detach()
 
-    def loss(self, teacher_features: torch.Tensor, weight: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    def loss(
+        self, teacher_features: torch.Tensor, weight: Optional[torch.Tensor] = None, backend: Optional[str] = None
+    ) -> torch.Tensor:
         """``mean |F_s - sg(F_t)|`` (optionally cell-weighted), 0-D float32, differentiable w.r.t. F_s.
 
         ``weight``: ``None`` or a ``[B, 1, Gh, Gw]`` grid weight, applied on the
@@ -92,7 +97,9 @@ class DecoderFreeDistillation:
                 f"{tuple(teacher_features.shape)} differ; DFD needs the same architecture at that layer"
             )
         if f_s.dim() != 4:
-            raise ValueError(f"dfd layer {self.layer!r} must output [B, C, H, W] features, got shape {tuple(f_s.shape)}")
+            raise ValueError(
+                f"dfd layer {self.layer!r} must output [B, C, H, W] features, got shape {tuple(f_s.shape)}"
+            )
         if weight is not None:
             gh, gw = weight.shape[-2:]
             fh, fw = f_s.shape[-2:]

@@ -33,7 +33,8 @@ so a checkpoint (:meth:`DiffKD.state_dict`) resumes bitwise.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

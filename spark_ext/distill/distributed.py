@@ -18,7 +18,8 @@ Every rank still samples its own actions (its generator is seeded with
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist

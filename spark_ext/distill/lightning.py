@@ -21,7 +21,8 @@ student's parameters).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -115,4 +116,3 @@ class SparkLightningModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._restored = checkpoint.get("spark_distiller")
-

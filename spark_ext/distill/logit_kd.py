@@ -15,7 +15,8 @@ The ``T^2`` factor keeps the KD gradient's scale independent of ``T``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ class LogitDistillConfig:
     balancer_lr: float = 1e-2
     grad_clip: Optional[float] = None
 
-    def validate(self) -> "LogitDistillConfig":
+    def validate(self) -> LogitDistillConfig:
         check_choice(self.mode, "mode", LOGIT_MODES)
         check_choice(self.balancer, "balancer", BALANCERS)
         if check_real(self.temperature, "temperature") <= 0:

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -50,8 +51,8 @@ import torch.nn as nn
 from .._validation import KD_LOSSES, check_choice, check_int, check_real, check_tensor
 from ..ops import difficulty_signals, fused_weighted_kd
 from ..ops._dispatch import check_backend_name
-from . import distributed
 from ..reference import _cell_sum, expand_cells, kd_elementwise
+from . import distributed
 from .balancers import BALANCERS, make_balancer
 from .credit import RunningScale, cell_credit, credit_loss
 from .dfd import DecoderFreeDistillation
@@ -135,7 +136,7 @@ class DistillConfig:
     seed: int = 0
     backend: Optional[str] = None
 
-    def validate(self) -> "DistillConfig":
+    def validate(self) -> DistillConfig:
         check_choice(self.mode, "mode", MODES)
         check_choice(self.policy_signal, "policy_signal", POLICY_SIGNALS)
         check_choice(self.kd_gate, "kd_gate", KD_GATES)
@@ -303,7 +304,9 @@ class SparkDistiller:
         for i, out in enumerate(outs):
             if not isinstance(out, torch.Tensor) or out.shape != like.shape:
                 shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"teacher {i} output shape {shape} does not match the student output shape {tuple(like.shape)}")
+                raise ValueError(
+                    f"teacher {i} output shape {shape} does not match the student output shape {tuple(like.shape)}"
+                )
         mean = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
         return mean.to(like.dtype)
 
@@ -382,8 +385,18 @@ class SparkDistiller:
         # expect a backward that reduces gradients, and cell_credit only uses autograd.grad.
         plain = getattr(self.student, "module", self.student)
         return cell_credit(
-            plain, self.optimizer, inputs, student_out, teacher_out, held[0], held[1], cfg.grid,
-            kd_loss=cfg.kd_loss, rec_loss=cfg.rec_loss, pixel_weight=gate, process_group=self.group,
+            plain,
+            self.optimizer,
+            inputs,
+            student_out,
+            teacher_out,
+            held[0],
+            held[1],
+            cfg.grid,
+            kd_loss=cfg.kd_loss,
+            rec_loss=cfg.rec_loss,
+            pixel_weight=gate,
+            process_group=self.group,
         )
 
     def _credit_update(self, signals: torch.Tensor, credit: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -428,9 +441,13 @@ class SparkDistiller:
         self._check_batch(inputs, targets)
         student_out = self.student(inputs)
         if not isinstance(student_out, torch.Tensor) or student_out.dim() != 4:
-            raise ValueError(f"student output must be a [B, C, H, W] tensor, got {getattr(student_out, 'shape', type(student_out))}")
+            raise ValueError(
+                f"student output must be a [B, C, H, W] tensor, got {getattr(student_out, 'shape', type(student_out))}"
+            )
         if student_out.shape != targets.shape:
-            raise ValueError(f"student output shape {tuple(student_out.shape)} does not match targets shape {tuple(targets.shape)}")
+            raise ValueError(
+                f"student output shape {tuple(student_out.shape)} does not match targets shape {tuple(targets.shape)}"
+            )
         teacher_out = self._teacher_output(inputs, student_out) if cfg.mode != "qat" else None
         with torch.autocast(student_out.device.type, enabled=False):
             return self._loss(inputs, targets, student_out, teacher_out)
@@ -453,7 +470,9 @@ class SparkDistiller:
         paper_reward = spark and training and cfg.policy_signal == "paper" and self.steps % cfg.reward_every == 0
         stash = policy_step and cfg.policy_signal == "reinforce" and self._pending is None
         credit_step = (
-            policy_step and first and cfg.policy_signal == "credit"
+            policy_step
+            and first
+            and cfg.policy_signal == "credit"
             and (self.held_out is not None or self._previous_batch is not None)
         )
         sample = weight = signals = cell_kd = gate = None
@@ -468,7 +487,9 @@ class SparkDistiller:
                     weight = self._fixed_map(signals, out, teacher_out, targets)
                 else:
                     weight, sample = self._policy_map(signals, paper_reward)
-                log.update(w_mean=weight.mean(), w_std=weight.std(unbiased=False), w_min=weight.min(), w_max=weight.max())
+                log.update(
+                    w_mean=weight.mean(), w_std=weight.std(unbiased=False), w_min=weight.min(), w_max=weight.max()
+                )
             if cfg.kd_gate == "teacher":
                 with torch.no_grad():
                     gate = ((teacher_out - targets).abs() < (out.detach() - targets).abs()).to(out.dtype)
@@ -496,8 +517,10 @@ class SparkDistiller:
 
         if training:
             record: dict[str, Any] = {
-                "inputs": inputs.detach(), "targets": targets.detach(),
-                "l_task": l_task.detach(), "l_kd": l_kd_scaled.detach(),
+                "inputs": inputs.detach(),
+                "targets": targets.detach(),
+                "l_task": l_task.detach(),
+                "l_kd": l_kd_scaled.detach(),
             }
             if credit_step:
                 base = self._fp32_output(inputs, student_out)
@@ -506,8 +529,11 @@ class SparkDistiller:
             if stash:
                 base = self._fp32_output(inputs, student_out)
                 self._pending = {
-                    "inputs": inputs.detach(), "targets": targets.detach(), "signals": signals,
-                    "action": sample.action.detach(), "err_before": self._cell_rec_error(base, targets),
+                    "inputs": inputs.detach(),
+                    "targets": targets.detach(),
+                    "signals": signals,
+                    "action": sample.action.detach(),
+                    "err_before": self._cell_rec_error(base, targets),
                     "due": self.steps + cfg.horizon - 1,
                 }
             if paper_reward:
@@ -613,7 +639,9 @@ class SparkDistiller:
         t = self._teacher_output(inputs, s)
         if self.dfd is not None:
             self.dfd.discard()
-        signals, _ = difficulty_signals(s, t, targets.to(s.dtype), self.config.grid, self.config.kd_loss, backend=self.config.backend)
+        signals, _ = difficulty_signals(
+            s, t, targets.to(s.dtype), self.config.grid, self.config.kd_loss, backend=self.config.backend
+        )
         return self.policy_weight_map(signals, mean=mean)
 
     @torch.no_grad()
@@ -680,7 +708,8 @@ class SparkDistiller:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state format {state.get('format')!r} is not {STATE_FORMAT}")
         for key, mine in (
-            ("mode", self.config.mode), ("balancer_name", self.config.balancer),
+            ("mode", self.config.mode),
+            ("balancer_name", self.config.balancer),
             ("policy_signal", self.config.policy_signal),
         ):
             if state[key] != mine:
@@ -715,7 +744,7 @@ class SparkDistiller:
         if self.dfd is not None:
             self.dfd.close()
 
-    def __enter__(self) -> "SparkDistiller":
+    def __enter__(self) -> SparkDistiller:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -46,14 +46,28 @@ class PretrainedTeacher:
 
 PRETRAINED_TEACHERS: dict[str, PretrainedTeacher] = {
     "denoise": PretrainedTeacher(
-        task="denoise", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=3000,
-        filename="teacher_denoise.pt", sha256="794322398810e0b36c98dfc32e14b30e0fe9e9c3cdc4a7a05c051070fea53bd8",
-        psnr=30.5072, ssim=0.82892,
+        task="denoise",
+        width=16,
+        depth=2,
+        scale=2,
+        sigma=25.0 / 255.0,
+        steps=3000,
+        filename="teacher_denoise.pt",
+        sha256="794322398810e0b36c98dfc32e14b30e0fe9e9c3cdc4a7a05c051070fea53bd8",
+        psnr=30.5072,
+        ssim=0.82892,
     ),
     "sr": PretrainedTeacher(
-        task="sr", width=16, depth=2, scale=2, sigma=25.0 / 255.0, steps=6000,
-        filename="teacher_sr.pt", sha256="327719b8c703acb34e39cd99883c6cd0ddb8ec8c8298acaa12f21dfa707b97b6",
-        psnr=33.6304, ssim=0.91858,
+        task="sr",
+        width=16,
+        depth=2,
+        scale=2,
+        sigma=25.0 / 255.0,
+        steps=6000,
+        filename="teacher_sr.pt",
+        sha256="327719b8c703acb34e39cd99883c6cd0ddb8ec8c8298acaa12f21dfa707b97b6",
+        psnr=33.6304,
+        ssim=0.91858,
     ),
 }
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import itertools
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -131,7 +132,9 @@ def _mse_errors(q: LSQQuantizer, x: torch.Tensor, lo, hi, ratios, axis) -> torch
     return torch.stack(errors)
 
 
-def _select_mse(q: LSQQuantizer, lo: torch.Tensor, hi: torch.Tensor, errors: torch.Tensor, ratios: torch.Tensor) -> None:
+def _select_mse(
+    q: LSQQuantizer, lo: torch.Tensor, hi: torch.Tensor, errors: torch.Tensor, ratios: torch.Tensor
+) -> None:
     # Ratios are in decreasing order, so ties (e.g. an all-zero channel) keep the widest range.
     best = ratios.to(errors.device)[errors.argmin(dim=0)]
     q.set_range(lo * best, hi * best)
@@ -188,7 +191,9 @@ def calibrate(
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError(f"forward_fn must be callable, got {forward_fn!r}")
     if isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a list of tensors or a DataLoader), got a single tensor")
+        raise TypeError(
+            "batches must be an iterable of batches (e.g. a list of tensors or a DataLoader), got a single tensor"
+        )
     try:
         iter(batches)
     except TypeError:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
 
 from torch import nn
 
@@ -90,7 +91,13 @@ class QuantReport:
     def __str__(self) -> str:
         header = ("name", "kind", "w_bits", "a_bits", "note")
         rows = [header] + [
-            (e.name, e.kind, "float" if e.w_bits is None else str(e.w_bits), "float" if e.a_bits is None else str(e.a_bits), e.note)
+            (
+                e.name,
+                e.kind,
+                "float" if e.w_bits is None else str(e.w_bits),
+                "float" if e.a_bits is None else str(e.a_bits),
+                e.note,
+            )
             for e in self.entries
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -123,7 +130,9 @@ def _check_layer_bits(layer_bits: object) -> dict[str, dict[str, Optional[int]]]
     if layer_bits is None:
         return {}
     if not isinstance(layer_bits, Mapping):
-        raise TypeError(f"layer_bits must be a mapping of module name patterns to bits, got {type(layer_bits).__name__}")
+        raise TypeError(
+            f"layer_bits must be a mapping of module name patterns to bits, got {type(layer_bits).__name__}"
+        )
     out: dict[str, dict[str, Optional[int]]] = {}
     for pattern, value in layer_bits.items():
         if not isinstance(pattern, str):
@@ -225,9 +234,7 @@ def quantize_model(
             already += 1
     if not layers:
         extra = f" ({already} layer(s) are already quantized)" if already else ""
-        raise ValueError(
-            f"nothing to quantize: {type(model).__name__} has no {_KINDS} submodule{extra}"
-        )
+        raise ValueError(f"nothing to quantize: {type(model).__name__} has no {_KINDS} submodule{extra}")
 
     order = list(layers)
     first, last = order[0], order[-1]

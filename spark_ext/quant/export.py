@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn
@@ -156,9 +156,7 @@ def _twin(model: nn.Module, int4: bool) -> tuple[nn.Module, dict[str, list[str]]
     inside = {id(q) for m in layers for q in (m.weight_quantizer, m.input_quantizer) if q is not None}
     stray = [names[id(m)] for m in twin.modules() if isinstance(m, LSQQuantizer) and id(m) not in inside]
     if stray:
-        raise ValueError(
-            f"export_onnx: LSQQuantizer(s) outside a quantized layer cannot be exported: {stray}"
-        )
+        raise ValueError(f"export_onnx: LSQQuantizer(s) outside a quantized layer cannot be exported: {stray}")
     replacement = {id(m): _QDQLayer(m, names[id(m)], int4) for m in layers}
     for parent in list(twin.modules()):
         for child_name, child in list(parent._modules.items()):
@@ -197,7 +195,9 @@ def _to_int4(model_proto, int4_layers: dict[str, list[str]]) -> None:
     def retype_input(node, index: int, tag: str) -> None:
         src = inits.get(node.input[index])
         if src is None or src.data_type not in to4:
-            raise RuntimeError(f"export_onnx: int4: input {index} of {node.name or node.op_type} is not an int8 initializer")
+            raise RuntimeError(
+                f"export_onnx: int4: input {index} of {node.name or node.op_type} is not an int8 initializer"
+            )
         values = numpy_helper.to_array(src).astype(np.int64)
         new_name = f"{src.name}__{tag}_int4"
         if new_name not in inits:
@@ -223,7 +223,11 @@ def _to_int4(model_proto, int4_layers: dict[str, list[str]]) -> None:
             retype_input(node, 2, tag)
         found[layer].add(f"{part}:{node.op_type}")
     for layer, parts in int4_layers.items():
-        want = {f"{p}:{op}" for p in parts for op in (("DequantizeLinear",) if p == "weight" else ("QuantizeLinear", "DequantizeLinear"))}
+        want = {
+            f"{p}:{op}"
+            for p in parts
+            for op in (("DequantizeLinear",) if p == "weight" else ("QuantizeLinear", "DequantizeLinear"))
+        }
         if found[layer] != want:
             raise RuntimeError(
                 f"export_onnx: int4: could not find the Q/DQ nodes of layer {layer!r} in the exported graph "
@@ -275,8 +279,10 @@ def export_onnx(
     if not isinstance(int4, bool):
         raise TypeError(f"int4 must be a bool, got {int4!r}")
     if int4 and opset < MIN_INT4_OPSET:
-        raise ValueError(f"int4=True needs opset >= {MIN_INT4_OPSET} (INT4 / UINT4 QDQ), got opset={opset}; "
-                         "pass int4=False to keep 4-bit levels in int8")
+        raise ValueError(
+            f"int4=True needs opset >= {MIN_INT4_OPSET} (INT4 / UINT4 QDQ), got opset={opset}; "
+            "pass int4=False to keep 4-bit levels in int8"
+        )
     too_wide = [
         (n, q.bits) for n, q in model.named_modules() if isinstance(q, LSQQuantizer) and q.enabled and q.bits > 8
     ]
@@ -294,8 +300,14 @@ def export_onnx(
         auto = torch.export.Dim.AUTO
         dynamic_shapes = ({d: auto for d in range(x.dim()) if d != 1},)
     program = torch.onnx.export(
-        twin, (x,), dynamo=True, opset_version=opset, input_names=["input"], output_names=["output"],
-        dynamic_shapes=dynamic_shapes, verbose=False,
+        twin,
+        (x,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_shapes=dynamic_shapes,
+        verbose=False,
     )
     proto = program.model_proto
     if int4_layers:
@@ -311,6 +323,8 @@ def run_onnx(model_or_path, x: torch.Tensor, session=None) -> torch.Tensor:
     ort = _need("onnxruntime")
     if session is None:
         data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
-        session = ort.InferenceSession(data if isinstance(data, bytes) else os.fspath(data), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            data if isinstance(data, bytes) else os.fspath(data), providers=["CPUExecutionProvider"]
+        )
     (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().float().cpu().numpy()})
     return torch.from_numpy(out)

@@ -56,6 +56,8 @@ def read_flag(module: nn.Module, name: str) -> bool:
     value = bool(t[0] == 1)
     cache[name] = (t, t._version, value)
     return value
+
+
 _SYMMETRIC = (torch.per_channel_symmetric, torch.per_tensor_symmetric)
 
 
@@ -124,9 +126,15 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         if quant_min >= quant_max:
-            raise ValueError(f"quant_min must be strictly less than quant_max, got quant_min={quant_min}, quant_max={quant_max}")
-        if channel_len != -1 and (isinstance(channel_len, bool) or not isinstance(channel_len, int) or channel_len <= 0):
-            raise ValueError(f"channel_len must be -1 (per tensor / sized lazily) or a positive int, got {channel_len!r}")
+            raise ValueError(
+                f"quant_min must be strictly less than quant_max, got quant_min={quant_min}, quant_max={quant_max}"
+            )
+        if channel_len != -1 and (
+            isinstance(channel_len, bool) or not isinstance(channel_len, int) or channel_len <= 0
+        ):
+            raise ValueError(
+                f"channel_len must be -1 (per tensor / sized lazily) or a positive int, got {channel_len!r}"
+            )
         self.quant_min = quant_min
         self.quant_max = quant_max
         self.use_grad_scaling = use_grad_scaling
@@ -238,7 +246,9 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     # -------------------------------------------------------- state dicts
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Lazily sized per-channel qparams: take the incoming channel count.
         if self.qscheme in _PER_CHANNEL:
             for name in ("scale", "zero_point"):
@@ -246,4 +256,6 @@ class LearnableFakeQuantize(FakeQuantizeBase):
                 param = getattr(self, name)
                 if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != param.shape:
                     param.data = torch.empty(incoming.shape, dtype=param.dtype, device=param.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

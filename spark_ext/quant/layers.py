@@ -294,8 +294,18 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
         backend: Optional[str] = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias, dilation,
-            padding_mode, device, dtype,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            output_padding,
+            groups,
+            bias,
+            dilation,
+            padding_mode,
+            device,
+            dtype,
         )
         self._init_quantizers(
             out_channels // groups, w_bits, a_bits, a_signed, a_learn_offset, grad_scale, backend, device
@@ -307,8 +317,14 @@ class QuantConvTranspose2d(_QuantMixin, nn.ConvTranspose2d):
             x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
         )
         return F.conv_transpose2d(
-            self._quantize_input(x), self._weight_for_forward(), self.bias, self.stride, self.padding,
-            output_padding, self.groups, self.dilation,
+            self._quantize_input(x),
+            self._weight_for_forward(),
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
         )
 
     @classmethod

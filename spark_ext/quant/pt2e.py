@@ -179,14 +179,18 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
 
     # -------------------------------------------------------- state dicts
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Take the incoming per-channel size; a loaded state counts as observed.
         for name in ("scale", "zero_point"):
             incoming = state_dict.get(prefix + name)
             param = getattr(self, name)
             if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != param.shape:
                 param.data = torch.empty(incoming.shape, dtype=param.dtype, device=param.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if prefix + "scale" in state_dict:
             self._initialized = True
 

@@ -134,13 +134,17 @@ class LSQQuantizer(nn.Module):
         super().__init__()
         self.bits = check_bits(bits)
         signed = _check_bool(signed, "signed", allow_none=True)
-        if per_channel_axis is not None and (isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int)):
+        if per_channel_axis is not None and (
+            isinstance(per_channel_axis, bool) or not isinstance(per_channel_axis, int)
+        ):
             raise TypeError(f"per_channel_axis must be an int or None, got {per_channel_axis!r}")
         self.per_channel_axis = per_channel_axis
         self.learn_offset = _check_bool(learn_offset, "learn_offset")
         if num_channels is not None:
             if per_channel_axis is None:
-                raise ValueError(f"num_channels={num_channels!r} needs per_channel_axis (a per-tensor quantizer has one step)")
+                raise ValueError(
+                    f"num_channels={num_channels!r} needs per_channel_axis (a per-tensor quantizer has one step)"
+                )
             if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
                 raise ValueError(f"num_channels must be a positive int or None, got {num_channels!r}")
         self.num_channels = num_channels
@@ -385,7 +389,9 @@ class LSQQuantizer(nn.Module):
 
     # --------------------------------------------------------- state dicts
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         step = state_dict.get(prefix + "step")
         init = state_dict.get(prefix + "initialized")
         sign = state_dict.get(prefix + "is_signed")
@@ -409,7 +415,9 @@ class LSQQuantizer(nn.Module):
                     f"LSQQuantizer was built with signed={self._signed_arg}"
                 )
                 return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # Refresh the host-side mirrors from what was actually loaded.
         if isinstance(init, torch.Tensor):
             self._initialized = bool(self.initialized.reshape(()))
