@@ -1,4 +1,4 @@
-"""Benchmark ``difficulty_signals`` (docs/spec.md §2): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
+"""Benchmark ``difficulty_signals`` (docs/spec.md §2): ours (Triton on GPU, C++ on CPU) vs eager and compiled reference.
 
 Passes, each timed for every implementation in the same run:
 
@@ -125,7 +125,10 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
 
     spark_fns = {}
     for k, f in impls.items():
-        loss_fn = lambda s_, t_, y_, f=f: spark_loss(f, s_, t_, y_)
+
+        def loss_fn(s_, t_, y_, f=f):
+            return spark_loss(f, s_, t_, y_)
+
         if k == "compiled":
             loss_fn = torch.compile(lambda s_, t_, y_: spark_loss(eager, s_, t_, y_), dynamic=False)
         spark_fns[k] = lambda loss_fn=loss_fn: torch.autograd.grad(loss_fn(s, T, Y), s)

@@ -1,4 +1,4 @@
-"""Benchmark ``fake_quantize_learnable_per_{tensor,channel}_affine`` (docs/spec.md §5a, torch drop-ins): ours vs torch's ops.
+"""Benchmark ``fake_quantize_learnable_per_{tensor,channel}_affine`` (docs/spec.md §5a): ours vs torch's ops.
 
 For each layout and dtype (the same as ``bench_lsq.py``: an activation per
 tensor, a conv weight per output channel, a channels_last activation per

@@ -1,4 +1,4 @@
-"""Benchmark ``lsq_fake_quant`` (docs/spec.md §5b, LSQ / LSQ+): ours vs torch's learnable op, the eager and compiled reference.
+"""Benchmark ``lsq_fake_quant`` (docs/spec.md §5b): ours vs torch's learnable op, the eager and compiled reference.
 
 For each layout and dtype, every implementation is timed in the same run:
 

@@ -1,4 +1,4 @@
-"""Benchmark ``fused_weighted_kd`` (docs/spec.md §3): ours (Triton on GPU, C++ on CPU) vs the eager and compiled reference.
+"""Benchmark ``fused_weighted_kd`` (docs/spec.md §3): ours (Triton on GPU, C++ on CPU) vs eager and compiled reference.
 
 Weights: none (uniform KD), per pixel ``[B, 1, H, W]`` (broadcast over
 channels), and per cell ``[B, 1, 8, 8]`` (the SPARK weight map; our path is

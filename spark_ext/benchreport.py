@@ -370,7 +370,7 @@ def _plot_ops(run: dict, lines: list[dict], plt):
         ax.axvspan(lo, 1.0, color="#fbe3e0", zorder=0)  # the peer is faster here
         ax.axvline(1.0, color="black", linewidth=1.2, zorder=1)
         speedups: dict[str, list[float]] = defaultdict(list)
-        for y, (label, line) in enumerate(rows):
+        for y, (_label, line) in enumerate(rows):
             if line is None:
                 if y:
                     for a in (ax, ax_bw):

@@ -282,7 +282,8 @@ def get_teacher(
     model, losses = train_teacher(task, preset, device, quiet)
     seconds = time.perf_counter() - t0
     print(
-        f"teacher: trained {preset.teacher_steps} steps in {seconds:.1f}s (final L1 {sum(losses[-20:]) / max(len(losses[-20:]), 1):.4f})"
+        f"teacher: trained {preset.teacher_steps} steps in {seconds:.1f}s "
+        f"(final L1 {sum(losses[-20:]) / max(len(losses[-20:]), 1):.4f})"
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -500,7 +501,7 @@ def save_curves(path: Path, histories: dict[str, list[dict[str, float]]]) -> Non
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, logs in histories.items():
-        vals = [l["loss_task"] for l in logs]
+        vals = [entry["loss_task"] for entry in logs]
         k = max(1, len(vals) // 30)  # moving average over ~1/30 of the run
         smooth = [sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1]) for i in range(len(vals))]
         ax.plot(smooth, label=LABELS.get(method, method))
@@ -721,7 +722,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     )
     print(
-        f"spark_ext {spark_ext.__version__} demo: task={task.kind} preset={preset.name} device={dev_name} torch {torch.__version__}"
+        f"spark_ext {spark_ext.__version__} demo: task={task.kind} preset={preset.name} device={dev_name} "
+        f"torch {torch.__version__}"
     )
     print(
         "backends used: "
@@ -733,7 +735,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f" ({'whole photos' if preset.eval_size is None else f'{preset.eval_size}px centre crops'})"
     )
     print(
-        f"budget per student: {preset.student_steps} steps x batch {preset.batch} x {preset.crop}px crops, seeds {list(preset.seeds)}"
+        f"budget per student: {preset.student_steps} steps x batch {preset.batch} x {preset.crop}px crops, "
+        f"seeds {list(preset.seeds)}"
     )
 
     if folder is not None:
@@ -787,7 +790,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             scores.setdefault(method, []).append(result)
             train_seconds.setdefault(method, []).append(seconds)
             print(
-                f"  seed {seed} {LABELS[method]:<12} PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}  ({seconds:.1f}s)"
+                f"  seed {seed} {LABELS[method]:<12} PSNR {result['psnr']:.3f} dB  SSIM {result['ssim']:.4f}  "
+                f"({seconds:.1f}s)"
             )
             if seed == preset.seeds[0]:
                 pictures[method] = outs

@@ -192,7 +192,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "ssim": result["ssim"],
         "seconds": seconds,
         "ms_per_step": 1000.0 * seconds / preset.student_steps,
-        "final_loss_task": sum(l["loss_task"] for l in logs[-20:]) / max(1, len(logs[-20:])),
+        "final_loss_task": sum(entry["loss_task"] for entry in logs[-20:]) / max(1, len(logs[-20:])),
         **extra,
     }
 
@@ -256,13 +256,14 @@ def format_table(summary: dict[str, Any]) -> str:
         order = sorted(res["methods"].items(), key=lambda kv: -kv[1]["psnr_mean"])
         for m, e in order:
 
-            def ci(key):
+            def ci(key, e=e):
                 d = e.get(key)
                 return f"{d['mean']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}] {d['wins']}/{d['n']}" if d else "-"
 
             cost = f"{e['cost_vs_kd']:.2f}x" if e["cost_vs_kd"] else "-"
             lines.append(
-                f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} {ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}"
+                f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} "
+                f"{ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}"
             )
     return "\n".join(lines)
 
@@ -319,7 +320,7 @@ def _lambdas(text: str) -> tuple[float, ...]:
 
 
 def all_method_names(lambdas: Sequence[float]) -> list[str]:
-    return ["qat"] + [f"kd@{l:g}" for l in lambdas] + [m for m in METHODS if m != "qat"]
+    return ["qat"] + [f"kd@{lam:g}" for lam in lambdas] + [m for m in METHODS if m != "qat"]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -88,8 +88,8 @@ def test_credit_mode_trains_the_policy_on_credit_and_the_student_on_the_bounded_
     logs = [d.step(*batch(i % 3, b=4, size=24)) for i in range(8)]
     assert "credit" not in logs[0]  # step 0: no held-out (previous) batch yet
     assert all("credit" in logs[i] for i in (2, 4, 6)) and all("credit" not in logs[i] for i in (1, 3, 5, 7))
-    for l in logs:
-        assert 0.0 < l["w_min"] <= l["w_max"] < 2.0
+    for entry in logs:
+        assert 0.0 < entry["w_min"] <= entry["w_max"] < 2.0
     assert any(not torch.equal(before[k], v) for k, v in d.policy.state_dict().items())
     # The student trains on the deterministic map: the KD term is w_bound * Beta mean times cell_kd.
     x, y = batch(9)
@@ -132,8 +132,8 @@ def test_repaired_reinforce_rewards_after_the_horizon():
         w_bound=2.0,
     )
     logs = [d.step(*batch(i)) for i in range(7)]
-    assert [("reward" in l) for l in logs] == [False, False, True, False, False, True, False]
-    assert all(0.0 < l["w_min"] and l["w_max"] < 2.0 for l in logs)
+    assert [("reward" in entry) for entry in logs] == [False, False, True, False, False, True, False]
+    assert all(0.0 < entry["w_min"] and entry["w_max"] < 2.0 for entry in logs)
 
 
 def test_fixed_maps_gate_and_annealing():
@@ -155,8 +155,8 @@ def test_fixed_maps_gate_and_annealing():
     assert log["gate_frac"] == pytest.approx(float(gate.mean()))
     d = SparkDistiller(student, teacher, opt, mode="kd", kd_anneal_steps=4)
     totals = [d.step(x, y) for _ in range(5)]
-    for i, l in enumerate(totals):
-        assert l["loss"] == pytest.approx(l["loss_task"] + max(0.0, 1 - i / 4) * l["loss_kd"], rel=1e-6)
+    for i, entry in enumerate(totals):
+        assert entry["loss"] == pytest.approx(entry["loss_task"] + max(0.0, 1 - i / 4) * entry["loss_kd"], rel=1e-6)
 
 
 @pytest.mark.parametrize(

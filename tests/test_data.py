@@ -64,6 +64,6 @@ def test_held_out_pairs_fixed():
     p1, p2 = held_out_pairs(task, size=32), held_out_pairs(task, size=32)
     assert [n for n, _, _ in p1] == list(HELD_OUT_PHOTOS)
     for (_, x1, y1), (_, x2, y2) in zip(p1, p2):
-        assert x1.shape == y1.shape == (1, 3, 32, 32) and torch.equal(x1, x2)
+        assert x1.shape == y1.shape == (1, 3, 32, 32) and torch.equal(x1, x2) and torch.equal(y1, y2)
     with pytest.raises(ValueError, match="task"):
         RestorationTask("deblur")

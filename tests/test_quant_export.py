@@ -134,7 +134,8 @@ def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
         diff = (codes_fused[name] - codes_ref[name].double()).abs()
         assert diff.max() <= 1 and (diff > 0).double().mean() < 0.1, name
     print(
-        f"fused: output max |diff| {float((y_fused - y_ref).abs().max()):.4g}, mean {float((y_fused - y_ref).abs().mean()):.3g}"
+        f"fused: output max |diff| {float((y_fused - y_ref).abs().max()):.4g}, "
+        f"mean {float((y_fused - y_ref).abs().mean()):.3g}"
     )
     assert (y_fused - y_ref).abs().mean() < float(model.fc.input_quantizer.step)
     torch.testing.assert_close(run_onnx(path, x), y_fused)

@@ -33,12 +33,12 @@ def test_short_spark_run_loss_falls():
     d = SparkDistiller(student, teacher, opt, mode="spark", policy_signal="paper", grid=(4, 4))
     batches = [batch(i, b=4, size=24) for i in range(4)]
     logs = [d.step(*batches[i % 4]) for i in range(32)]
-    first = sum(l["loss"] for l in logs[:4]) / 4
-    last = sum(l["loss"] for l in logs[-4:]) / 4
+    first = sum(entry["loss"] for entry in logs[:4]) / 4
+    last = sum(entry["loss"] for entry in logs[-4:]) / 4
     assert last < 0.8 * first
-    for l in logs:
-        assert l["w_mean"] == pytest.approx(1.0, abs=1e-5)
-        assert {"reward", "baseline", "policy_loss", "entropy", "w_std", "w_min", "w_max"} <= set(l)
+    for entry in logs:
+        assert entry["w_mean"] == pytest.approx(1.0, abs=1e-5)
+        assert {"reward", "baseline", "policy_loss", "entropy", "w_std", "w_min", "w_max"} <= set(entry)
 
 
 def test_kd_term_is_weight_map_times_cell_kd():

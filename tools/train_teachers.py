@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         preset = dataclasses.replace(base, teacher_steps=steps)
         curve, t0 = [], time.perf_counter()
 
-        def record(step: int, model: torch.nn.Module) -> None:
+        def record(step: int, model: torch.nn.Module, steps=steps, curve=curve, t0=t0) -> None:
             if step % args.eval_every == 0 or step == steps:
                 r = demo.evaluate(model, task, held_crops)
                 curve.append({"step": step, "psnr": r["psnr"], "ssim": r["ssim"], "seconds": time.perf_counter() - t0})
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
             flush=True,
         )
         print(
-            f"  to ship: cp {path} spark_ext/models/weights/teacher_{task.kind}.pt and set in spark_ext/models/pretrained.py: "
+            f"  to ship: cp {path} spark_ext/models/weights/teacher_{task.kind}.pt "
+            "and set in spark_ext/models/pretrained.py: "
             f'steps={steps}, sha256="{sha}", psnr={whole["psnr"]:.3f}, ssim={whole["ssim"]:.4f}',
             flush=True,
         )

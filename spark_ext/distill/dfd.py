@@ -77,7 +77,8 @@ class DecoderFreeDistillation:
         for i, f in enumerate(feats[1:], 1):
             if f.shape != feats[0].shape:
                 raise ValueError(
-                    f"dfd layer {self.layer!r}: teacher {i} features {tuple(f.shape)} differ from teacher 0's {tuple(feats[0].shape)}"
+                    f"dfd layer {self.layer!r}: teacher {i} features {tuple(f.shape)} "
+                    f"differ from teacher 0's {tuple(feats[0].shape)}"
                 )
         mean = feats[0] if len(feats) == 1 else torch.stack(feats).mean(0)
         return mean.detach()
