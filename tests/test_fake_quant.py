@@ -382,7 +382,11 @@ def fq_by_autograd(x, scale, zp, axis, qmin, qmax, gf):
     z = grad_scaled(zp).reshape(shape)
     v = x / s
     r = v + (torch.round(v) - v).detach()
-    q = torch.clamp(r + z, qmin, qmax)
+    # clamp with a gradient of 1 on the closed range [qmin, qmax], as ATen's learnable op; torch.clamp's own
+    # gradient at the bounds is not that on every torch version (2.14 differs from 2.13)
+    u = r + z
+    inside = ((u >= qmin) & (u <= qmax)).to(u.dtype)
+    q = u * inside + (torch.clamp(u, qmin, qmax) * (1 - inside)).detach()
     return (q - z) * s
 
 
