@@ -37,7 +37,7 @@ import torch.nn as nn
 from .distill.credit import cell_credit
 from .distill.losses import per_image_loss
 from .ops import difficulty_signals
-from .reference import _cell_sum, kd_elementwise
+from .reference import cell_sum, kd_elementwise
 
 SIGNALS = ("credit", "reinforce", "paper")
 
@@ -67,7 +67,7 @@ def _step_with(student, optimizer, teacher_out, x, y, weight, lambda_kd, grid, k
 
 
 def _cell_error(out, y, grid, rec_loss):
-    return _cell_sum(kd_elementwise(out.float() - y.float(), rec_loss).sum(1), grid)[:, None]
+    return cell_sum(kd_elementwise(out.float() - y.float(), rec_loss).sum(1), grid)[:, None]
 
 
 def signal_map(

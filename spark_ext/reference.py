@@ -36,20 +36,26 @@ def cell_index(size: int, cells: int, device: Union[torch.device, str, None] = N
     return torch.div(torch.arange(size, device=device) * cells, size, rounding_mode="floor")
 
 
-def _cell_sum(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def cell_bounds(size: int, cells: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each cell along one axis: the pixels ``i`` with ``cell_index(i) == c``."""
+    starts = [-(-c * size // cells) for c in range(cells + 1)]  # ceil(c * size / cells)
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def cell_sum(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Sum ``x [B, H, W]`` over the cells of ``grid``: ``[B, Gh, Gw]`` in x's dtype.
 
-    Each pixel is added to its own cell only (``index_add``), so a NaN or inf
-    pixel reaches no other cell; a one-hot matrix product would multiply it by
-    the zeros of every other cell (NaN * 0 = NaN). ``index_add`` is also not
-    an autocast op, so the sums keep x's dtype under ``torch.autocast``.
+    One slice sum per cell row, then per cell column: a NaN or inf pixel
+    reaches no other cell (a one-hot matrix product would multiply it by the
+    zeros of every other cell, and NaN * 0 = NaN). Static slices and sums are
+    what ``torch.compile``'s CPU code generator handles for every dtype
+    (its float64 scatter-add from ``index_add`` fails to compile), and a sum
+    keeps float32/float64 under ``torch.autocast``.
     """
     batch, height, width = x.shape
     gh, gw = grid
-    rows = torch.zeros((batch, gh, width), dtype=x.dtype, device=x.device)
-    rows = rows.index_add(1, cell_index(height, gh, x.device), x)
-    cells = torch.zeros((batch, gh, gw), dtype=x.dtype, device=x.device)
-    return cells.index_add(2, cell_index(width, gw, x.device), rows)
+    rows = torch.stack([x[:, start:stop].sum(1) for start, stop in cell_bounds(height, gh)], dim=1)
+    return torch.stack([rows[:, :, start:stop].sum(2) for start, stop in cell_bounds(width, gw)], dim=2)
 
 
 def _cell_counts(height: int, width: int, grid: tuple[int, int], device, dtype) -> torch.Tensor:
@@ -101,9 +107,9 @@ def _laplacian(g: torch.Tensor) -> torch.Tensor:
 
 def _cell_mean_and_var(x: torch.Tensor, grid: tuple[int, int], counts: torch.Tensor):
     """Two-pass cell mean and population variance of ``x [B, H, W]`` (float64)."""
-    mean = _cell_sum(x, grid) / counts
+    mean = cell_sum(x, grid) / counts
     centred = x - expand_cells(mean, x.shape[-2], x.shape[-1])
-    var = _cell_sum(centred * centred, grid) / counts
+    var = cell_sum(centred * centred, grid) / counts
     return mean, var.clamp_min(0)
 
 
@@ -135,13 +141,13 @@ def difficulty_signals(
         g = y64.mean(1)
         _, lap_var = _cell_mean_and_var(_laplacian(g), grid, counts)
         _, pix_var = _cell_mean_and_var(g, grid, counts)
-        recon_err = _cell_sum((s64 - y64).abs().mean(1), grid) / counts
-        kd_gap = _cell_sum((s64 - t64).abs().mean(1), grid) / counts
+        recon_err = cell_sum((s64 - y64).abs().mean(1), grid) / counts
+        kd_gap = cell_sum((s64 - t64).abs().mean(1), grid) / counts
         signals = torch.stack([lap_var, pix_var, recon_err, kd_gap], dim=1).to(out_dtype)
 
     diff = student.to(out_dtype) - teacher.to(out_dtype)
     per_pixel = kd_elementwise(diff, kd_loss).sum(1)
-    cell_kd = _cell_sum(per_pixel, grid)[:, None]
+    cell_kd = cell_sum(per_pixel, grid)[:, None]
     return signals, cell_kd
 
 

@@ -11,7 +11,7 @@ from spark_ext.diagnose_credit import credit_correlation
 from spark_ext.distill import DistillConfig, SparkDistiller
 from spark_ext.distill.credit import cell_credit, kd_output_gradient, virtual_step
 from spark_ext.models import EncoderDecoderNet
-from spark_ext.reference import _cell_sum, kd_elementwise
+from spark_ext.reference import cell_sum, kd_elementwise
 
 
 def nets(width=4, seed=0):
@@ -50,7 +50,7 @@ def test_credit_is_the_inner_product_of_each_cells_kd_gradient_with_the_held_out
     params, deltas, _ = virtual_step(student, opt, hx, hy)
     expected = torch.zeros(2, 2, 2, dtype=torch.float64)
     per_pixel = kd_elementwise(student(x) - t, kd_loss).sum(1)
-    cells = _cell_sum(per_pixel, (2, 2))
+    cells = cell_sum(per_pixel, (2, 2))
     for b in range(2):
         for i in range(2):
             for j in range(2):

@@ -379,3 +379,29 @@ def test_reference_ops_compile_fullgraph():
     want = quant(x, step)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grads, torch.autograd.grad(want, (x, step)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_difficulty_signals_compiles_with_inductor(dtype):
+    """The compiled-reference peer of the benchmarks: inductor's CPU code generator, not only aot_eager.
+
+    Regression: an ``index_add`` cell sum (float64 scatter-add) failed in inductor's CPU codegen.
+    """
+    S, T, Y = (torch.randn(2, 3, 13, 11, dtype=dtype) for _ in range(3))
+    S.requires_grad_()
+    compiled = torch.compile(reference.difficulty_signals, fullgraph=True)
+    got_signals, got_kd = compiled(S, T, Y, (4, 3), "l2")
+    want_signals, want_kd = reference.difficulty_signals(S, T, Y, (4, 3), "l2")
+    torch.testing.assert_close(got_signals, want_signals)
+    torch.testing.assert_close(got_kd, want_kd)
+    grad_out = torch.randn_like(want_kd)
+    torch.testing.assert_close(
+        torch.autograd.grad(got_kd, S, grad_out)[0], torch.autograd.grad(want_kd, S, grad_out)[0]
+    )
+
+
+def test_cell_bounds_agree_with_cell_index():
+    for size, cells in [(7, 7), (13, 4), (100, 8), (5, 1), (31, 6)]:
+        index = reference.cell_index(size, cells)
+        for cell, (start, stop) in enumerate(reference.cell_bounds(size, cells)):
+            assert torch.equal((index == cell).nonzero().flatten(), torch.arange(start, stop))

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .._validation import check_real
-from ..reference import _cell_sum, kd_elementwise
+from ..reference import cell_sum, kd_elementwise
 from . import distributed
 from .losses import per_image_loss
 
@@ -139,7 +139,7 @@ def cell_credit(
     if pixel_weight is not None:
         kd_grad = kd_grad * pixel_weight
     per_pixel = (kd_grad * change).sum(1)
-    return -_cell_sum(per_pixel, tuple(grid))[:, None]
+    return -cell_sum(per_pixel, tuple(grid))[:, None]
 
 
 class RunningScale:

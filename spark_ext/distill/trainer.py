@@ -51,7 +51,7 @@ import torch.nn as nn
 from .._validation import KD_LOSSES, check_choice, check_int, check_real, check_tensor
 from ..ops import difficulty_signals, fused_weighted_kd
 from ..ops._dispatch import check_backend_name
-from ..reference import _cell_sum, expand_cells, kd_elementwise
+from ..reference import cell_sum, expand_cells, kd_elementwise
 from . import distributed
 from .balancers import BALANCERS, make_balancer
 from .credit import RunningScale, cell_credit, credit_loss
@@ -332,7 +332,7 @@ class SparkDistiller:
             raw = torch._sample_dirichlet(conc, generator=self.generator)[..., 0].clamp_min(ACTION_EPS)
         elif name == "teacher_adv":
             err_gap = (student_out.detach() - targets).abs().mean(1) - (teacher_out - targets).abs().mean(1)
-            raw = _cell_sum(err_gap.float(), tuple(signals.shape[-2:]))[:, None].clamp_min(0)
+            raw = cell_sum(err_gap.float(), tuple(signals.shape[-2:]))[:, None].clamp_min(0)
         else:
             raw = signals[:, MAP_SIGNALS.index(name) : MAP_SIGNALS.index(name) + 1].float()
         mean = raw.mean(dim=(-2, -1), keepdim=True)
@@ -354,7 +354,7 @@ class SparkDistiller:
 
     def _cell_rec_error(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_pixel = kd_elementwise(output.detach().float() - targets.float(), self.config.rec_loss).sum(1)
-        return _cell_sum(per_pixel, self.config.grid)[:, None]
+        return cell_sum(per_pixel, self.config.grid)[:, None]
 
     def _policy_step(self, loss: torch.Tensor) -> None:
         self.policy_optimizer.zero_grad(set_to_none=True)
