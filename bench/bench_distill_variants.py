@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from spark_ext import demo
 from spark_ext.data import RandomCropBatches, RestorationTask
+from spark_ext.demo.presets import PRESETS
+from spark_ext.demo.training import make_ptq, student_optimizer
 from spark_ext.distill import DistillConfig, SparkDistiller
 from spark_ext.models import build_model
 
@@ -48,16 +49,16 @@ def main() -> None:
     device = torch.device(args.device)
     torch.set_num_threads(1)
     task = RestorationTask(args.task)
-    preset = demo.PRESETS["default"]
+    preset = PRESETS["default"]
     torch.manual_seed(0)
     teacher = (
         build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device).requires_grad_(False)
     )
-    base = demo.make_ptq(teacher, task, preset, 0, device)
+    base = make_ptq(teacher, task, preset, 0, device)
     distillers = {}
     for name, kw in VARIANTS.items():
         student = copy.deepcopy(base).train()
-        opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
+        opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
         distillers[name] = SparkDistiller(
             student, None if kw["mode"] == "qat" else teacher, opt, DistillConfig(grid=preset.grid, **kw)
         )

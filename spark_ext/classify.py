@@ -29,6 +29,8 @@ import torch.nn as nn
 from spark_ext.data.digits import load_digits_split
 from spark_ext.distill import LogitDistiller, accuracy, get_augmentation
 from spark_ext.models import DigitsCNN
+from spark_ext.progress import progress
+from spark_ext.stats import paired_difference, summarize, summary_line
 
 METHODS: dict[str, dict[str, Any]] = {
     "qat": {"mode": "qat"},
@@ -37,15 +39,6 @@ METHODS: dict[str, dict[str, Any]] = {
     "lmr": {"mode": "kd", "balancer": "lmr"},
     "ensemble": {"mode": "kd", "ensemble": True},
 }
-
-
-def progress(iterable, desc: str, total: Optional[int] = None):
-    """tqdm over ``iterable`` on stderr (plain iteration if tqdm is missing)."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is in the demo extra
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def batches(n: int, batch_size: int, steps: int, seed: int):
@@ -66,7 +59,7 @@ def train_teacher(
     torch.manual_seed(seed)
     model = DigitsCNN(width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for idx in progress(batches(len(y), batch_size, steps, seed), f"teacher seed {seed}", steps):
+    for idx in progress(batches(len(y), batch_size, steps, seed), f"teacher seed {seed}", total=steps):
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,30 +100,9 @@ def train_student(
         student, list(teachers) if mode == "kd" else None, opt, mode=mode, balancer=balancer, temperature=temperature
     )
     g_aug = torch.Generator().manual_seed(seed + 10_000)
-    for idx in progress(batches(len(y_tr), batch_size, steps, seed), desc, steps):
+    for idx in progress(batches(len(y_tr), batch_size, steps, seed), desc, total=steps):
         distiller.step(aug(x_tr[idx], g_aug), y_tr[idx])
     return accuracy(student, x_te, y_te)
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """mean, sample std and n of ``values``."""
-    t = torch.tensor(list(values), dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "n": len(t)}
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Mean of ``a_i - b_i`` with its 95 % t-interval (Student t, n - 1 dof).
-
-    Needs scipy (installed with scikit-learn, the demo extra)."""
-    d = torch.tensor(list(a), dtype=torch.float64) - torch.tensor(list(b), dtype=torch.float64)
-    n = len(d)
-    mean = float(d.mean())
-    if n < 2:
-        return {"mean": mean, "ci95": [math.nan, math.nan], "n": n}
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.975, n - 1)) * float(d.std()) / math.sqrt(n)
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -246,11 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report["paired_vs_qat"] = {m: paired_difference(v, results["qat"]) for m, v in results.items() if m != "qat"}
     print(f"teacher accuracy: {', '.join(f'{a:.4f}' for a in report['teacher_accuracy'])}")
     for m, s in report["accuracy"].items():
-        line = f"{m:>9}: {s['mean']:.4f} ± {s['std']:.4f}"
-        if m in report.get("paired_vs_qat", {}):
-            p = report["paired_vs_qat"][m]
-            line += f"   vs qat {p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"
-        print(line)
+        print(summary_line(f"{m:>9}", s, report.get("paired_vs_qat", {}).get(m), "qat", digits=4))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

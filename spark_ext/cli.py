@@ -13,6 +13,17 @@ from collections.abc import Sequence
 from typing import Optional
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of the subcommands' counts (steps, seeds, threads, ...): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _doctor(_: argparse.Namespace) -> int:
     import torch
 
@@ -43,7 +54,7 @@ def _doctor(_: argparse.Namespace) -> int:
 
 # Subcommands with their own argument parsers; everything after the name is theirs.
 _DELEGATED = {
-    "demo": ("spark_ext.demo", "train and compare QAT/KD/SPARK students on real photos"),
+    "demo": ("spark_ext.demo.cli", "train and compare QAT/KD/SPARK students on real photos"),
     "bench": ("spark_ext.benchreport", "run or summarise the benchmarks, print ratios, draw plots"),
     "study": ("spark_ext.study", "paired-seed method matrix (QAT, KD, maps, balancers, DFD, SPARK variants)"),
     "diagnose-credit": ("spark_ext.diagnose_credit", "does a policy signal predict the cells' held-out effect?"),

@@ -26,13 +26,12 @@ from spark_ext.classify import (
     check_common,
     common_arguments,
     environment,
-    paired_difference,
-    summarize,
     train_student,
     train_teacher,
 )
 from spark_ext.data.digits import load_digits_split
 from spark_ext.distill import AUGMENTATIONS, accuracy, score_augmentations
+from spark_ext.stats import paired_difference, summarize
 
 RANK_WITH = ("teacher", "teacher+student")
 
@@ -156,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for arm, s in report["accuracy"].items():
         print(f"{arm:>7} ({s['augmentation']}): {s['mean']:.4f} ± {s['std']:.4f}")
     for name, p in report["paired"].items():
-        print(f"{name:>12}: {p['mean']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}] (95% t, n={p['n']})")
+        print(f"{name:>12}: {p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] (95% t, n={p['n']})")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .cli import positive_int
 from .distill.credit import cell_credit
 from .distill.losses import per_image_loss
 from .ops import difficulty_signals
@@ -184,18 +185,10 @@ def credit_correlation(
 # ----------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from . import demo
+    from .demo.presets import PRESETS
+    from .demo.teacher import get_teacher
+    from .demo.training import make_ptq, student_optimizer
 
     p = argparse.ArgumentParser(
         prog="spark-ext diagnose-credit",
@@ -204,11 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise")
     p.add_argument(
-        "--preset", choices=tuple(demo.PRESETS), default="default", help="network/data budget (default: %(default)s)"
+        "--preset", choices=tuple(PRESETS), default="default", help="network/data budget (default: %(default)s)"
     )
-    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="teacher steps (default: the preset's)")
-    p.add_argument("--warm", type=_positive_int, default=100, help="uniform-KD steps before the state is taken")
-    p.add_argument("--draws", type=_positive_int, default=48, help="weight perturbations measured (>= 4)")
+    p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
+    p.add_argument("--warm", type=positive_int, default=100, help="uniform-KD steps before the state is taken")
+    p.add_argument("--draws", type=positive_int, default=48, help="weight perturbations measured (>= 4)")
     p.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated from {','.join(SIGNALS)}")
     p.add_argument("--seed", type=int, default=0)
     default_cache = Path.home() / ".cache" / "spark_ext" / "teachers"
@@ -224,14 +217,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .data import RandomCropBatches, RestorationTask
 
-    preset = demo.PRESETS[args.preset]
+    preset = PRESETS[args.preset]
     if args.teacher_steps:
         preset = dataclasses.replace(preset, teacher_steps=args.teacher_steps)
     task = RestorationTask(args.task)
-    teacher, _ = demo.get_teacher(task, preset, torch.device("cpu"), args.cache_dir, True)
+    teacher, _ = get_teacher(task, preset, torch.device("cpu"), args.cache_dir, True)
     teacher.requires_grad_(False)
-    student = demo.make_ptq(teacher, task, preset, args.seed, torch.device("cpu")).train()
-    opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
+    student = make_ptq(teacher, task, preset, args.seed, torch.device("cpu")).train()
+    opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=30_000 + args.seed)
     held_data = RandomCropBatches(task, preset.crop, preset.batch, seed=40_000 + args.seed)
     ones = None

@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 
-from spark_ext.classify import environment, paired_difference, parse_seeds, progress, summarize
+from spark_ext.classify import environment, parse_seeds
+from spark_ext.progress import progress
+from spark_ext.stats import paired_difference, summarize, summary_line
 
 METHODS = {
     "qat": {"mode": "qat"},
@@ -70,13 +72,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"spark-ext diffkd: error: {exc}", file=sys.stderr)
         return 2
 
-    from spark_ext import demo
     from spark_ext.data import RandomCropBatches, RestorationTask, held_out_pairs
+    from spark_ext.demo.presets import PRESETS
+    from spark_ext.demo.scoring import model_outputs, score_outputs
+    from spark_ext.demo.teacher import get_teacher
+    from spark_ext.demo.training import cosine_schedule, make_ptq, student_optimizer
     from spark_ext.distill import DistillConfig, SparkDistiller
     from spark_ext.models import feature_layer
 
     preset = dataclasses.replace(
-        demo.PRESETS["default"],
+        PRESETS["default"],
         name="diffkd-study",
         width=args.width,
         depth=1,
@@ -90,20 +95,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cpu")
     task = RestorationTask("denoise")
     held = held_out_pairs(task, preset.eval_size, device=device)
-    teacher, _ = demo.get_teacher(task, preset, device, args.cache_dir, quiet=True)
+    teacher, _ = get_teacher(task, preset, device, args.cache_dir, quiet=True)
     layer = feature_layer(teacher)
     psnr: dict[str, list[float]] = {m: [] for m in methods}
     last_logs: dict[str, dict] = {}
     for seed in seeds:
-        base = demo.make_ptq(teacher, task, preset, seed, device)
+        base = make_ptq(teacher, task, preset, seed, device)
         for m in methods:
             torch.manual_seed(seed)
             student = copy.deepcopy(base).train()
             overrides = {k: (layer if v is True else v) for k, v in METHODS[m].items()}
             if overrides["mode"] != "qat":
                 overrides.update(balancer=args.balancer, lambda_kd=args.lambda_kd)
-            opt = demo.student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
-            sched = demo._cosine(opt, preset.student_steps)
+            opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
+            sched = cosine_schedule(opt, preset.student_steps)
             d = SparkDistiller(
                 student, teacher if overrides["mode"] != "qat" else None, opt, DistillConfig(seed=seed, **overrides)
             )
@@ -112,13 +117,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 last_logs[m] = d.step(*next(data))
                 sched.step()
             d.close()
-            psnr[m].append(demo.score_outputs(demo.model_outputs(student.eval(), held), held, task)["psnr"])
+            psnr[m].append(score_outputs(model_outputs(student.eval(), held), held, task)["psnr"])
     report = {
         "command": "diffkd",
         "args": {k: str(v) for k, v in vars(args).items()},
         "seeds": seeds,
         "environment": environment(),
-        "teacher_psnr": demo.score_outputs(demo.model_outputs(teacher, held), held, task)["psnr"],
+        "teacher_psnr": score_outputs(model_outputs(teacher, held), held, task)["psnr"],
         "psnr": {m: {"per_seed": v, **summarize(v)} for m, v in psnr.items()},
         "last_step_log": last_logs,
     }
@@ -126,11 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report["paired_vs_kd"] = {m: paired_difference(v, psnr["kd"]) for m, v in psnr.items() if m != "kd"}
     print(f"teacher PSNR {report['teacher_psnr']:.2f} dB")
     for m, s in report["psnr"].items():
-        line = f"{m:>7}: {s['mean']:.3f} ± {s['std']:.3f} dB"
-        if m in report.get("paired_vs_kd", {}):
-            q = report["paired_vs_kd"][m]
-            line += f"   vs kd {q['mean']:+.3f} [{q['ci95'][0]:+.3f}, {q['ci95'][1]:+.3f}]"
-        print(line)
+        print(summary_line(f"{m:>7}", s, report.get("paired_vs_kd", {}).get(m), "kd", digits=3, unit=" dB"))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

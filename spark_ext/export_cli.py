@@ -59,7 +59,7 @@ def _int_in(low: int, high: Optional[int] = None):
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from spark_ext.demo import METHODS, PRESETS
+    from spark_ext.demo.presets import METHODS, PRESETS
 
     p = argparse.ArgumentParser(
         prog="spark-ext export",
@@ -151,21 +151,24 @@ def _export_demo(args: argparse.Namespace) -> int:
     import onnxruntime as ort
     import torch
 
-    from spark_ext import demo
     from spark_ext.data import RandomCropBatches, RestorationTask, held_out_pairs
+    from spark_ext.demo.presets import PRESETS
+    from spark_ext.demo.scoring import model_outputs, score_outputs
+    from spark_ext.demo.teacher import get_teacher
+    from spark_ext.demo.training import train_student
     from spark_ext.quant import calibrate, quantize_model
     from spark_ext.quant.export import export_onnx, run_onnx
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    preset = demo.PRESETS[args.preset]
+    preset = PRESETS[args.preset]
     replace = {k: v for k, v in (("student_steps", args.steps), ("teacher_steps", args.teacher_steps)) if v is not None}
     preset = dataclasses.replace(preset, **replace)
     device = torch.device("cpu")  # the comparison is against onnxruntime on CPU
     task = RestorationTask(args.task)
     seed = preset.seeds[0]
     t0 = time.perf_counter()
-    teacher, _ = demo.get_teacher(task, preset, device, args.cache_dir, args.quiet)
+    teacher, _ = get_teacher(task, preset, device, args.cache_dir, args.quiet)
     teacher.requires_grad_(False)
 
     base = copy.deepcopy(teacher)
@@ -173,7 +176,7 @@ def _export_demo(args: argparse.Namespace) -> int:
     report = quantize_model(base, w_bits=args.bits, a_bits=args.bits, first_last_bits=max(args.bits, 8))
     data = RandomCropBatches(task, preset.crop, preset.batch, seed=20_000 + seed, device=device)
     calibrate(base, [next(data)[0] for _ in range(preset.calib_batches)], method=preset.calib_method)
-    student, _, _, seconds = demo.train_student(args.method, base, teacher, task, preset, seed, device, args.quiet)
+    student, _, _, seconds = train_student(args.method, base, teacher, task, preset, seed, device, args.quiet)
     print(
         f"student: W{args.bits}A{args.bits} ({len(report.quantized)} layers; first/last {max(args.bits, 8)}-bit), "
         f"{args.method} for {preset.student_steps} steps in {seconds:.0f}s"
@@ -194,11 +197,11 @@ def _export_demo(args: argparse.Namespace) -> int:
         options.graph_optimization_level = level
         sessions[name] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     outputs = {
-        "fp32_teacher": demo.model_outputs(teacher, held),
-        "fake_quant": demo.model_outputs(student, held),
+        "fp32_teacher": model_outputs(teacher, held),
+        "fake_quant": model_outputs(student, held),
         **{k: {n: run_onnx(None, x, session=s).clamp(0, 1) for n, x, _ in held} for k, s in sessions.items()},
     }
-    scores = {k: demo.score_outputs(v, held, task) for k, v in outputs.items()}
+    scores = {k: score_outputs(v, held, task) for k, v in outputs.items()}
     fq = scores["fake_quant"]["psnr"]
     print(
         f"PSNR on held-out photos {', '.join(n for n, _, _ in held)} "

@@ -1,7 +1,7 @@
 """``spark-ext study``: the KD method matrix with paired seeds, on denoising and x2 SR.
 
 Every method trains a copy of the same PTQ W4A4 student (per seed: the same
-calibration crops, data order and budget; the demo's :func:`~spark_ext.demo.train_student`)
+calibration crops, data order and budget; the demo's :func:`~spark_ext.demo.training.train_student`)
 from the same FP32 teacher (:func:`study_teacher`), and is scored on the demo's
 held-out photos. Per task and method the study reports mean ± std PSNR/SSIM
 over seeds, the paired PSNR difference to QAT and to uniform KD at its best
@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from spark_ext.cli import positive_int
+from spark_ext.progress import progress
+from spark_ext.stats import mean_std, paired_difference
 
 METHODS: dict[str, dict[str, Any]] = {
     "qat": {"mode": "qat"},
@@ -91,41 +95,15 @@ def study_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool):
     """The FP32 teacher every student of the study distils from: ``(model, info)``.
 
     The teacher shipped with the package where it fits the demo preset (same
-    network and degradation: :func:`spark_ext.demo.get_teacher`), else the demo's
+    network and degradation: :func:`spark_ext.demo.teacher.get_teacher`), else the demo's
     teacher trained for ``preset.teacher_steps`` (cached in ``cache_dir``).
     """
-    from spark_ext.demo import get_teacher
+    from spark_ext.demo.teacher import get_teacher
 
     teacher, info = get_teacher(task, preset, device, cache_dir, quiet)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, info
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def t_quantile(df: int, level: float = 0.95) -> float:
-    """Two-sided Student-t quantile (``scipy.stats.t``; scipy comes with scikit-image)."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.5 + level / 2, df))
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    m = sum(values) / n
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return m, s
-
-
-def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean of ``a - b`` (paired by index) with its t-interval; ``wins`` counts ``a > b``."""
-    diffs = [x - y for x, y in zip(a, b)]
-    m, s = mean_std(diffs)
-    n = len(diffs)
-    half = t_quantile(n - 1, level) * s / math.sqrt(n) if n > 1 else float("inf")
-    return {"mean": m, "lo": m - half, "hi": m + half, "wins": sum(d > 0 for d in diffs), "n": n}
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -148,7 +126,8 @@ def _setup(task_name: str, preset, device, cache_dir, quiet):
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and score one (task, method, seed): the unit of work of a worker process."""
-    from spark_ext import demo
+    from spark_ext.demo.scoring import model_outputs, score_outputs
+    from spark_ext.demo.training import make_ptq, train_student
 
     torch.set_num_threads(job["threads"])
     device = torch.device(job["device"])
@@ -159,15 +138,15 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         for key in [k for k in _CACHE if k[0] == "ptq"]:  # jobs come seed-major: keep one seed's students
             if key[2] != job["seed"]:
                 del _CACHE[key]
-        _CACHE[base_key] = demo.make_ptq(teacher, task, preset, job["seed"], device)
+        _CACHE[base_key] = make_ptq(teacher, task, preset, job["seed"], device)
     base = _CACHE[base_key]
     overrides = dict(job["overrides"])
     if "kd_anneal_steps" in overrides:
         overrides["kd_anneal_steps"] = preset.student_steps
-    student, distiller, logs, seconds = demo.train_student(
+    student, distiller, logs, seconds = train_student(
         job["method"], base, teacher, task, preset, job["seed"], device, True, overrides=overrides
     )
-    result = demo.score_outputs(demo.model_outputs(student, held), held, task)
+    result = score_outputs(model_outputs(student, held), held, task)
     extra = {}
     if distiller.policy is not None:
         from spark_ext.ops import difficulty_signals
@@ -237,7 +216,7 @@ def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequenc
             for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
                 common = [s for s in seeds if ref in by and s in by[ref]]
                 if ref is not None and m != ref and common:
-                    entry[key] = paired_interval(
+                    entry[key] = paired_difference(
                         [per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common]
                     )
             table[m] = entry
@@ -299,16 +278,6 @@ def save_plot(path: Path, summary: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _lambdas(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -341,11 +310,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
-    p.add_argument("--seeds", type=_positive_int, default=None, help="number of paired seeds (default: the preset's)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="student steps (default: the preset's)")
-    p.add_argument("--teacher-steps", type=_positive_int, default=None, help="teacher steps (default: the preset's)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of paired seeds (default: the preset's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
+    p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
-    p.add_argument("--workers", type=_positive_int, default=None, help="parallel worker processes, 1 thread each")
+    p.add_argument("--workers", type=positive_int, default=None, help="parallel worker processes, 1 thread each")
     p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
@@ -394,11 +363,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from spark_ext import demo
+    from spark_ext.demo.presets import PRESETS as DEMO_PRESETS
+    from spark_ext.demo.scoring import model_outputs, score_outputs
 
     spec = PRESETS[args.preset]
     preset = dataclasses.replace(
-        demo.PRESETS[spec.demo_preset],
+        DEMO_PRESETS[spec.demo_preset],
         student_steps=args.steps or spec.student_steps,
         teacher_steps=args.teacher_steps or spec.teacher_steps,
         seeds=tuple(range(args.seeds)),
@@ -415,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t = RestorationTask(task)
         teacher, info = study_teacher(t, preset, device, args.cache_dir, args.quiet)
         held = held_out_pairs(t, preset.eval_size, device=device)
-        score = demo.score_outputs(demo.model_outputs(teacher, held), held, t)
+        score = score_outputs(model_outputs(teacher, held), held, t)
         teachers[task] = {
             "steps": preset.teacher_steps,
             "psnr": score["psnr"],
@@ -448,14 +418,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "cache_dir": args.cache_dir,
                     }
                 )
-    progress = demo._progress(range(len(jobs)), "study", args.quiet, total=len(jobs))
-    bar = progress if hasattr(progress, "update") else None
+    bar = progress(desc="study", total=len(jobs), quiet=args.quiet)
 
     def finished(row: dict[str, Any]) -> None:
         rows.append(row)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{row['task']} {row['method']} s{row['seed']}")
+        bar.update(1)
+        bar.set_postfix_str(f"{row['task']} {row['method']} s{row['seed']}")
         # Rewritten after every student: an interrupted study keeps what it measured.
         write_report(args, argv, spec, preset, device, teachers, rows, time.perf_counter() - wall0, complete=False)
 
@@ -470,8 +438,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
             for row in pool.map(run_job, jobs):
                 finished(row)
-    if bar is not None:
-        bar.close()
+    bar.close()
     wall = time.perf_counter() - wall0
     summary = write_report(args, argv, spec, preset, device, teachers, rows, wall, complete=True)
     print(format_table(summary))

@@ -13,7 +13,7 @@ from spark_ext.distill import AUGMENTATIONS, LogitDistiller, accuracy, cmi_and_f
 from spark_ext.models import DigitsCNN
 
 pytest.importorskip("sklearn", reason="the digits data needs scikit-learn (demo extra)")
-from spark_ext.classify import batches, paired_difference, train_teacher  # noqa: E402
+from spark_ext.classify import batches, train_teacher  # noqa: E402
 from spark_ext.data.digits import load_digits_split  # noqa: E402
 
 
@@ -131,13 +131,6 @@ def test_augmentations_keep_shape_and_range(name):
     x = torch.rand(5, 1, 8, 8)
     out = AUGMENTATIONS[name](x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and float(out.min()) >= -1e-6 and float(out.max()) <= 1 + 1e-6
-
-
-def test_paired_difference_interval():
-    p = paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 1.0])
-    assert p["mean"] == pytest.approx(4 / 3) and p["ci95"][0] < p["mean"] < p["ci95"][1]
-    # t(0.975, 2) = 4.303, sd of (1, 1, 2) = 0.57735
-    assert p["ci95"][1] - p["mean"] == pytest.approx(4.302653 * 0.5773503 / math.sqrt(3), rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """Smoke test of the main job: ``spark-ext demo --preset smoke`` (a few steps, seconds)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,13 +10,16 @@ pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
-from spark_ext import demo  # noqa: E402
+from spark_ext.demo import cli  # noqa: E402
+from spark_ext.demo.presets import PRESETS  # noqa: E402
+from spark_ext.demo.teacher import get_teacher, uses_pretrained_teacher  # noqa: E402
+from spark_ext.demo.training import lsq_quantizers, make_ptq, student_optimizer  # noqa: E402
 
 
 def test_smoke_denoise_writes_table_pictures_and_caches_the_teacher(tmp_path, capsys):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache), "--quiet", "--device", "cpu"]
-    assert demo.main(argv) == 0
+    assert cli.main(argv) == 0
     first = capsys.readouterr().out
     assert "teacher: trained" in first and "backends used: difficulty_signals=" in first
     for label in ("FP32 teacher", "PTQ W4A4", "QAT W4A4", "KD W4A4", "SPARK W4A4", "GoR W4A4", "LMR W4A4"):
@@ -29,7 +33,7 @@ def test_smoke_denoise_writes_table_pictures_and_caches_the_teacher(tmp_path, ca
     assert len(list(cache.glob("*.pt"))) == 1
 
     # Second run: the teacher comes from the cache and every number is reproduced.
-    assert demo.main(argv) == 0
+    assert cli.main(argv) == 0
     assert "teacher: loaded from cache" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
     for method, row in report["results"].items():
@@ -49,7 +53,7 @@ def test_smoke_sr_with_dfd(tmp_path, capsys):
         "--no-cache",
         "--quiet",
     ]
-    assert demo.main(argv) == 0
+    assert cli.main(argv) == 0
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["results"]) == {"input", "fp32", "ptq", "spark", "dfd"}
     assert "Y channel" in report["metric_notes"] and "border = scale" in report["metric_notes"]
@@ -80,7 +84,7 @@ def test_eval_images_folder_is_scored_and_checked_first(tmp_path, capsys):
         "--eval-images",
         str(photos),
     ]
-    assert demo.main(argv) == 0
+    assert cli.main(argv) == 0
     assert "PSNR (DIR)" in capsys.readouterr().out
     report = json.loads((out / "results.json").read_text())
     assert report["eval_images"]["images"] == ["a.png", "b.JPG"]
@@ -93,7 +97,7 @@ def test_eval_images_folder_is_scored_and_checked_first(tmp_path, capsys):
     (photos / "broken.png").write_bytes(b"not a png")
     for bad, why in ((tmp_path / "nowhere", "does not exist"), (empty, "has no"), (photos, "cannot read image")):
         with pytest.raises(SystemExit) as info:
-            demo.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--eval-images", str(bad)])
+            cli.main(["--preset", "smoke", "--out", str(tmp_path / "x"), "--eval-images", str(bad)])
         assert info.value.code == 2
         assert why in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -106,13 +110,13 @@ def test_default_preset_uses_the_shipped_teacher_unless_retraining(capsys):
     from spark_ext.models import PRETRAINED_TEACHERS
 
     task, cpu = RestorationTask("denoise"), torch.device("cpu")
-    teacher, info = demo.get_teacher(task, demo.PRESETS["default"], cpu, None, quiet=True)
+    teacher, info = get_teacher(task, PRESETS["default"], cpu, None, quiet=True)
     assert info["pretrained"] and info["sha256"] == PRETRAINED_TEACHERS["denoise"].sha256
     assert "shipped denoise teacher" in capsys.readouterr().out
-    assert not demo.uses_pretrained_teacher(task, demo.PRESETS["smoke"])
-    assert not demo.uses_pretrained_teacher(RestorationTask("denoise", sigma=0.1), demo.PRESETS["default"])
-    tiny = demo.dataclasses.replace(demo.PRESETS["default"], teacher_steps=1, width=16)
-    _, info = demo.get_teacher(task, tiny, cpu, None, quiet=True, retrain=True)
+    assert not uses_pretrained_teacher(task, PRESETS["smoke"])
+    assert not uses_pretrained_teacher(RestorationTask("denoise", sigma=0.1), PRESETS["default"])
+    tiny = dataclasses.replace(PRESETS["default"], teacher_steps=1, width=16)
+    _, info = get_teacher(task, tiny, cpu, None, quiet=True, retrain=True)
     assert not info["pretrained"] and info["steps"] == 1
 
 
@@ -123,7 +127,7 @@ def _no_work(*args, **kwargs):
 def _rejected(argv, capsys) -> str:
     """The one-line error of a demo run rejected before any work (argparse: exit 2)."""
     with pytest.raises(SystemExit) as info:
-        demo.main(argv)
+        cli.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -158,14 +162,14 @@ def test_bad_arguments_are_rejected(tmp_path, capsys):
 )
 def test_every_argument_is_checked_before_any_work(tmp_path, capsys, monkeypatch, flag, value, message):
     # Issue 10, defects 10 and 11: these failed only after training the teacher, or trained nothing / twice.
-    monkeypatch.setattr(demo, "get_teacher", _no_work)
+    monkeypatch.setattr(cli, "get_teacher", _no_work)
     line = _rejected(["--preset", "smoke", flag, value, "--out", str(tmp_path / "out"), "--no-cache"], capsys)
     assert message in line
 
 
 def test_unwritable_out_and_cache_are_rejected_before_any_work(tmp_path, capsys, monkeypatch):
     # Issue 10, defect 9: --out was created only after every model had trained.
-    monkeypatch.setattr(demo, "get_teacher", _no_work)
+    monkeypatch.setattr(cli, "get_teacher", _no_work)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     line = _rejected(["--preset", "smoke", "--out", str(blocker / "out"), "--no-cache"], capsys)
@@ -181,9 +185,9 @@ def test_ptq_student_trains_even_when_the_teacher_is_frozen():
     from spark_ext.models import build_model
 
     teacher = build_model("denoise", 4, depth=1).requires_grad_(False)
-    student = demo.make_ptq(teacher, RestorationTask(), demo.PRESETS["smoke"], 0, torch.device("cpu"))
+    student = make_ptq(teacher, RestorationTask(), PRESETS["smoke"], 0, torch.device("cpu"))
     assert all(p.requires_grad for p in student.parameters())
-    opt = demo.student_optimizer(student, 1e-3, 1e-2)
-    n_quant = len(demo._lsq_quantizers(student))
+    opt = student_optimizer(student, 1e-3, 1e-2)
+    n_quant = len(lsq_quantizers(student))
     assert len(opt.param_groups) == 1 + n_quant and n_quant > 0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(student.parameters()))

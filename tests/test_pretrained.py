@@ -44,7 +44,7 @@ def test_recorded_held_out_scores_are_reproduced(task):
     # docs/teachers.md and PRETRAINED_TEACHERS quote these numbers; re-measure them (whole photos).
     pytest.importorskip("skimage")
     from spark_ext.data import RestorationTask, held_out_pairs
-    from spark_ext.demo import evaluate
+    from spark_ext.demo.scoring import evaluate
 
     torch.set_num_threads(1)
     spec = PRETRAINED_TEACHERS[task]

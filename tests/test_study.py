@@ -1,7 +1,6 @@
 """``spark-ext study``: argument checks before any work, paired statistics, and a tiny end-to-end run."""
 
 import json
-import math
 
 import pytest
 
@@ -31,18 +30,6 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_paired_interval_matches_a_hand_computation():
-    a, b = [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 2.5, 3.0]
-    res = study.paired_interval(a, b)
-    diffs = [0.5, 1.0, 0.5, 1.0]
-    m = sum(diffs) / 4
-    s = math.sqrt(sum((d - m) ** 2 for d in diffs) / 3)
-    half = 3.182446305284263 * s / 2  # t_{0.975, 3}
-    assert res["mean"] == pytest.approx(m)
-    assert (res["lo"], res["hi"]) == pytest.approx((m - half, m + half))
-    assert res["wins"] == 4 and res["n"] == 4
 
 
 def test_summary_picks_the_best_kd_and_pairs_by_seed():

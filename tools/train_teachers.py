@@ -1,6 +1,6 @@
 """Train the FP32 teachers shipped in ``spark_ext/models/weights/`` (reproducibly) and record their curves.
 
-Each run is the demo's own teacher training (:func:`spark_ext.demo.train_teacher`:
+Each run is the demo's own teacher training (:func:`spark_ext.demo.teacher.train_teacher`:
 ``default`` preset network, L1, Adam lr 2e-3 with cosine decay over ``--steps``,
 seed 0, batches of 8 random 48 px crops of the 14 training photos) on one CPU
 thread, so the same torch build gives bitwise the same weights. Every
@@ -42,11 +42,13 @@ def main(argv=None) -> int:
         p.error("--steps and --eval-every must be >= 1")
 
     torch.set_num_threads(1)
-    from spark_ext import demo
     from spark_ext.data import RestorationTask, held_out_pairs
+    from spark_ext.demo.presets import PRESETS
+    from spark_ext.demo.scoring import evaluate
+    from spark_ext.demo.teacher import train_teacher
 
     task = RestorationTask(args.task)
-    base = demo.PRESETS["default"]
+    base = PRESETS["default"]
     held_crops = held_out_pairs(task, base.eval_size)
     held_whole = held_out_pairs(task, None)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
 
         def record(step: int, model: torch.nn.Module, steps=steps, curve=curve, t0=t0) -> None:
             if step % args.eval_every == 0 or step == steps:
-                r = demo.evaluate(model, task, held_crops)
+                r = evaluate(model, task, held_crops)
                 curve.append({"step": step, "psnr": r["psnr"], "ssim": r["ssim"], "seconds": time.perf_counter() - t0})
                 print(
                     f"{task.kind} {steps}: step {step} PSNR {r['psnr']:.3f} SSIM {r['ssim']:.4f} "
@@ -64,12 +66,12 @@ def main(argv=None) -> int:
                     flush=True,
                 )
 
-        model, losses = demo.train_teacher(task, preset, torch.device("cpu"), quiet=True, callback=record)
+        model, losses = train_teacher(task, preset, torch.device("cpu"), quiet=True, callback=record)
         seconds = time.perf_counter() - t0
         path = args.out / f"teacher_{task.kind}_{steps}.pt"
         torch.save(model.state_dict(), path)
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        whole = demo.evaluate(model, task, held_whole)
+        whole = evaluate(model, task, held_whole)
         report = {
             "task": dataclasses.asdict(task),
             "preset": dataclasses.asdict(preset),

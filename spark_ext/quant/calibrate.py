@@ -26,7 +26,6 @@ list. Afterwards every module's train/eval mode and every quantizer's
 from __future__ import annotations
 
 import itertools
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..progress import progress as progress_bar  # `progress` is calibrate's flag
 from .layers import QUANT_LAYERS
 from .quantizer import LSQQuantizer, channel_rows, range_to_qparams
 
@@ -74,37 +74,9 @@ def _model_device(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
-class _Progress:
-    """tqdm when installed, else a plain counter on stderr."""
-
-    def __init__(self, enabled: bool, desc: str, total: Optional[int]) -> None:
-        self.bar = None
-        self.enabled, self.desc, self.count = enabled, desc, 0
-        if enabled:
-            try:
-                from tqdm.auto import tqdm  # optional dependency (demo extra)
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(total=total, desc=desc, leave=False)
-
-    def update(self) -> None:
-        self.count += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"\r{self.desc}: batch {self.count}", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled and self.count:
-            print(file=sys.stderr)
-
-
 def _run(model, batches, forward_fn, device, progress: bool, desc: str) -> int:
     total = len(batches) if isinstance(batches, list) else None
-    bar = _Progress(progress, desc, total)
+    bar = progress_bar(desc=desc, total=total, quiet=not progress)
     n = 0
     try:
         for batch in batches:

@@ -1,0 +1,73 @@
+"""The demo's budgets (:class:`Preset`), its student methods and their display labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+# Student methods: DistillConfig overrides. "ptq" is handled separately (no training).
+METHODS: dict[str, dict[str, Any]] = {
+    "qat": {"mode": "qat"},
+    "kd": {"mode": "kd"},
+    "spark": {"mode": "spark"},
+    "gor": {"mode": "kd", "balancer": "gor"},
+    "lmr": {"mode": "kd", "balancer": "lmr"},
+    "dfd": {"mode": "kd", "dfd_layer": "<feature layer>"},
+}
+DEFAULT_METHODS = ("ptq", "qat", "kd", "spark", "gor", "lmr")
+METRIC_NOTES = {
+    "denoise": "BasicSR conventions: outputs rounded to uint8, RGB, no border crop, SSIM 11x11 Gaussian (sigma 1.5)",
+    "sr": "BasicSR conventions: outputs rounded to uint8, Y channel (BT.601), border = scale cropped, "
+    "SSIM 11x11 Gaussian (sigma 1.5)",
+}
+LABELS = {
+    "input": "input (degraded)",
+    "fp32": "FP32 teacher",
+    "ptq": "PTQ W4A4",
+    "qat": "QAT W4A4",
+    "kd": "KD W4A4",
+    "spark": "SPARK W4A4",
+    "gor": "GoR W4A4",
+    "lmr": "LMR W4A4",
+    "dfd": "DFD W4A4",
+    "target": "ground truth",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Budget of one demo run (identical for every student method).
+
+    width, depth: network size (``build_model``). crop, batch: training crops.
+    teacher_steps, teacher_lr: FP32 teacher training (Adam, cosine decay).
+    student_steps, student_lr: every student's training (Adam, cosine decay).
+    quant_rel_lr: learning rate of each LSQ step (and offset) *relative to its
+        initial value* — Adam moves a parameter by about ``lr`` per step, so a
+        step of 1e-3 (8-bit layers) needs a far smaller lr than one of 0.1.
+    calib_batches, calib_method: PTQ calibration. eval_size: centred crop of
+        the held-out photos (None: whole photos). grid: SPARK cells per crop.
+    seeds: student seeds (mean ± std over them when more than one).
+    """
+
+    name: str
+    width: int
+    depth: int
+    crop: int
+    batch: int
+    teacher_steps: int
+    teacher_lr: float
+    student_steps: int
+    student_lr: float
+    quant_rel_lr: float
+    calib_batches: int
+    calib_method: str
+    eval_size: Optional[int]
+    grid: tuple[int, int]
+    seeds: tuple[int, ...]
+
+
+PRESETS = {
+    "smoke": Preset("smoke", 4, 1, 16, 2, 4, 2e-3, 3, 2e-4, 1e-3, 1, "minmax", 32, (4, 4), (0,)),
+    "default": Preset("default", 16, 2, 48, 8, 1500, 2e-3, 500, 1e-3, 1e-2, 4, "mse", 192, (8, 8), (0,)),
+    "full": Preset("full", 32, 3, 96, 16, 20000, 1e-3, 5000, 5e-4, 1e-3, 16, "mse", None, (8, 8), (0, 1, 2)),
+}
