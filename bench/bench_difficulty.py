@@ -9,7 +9,7 @@ Passes, each timed for every implementation in the same run:
   grid-weighted loss ``sum(w * cell_kd) / N`` and its backward to S.
 
 Implementations: ``ours`` = ``backend="triton"`` on CUDA, ``"cpp"`` on CPU (see
-:func:`ours_backend`), ``eager`` = the reference
+:func:`common.ours_backend`), ``eager`` = the reference
 (:mod:`spark_ext.reference`), ``compiled`` = ``torch.compile`` of the same
 reference function. Bytes are the minimum each pass must move (docs/spec.md §8: the
 forward reads S, T, Y and writes the per-cell outputs; the backward reads S,
@@ -25,7 +25,6 @@ device copy measured in the same run compare like with like.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -38,18 +37,6 @@ import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def ours_backend(device: torch.device):
-    """The backend timed as ``ours``: Triton on CUDA; on CPU the C++ kernels, or
-    the Triton kernels under ``TRITON_INTERPRET=1``; None when neither can run."""
-    if device.type == "cuda":
-        return "triton"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "triton"
-    from spark_ext import _extension
-
-    return "cpp" if _extension.cpp_unavailable() is None else None
 
 
 def reset_compiler() -> None:
@@ -136,14 +123,7 @@ def bench_case(rows, shape, dtype_name, grid, kd_loss, device, ours_name, with_c
 
 
 def main(argv=None) -> int:
-    parser = common.arg_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    ours_name = ours_backend(device)
-    if ours_name is None:
-        print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
-    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
+    args, device, ours_name, reps = common.kd_bench_setup(argv, __doc__.split("\n\n")[0])
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", (8, 8)), ((2, 3, 32, 32), "bf16", (8, 8))]
     elif args.headline:  # the HBM-bound size of the targets, SPARK's 8x8 grid
@@ -157,23 +137,7 @@ def main(argv=None) -> int:
     rows = []
     for shape, dtype_name, grid in cases:
         bench_case(rows, shape, dtype_name, grid, args.kd_loss, device, ours_name, not args.no_compiled, reps)
-    common.add_ratios(rows)
-    common.print_rows(
-        rows,
-        [
-            "case",
-            "pass",
-            "impl",
-            "ms",
-            "ms_p20",
-            "ms_p80",
-            "gbps",
-            "copy_fraction",
-            "speedup_vs_peer",
-            "peak_extra_bytes",
-        ],
-    )
-    print(common.save_results("difficulty", device, rows, args.out))
+    common.finish("difficulty", device, rows, args.out)
     return 0
 
 

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         args.batch, args.width, args.teacher_width, args.crop = 2, 8, 16, 32
     else:
         args.batch, args.width, args.teacher_width, args.crop = 16, 48, 64, 192
-    reps = args.reps or (10 if args.quick or args.headline else 20)
+    reps = common.default_reps(args, quick=10, headline=10, full=20)
     case = f"W4A4 b{args.batch} w{args.width} {args.crop}x{args.crop}"
 
     # (mode, impl, backend, compiled, torch's fake quant)

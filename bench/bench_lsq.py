@@ -176,29 +176,13 @@ def run(argv, description, op, result_name, make_impls, make_p1) -> int:
     backend = "cuda" if device.type == "cuda" else "cpp"
     _extension.load()
     print(f"library: {_extension.status()}  threads: {torch.get_num_threads()}", flush=True)
-    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
+    reps = common.default_reps(args)
     rows = []
     for layout in layouts(args, device):
         for dtype_name in DTYPES:
             bench_case(rows, op, make_impls, make_p1, layout, dtype_name, device, not args.no_compiled, reps, backend)
-    common.add_ratios(rows)
-    common.print_rows(
-        rows,
-        [
-            "case",
-            "pass",
-            "impl",
-            "ms",
-            "ms_p20",
-            "ms_p80",
-            "gbps",
-            "copy_fraction",
-            "speedup_vs_peer",
-            "peak_extra_bytes",
-        ],
-    )
+    common.finish(result_name, device, rows, args.out)
     summarize(rows)
-    print(common.save_results(result_name, device, rows, args.out))
     return 0
 
 

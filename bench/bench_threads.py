@@ -226,12 +226,8 @@ def main(argv=None) -> int:
                             "clone_gbps": clone_rate,
                         }
                     )
-                common.add_ratios(rows)
-                common.print_rows(
-                    rows, ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "clone_fraction", "speedup_vs_peer"]
-                )
-                path = common.save_results(f"threads-{op}-t{n}", "cpu", rows, args.out)
-                print(path, flush=True)
+                columns = ["case", "pass", "impl", "ms", "gbps", "copy_fraction", "clone_fraction", "speedup_vs_peer"]
+                common.finish(f"threads-{op}-t{n}", "cpu", rows, args.out, columns)
                 summary += rows
     finally:
         torch.set_num_threads(all_thread_max)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_difficulty import DTYPES, ours_backend, reset_compiler  # noqa: E402
+from bench_difficulty import DTYPES, reset_compiler  # noqa: E402
 
 import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
@@ -99,14 +99,7 @@ def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, ours_name,
 
 
 def main(argv=None) -> int:
-    parser = common.arg_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    ours_name = ours_backend(device)
-    if ours_name is None:
-        print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
-    reps = args.reps or (5 if args.quick else 20 if args.headline else 50)
+    args, device, ours_name, reps = common.kd_bench_setup(argv, __doc__.split("\n\n")[0])
     if args.quick:
         cases = [((2, 3, 32, 32), "fp32", wk) for wk in ("none", "pixel", "grid")]
     elif args.headline:  # the HBM-bound size of the targets, every weight kind
@@ -117,23 +110,7 @@ def main(argv=None) -> int:
     rows = []
     for shape, dtype_name, weight_kind in cases:
         bench_case(rows, shape, dtype_name, weight_kind, args.kd_loss, device, ours_name, not args.no_compiled, reps)
-    common.add_ratios(rows)
-    common.print_rows(
-        rows,
-        [
-            "case",
-            "pass",
-            "impl",
-            "ms",
-            "ms_p20",
-            "ms_p80",
-            "gbps",
-            "copy_fraction",
-            "speedup_vs_peer",
-            "peak_extra_bytes",
-        ],
-    )
-    print(common.save_results("weighted_kd", device, rows, args.out))
+    common.finish("weighted_kd", device, rows, args.out)
     return 0
 
 

@@ -11,7 +11,8 @@
   live before it (CUDA only; ``None`` on CPU).
 * :func:`environment` / :func:`save_results` — JSON with device, versions,
   commit, date, and the rows.
-* :func:`print_rows` — a fixed-width table.
+* :func:`print_rows` — a fixed-width table; :func:`finish` — the end of every script's ``main``
+  (ratios, table, JSON); :func:`default_reps` — the repetitions of a run.
 * :func:`measure` — one row in the schema below, the unit every benchmark saves.
 
 Row schema (one dict per op x case x pass x implementation; ``spark-ext bench``
@@ -47,7 +48,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -175,7 +176,68 @@ def save_results(name: str, device: torch.device | str, rows: list[dict], out_di
     return path
 
 
-def print_rows(rows: Iterable[dict], columns: Optional[list[str]] = None) -> None:
+# The table of a kernel benchmark (bench_difficulty, bench_weighted_kd, bench_lsq, bench_fake_quant).
+KERNEL_COLUMNS = (
+    "case",
+    "pass",
+    "impl",
+    "ms",
+    "ms_p20",
+    "ms_p80",
+    "gbps",
+    "copy_fraction",
+    "speedup_vs_peer",
+    "peak_extra_bytes",
+)
+
+
+def default_reps(args: argparse.Namespace, *, quick: int = 5, headline: int = 20, full: int = 50) -> int:
+    """Timed repetitions: ``--reps`` when given, else the script's count for ``--quick``, ``--headline``, a full run."""
+    return args.reps or (quick if args.quick else headline if args.headline else full)
+
+
+def ours_backend(device: torch.device):
+    """The backend timed as ``ours``: Triton on CUDA; on CPU the C++ kernels, or
+    the Triton kernels under ``TRITON_INTERPRET=1``; None when neither can run."""
+    if device.type == "cuda":
+        return "triton"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    from spark_ext import _extension
+
+    return "cpp" if _extension.cpp_unavailable() is None else None
+
+
+def kd_bench_setup(argv, description: str) -> tuple[argparse.Namespace, torch.device, Optional[str], int]:
+    """The start of the KD benchmarks' ``main`` (bench_difficulty, bench_weighted_kd): the shared options and
+    ``--kd-loss`` parsed, the device, the backend timed as ``ours`` (None, with a note, when none can run) and
+    the repetitions."""
+    parser = arg_parser(description)
+    parser.add_argument("--kd-loss", default="l1", choices=["l1", "l2", "charbonnier"])
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    ours_name = ours_backend(device)
+    if ours_name is None:
+        print("note: the C++ library is unavailable: our kernels are not timed", flush=True)
+    return args, device, ours_name, default_reps(args)
+
+
+def finish(
+    name: str,
+    device: torch.device | str,
+    rows: list[dict],
+    out_dir: Optional[Path],
+    columns: Sequence[str] = KERNEL_COLUMNS,
+) -> Path:
+    """The end of every benchmark's ``main``: speed-up ratios, the table of ``columns``, the JSON (path printed)."""
+    add_ratios(rows)
+    print_rows(rows, columns)
+    path = save_results(name, device, rows, out_dir)
+    print(path, flush=True)
+    return path
+
+
+def print_rows(rows: Iterable[dict], columns: Optional[Sequence[str]] = None) -> None:
     rows = list(rows)
     if not rows:
         print("(no rows)")
