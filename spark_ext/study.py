@@ -14,6 +14,7 @@ Methods (``--methods``; default all):
 
 * ``qat``: L1 only. ``kd@L``: uniform KD at ``lambda_kd = L`` for each ``L`` in ``--lambdas``.
 * ``kd_anneal``: uniform KD, ``lambda_kd`` decaying linearly from 1 to 0 over the run.
+* ``kd_l2``, ``kd_charbonnier``: uniform KD at ``lambda_kd = 1`` with another KD loss kind (default L1).
 * ``map_random``: a random mean-1 map with the initial policy's per-cell variance.
 * ``map_<signal>``: a fixed mean-1 map proportional to one signal (``lap_var``, ``pix_var``,
   ``recon_err``, ``kd_gap``) or to the teacher's advantage (``teacher_adv``).
@@ -47,6 +48,8 @@ from spark_ext.stats import mean_std, paired_difference
 METHODS: dict[str, dict[str, Any]] = {
     "qat": {"mode": "qat"},
     "kd_anneal": {"mode": "kd", "kd_anneal_steps": None},  # filled with the run's steps
+    "kd_l2": {"mode": "kd", "kd_loss": "l2"},
+    "kd_charbonnier": {"mode": "kd", "kd_loss": "charbonnier"},
     "map_random": {"mode": "map", "map_signal": "random"},
     "map_lap_var": {"mode": "map", "map_signal": "lap_var"},
     "map_pix_var": {"mode": "map", "map_signal": "pix_var"},
