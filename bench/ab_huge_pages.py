@@ -128,7 +128,14 @@ def main(argv=None) -> int:
         if not same:
             return 1
     times = {key: {"off": [], "on": []} for key in fns}
+    # the copy-bandwidth yardstick of bench_threads.py: dst.copy_(src) of one activation, no allocation
+    src = torch.rand(ACT)
+    dst = torch.empty_like(src)
+    copy_ms = {n: [] for n in counts}
     for r in range(args.rounds):
+        for n in counts:
+            torch.set_num_threads(n)
+            copy_ms[n].append(median_ms(lambda: dst.copy_(src), args.iters))
         modes = ("off", "on") if r % 2 == 0 else ("on", "off")
         for key, call in fns.items():
             torch.set_num_threads(key[0])
@@ -137,10 +144,15 @@ def main(argv=None) -> int:
                 times[key][mode].append(median_ms(call, args.iters))
     ops.set_huge_page_threshold(on)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    for n in counts:
+        print(f"dst.copy_(src) {'x'.join(map(str, ACT))} fp32, {n} thread(s): {statistics.median(copy_ms[n]):.2f} ms")
     print("threads | case | impl | pass | off ms | on ms | off/on")
     for (n, name, impl, pass_), t in times.items():
         off, on_ms = statistics.median(t["off"]), statistics.median(t["on"])
         note = "" if impl == "ours" else " (c10 allocator: the switch does not apply)"
+        if impl == "ours" and name in ("lsq", "fake_quant"):
+            moved = 2 if pass_ == "fwd" else 5  # tensors read or written: x, y; then x, dy, dx as well
+            note = f" ({moved / 2 * statistics.median(copy_ms[n]) / on_ms:.0%} of copy_ bandwidth when on)"
         row = f"{n} | {name} {all_cases[name][1]} | {impl} | {pass_} | {off:.2f} | {on_ms:.2f} | {off / on_ms:.2f}x"
         print(row + note)
     if args.rss:
