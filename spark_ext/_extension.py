@@ -55,6 +55,7 @@ CPU_SOURCES = (
     "cpu/span_kernels.cpp",
     "cpu/difficulty_cpu.cpp",
     "cpu/weighted_kd_cpu.cpp",
+    "cpu/huge_page_allocator.cpp",
 )
 CUDA_SOURCES = ("cuda/fake_quant_cuda.cu",)
 HEADERS = (
@@ -64,6 +65,7 @@ HEADERS = (
     "cpu/span_impl.h",
     "cpu/parallel.h",
     "cpu/image_rows.h",
+    "cpu/huge_page_allocator.h",
 )
 
 # -ffp-contract=off: no fused multiply-add, the kernels reproduce the
@@ -575,6 +577,51 @@ def cuda_status() -> str:
     if why is not None:
         return f"would not be compiled: {why}"
     return f"would be compiled for {current_arch_plan()[1]}"
+
+
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def transparent_hugepage_mode(setting: Path = THP_SETTING) -> Optional[str]:
+    """The kernel's THP mode (``always``, ``madvise`` or ``never``: the bracketed word), None if unknown."""
+    try:
+        match = re.search(r"\[(\w+)\]", setting.read_text())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def huge_page_status(setting: Path = THP_SETTING) -> str:
+    """One line for ``spark-ext doctor``: do the CPU kernels' large outputs get huge pages.
+
+    Large outputs are allocated with ``madvise(MADV_HUGEPAGE)`` (csrc/cpu/huge_page_allocator.h)
+    unless ``SPARK_EXT_HUGE_PAGES=0``; the advice takes effect when the kernel's THP mode is
+    ``always`` or ``madvise``. Reads the loaded library's threshold, else the environment.
+    """
+    if not sys.platform.startswith("linux"):
+        return "off (Linux only)"
+    if _state["loaded"]:
+        import torch
+
+        try:
+            threshold = int(torch.ops.spark_ext.huge_page_threshold())
+        except ValueError as exc:  # a bad SPARK_EXT_HUGE_PAGES
+            return f"error: {exc}"
+        except (AttributeError, RuntimeError) as exc:  # a library built before the allocator existed
+            return f"unknown: the loaded library cannot say ({exc})"
+        if threshold == 0:
+            return "off (SPARK_EXT_HUGE_PAGES=0)"
+        limit = f"outputs >= {threshold / 2**20:g} MiB"
+    else:
+        if os.environ.get("SPARK_EXT_HUGE_PAGES") == "0":
+            return "off (SPARK_EXT_HUGE_PAGES=0)"
+        limit = "large outputs"
+    mode = transparent_hugepage_mode(setting)
+    if mode in ("always", "madvise"):
+        return f"active for {limit} (transparent_hugepage: {mode})"
+    if mode is None:
+        return f"requested for {limit}, but {setting} is unreadable: the kernel may use 4 KiB pages"
+    return f"requested for {limit}, but transparent_hugepage is '{mode}': 4 KiB pages (slower, not wrong)"
 
 
 # --------------------------------------------------------------------------

@@ -172,6 +172,7 @@ def test_doctor_prints_the_library_status():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "C++/CUDA library: " in result.stdout
     assert "  CUDA kernels: " in result.stdout  # compiled in (for which GPUs), or why not
+    assert "  huge-page outputs: " in result.stdout  # active, off, or why the kernel ignores the advice
     assert "lsq_fake_quant: " in result.stdout and "cpp" in result.stdout
 
 

@@ -40,6 +40,7 @@
 #include <tuple>
 #include <vector>
 
+#include "huge_page_allocator.h"
 #include "image_rows.h"
 #include "parallel.h"
 
@@ -252,8 +253,8 @@ std::tuple<at::Tensor, at::Tensor> cell_kd_backward_cpu(const at::Tensor& grad, 
   TORCH_CHECK_VALUE(grad.device().is_cpu(), op, ": grad must be a CPU tensor, got ", grad.device());
   const int64_t gh = grad.size(2), gw = grad.size(3);
   check_grid(op, gh, gw, H, W);
-  at::Tensor ds = need_s ? at::empty_like(S) : at::empty({0}, S.options());
-  at::Tensor dt = need_t ? at::empty_like(T) : at::empty({0}, T.options());
+  at::Tensor ds = need_s ? cpu::empty_output_like(S) : at::empty({0}, S.options());
+  at::Tensor dt = need_t ? cpu::empty_output_like(T) : at::empty({0}, T.options());
   if (!(need_s || need_t) || S.numel() == 0) return {ds, dt};
   // A float32 view of G (a copy of Gh*Gw values per image only if G is not float32).
   const at::Tensor g32 = grad.scalar_type() == at::kFloat ? grad : grad.to(at::kFloat);

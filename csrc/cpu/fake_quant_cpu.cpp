@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../fake_quant.h"
+#include "huge_page_allocator.h"
 #include "parallel.h"
 #include "span_kernels.h"
 
@@ -406,7 +407,7 @@ at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at
                           c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
   check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
-  at::Tensor y = at::empty_like(v.x);
+  at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
   const LaunchPlan p = make_plan(v);
   const Params q = fq_params(scale, zero_point, false, quant_min, quant_max, grad_factor, p);
@@ -421,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
   check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
-  at::Tensor dx = at::empty_like(v.x);
+  at::Tensor dx = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return {dx, at::zeros_like(scale), at::zeros_like(zero_point)};
   const LaunchPlan p = make_plan(v);
   const Params q = fq_params(scale, zero_point, !axis.has_value(), quant_min, quant_max, grad_factor, p);
@@ -434,7 +435,7 @@ at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c1
                            c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
   check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   DenseView v = dense_view(x, axis);
-  at::Tensor y = at::empty_like(v.x);
+  at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
   const LaunchPlan p = make_plan(v);
   const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
@@ -450,7 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
   check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
-  at::Tensor dx = at::empty_like(v.x);
+  at::Tensor dx = cpu::empty_output_like(v.x);
   // The offset gradient takes the offset's dtype and shape (step's without one).
   const at::Tensor& off_like = offset.has_value() ? *offset : step;
   if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(off_like)};

@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "huge_page_allocator.h"
 #include "image_rows.h"
 #include "parallel.h"
 
@@ -170,10 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weighted_kd_backward_cpu(
   TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must hold one value, got shape ", grad.sizes());
   const at::Tensor w4 = weight.has_value() ? weight4(op, *weight, S) : at::Tensor();
   need_w = need_w && weight.has_value();
-  at::Tensor ds = need_s ? at::empty_like(S) : at::empty({0}, S.options());
-  at::Tensor dt = need_t ? at::empty_like(T) : at::empty({0}, T.options());
+  at::Tensor ds = need_s ? cpu::empty_output_like(S) : at::empty({0}, S.options());
+  at::Tensor dt = need_t ? cpu::empty_output_like(T) : at::empty({0}, T.options());
   // dweight is computed in float32 as [Bw, Cw, H, W], then given the weight's shape and dtype.
-  at::Tensor dw32 = need_w ? at::empty(w4.sizes(), S.options().dtype(at::kFloat))
+  at::Tensor dw32 = need_w ? cpu::empty_output(w4.sizes(), at::kFloat)
                            : at::empty({0}, (weight.has_value() ? *weight : S).options());
   if (need_s || need_t || need_w) {
     // Host read of a CPU scalar: no device synchronisation involved.
