@@ -471,23 +471,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
 
 }  // namespace spark_ext
 
-// Schemas of the fake-quant ops (the CUDA kernels in cuda/fake_quant_cuda.cu
-// register against the same schemas).
-TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
-  m.def(
-      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
-      "float grad_factor) -> Tensor");
-  m.def(
-      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
-      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lsq_fake_quant(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
-      "-> Tensor");
-  m.def(
-      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
-      "float grad_factor) -> (Tensor, Tensor, Tensor)");
-}
-
+// Kernels of the fake-quant ops; their schemas are defined in Python (SCHEMAS in spark_ext/ops/fake_quant.py and
+// spark_ext/ops/lsq.py), the CUDA kernels in cuda/fake_quant_cuda.cu register for the same ops.
 TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
   m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cpu);
   m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cpu);
