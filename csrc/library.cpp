@@ -1,10 +1,12 @@
-// The spark_ext library's namespace (one TORCH_LIBRARY; every kernel file
-// adds its own ops' schemas with TORCH_LIBRARY_FRAGMENT and registers its
-// kernels beside them, and the Python Triton ops use fragments too) and the
-// host-side helpers shared by the CPU and CUDA fake-quant implementations.
+// The spark_ext library's namespace (one TORCH_LIBRARY, with this library's
+// own ops build_info and cpu_threads_used) and the host-side helpers shared by
+// the CPU and CUDA fake-quant implementations.
 //
-// Ops, each registered by the file that implements it (all differentiable
-// through Python `register_autograd` in spark_ext/ops/<family>.py):
+// The kernel ops' schemas are written once, in Python (SCHEMAS in
+// spark_ext/ops/<family>.py, defined at `import spark_ext`, because the
+// Triton ops share them and must exist without this library); each kernel
+// file registers its kernels for them with TORCH_LIBRARY_IMPL. Ops (all
+// differentiable through Python `register_autograd` in spark_ext/ops/<family>.py):
 //   fake_quantize_learnable / _backward       docs/spec.md §5a, torch-compatible   cpu/fake_quant_cpu.cpp, cuda/
 //   lsq_fake_quant / _backward                docs/spec.md §5b, LSQ / LSQ+          cpu/fake_quant_cpu.cpp, cuda/
 //   difficulty_signals / cell_kd / cell_kd_backward  docs/spec.md §2 (CPU only)    cpu/difficulty_cpu.cpp

@@ -91,8 +91,6 @@ DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0+PTX"
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "how": None, "path": None, "info": None}
 _announced = False
-# Callables to run once, right after the library has loaded (see on_load).
-_load_hooks: list = []
 
 
 # --------------------------------------------------------------------------
@@ -463,22 +461,6 @@ def load() -> None:
         except Exception as exc:
             _state["error"] = f"spark_ext C++ library unavailable: {exc}"
             raise RuntimeError(_state["error"]) from exc
-        while _load_hooks:
-            _load_hooks.pop(0)()
-
-
-def on_load(hook) -> None:
-    """Call ``hook()`` once the library is loaded: now if it already is, else right after it loads.
-
-    The op modules register their compiled ops' fake implementations and
-    autograd formulas this way: those need the op schemas, which exist only
-    once the library is loaded, however it gets loaded (a dispatch, a test,
-    ``spark-ext doctor``). Each hook runs exactly once.
-    """
-    if _state["loaded"]:
-        hook()
-    else:
-        _load_hooks.append(hook)
 
 
 def _ready_without_build() -> bool:

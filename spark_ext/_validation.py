@@ -138,6 +138,24 @@ def check_same_device(t: torch.Tensor, name: str, like: torch.Tensor) -> None:
         raise ValueError(f"{name} must be on the input's device {like.device}, got {t.device}")
 
 
+INT_ZERO_POINT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_qparam(t: object, name: str, x: torch.Tensor, numel: int, shape_rule: str, *, int_ok: bool = False) -> None:
+    """A quantization parameter of ``x`` (scale, zero point, step, offset): a tensor on x's device, floating
+    (or, with ``int_ok``, one of :data:`INT_ZERO_POINT_DTYPES`), with ``numel`` elements in at most one dimension.
+
+    ``shape_rule`` completes the shape error ``"<name> must <shape_rule>, got shape ..."``.
+    """
+    check_tensor(t, name)
+    check_same_device(t, name, x)
+    if not t.is_floating_point() and not (int_ok and t.dtype in INT_ZERO_POINT_DTYPES):
+        kinds = "a floating dtype" + (" or an integer dtype" if int_ok else "")
+        raise TypeError(f"{name} must have {kinds}, got {t.dtype}")
+    if t.numel() != numel or t.dim() > 1:
+        raise ValueError(f"{name} must {shape_rule}, got shape {tuple(t.shape)}")
+
+
 def _check_values(t: torch.Tensor, ok: torch.Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``ok`` (a bool tensor) holds everywhere, without a host sync.
 

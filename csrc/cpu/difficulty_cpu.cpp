@@ -290,16 +290,7 @@ std::tuple<at::Tensor, at::Tensor> cell_kd_backward_cpu(const at::Tensor& grad, 
 }  // namespace
 }  // namespace spark_ext
 
-TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
-  m.def(
-      "difficulty_signals(Tensor student, Tensor teacher, Tensor target, int gh, int gw, str kd_loss) "
-      "-> (Tensor, Tensor)");
-  m.def("cell_kd(Tensor student, Tensor teacher, int gh, int gw, str kd_loss) -> Tensor");
-  m.def(
-      "cell_kd_backward(Tensor grad, Tensor student, Tensor teacher, str kd_loss, bool need_student, "
-      "bool need_teacher) -> (Tensor, Tensor)");
-}
-
+// Schemas: SCHEMAS in spark_ext/ops/difficulty.py (shared with the Triton ops).
 TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
   m.impl("difficulty_signals", &spark_ext::difficulty_signals_cpu);
   m.impl("cell_kd", &spark_ext::cell_kd_cpu);

@@ -84,16 +84,30 @@ LaunchPlan make_plan(const DenseView& v) {
   return p;
 }
 
-// Per-channel parameters (length C), expanded to one value per period
-// position in period mode.
-struct Params {
-  std::vector<float> a, b, c;  // c empty for LSQ
-  float lo = 0.f, hi = 0.f, gf = 1.f;
-  float post = 1.f;  // multiplies the reduced sums (LSQ's g)
+// Per-channel parameters of each op (vectors of length C, expanded to one
+// value per period position in period mode). at(pos) points the kernels'
+// parameters (span_kernels.h) at channel / position pos; sum_factor multiplies
+// the reduced sums.
+struct FqChannelParams {
+  using Span = cpu::SpanArgs<cpu::FqParams>;
+  std::vector<float> inv_scale, scale, zero_point;
+  float quant_min = 0.f, quant_max = 0.f, grad_factor = 1.f;
+  float sum_factor = 1.f;  // §5a applies grad_factor per element
+  cpu::FqParams at(int64_t pos) const {
+    return {inv_scale.data() + pos, scale.data() + pos, zero_point.data() + pos, quant_min, quant_max, grad_factor};
+  }
+};
+
+struct LsqChannelParams {
+  using Span = cpu::SpanArgs<cpu::LsqParams>;
+  std::vector<float> step, offset;
+  float neg_qn = 0.f, qp = 0.f;
+  float sum_factor = 1.f;  // §5b's grad_factor
+  cpu::LsqParams at(int64_t pos) const { return {step.data() + pos, offset.data() + pos, neg_qn, qp}; }
 };
 
 void expand(std::vector<float>& v, const LaunchPlan& p) {
-  if (!p.period_mode || v.empty()) return;
+  if (!p.period_mode) return;
   std::vector<float> e(p.period_row_len);
   for (int64_t j = 0; j < p.period_row_len; ++j) e[j] = v[(j % p.period_len) / p.inner];
   v.swap(e);
@@ -118,22 +132,13 @@ float pairwise_sum(const float* v, int64_t n) {
   return pairwise_sum(v, h) + pairwise_sum(v + h, n - h);
 }
 
-cpu::SpanArgs base_args(const Params& q) {
-  cpu::SpanArgs g;
-  g.lo = q.lo;
-  g.hi = q.hi;
-  g.gf = q.gf;
-  return g;
-}
-
 // Row mode: task t is chunk k of row (o, c). Sets the span length and the
 // channel's parameters in g; returns the index of the span's first element.
-int64_t row_task(const LaunchPlan& p, const Params& q, int64_t t, cpu::SpanArgs& g) {
+template <class Q>
+int64_t row_task(const LaunchPlan& p, const Q& q, int64_t t, typename Q::Span& g) {
   const int64_t row = t / p.row_chunks, k = t % p.row_chunks, c = row % p.channels;
   g.n = std::min(kChunk, p.inner - k * kChunk);
-  g.pa = &q.a[c];
-  g.pb = &q.b[c];
-  g.pc = q.c.empty() ? nullptr : &q.c[c];
+  g.params = q.at(c);
   return row * p.inner + k * kChunk;
 }
 
@@ -150,11 +155,9 @@ PeriodTask period_task(const LaunchPlan& p, int64_t t) {
 
 // Points g's parameters at the task's first position and calls
 // f(first element, length) for each of its row spans, in row order.
-template <class F>
-void for_each_period_span(const LaunchPlan& p, const Params& q, const PeriodTask& k, cpu::SpanArgs& g, F&& f) {
-  g.pa = q.a.data() + k.col0;
-  g.pb = q.b.data() + k.col0;
-  g.pc = q.c.empty() ? nullptr : q.c.data() + k.col0;
+template <class Q, class F>
+void for_each_period_span(const LaunchPlan& p, const Q& q, const PeriodTask& k, typename Q::Span& g, F&& f) {
+  g.params = q.at(k.col0);
   for (int64_t r = k.grp * p.rows_per_task; r < std::min(p.period_rows, (k.grp + 1) * p.rows_per_task); ++r) {
     const int64_t row0 = r * p.period_row_len, len = std::min(k.col1, p.numel - row0) - k.col0;
     if (len > 0) f(row0 + k.col0, len);
@@ -186,7 +189,8 @@ struct GradReader {
   }
 
   // Points g.dy / g.dy_stride at the dy values of the x storage span [start, start + n).
-  void point(cpu::SpanArgs& g, int64_t start, int64_t n, std::vector<char>& buf) const {
+  template <class Span>
+  void point(Span& g, int64_t start, int64_t n, std::vector<char>& buf) const {
     if (start / run == (start + n - 1) / run && (step == 0 || step == 1)) {
       g.dy = base + offset(start) * es;
       g.dy_stride = step;
@@ -239,14 +243,16 @@ GradReader grad_reader(const at::Tensor& dy_in, const at::Tensor& x) {
   return r;
 }
 
-void run_forward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2], const at::Tensor& x, at::Tensor& y) {
+template <class Q>
+void run_forward(const LaunchPlan& p, const Q& q, void (*const fns[2])(const typename Q::Span&), const at::Tensor& x,
+                 at::Tensor& y) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* yp = static_cast<char*>(y.data_ptr());
   const int64_t es = x.element_size();
   if (!p.period_mode) {
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
     cpu::parallel_tasks(0, p.tasks, grain, [&](int64_t t0, int64_t t1) {
-      cpu::SpanArgs g = base_args(q);
+      typename Q::Span g;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t start = row_task(p, q, t, g);
         g.x = xp + start * es;
@@ -257,7 +263,7 @@ void run_forward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2],
     return;
   }
   cpu::parallel_tasks(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
-    cpu::SpanArgs g = base_args(q);
+    typename Q::Span g;
     for (int64_t t = t0; t < t1; ++t) {
       for_each_period_span(p, q, period_task(p, t), g, [&](int64_t start, int64_t len) {
         g.n = len;
@@ -270,8 +276,10 @@ void run_forward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2],
 }
 
 // Returns the fp32 sums [C] of the step/scale and offset/zero-point terms.
-std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Params& q, cpu::SpanFn const fns[2],
-                                               const at::Tensor& x, const GradReader& dy, at::Tensor& dx) {
+template <class Q>
+std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Q& q,
+                                               void (*const fns[2])(const typename Q::Span&), const at::Tensor& x,
+                                               const GradReader& dy, at::Tensor& dx) {
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* dxp = static_cast<char*>(dx.data_ptr());
   const int64_t es = x.element_size();
@@ -283,11 +291,11 @@ std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Params
     std::vector<float> part_s(p.tasks), part_z(p.tasks);
     const int64_t grain = std::max<int64_t>(1, kChunk / std::min(p.inner, kChunk));
     cpu::parallel_tasks(0, p.tasks, grain, [&](int64_t t0, int64_t t1) {
-      cpu::SpanArgs g = base_args(q);
+      typename Q::Span g;
       std::vector<char> dy_buf;
       float acc_s[cpu::kLanes], acc_z[cpu::kLanes];
-      g.acc_s = acc_s;
-      g.acc_z = acc_z;
+      g.acc_scale = acc_s;
+      g.acc_zero = acc_z;
       for (int64_t t = t0; t < t1; ++t) {
         std::fill(acc_s, acc_s + cpu::kLanes, 0.f);
         std::fill(acc_z, acc_z + cpu::kLanes, 0.f);
@@ -309,23 +317,23 @@ std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Params
           std::copy(part_s.begin() + base, part_s.begin() + base + p.row_chunks, vs.begin() + o * p.row_chunks);
           std::copy(part_z.begin() + base, part_z.begin() + base + p.row_chunks, vz.begin() + o * p.row_chunks);
         }
-        ss[c] = q.post * pairwise_sum(vs.data(), int64_t(vs.size()));
-        sz[c] = q.post * pairwise_sum(vz.data(), int64_t(vz.size()));
+        ss[c] = q.sum_factor * pairwise_sum(vs.data(), int64_t(vs.size()));
+        sz[c] = q.sum_factor * pairwise_sum(vz.data(), int64_t(vz.size()));
       }
     });
     return {sum_s, sum_z};
   }
   std::vector<float> part_s(p.row_groups * p.channels, 0.f), part_z(p.row_groups * p.channels, 0.f);
   cpu::parallel_tasks(0, p.tasks, 1, [&](int64_t t0, int64_t t1) {
-    cpu::SpanArgs g = base_args(q);
+    typename Q::Span g;
     std::vector<char> dy_buf;
     std::vector<float> acc_s, acc_z;
     for (int64_t t = t0; t < t1; ++t) {
       const PeriodTask k = period_task(p, t);
       acc_s.assign(k.col1 - k.col0, 0.f);
       acc_z.assign(k.col1 - k.col0, 0.f);
-      g.acc_s = acc_s.data();
-      g.acc_z = acc_z.data();
+      g.acc_scale = acc_s.data();
+      g.acc_zero = acc_z.data();
       for_each_period_span(p, q, k, g, [&](int64_t start, int64_t len) {
         g.n = len;
         g.x = xp + start * es;
@@ -351,8 +359,8 @@ std::pair<at::Tensor, at::Tensor> run_backward(const LaunchPlan& p, const Params
         vs[grp] = part_s[grp * p.channels + c];
         vz[grp] = part_z[grp * p.channels + c];
       }
-      ss[c] = q.post * pairwise_sum(vs.data(), p.row_groups);
-      sz[c] = q.post * pairwise_sum(vz.data(), p.row_groups);
+      ss[c] = q.sum_factor * pairwise_sum(vs.data(), p.row_groups);
+      sz[c] = q.sum_factor * pairwise_sum(vz.data(), p.row_groups);
     }
   });
   return {sum_s, sum_z};
@@ -365,39 +373,39 @@ std::vector<float> to_floats(const at::Tensor& t) {
 
 // §5a parameters. Forward and per-channel backward round the zero point half
 // to even; ATen's per-tensor backward takes trunc(clamp(zp + 0.5)) instead.
-Params fq_params(const at::Tensor& scale, const at::Tensor& zero_point, bool per_tensor_backward, int64_t lo,
-                 int64_t hi, double grad_factor, const LaunchPlan& p) {
-  Params q;
-  q.lo = float(lo);
-  q.hi = float(hi);
-  q.gf = float(grad_factor);
-  std::vector<float> s = to_floats(scale), z = to_floats(zero_point);
-  const size_t C = s.size();
-  q.a.resize(C);
-  q.b = s;
-  q.c.resize(C);
+FqChannelParams fq_params(const at::Tensor& scale, const at::Tensor& zero_point, bool per_tensor_backward,
+                          int64_t quant_min, int64_t quant_max, double grad_factor, const LaunchPlan& p) {
+  FqChannelParams q;
+  q.quant_min = float(quant_min);
+  q.quant_max = float(quant_max);
+  q.grad_factor = float(grad_factor);
+  q.scale = to_floats(scale);
+  std::vector<float> z = to_floats(zero_point);
+  const size_t C = q.scale.size();
+  q.inv_scale.resize(C);
+  q.zero_point.resize(C);
   for (size_t i = 0; i < C; ++i) {
-    q.a[i] = 1.0f / s[i];  // ATen computes 1/scale in float32
-    q.c[i] = per_tensor_backward ? std::trunc(std::min(std::max(z[i] + 0.5f, q.lo), q.hi))
-                                 : std::min(std::max(std::nearbyint(z[i]), q.lo), q.hi);
+    q.inv_scale[i] = 1.0f / q.scale[i];  // ATen computes 1/scale in float32
+    q.zero_point[i] = per_tensor_backward ? std::trunc(std::min(std::max(z[i] + 0.5f, q.quant_min), q.quant_max))
+                                          : std::min(std::max(std::nearbyint(z[i]), q.quant_min), q.quant_max);
   }
-  expand(q.a, p);
-  expand(q.b, p);
-  expand(q.c, p);
+  expand(q.inv_scale, p);
+  expand(q.scale, p);
+  expand(q.zero_point, p);
   return q;
 }
 
-Params lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offset, int64_t qn, int64_t qp,
-                  double grad_factor, const LaunchPlan& p) {
-  Params q;
-  q.lo = -float(qn);
-  q.hi = float(qp);
-  q.post = float(grad_factor);
-  q.a = to_floats(step);
-  for (float& s : q.a) s = std::max(s, kMinStep);
-  q.b = offset.has_value() ? to_floats(*offset) : std::vector<float>(q.a.size(), 0.f);
-  expand(q.a, p);
-  expand(q.b, p);
+LsqChannelParams lsq_params(const at::Tensor& step, const c10::optional<at::Tensor>& offset, int64_t qn, int64_t qp,
+                            double grad_factor, const LaunchPlan& p) {
+  LsqChannelParams q;
+  q.neg_qn = -float(qn);
+  q.qp = float(qp);
+  q.sum_factor = float(grad_factor);
+  q.step = to_floats(step);
+  for (float& s : q.step) s = std::max(s, kMinStep);
+  q.offset = offset.has_value() ? to_floats(*offset) : std::vector<float>(q.step.size(), 0.f);
+  expand(q.step, p);
+  expand(q.offset, p);
   return q;
 }
 
@@ -410,7 +418,7 @@ at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at
   at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
   const LaunchPlan p = make_plan(v);
-  const Params q = fq_params(scale, zero_point, false, quant_min, quant_max, grad_factor, p);
+  const FqChannelParams q = fq_params(scale, zero_point, false, quant_min, quant_max, grad_factor, p);
   run_forward(p, q, cpu::kernels().fq_fwd[dtype_code(x)], v.x, y);
   return y;
 }
@@ -425,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
   at::Tensor dx = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return {dx, at::zeros_like(scale), at::zeros_like(zero_point)};
   const LaunchPlan p = make_plan(v);
-  const Params q = fq_params(scale, zero_point, !axis.has_value(), quant_min, quant_max, grad_factor, p);
+  const FqChannelParams q = fq_params(scale, zero_point, !axis.has_value(), quant_min, quant_max, grad_factor, p);
   auto sums = run_backward(p, q, cpu::kernels().fq_bwd[dtype_code(x)], v.x, g, dx);
   return {dx, sums.first.to(scale.scalar_type()).reshape(scale.sizes()),
           sums.second.to(zero_point.scalar_type()).reshape(zero_point.sizes())};
@@ -438,7 +446,7 @@ at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c1
   at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
   const LaunchPlan p = make_plan(v);
-  const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
+  const LsqChannelParams q = lsq_params(step, offset, qn, qp, grad_factor, p);
   run_forward(p, q, cpu::kernels().lsq_fwd[dtype_code(x)], v.x, y);
   return y;
 }
@@ -456,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
   const at::Tensor& off_like = offset.has_value() ? *offset : step;
   if (v.x.numel() == 0) return {dx, at::zeros_like(step), at::zeros_like(off_like)};
   const LaunchPlan p = make_plan(v);
-  const Params q = lsq_params(step, offset, qn, qp, grad_factor, p);
+  const LsqChannelParams q = lsq_params(step, offset, qn, qp, grad_factor, p);
   auto sums = run_backward(p, q, cpu::kernels().lsq_bwd[dtype_code(x)], v.x, g, dx);
   return {dx, sums.first.to(step.scalar_type()).reshape(step.sizes()),
           sums.second.to(off_like.scalar_type()).reshape(off_like.sizes())};
@@ -464,23 +472,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
 
 }  // namespace spark_ext
 
-// Schemas of the fake-quant ops (the CUDA kernels in cuda/fake_quant_cuda.cu
-// register against the same schemas).
-TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
-  m.def(
-      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
-      "float grad_factor) -> Tensor");
-  m.def(
-      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, "
-      "int quant_max, float grad_factor) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lsq_fake_quant(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
-      "-> Tensor");
-  m.def(
-      "lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, "
-      "float grad_factor) -> (Tensor, Tensor, Tensor)");
-}
-
+// Kernels of the fake-quant ops; their schemas are defined in Python (SCHEMAS in spark_ext/ops/fake_quant.py and
+// spark_ext/ops/lsq.py), the CUDA kernels in cuda/fake_quant_cuda.cu register for the same ops.
 TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
   m.impl("fake_quantize_learnable", &spark_ext::fq_forward_cpu);
   m.impl("fake_quantize_learnable_backward", &spark_ext::fq_backward_cpu);

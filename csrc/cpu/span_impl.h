@@ -127,130 +127,150 @@ static inline void storev(c10::Half* p, vf v) {
 // ---- the math -----------------------------------------------------------
 
 template <class V> struct Grads {
-  V dx, ds, dz;  // input gradient; scale/step and zero-point/offset terms
+  V dx;      // input gradient
+  V dscale;  // scale (§5a) or step (§5b) term
+  V dzero;   // zero-point (§5a) or offset (§5b) term
 };
 
-// docs/spec.md §5a, ATen's formulas. a = 1/scale, b = scale, c = rounded zero point.
+// Each op's math holds its SpanArgs parameters and reads them in three ways:
+// coeffs_at(k) gives element k's values (k = 0 in the broadcast variant),
+// splat_coeffs() the span's one value in all 16 lanes, load_coeffs(i) the
+// per-element values of elements [i, i + 16). fwd/bwd are forced inline: GCC
+// would otherwise call FqMath::bwd once per 16 elements (about 20 % slower).
+
+// docs/spec.md §5a, ATen's formulas.
 struct FqMath {
-  float lo, hi, gf;
-  template <class V> inline V fwd(V x, V a, V b, V c) const {
-    const V L = splat<V>(lo), H = splat<V>(hi);
+  FqParams p;
+  template <class V> struct Coeffs {
+    V inv_scale, scale, zero_point;
+  };
+  Coeffs<float> coeffs_at(int64_t k) const { return {p.inv_scale[k], p.scale[k], p.zero_point[k]}; }
+  Coeffs<vf> splat_coeffs() const {
+    return {splat<vf>(p.inv_scale[0]), splat<vf>(p.scale[0]), splat<vf>(p.zero_point[0])};
+  }
+  Coeffs<vf> load_coeffs(int64_t i) const {
+    return {loadv(p.inv_scale + i), loadv(p.scale + i), loadv(p.zero_point + i)};
+  }
+
+  template <class V> [[gnu::always_inline]] inline V fwd(V x, const Coeffs<V>& k) const {
+    const V L = splat<V>(p.quant_min), H = splat<V>(p.quant_max), zp = k.zero_point;
     // ATen: clamp(zp + nearbyint(x * inv_scale), quant_min, quant_max); the
     // inner clamp only keeps the rounding trick in range (see the top).
-    V r = round_half_even(clampv(x * a, L - c - splat<V>(1.f), H - c + splat<V>(1.f)));
-    V q = clampv(r + c, L, H);
-    return (q - c) * b;
+    V r = round_half_even(clampv(x * k.inv_scale, L - zp - splat<V>(1.f), H - zp + splat<V>(1.f)));
+    V q = clampv(r + zp, L, H);
+    return (q - zp) * k.scale;
   }
-  template <class V> inline Grads<V> bwd(V x, V dy, V a, V b, V c) const {
-    const V L = splat<V>(lo), H = splat<V>(hi), one = splat<V>(1.f), zero = splat<V>(0.f);
+  template <class V> [[gnu::always_inline]] inline Grads<V> bwd(V x, V dy, const Coeffs<V>& k) const {
+    const V L = splat<V>(p.quant_min), H = splat<V>(p.quant_max), one = splat<V>(1.f), zero = splat<V>(0.f);
+    const V zp = k.zero_point;
     // ATen's backward rounds zp + x * inv_scale (zp added before rounding,
     // product and sum fused).
-    V xq = round_half_even(clampv(fused_mul_add(x, a, c), L - one, H + one));
+    V xq = round_half_even(clampv(fused_mul_add(x, k.inv_scale, zp), L - one, H + one));
     auto inside = (xq >= L) & (H >= xq);
     // ATen's xfq = (xq - zp) * scale; ... (xfq - x), contracted the same way:
     // (xq - zp) * scale - x rounded once (exact in double: x is within a step
     // of the product, see fused_mul_add).
-    V xfq_minus_x = fused_mul_add(clampv(xq, L, H) - c, b, -x);
-    V g = splat<V>(gf);
-    V ds_in = dy * xfq_minus_x * a * g;
-    V ds_out = dy * sel(xq < L, L - c, H - c) * g;
-    V dz_out = dy * splat<V>(-1.f) * b * g;
-    return {dy * sel(inside, one, zero), sel(inside, ds_in, ds_out), sel(inside, zero, dz_out)};
+    V xfq_minus_x = fused_mul_add(clampv(xq, L, H) - zp, k.scale, -x);
+    V g = splat<V>(p.grad_factor);
+    V dscale_in = dy * xfq_minus_x * k.inv_scale * g;
+    V dscale_out = dy * sel(xq < L, L - zp, H - zp) * g;
+    V dzero_out = dy * splat<V>(-1.f) * k.scale * g;
+    return {dy * sel(inside, one, zero), sel(inside, dscale_in, dscale_out), sel(inside, zero, dzero_out)};
   }
 };
 
-// docs/spec.md §5b. a = step (clamped to >= 1e-8), b = offset (0 without one).
+// docs/spec.md §5b.
 struct LsqMath {
-  float lo, hi;  // -Qn, Qp
-  template <class V> inline V fwd(V x, V a, V b, V) const {
-    V v = (x - b) / a;
-    V q = round_half_even(clampv(v, splat<V>(lo), splat<V>(hi)));
-    return q * a + b;
+  LsqParams p;
+  template <class V> struct Coeffs {
+    V step, offset;
+  };
+  Coeffs<float> coeffs_at(int64_t k) const { return {p.step[k], p.offset[k]}; }
+  Coeffs<vf> splat_coeffs() const { return {splat<vf>(p.step[0]), splat<vf>(p.offset[0])}; }
+  Coeffs<vf> load_coeffs(int64_t i) const { return {loadv(p.step + i), loadv(p.offset + i)}; }
+
+  template <class V> [[gnu::always_inline]] inline V fwd(V x, const Coeffs<V>& k) const {
+    V v = (x - k.offset) / k.step;
+    V q = round_half_even(clampv(v, splat<V>(p.neg_qn), splat<V>(p.qp)));
+    return q * k.step + k.offset;
   }
-  template <class V> inline Grads<V> bwd(V x, V dy, V a, V b, V) const {
-    const V L = splat<V>(lo), H = splat<V>(hi), one = splat<V>(1.f), zero = splat<V>(0.f);
-    V v = (x - b) / a;
+  template <class V> [[gnu::always_inline]] inline Grads<V> bwd(V x, V dy, const Coeffs<V>& k) const {
+    const V L = splat<V>(p.neg_qn), H = splat<V>(p.qp), one = splat<V>(1.f), zero = splat<V>(0.f);
+    V v = (x - k.offset) / k.step;
     V q = round_half_even(clampv(v, L, H));
     auto inside = (v >= L) & (H >= v);
-    V term = sel(inside, q - v, sel(v < L, L, H));
-    return {dy * sel(inside, one, zero), dy * term, dy * sel(inside, zero, one)};
+    V dstep = sel(inside, q - v, sel(v < L, L, H));
+    return {dy * sel(inside, one, zero), dy * dstep, dy * sel(inside, zero, one)};
   }
 };
 
 // ---- span drivers ---------------------------------------------------------
+// PE: per-element parameters (period mode), else one value for the span.
 
 template <class T, bool PE, class M>
-static void fwd_span(const SpanArgs& g, const M m) {
+static void fwd_span(const SpanArgs<decltype(M::p)>& g, const M m) {
   const T* x = static_cast<const T*>(g.x);
   T* y = static_cast<T*>(g.out);
-  const float* pa = g.pa;
-  const float* pb = g.pb;
-  const float* pc = g.pc ? g.pc : g.pa;  // LSQ ignores c
-  const vf a0 = splat<vf>(pa[0]), b0 = splat<vf>(pb[0]), c0 = splat<vf>(pc[0]);
+  const auto k0 = m.splat_coeffs();
   const int64_t n = g.n;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     vf r;
     if constexpr (PE) {
-      r = m.fwd(loadv(x + i), loadv(pa + i), loadv(pb + i), loadv(pc + i));
+      r = m.fwd(loadv(x + i), m.load_coeffs(i));
     } else {
-      r = m.fwd(loadv(x + i), a0, b0, c0);
+      r = m.fwd(loadv(x + i), k0);
     }
     storev(y + i, r);
   }
   for (; i < n; ++i) {
-    const int64_t k = PE ? i : 0;
-    store1(y + i, m.fwd(load1(x + i), pa[k], pb[k], pc[k]));
+    store1(y + i, m.fwd(load1(x + i), m.coeffs_at(PE ? i : 0)));
   }
 }
 
 // DY_BCAST: one dy value for the whole span (dy_stride 0, e.g. the gradient of
 // y.sum()), else n contiguous values (dy_stride 1). Same arithmetic either way.
 template <class T, bool PE, bool DY_BCAST, class M>
-static void bwd_loop(const SpanArgs& g, const M m) {
+static void bwd_loop(const SpanArgs<decltype(M::p)>& g, const M m) {
   const T* x = static_cast<const T*>(g.x);
   const T* dy = static_cast<const T*>(g.dy);
   T* dx = static_cast<T*>(g.out);
-  const float* pa = g.pa;
-  const float* pb = g.pb;
-  const float* pc = g.pc ? g.pc : g.pa;
-  const vf a0 = splat<vf>(pa[0]), b0 = splat<vf>(pb[0]), c0 = splat<vf>(pc[0]);
+  const auto k0 = m.splat_coeffs();
   const float dy0 = load1(dy);
   const vf dyv0 = splat<vf>(dy0);
   const int64_t n = g.n;
   // Broadcast variant: 16 lane accumulators kept in registers.
-  vf lane_s = loadv(g.acc_s), lane_z = loadv(g.acc_z);
+  vf lane_scale = loadv(g.acc_scale), lane_zero = loadv(g.acc_zero);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     Grads<vf> r;
     const vf dyv = DY_BCAST ? dyv0 : loadv(dy + i);
     if constexpr (PE) {
-      r = m.bwd(loadv(x + i), dyv, loadv(pa + i), loadv(pb + i), loadv(pc + i));
-      storev(g.acc_s + i, loadv(g.acc_s + i) + r.ds);
-      storev(g.acc_z + i, loadv(g.acc_z + i) + r.dz);
+      r = m.bwd(loadv(x + i), dyv, m.load_coeffs(i));
+      storev(g.acc_scale + i, loadv(g.acc_scale + i) + r.dscale);
+      storev(g.acc_zero + i, loadv(g.acc_zero + i) + r.dzero);
     } else {
-      r = m.bwd(loadv(x + i), dyv, a0, b0, c0);
-      lane_s += r.ds;
-      lane_z += r.dz;
+      r = m.bwd(loadv(x + i), dyv, k0);
+      lane_scale += r.dscale;
+      lane_zero += r.dzero;
     }
     storev(dx + i, r.dx);
   }
   if constexpr (!PE) {
-    storev(g.acc_s, lane_s);
-    storev(g.acc_z, lane_z);
+    storev(g.acc_scale, lane_scale);
+    storev(g.acc_zero, lane_zero);
   }
   for (; i < n; ++i) {
-    const int64_t k = PE ? i : 0;
-    Grads<float> r = m.bwd(load1(x + i), DY_BCAST ? dy0 : load1(dy + i), pa[k], pb[k], pc[k]);
+    Grads<float> r = m.bwd(load1(x + i), DY_BCAST ? dy0 : load1(dy + i), m.coeffs_at(PE ? i : 0));
     store1(dx + i, r.dx);
     const int64_t lane = PE ? i : (i % kLanes);
-    g.acc_s[lane] += r.ds;
-    g.acc_z[lane] += r.dz;
+    g.acc_scale[lane] += r.dscale;
+    g.acc_zero[lane] += r.dzero;
   }
 }
 
 template <class T, bool PE, class M>
-static void bwd_span(const SpanArgs& g, const M m) {
+static void bwd_span(const SpanArgs<decltype(M::p)>& g, const M m) {
   if (g.dy_stride == 0) {
     bwd_loop<T, PE, true>(g, m);
   } else {
@@ -258,10 +278,10 @@ static void bwd_span(const SpanArgs& g, const M m) {
   }
 }
 
-template <class T, bool PE> static void fq_fwd(const SpanArgs& g) { fwd_span<T, PE>(g, FqMath{g.lo, g.hi, g.gf}); }
-template <class T, bool PE> static void fq_bwd(const SpanArgs& g) { bwd_span<T, PE>(g, FqMath{g.lo, g.hi, g.gf}); }
-template <class T, bool PE> static void lsq_fwd(const SpanArgs& g) { fwd_span<T, PE>(g, LsqMath{g.lo, g.hi}); }
-template <class T, bool PE> static void lsq_bwd(const SpanArgs& g) { bwd_span<T, PE>(g, LsqMath{g.lo, g.hi}); }
+template <class T, bool PE> static void fq_fwd(const SpanArgs<FqParams>& g) { fwd_span<T, PE>(g, FqMath{g.params}); }
+template <class T, bool PE> static void fq_bwd(const SpanArgs<FqParams>& g) { bwd_span<T, PE>(g, FqMath{g.params}); }
+template <class T, bool PE> static void lsq_fwd(const SpanArgs<LsqParams>& g) { fwd_span<T, PE>(g, LsqMath{g.params}); }
+template <class T, bool PE> static void lsq_bwd(const SpanArgs<LsqParams>& g) { bwd_span<T, PE>(g, LsqMath{g.params}); }
 
 #define SPARK_ROW(fn)                                                                               \
   {{fn<float, false>, fn<float, true>}, {fn<c10::Half, false>, fn<c10::Half, true>},                \

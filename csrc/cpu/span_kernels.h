@@ -12,40 +12,55 @@ namespace cpu {
 // Element dtype of x, dy and the outputs (parameters are always float32).
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
-// One contiguous span of n elements. Parameters: `pa`, `pb`, `pc` point at one
-// value each (broadcast over the span) or, for the per-element variant, at n
-// values aligned with the span.
-//   torch-compatible (§5a): pa = 1/scale, pb = scale, pc = zero point.
-//   LSQ (§5b):             pa = step (clamped), pb = offset (0 without one), pc unused.
-// Backward accumulates the step/offset (scale/zero-point) gradient terms into
-// acc_s / acc_z: 16 lanes (lane = index within the span mod 16) for the
+// Parameters of one span, per op. Each pointer points at one value (the
+// span's channel, broadcast over the span) or, for the per-element variant,
+// at n values aligned with the span.
+//
+// torch-compatible learnable fake quant (docs/spec.md §5a):
+struct FqParams {
+  const float* inv_scale = nullptr;   // 1/scale, computed in float32 like ATen
+  const float* scale = nullptr;
+  const float* zero_point = nullptr;  // rounded and clamped into [quant_min, quant_max]
+  float quant_min = 0.f, quant_max = 0.f;
+  float grad_factor = 1.f;  // multiplies each element's scale/zero-point term
+};
+
+// LSQ / LSQ+ (docs/spec.md §5b); its grad_factor multiplies the reduced sums instead.
+struct LsqParams {
+  const float* step = nullptr;    // clamped to >= kMinStep (fake_quant.h)
+  const float* offset = nullptr;  // 0 without an offset
+  float neg_qn = 0.f, qp = 0.f;   // the clamp range [-Qn, Qp]
+};
+
+// One contiguous span of n elements and the parameters P (FqParams or
+// LsqParams) that apply to it. Backward accumulates each element's scale (§5a)
+// / step (§5b) gradient term into acc_scale and its zero-point / offset term
+// into acc_zero: 16 lanes (lane = index within the span mod 16) for the
 // broadcast variant, n positions for the per-element one. Lanes make the sum
 // order a fixed function of the span alone, whatever the vector width.
+template <class P>
 struct SpanArgs {
   const void* x = nullptr;
   const void* dy = nullptr;
   int64_t dy_stride = 1;  // backward: 1 = n contiguous values, 0 = one value for the whole span
-  void* out = nullptr;  // y (forward) or dx (backward)
+  void* out = nullptr;    // y (forward) or dx (backward)
   int64_t n = 0;
-  const float* pa = nullptr;
-  const float* pb = nullptr;
-  const float* pc = nullptr;
-  float lo = 0.f, hi = 0.f;  // quant_min/quant_max (§5a) or -Qn/Qp (§5b)
-  float gf = 1.f;            // grad_factor (§5a only; §5b scales after the sum)
-  float* acc_s = nullptr;
-  float* acc_z = nullptr;
+  P params;
+  float* acc_scale = nullptr;
+  float* acc_zero = nullptr;
 };
 
-using SpanFn = void (*)(const SpanArgs&);
+using FqSpanFn = void (*)(const SpanArgs<FqParams>&);
+using LsqSpanFn = void (*)(const SpanArgs<LsqParams>&);
 
 constexpr int kLanes = 16;
 
 // [dtype][per_element]
 struct KernelTable {
-  SpanFn fq_fwd[3][2];
-  SpanFn fq_bwd[3][2];
-  SpanFn lsq_fwd[3][2];
-  SpanFn lsq_bwd[3][2];
+  FqSpanFn fq_fwd[3][2];
+  FqSpanFn fq_bwd[3][2];
+  LsqSpanFn lsq_fwd[3][2];
+  LsqSpanFn lsq_bwd[3][2];
   const char* isa;
 };
 

@@ -197,13 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weighted_kd_backward_cpu(
 }  // namespace
 }  // namespace spark_ext
 
-TORCH_LIBRARY_FRAGMENT(spark_ext, m) {
-  m.def("fused_weighted_kd(Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction) -> Tensor");
-  m.def(
-      "fused_weighted_kd_backward(Tensor grad, Tensor student, Tensor teacher, Tensor? weight, str kd_loss, "
-      "str reduction, bool need_student, bool need_teacher, bool need_weight) -> (Tensor, Tensor, Tensor)");
-}
-
+// Schemas: SCHEMAS in spark_ext/ops/weighted_kd.py (shared with the Triton ops).
 TORCH_LIBRARY_IMPL(spark_ext, CPU, m) {
   m.impl("fused_weighted_kd", &spark_ext::fused_weighted_kd_cpu);
   m.impl("fused_weighted_kd_backward", &spark_ext::fused_weighted_kd_backward_cpu);

@@ -114,58 +114,66 @@ __device__ __forceinline__ float clampf_(float v, float lo, float hi) {
   return v > hi ? hi : v;
 }
 
-struct FqDev {
-  // a = 1/scale, b = scale, c = rounded zero point
-  __device__ static void params(const ParamsDev& p, int64_t ch, bool backward, float& a, float& b, float& c) {
-    b = p.p0[ch];
-    a = __fdiv_rn(1.0f, b);
+// Each op's math: coeffs() derives a channel's coefficients once per thread,
+// fwd / bwd apply them to one element. bwd writes dx and the element's scale
+// (§5a) / step (§5b) term `dscale` and zero-point / offset term `dzero`.
+struct FqDev {  // docs/spec.md §5a
+  struct Coeffs {
+    float inv_scale, scale, zero_point;  // zero point rounded and clamped into [lo, hi]
+  };
+  __device__ static Coeffs coeffs(const ParamsDev& p, int64_t ch, bool backward) {
+    Coeffs k;
+    k.scale = p.p0[ch];
+    k.inv_scale = __fdiv_rn(1.0f, k.scale);
     const float z = p.p1[ch];
-    c = (backward && p.per_tensor_backward_zp) ? truncf(clampf_(__fadd_rn(z, 0.5f), p.lo, p.hi))
-                                                : clampf_(rintf(z), p.lo, p.hi);
+    k.zero_point = (backward && p.per_tensor_backward_zp) ? truncf(clampf_(__fadd_rn(z, 0.5f), p.lo, p.hi))
+                                                          : clampf_(rintf(z), p.lo, p.hi);
+    return k;
   }
-  __device__ static float fwd(const ParamsDev& p, float x, float a, float b, float c) {
-    const float q = clampf_(__fadd_rn(rintf(__fmul_rn(x, a)), c), p.lo, p.hi);
-    return __fmul_rn(__fsub_rn(q, c), b);
+  __device__ static float fwd(const ParamsDev& p, float x, const Coeffs& k) {
+    const float q = clampf_(__fadd_rn(rintf(__fmul_rn(x, k.inv_scale)), k.zero_point), p.lo, p.hi);
+    return __fmul_rn(__fsub_rn(q, k.zero_point), k.scale);
   }
-  __device__ static void bwd(const ParamsDev& p, float x, float dy, float a, float b, float c, float& dx, float& ds,
-                             float& dz) {
+  __device__ static void bwd(const ParamsDev& p, float x, float dy, const Coeffs& k, float& dx, float& dscale,
+                             float& dzero) {
     // ATen's nearbyint(zp + x * inv_scale), which nvcc contracts into an FMA.
-    const float xq = rintf(__fmaf_rn(x, a, c));
+    const float xq = rintf(__fmaf_rn(x, k.inv_scale, k.zero_point));
     const bool inside = (xq >= p.lo) && (xq <= p.hi);
     dx = __fmul_rn(dy, inside ? 1.f : 0.f);
     if (inside) {
       // ATen's xfq = (xq - zp) * scale; ... (xfq - x): nvcc contracts it into
       // one FMA, so (xq - zp) * scale - x is rounded once.
-      const float xfq_minus_x = __fmaf_rn(__fsub_rn(clampf_(xq, p.lo, p.hi), c), b, -x);
-      ds = __fmul_rn(__fmul_rn(__fmul_rn(dy, xfq_minus_x), a), p.gf);
-      dz = 0.f;
+      const float xfq_minus_x = __fmaf_rn(__fsub_rn(clampf_(xq, p.lo, p.hi), k.zero_point), k.scale, -x);
+      dscale = __fmul_rn(__fmul_rn(__fmul_rn(dy, xfq_minus_x), k.inv_scale), p.gf);
+      dzero = 0.f;
     } else {
-      ds = __fmul_rn(__fmul_rn(dy, xq < p.lo ? __fsub_rn(p.lo, c) : __fsub_rn(p.hi, c)), p.gf);
-      dz = __fmul_rn(__fmul_rn(__fmul_rn(dy, -1.f), b), p.gf);
+      dscale = __fmul_rn(__fmul_rn(dy, xq < p.lo ? __fsub_rn(p.lo, k.zero_point) : __fsub_rn(p.hi, k.zero_point)),
+                         p.gf);
+      dzero = __fmul_rn(__fmul_rn(__fmul_rn(dy, -1.f), k.scale), p.gf);
     }
   }
 };
 
-struct LsqDev {
-  // a = step clamped to >= 1e-8, b = offset
-  __device__ static void params(const ParamsDev& p, int64_t ch, bool, float& a, float& b, float& c) {
-    a = fmaxf(p.p0[ch], kMinStep);
-    b = p.p1 ? p.p1[ch] : 0.f;
-    c = 0.f;
+struct LsqDev {  // docs/spec.md §5b
+  struct Coeffs {
+    float step, offset;  // step clamped to >= kMinStep; offset 0 without one
+  };
+  __device__ static Coeffs coeffs(const ParamsDev& p, int64_t ch, bool) {
+    return {fmaxf(p.p0[ch], kMinStep), p.p1 ? p.p1[ch] : 0.f};
   }
-  __device__ static float fwd(const ParamsDev& p, float x, float a, float b, float) {
-    const float v = __fdiv_rn(__fsub_rn(x, b), a);
+  __device__ static float fwd(const ParamsDev& p, float x, const Coeffs& k) {
+    const float v = __fdiv_rn(__fsub_rn(x, k.offset), k.step);
     const float q = rintf(clampf_(v, p.lo, p.hi));
-    return __fadd_rn(__fmul_rn(q, a), b);
+    return __fadd_rn(__fmul_rn(q, k.step), k.offset);
   }
-  __device__ static void bwd(const ParamsDev& p, float x, float dy, float a, float b, float, float& dx, float& ds,
-                             float& dz) {
-    const float v = __fdiv_rn(__fsub_rn(x, b), a);
+  __device__ static void bwd(const ParamsDev& p, float x, float dy, const Coeffs& k, float& dx, float& dstep,
+                             float& doffset) {
+    const float v = __fdiv_rn(__fsub_rn(x, k.offset), k.step);
     const float q = rintf(clampf_(v, p.lo, p.hi));
     const bool inside = (v >= p.lo) && (v <= p.hi);
     dx = __fmul_rn(dy, inside ? 1.f : 0.f);
-    ds = __fmul_rn(dy, inside ? __fsub_rn(q, v) : (v < p.lo ? p.lo : p.hi));
-    dz = __fmul_rn(dy, inside ? 0.f : 1.f);
+    dstep = __fmul_rn(dy, inside ? __fsub_rn(q, v) : (v < p.lo ? p.lo : p.hi));
+    doffset = __fmul_rn(dy, inside ? 0.f : 1.f);
   }
 };
 
@@ -190,17 +198,17 @@ __device__ __forceinline__ void block_sum2(float& s, float& z, float* sh_s, floa
 // scale/step and zero-point/offset terms to the thread's running sums.
 template <class M, class T, bool kBackward>
 __device__ __forceinline__ void element(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
-                                        int64_t i, const ParamsDev& p, float a, float pb, float pc, float& acc_s,
-                                        float& acc_z) {
+                                        int64_t i, const ParamsDev& p, const typename M::Coeffs& coeffs,
+                                        float& acc_s, float& acc_z) {
   const float xi = static_cast<float>(x[i]);
   if constexpr (kBackward) {
     float d, s, z;
-    M::bwd(p, xi, static_cast<float>(dy[i]), a, pb, pc, d, s, z);
+    M::bwd(p, xi, static_cast<float>(dy[i]), coeffs, d, s, z);
     out[i] = static_cast<T>(d);
     acc_s = __fadd_rn(acc_s, s);
     acc_z = __fadd_rn(acc_z, z);
   } else {
-    out[i] = static_cast<T>(M::fwd(p, xi, a, pb, pc));
+    out[i] = static_cast<T>(M::fwd(p, xi, coeffs));
   }
 }
 
@@ -213,11 +221,10 @@ __global__ void __launch_bounds__(kThreads) row_kernel(const T* __restrict__ x, 
   const int64_t row = b / g.row_chunks, k = b % g.row_chunks, ch = row % g.channels;
   const int64_t begin = row * g.inner + k * kChunk;
   const int64_t end = row * g.inner + std::min(g.inner, (k + 1) * kChunk);
-  float a, pb, pc;
-  M::params(p, ch, kBackward, a, pb, pc);
+  const typename M::Coeffs coeffs = M::coeffs(p, ch, kBackward);
   float acc_s = 0.f, acc_z = 0.f;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    element<M, T, kBackward>(x, dy, out, i, p, a, pb, pc, acc_s, acc_z);
+    element<M, T, kBackward>(x, dy, out, i, p, coeffs, acc_s, acc_z);
   }
   if constexpr (kBackward) {
     __shared__ float sh_s[kThreads], sh_z[kThreads];
@@ -239,14 +246,13 @@ __global__ void __launch_bounds__(kThreads) period_kernel(const T* __restrict__ 
   const int64_t col = (b % g.col_blocks) * kThreads + threadIdx.x;
   if (col >= g.period_row_len) return;
   const int64_t ch = (col % g.period_len) / g.inner;
-  float a, pb, pc;
-  M::params(p, ch, kBackward, a, pb, pc);
+  const typename M::Coeffs coeffs = M::coeffs(p, ch, kBackward);
   float acc_s = 0.f, acc_z = 0.f;
   const int64_t r1 = std::min(g.period_rows, (grp + 1) * kRowsPerGroup);
   for (int64_t r = grp * kRowsPerGroup; r < r1; ++r) {
     const int64_t i = r * g.period_row_len + col;
     if (i >= g.numel) break;  // only the last row can be short
-    element<M, T, kBackward>(x, dy, out, i, p, a, pb, pc, acc_s, acc_z);
+    element<M, T, kBackward>(x, dy, out, i, p, coeffs, acc_s, acc_z);
   }
   if constexpr (kBackward) {
     part_s[grp * g.period_row_len + col] = acc_s;

@@ -49,8 +49,7 @@ import torch
 import torch.nn as nn
 
 from .._validation import KD_LOSSES, check_choice, check_int, check_real, check_tensor
-from ..ops import difficulty_signals, fused_weighted_kd
-from ..ops._dispatch import check_backend_name
+from ..ops import BACKENDS, difficulty_signals, fused_weighted_kd
 from ..reference import cell_sum, expand_cells, kd_elementwise
 from . import distributed
 from .balancers import BALANCERS, make_balancer
@@ -171,7 +170,7 @@ class DistillConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         check_int(self.seed, "seed")
         if self.backend is not None:
-            check_backend_name(self.backend)
+            check_choice(self.backend, "backend", BACKENDS)
         if self.dfd_layer is not None and self.mode == "qat":
             raise ValueError("dfd_layer needs mode 'kd' or 'spark' (mode 'qat' has no distillation)")
         if self.kd_gate != "none" and (self.dfd_layer is not None or self.diffkd_layer is not None):

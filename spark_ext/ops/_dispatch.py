@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from .._validation import check_choice
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
 
@@ -182,26 +183,27 @@ def register(op: str, backend: str, fn: Callable) -> None:
     _registry.setdefault(op, {})[backend] = fn
 
 
-def register_compiled(op: str, fn: Callable) -> None:
-    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library.
+def define_ops(schemas: dict[str, str]) -> None:
+    """Define ``torch.ops.spark_ext.<op>`` for each ``op: schema`` of an op module's ``SCHEMAS``.
 
-    The library's ops get their fakes and autograd from the op modules'
-    ``_extension.on_load`` hooks.
+    The schemas are written once, in Python, because the Triton ops reuse them
+    and must exist without the compiled library; that library only registers
+    CPU/CUDA kernels for these names (``TORCH_LIBRARY_IMPL``) when it loads.
     """
+    for op, schema in schemas.items():
+        torch.library.define(f"spark_ext::{op}", schema)
+
+
+def register_compiled(op: str, fn: Callable) -> None:
+    """Register ``fn`` as ``op``'s ``cpp`` (CPU) and ``cuda`` backends: ops of the compiled library."""
     register(op, "cpp", fn)
     register(op, "cuda", fn)
-
-
-def check_backend_name(backend: object, argument: str = "backend") -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{argument} must be one of {BACKENDS}, got {backend!r}")
-    return backend
 
 
 def set_default_backend(backend: str) -> None:
     """Set the process-wide backend used when an op is called with ``backend=None``."""
     global _global_default
-    _global_default = check_backend_name(backend)
+    _global_default = check_choice(backend, "backend", BACKENDS)
 
 
 def get_default_backend() -> str:
@@ -212,7 +214,7 @@ def get_default_backend() -> str:
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
     """Context manager: ops called with ``backend=None`` in this thread use ``backend``."""
-    check_backend_name(backend)
+    check_choice(backend, "backend", BACKENDS)
     previous = getattr(_state, "override", None)
     _state.override = backend
     try:
@@ -256,7 +258,7 @@ def resolve(op: str, backend: Optional[str], like: torch.Tensor) -> tuple[str, C
     Returns ``(backend_name, fn)``. Raises ``ValueError`` for an unknown name
     and :class:`BackendUnavailableError` for a named backend that cannot run.
     """
-    name = check_backend_name(get_default_backend() if backend is None else backend)
+    name = check_choice(get_default_backend() if backend is None else backend, "backend", BACKENDS)
     impls = _registry.get(op, {})
     device, dtype = like.device, like.dtype
     if name != "auto":

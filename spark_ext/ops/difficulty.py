@@ -20,12 +20,12 @@ breaks and ``torch.library.opcheck`` passes:
 traces into the kernel, which fails opcheck's fake-tensor test and
 ``torch.compile`` when kernels run under the interpreter.) The Triton op
 is the compiled op's name plus ``_triton``: one name to grep, and no
-collision with the compiled library's schemas in the same namespace.
+collision with the compiled library's ops in the same namespace.
 
-The ``cpp`` backend runs that library's ops, with the same signatures,
-fakes and autograd structure (registered once the library has loaded):
+The ``cpp`` backend runs the compiled library's kernels of
 ``spark_ext::difficulty_signals``, ``spark_ext::cell_kd`` and
-``spark_ext::cell_kd_backward``.
+``spark_ext::cell_kd_backward``, with the same fakes and autograd structure.
+Every schema is written once, in :data:`SCHEMAS`.
 
 Triton is imported lazily, on the first call that needs it, so
 ``import spark_ext`` stays fast and works where Triton is not installed.
@@ -37,12 +37,25 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import KD_LOSSES, check_choice, check_grid, check_images
 from . import _dispatch
 
 OP = "difficulty_signals"
 
+# The schemas of this module's ops, for the compiled kernels (csrc/cpu/difficulty_cpu.cpp) under these names
+# and for the Triton kernels under the same names plus "_triton".
+SCHEMAS = {
+    "difficulty_signals": (
+        "(Tensor student, Tensor teacher, Tensor target, int gh, int gw, str kd_loss) -> (Tensor, Tensor)"
+    ),
+    "cell_kd": "(Tensor student, Tensor teacher, int gh, int gw, str kd_loss) -> Tensor",
+    "cell_kd_backward": (
+        "(Tensor grad, Tensor student, Tensor teacher, str kd_loss, bool need_student, bool need_teacher) "
+        "-> (Tensor, Tensor)"
+    ),
+}
+_dispatch.define_ops(SCHEMAS)
 _dispatch.register(OP, "reference", reference.difficulty_signals)
 
 
@@ -57,10 +70,8 @@ def _kernels():
 # --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("spark_ext::difficulty_signals_triton", mutates_args=())
-def _difficulty_signals_triton(
-    student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, gh: int, gw: int, kd_loss: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("spark_ext::difficulty_signals_triton", mutates_args=(), schema=SCHEMAS["difficulty_signals"])
+def _difficulty_signals_triton(student, teacher, target, gh, gw, kd_loss):
     """Fused docs/spec.md §2 forward: ``(signals [B,4,gh,gw], cell_kd [B,1,gh,gw])``, float32."""
     return _kernels().difficulty_signals(student, teacher, target, (gh, gw), kd_loss)
 
@@ -87,8 +98,8 @@ def _fake_cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_t
 _difficulty_signals_triton.register_fake(_fake_signals)
 
 
-@torch.library.custom_op("spark_ext::cell_kd_triton", mutates_args=())
-def _cell_kd_triton(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: int, kd_loss: str) -> torch.Tensor:
+@torch.library.custom_op("spark_ext::cell_kd_triton", mutates_args=(), schema=SCHEMAS["cell_kd"])
+def _cell_kd_triton(student, teacher, gh, gw, kd_loss):
     """``cell_kd [B,1,gh,gw]`` float32 alone (reads S and T only)."""
     return _kernels().cell_kd(student, teacher, (gh, gw), kd_loss)
 
@@ -96,15 +107,8 @@ def _cell_kd_triton(student: torch.Tensor, teacher: torch.Tensor, gh: int, gw: i
 _cell_kd_triton.register_fake(_fake_cell_kd)
 
 
-@torch.library.custom_op("spark_ext::cell_kd_backward_triton", mutates_args=())
-def _cell_kd_backward_triton(
-    grad: torch.Tensor,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    kd_loss: str,
-    need_student: bool,
-    need_teacher: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("spark_ext::cell_kd_backward_triton", mutates_args=(), schema=SCHEMAS["cell_kd_backward"])
+def _cell_kd_backward_triton(grad, student, teacher, kd_loss, need_student, need_teacher):
     """``(dS, dT)`` of ``cell_kd`` for upstream ``grad [B,1,gh,gw]``; an unneeded one is empty ``[0]``."""
     return _kernels().cell_kd_backward(grad, student, teacher, kd_loss, need_student, need_teacher)
 
@@ -169,15 +173,10 @@ _dispatch.register(OP, "triton", _triton_backend)
 # --------------------------------------------------------------------------
 
 
-def _register_cpp_hooks() -> None:
-    """Fakes and autograd of the compiled ops; needs their schemas, so runs once the library has loaded."""
-    torch.library.register_fake("spark_ext::difficulty_signals", _fake_signals)
-    torch.library.register_fake("spark_ext::cell_kd", _fake_cell_kd)
-    torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
-    _register_cell_kd_autograd("difficulty_signals", "cell_kd", "cell_kd_backward")
-
-
-_extension.on_load(_register_cpp_hooks)
+torch.library.register_fake("spark_ext::difficulty_signals", _fake_signals)
+torch.library.register_fake("spark_ext::cell_kd", _fake_cell_kd)
+torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
+_register_cell_kd_autograd("difficulty_signals", "cell_kd", "cell_kd_backward")
 
 
 def cell_kd_cpp(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:

@@ -7,11 +7,12 @@ channel, ``axis`` non-negative), already validated.
 
 Backends ``cpp`` (CPU) and ``cuda`` run the compiled ops
 ``torch.ops.spark_ext.fake_quantize_learnable`` / ``_backward`` (csrc/, ``axis``
-None for per tensor); their fake implementations and autograd formula (the
-forward's autograd calls the fused backward op) are registered here once the
-library loads. The kernels round with a trick exact for ``|v| <= 2^22``, so a
-quantization range beyond ``±2^21`` (wider than float32 can represent
-exactly anyway) is computed by the reference backend instead.
+None for per tensor); their schemas (:data:`SCHEMAS`), fake implementations and
+autograd formula (the forward's autograd calls the fused backward op) are
+registered here, the kernels by the compiled library when it loads. The
+kernels round with a trick exact for ``|v| <= 2^22``, so a quantization range
+beyond ``±2^21`` (wider than float32 can represent exactly anyway) is computed
+by the reference backend instead.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import (
     check_axis,
     check_float_dtype,
     check_int,
     check_not_nan,
     check_positive_step,
+    check_qparam,
     check_real,
-    check_same_device,
     check_tensor,
 )
 from . import _dispatch
@@ -38,6 +39,19 @@ OP_PER_CHANNEL = "fake_quantize_learnable_per_channel_affine"
 
 _dispatch.register(OP_PER_TENSOR, "reference", reference.fake_quantize_learnable_per_tensor_affine)
 _dispatch.register(OP_PER_CHANNEL, "reference", reference.fake_quantize_learnable_per_channel_affine)
+
+# The compiled ops' schemas (kernels: csrc/cpu/fake_quant_cpu.cpp, csrc/cuda/fake_quant_cuda.cu).
+SCHEMAS = {
+    "fake_quantize_learnable": (
+        "(Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, float grad_factor) "
+        "-> Tensor"
+    ),
+    "fake_quantize_learnable_backward": (
+        "(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int? axis, int quant_min, int quant_max, "
+        "float grad_factor) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+_dispatch.define_ops(SCHEMAS)
 
 KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 
@@ -97,7 +111,7 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
     return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-_extension.on_load(lambda: register_compiled_hooks("fake_quantize_learnable"))
+register_compiled_hooks("fake_quantize_learnable")
 _dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor)
 _dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel)
 
@@ -110,9 +124,6 @@ def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:
     return qmin, qmax
 
 
-_INT_ZERO_POINT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
-
 def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> torch.Tensor:
     """Validate x, scale, zero_point; returns the zero point as a float tensor.
 
@@ -123,14 +134,9 @@ def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> torc
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
-    for t, name in ((scale, "scale"), (zero_point, "zero_point")):
-        check_tensor(t, name)
-        check_same_device(t, name, x)
-        if not t.is_floating_point() and not (name == "zero_point" and t.dtype in _INT_ZERO_POINT_DTYPES):
-            kinds = "a floating dtype" + (" or an integer dtype" if name == "zero_point" else "")
-            raise TypeError(f"{name} must have {kinds}, got {t.dtype}")
-        if t.numel() != expected_numel or t.dim() > 1:
-            raise ValueError(f"{name} must hold {what} ({expected_numel} elements, 1-D), got shape {tuple(t.shape)}")
+    shape_rule = f"hold {what} ({expected_numel} elements, 1-D)"
+    check_qparam(scale, "scale", x, expected_numel, shape_rule)
+    check_qparam(zero_point, "zero_point", x, expected_numel, shape_rule, int_ok=True)
     check_positive_step(scale, "scale")
     if not zero_point.is_floating_point():
         return zero_point.to(torch.float32)

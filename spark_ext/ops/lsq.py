@@ -6,9 +6,9 @@ with the range and gradient scale already resolved (see
 
 Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
 ``torch.ops.spark_ext.lsq_fake_quant`` / ``_backward`` (csrc/); their
-fake (meta) implementations and autograd formula are registered here, once,
-when the library loads. The forward op's autograd calls the fused backward op,
-which reads x and dy once, writes dx and reduces the step and offset
+schemas (:data:`SCHEMAS`), fake (meta) implementations and autograd formula
+are registered here, the kernels by the compiled library when it loads. The
+forward op's autograd calls the fused backward op, which reads x and dy once, writes dx and reduces the step and offset
 gradients in float32 deterministically.
 """
 
@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import (
     check_axis,
     check_bits,
@@ -26,13 +26,23 @@ from .._validation import (
     check_float_dtype,
     check_grad_scale,
     check_positive_step,
-    check_same_device,
+    check_qparam,
     check_tensor,
 )
 from . import _dispatch
 from .fake_quant import register_compiled_hooks
 
 OP = "lsq_fake_quant"
+
+# The compiled ops' schemas (kernels: csrc/cpu/fake_quant_cpu.cpp, csrc/cuda/fake_quant_cuda.cu).
+SCHEMAS = {
+    OP: "(Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) -> Tensor",
+    f"{OP}_backward": (
+        "(Tensor grad, Tensor x, Tensor step, Tensor? offset, int? axis, int qn, int qp, float grad_factor) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+}
+_dispatch.define_ops(SCHEMAS)
 
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
@@ -42,7 +52,7 @@ def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
     return torch.ops.spark_ext.lsq_fake_quant(x, step, offset, axis, qn, qp, grad_factor)
 
 
-_extension.on_load(lambda: register_compiled_hooks(OP))
+register_compiled_hooks(OP)
 _dispatch.register_compiled(OP, _compiled_lsq)
 
 
@@ -93,16 +103,10 @@ def lsq_fake_quant(
             raise ValueError("axis must be None for a 0-D x")
         axis = check_axis(axis, x.dim())
     expected = 1 if axis is None else x.shape[axis]
-    for t, name in ((step, "step"), (offset, "offset")):
-        if t is None:
-            continue
-        check_tensor(t, name)
-        check_same_device(t, name, x)
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-        if t.numel() != expected or t.dim() > 1:
-            what = "one element" if axis is None else f"shape [{expected}] (x.shape[{axis}])"
-            raise ValueError(f"{name} must have {what}, got shape {tuple(t.shape)}")
+    shape_rule = "have one element" if axis is None else f"have shape [{expected}] (x.shape[{axis}])"
+    check_qparam(step, "step", x, expected, shape_rule)
+    if offset is not None:
+        check_qparam(offset, "offset", x, expected, shape_rule)
     check_positive_step(step, "step")
     if offset is not None:
         check_finite_values(offset, "offset")

@@ -20,8 +20,8 @@ Triton path by kind of weight:
   its broadcast dims.
 
 The ``cpp`` backend has the same structure with the compiled library's
-``spark_ext::fused_weighted_kd`` / ``fused_weighted_kd_backward`` (same
-signatures) and ``spark_ext::cell_kd`` for grid weights. Its
+``spark_ext::fused_weighted_kd`` / ``fused_weighted_kd_backward`` (the same
+:data:`SCHEMAS`) and ``spark_ext::cell_kd`` for grid weights. Its
 backward reduces ``dweight`` over the broadcast dims in the same pass,
 deterministically, with no temporary of size N (a float32 copy of a
 non-float32 weight aside, weight-sized).
@@ -33,12 +33,23 @@ from typing import Optional
 
 import torch
 
-from .. import _extension, reference
+from .. import reference
 from .._validation import KD_LOSSES, REDUCTIONS, check_choice, check_images, check_same_device, check_tensor
 from . import _dispatch
 from .difficulty import cell_kd_cpp, cell_kd_triton
 
 OP = "fused_weighted_kd"
+
+# The schemas of this module's ops, for the compiled kernels (csrc/cpu/weighted_kd_cpu.cpp) under these names
+# and for the Triton kernels under the same names plus "_triton".
+SCHEMAS = {
+    "fused_weighted_kd": "(Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction) -> Tensor",
+    "fused_weighted_kd_backward": (
+        "(Tensor grad, Tensor student, Tensor teacher, Tensor? weight, str kd_loss, str reduction, "
+        "bool need_student, bool need_teacher, bool need_weight) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+_dispatch.define_ops(SCHEMAS)
 
 
 def _reference(student, teacher, weight, kd_loss, reduction):
@@ -59,10 +70,8 @@ def _kernels():
     return kernels
 
 
-@torch.library.custom_op("spark_ext::fused_weighted_kd_triton", mutates_args=())
-def _fused_weighted_kd_triton(
-    student: torch.Tensor, teacher: torch.Tensor, weight: Optional[torch.Tensor], kd_loss: str, reduction: str
-) -> torch.Tensor:
+@torch.library.custom_op("spark_ext::fused_weighted_kd_triton", mutates_args=(), schema=SCHEMAS["fused_weighted_kd"])
+def _fused_weighted_kd_triton(student, teacher, weight, kd_loss, reduction):
     """docs/spec.md §3 loss for ``weight`` None or per pixel: a float32 0-dim tensor."""
     return _kernels().fused_weighted_kd(student, teacher, weight, kd_loss, reduction)
 
@@ -87,18 +96,12 @@ def _fake_weighted_backward(
 _fused_weighted_kd_triton.register_fake(_fake_weighted)
 
 
-@torch.library.custom_op("spark_ext::fused_weighted_kd_backward_triton", mutates_args=())
+@torch.library.custom_op(
+    "spark_ext::fused_weighted_kd_backward_triton", mutates_args=(), schema=SCHEMAS["fused_weighted_kd_backward"]
+)
 def _fused_weighted_kd_backward_triton(
-    grad: torch.Tensor,
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    kd_loss: str,
-    reduction: str,
-    need_student: bool,
-    need_teacher: bool,
-    need_weight: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
+):
     """``(dS, dT, dweight)`` for the 0-dim upstream ``grad``; an unneeded one is empty ``[0]``."""
     return _kernels().fused_weighted_kd_backward(
         grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight
@@ -159,15 +162,10 @@ _dispatch.register(OP, "triton", _backend(cell_kd_triton, "fused_weighted_kd_tri
 # --------------------------------------------------------------------------
 
 
-def _register_cpp_hooks() -> None:
-    """Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones)."""
-    torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
-    torch.library.register_fake("spark_ext::fused_weighted_kd_backward", _fake_weighted_backward)
-    _register_weighted_autograd("fused_weighted_kd", "fused_weighted_kd_backward")
-
-
-_extension.on_load(_register_cpp_hooks)
-
+# Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones).
+torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
+torch.library.register_fake("spark_ext::fused_weighted_kd_backward", _fake_weighted_backward)
+_register_weighted_autograd("fused_weighted_kd", "fused_weighted_kd_backward")
 
 _dispatch.register(OP, "cpp", _backend(cell_kd_cpp, "fused_weighted_kd"))
 
