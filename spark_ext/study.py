@@ -22,6 +22,7 @@ Methods (``--methods``; default all):
 * ``gor``, ``lmr``, ``dfd``: docs/spec.md §6's balancers and decoder-free distillation.
 * ``spark_paper``: docs/spec.md §4's REINFORCE as written. ``spark_reinforce``: the repaired REINFORCE.
 * ``spark``: SPARK's default (the first-order credit policy, docs/spark.md).
+* ``spark_gor``: SPARK's default map with the GoR balancer between the task and KD terms.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "map_teacher_adv": {"mode": "map", "map_signal": "teacher_adv"},
     "kd_gate": {"mode": "kd", "kd_gate": "teacher"},
     "gor": {"mode": "kd", "balancer": "gor"},
+    "spark_gor": {"mode": "spark", "balancer": "gor"},
     "lmr": {"mode": "kd", "balancer": "lmr"},
     "dfd": {"mode": "kd", "dfd_layer": "<feature layer>"},
     "spark_paper": {"mode": "spark", "policy_signal": "paper"},
@@ -390,12 +392,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         held = held_out_pairs(t, preset.eval_size, device=device)
         score = score_outputs(model_outputs(teacher, held), held, t)
         teachers[task] = {
-            "steps": preset.teacher_steps,
+            "steps": info["steps"],  # the shipped teacher's own budget when it is the one used
+            "shipped": info["pretrained"],
+            "sha256": info.get("sha256"),
             "psnr": score["psnr"],
             "ssim": score["ssim"],
             "path": info.get("path"),
         }
-        print(f"teacher {task}: {preset.teacher_steps} steps, held-out PSNR {score['psnr']:.3f} dB")
+        kind = "shipped" if info["pretrained"] else "trained"
+        print(f"teacher {task}: {kind}, {info['steps']} steps, held-out PSNR {score['psnr']:.3f} dB")
     done = {(r["task"], r["method"], r["seed"]) for r in rows}
     if rows:
         print(f"--resume: {len(rows)} students reused from {args.out / 'study.json'}")
