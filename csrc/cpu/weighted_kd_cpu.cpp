@@ -69,24 +69,35 @@ double weighted_kd_sum(const at::Tensor& S, const at::Tensor& T, const at::Tenso
   const cpu::KdRowFn row_fn = cpu::kernels().kd_fwd[K];
   std::vector<double> partial(B * H, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * W));
+  // Rows are walked in blocks of consecutive h of one b, channel by channel,
+  // so each channel's read is one long run for contiguous inputs; each row
+  // still sees its channels in order.
+  const int64_t rows_per_block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, W));
   cpu::parallel_tasks(0, B * H, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> s_row(W), t_row(W), w_row(W);
-    double lanes[cpu::kLanes];
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / H, h = task % H;
-      std::fill(lanes, lanes + cpu::kLanes, 0.0);
+    std::vector<double> lanes(rows_per_block * cpu::kLanes);
+    for (int64_t r0 = t0; r0 < t1;) {
+      const int64_t b = r0 / H, h0 = r0 % H;
+      const int64_t r1 = std::min({t1, (b + 1) * H, r0 + rows_per_block});
+      std::fill(lanes.begin(), lanes.end(), 0.0);
       cpu::KdRowArgs a;
       a.n = W;
-      a.acc = lanes;
       for (int64_t c = 0; c < C; ++c) {
-        a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
-        a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
-        a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
-        row_fn(a);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t h = h0 + (r - r0);
+          a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
+          a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
+          a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
+          a.acc = lanes.data() + (r - r0) * cpu::kLanes;
+          row_fn(a);
+        }
       }
-      double sum = 0.0;
-      for (double l : lanes) sum += l;
-      partial[task] = sum;
+      for (int64_t r = r0; r < r1; ++r) {
+        double sum = 0.0;
+        for (int64_t l = 0; l < cpu::kLanes; ++l) sum += lanes[(r - r0) * cpu::kLanes + l];
+        partial[r] = sum;
+      }
+      r0 = r1;
     }
   });
   double total = 0.0;
@@ -109,10 +120,6 @@ at::Tensor fused_weighted_kd_cpu(const at::Tensor& S, const at::Tensor& T, const
   return at::full({}, static_cast<float>(total), S.options().dtype(at::kFloat));
 }
 
-// Tasks are (weight image bw, row h): each walks the image rows that share the
-// weight row(s) (all b when the weight broadcasts over B, else b = bw; all c),
-// writing dS/dT per element and summing ell(d) per weight element in (b, c)
-// order. Without a weight gradient every (b, h) is its own task.
 // The row as a float32 pointer to write in place, or nullptr when it is not unit-stride float32.
 template <typename T>
 float* direct_f32(T* p, int64_t stride) {
@@ -122,6 +129,10 @@ float* direct_f32(T* p, int64_t stride) {
   return nullptr;
 }
 
+// Tasks are (weight image bw, row h): each walks the image rows that share the
+// weight row(s) (all b when the weight broadcasts over B, else b = bw; all c),
+// writing dS/dT per element and summing ell(d) per weight element in (b, c)
+// order. Without a weight gradient every (b, h) is its own task.
 template <typename scalar_t, int K>
 void fused_weighted_kd_backward_impl(float scale, const at::Tensor& S, const at::Tensor& T, const at::Tensor& w4,
                                at::Tensor* ds, at::Tensor* dt, float* dw) {
@@ -142,38 +153,52 @@ void fused_weighted_kd_backward_impl(float scale, const at::Tensor& S, const at:
   const int64_t per_task = (B / std::max<int64_t>(task_b, 1)) * C * W;  // elements per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_task));
   const cpu::KdRowFn row_fn = cpu::kernels().kd_bwd[K];
+  // Tasks are walked in blocks of consecutive h of one tb, (b, c) by (b, c), as
+  // in the forward: long runs for contiguous inputs, each weight row's sums
+  // still in (b, c) order.
+  const int64_t rows_per_block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, W));
   cpu::parallel_tasks(0, task_b * H, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<double> acc(need_w ? wC * W : 0);
+    std::vector<double> acc(need_w ? rows_per_block * wC * W : 0);
     std::vector<float> s_row(W), t_row(W), w_row(W), v_row(W);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t tb = task / H, h = task % H;
+    for (int64_t r0 = t0; r0 < t1;) {
+      const int64_t tb = r0 / H, h0 = r0 % H;
+      const int64_t r1 = std::min({t1, (tb + 1) * H, r0 + rows_per_block});
       const int64_t b0 = task_b == B ? tb : 0, b1 = task_b == B ? tb + 1 : B;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t c = 0; c < C; ++c) {
-          cpu::KdRowArgs a;
-          a.n = W;
-          a.scale = scale;
-          a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
-          a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
-          a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
-          // float32 unit-stride outputs are written in place, others through v_row.
-          float* ds_row = ds ? direct_f32(o_s.at(b, c, h, 0), o_s.sw) : nullptr;
-          float* dt_row = dt ? direct_f32(o_t.at(b, c, h, 0), o_t.sw) : nullptr;
-          if (need_grad) {
-            a.out_s = ds_row ? ds_row : v_row.data();
-            a.out_t = dt_row;
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t h = h0 + (r - r0);
+            cpu::KdRowArgs a;
+            a.n = W;
+            a.scale = scale;
+            a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
+            a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
+            a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
+            // float32 unit-stride outputs are written in place, others through v_row.
+            float* ds_row = ds ? direct_f32(o_s.at(b, c, h, 0), o_s.sw) : nullptr;
+            float* dt_row = dt ? direct_f32(o_t.at(b, c, h, 0), o_t.sw) : nullptr;
+            if (need_grad) {
+              a.out_s = ds_row ? ds_row : v_row.data();
+              a.out_t = dt_row;
+            }
+            a.acc = need_w ? acc.data() + ((r - r0) * wC + (wC == 1 ? 0 : c)) * W : nullptr;
+            row_fn(a);
+            if (ds && !ds_row) scatter_row(a.out_s, o_s.at(b, c, h, 0), o_s.sw, W, 1.f);
+            if (dt && !dt_row) scatter_row(a.out_s, o_t.at(b, c, h, 0), o_t.sw, W, -1.f);
           }
-          a.acc = need_w ? acc.data() + (wC == 1 ? 0 : c) * W : nullptr;
-          row_fn(a);
-          if (ds && !ds_row) scatter_row(a.out_s, o_s.at(b, c, h, 0), o_s.sw, W, 1.f);
-          if (dt && !dt_row) scatter_row(a.out_s, o_t.at(b, c, h, 0), o_t.sw, W, -1.f);
         }
       }
-      if (!need_w) continue;
-      for (int64_t c = 0; c < wC; ++c)
-        for (int64_t w = 0; w < W; ++w)
-          dw[((tb * wC + c) * H + h) * W + w] = static_cast<float>(static_cast<double>(scale) * acc[c * W + w]);
+      if (need_w) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t h = h0 + (r - r0);
+          for (int64_t c = 0; c < wC; ++c)
+            for (int64_t w = 0; w < W; ++w)
+              dw[((tb * wC + c) * H + h) * W + w] =
+                  static_cast<float>(static_cast<double>(scale) * acc[((r - r0) * wC + c) * W + w]);
+        }
+      }
+      r0 = r1;
     }
   });
 }
