@@ -63,6 +63,7 @@ HEADERS = (
     "kernel_dtypes.h",
     "cpu/span_kernels.h",
     "cpu/span_impl.h",
+    "cpu/kd_row_impl.h",
     "cpu/parallel.h",
     "cpu/image_rows.h",
     "cpu/huge_page_allocator.h",

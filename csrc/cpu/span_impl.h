@@ -288,5 +288,7 @@ template <class T, bool PE> static void lsq_bwd(const SpanArgs<LsqParams>& g) { 
    {fn<c10::BFloat16, false>, fn<c10::BFloat16, true>}}
 
 static const KernelTable table = {SPARK_ROW(fq_fwd), SPARK_ROW(fq_bwd), SPARK_ROW(lsq_fwd), SPARK_ROW(lsq_bwd),
+                                  {kd_fwd_row<0>, kd_fwd_row<1>, kd_fwd_row<2>},
+                                  {kd_bwd_row<0>, kd_bwd_row<1>, kd_bwd_row<2>},
                                   SPARK_ISA_NAME};
 #undef SPARK_ROW

@@ -26,6 +26,7 @@ namespace cpu {
 
 namespace isa_default {
 #define SPARK_ISA_NAME "default"
+#include "kd_row_impl.h"
 #include "span_impl.h"
 #undef SPARK_ISA_NAME
 }  // namespace isa_default
@@ -36,6 +37,7 @@ namespace isa_default {
 namespace isa_avx2 {
 #define SPARK_ISA_AVX2 1
 #define SPARK_ISA_NAME "avx2"
+#include "kd_row_impl.h"
 #include "span_impl.h"
 #undef SPARK_ISA_NAME
 #undef SPARK_ISA_AVX2
@@ -47,6 +49,7 @@ namespace isa_avx2 {
 namespace isa_avx512 {
 #define SPARK_ISA_AVX512 1
 #define SPARK_ISA_NAME "avx512"
+#include "kd_row_impl.h"
 #include "span_impl.h"
 #undef SPARK_ISA_NAME
 #undef SPARK_ISA_AVX512

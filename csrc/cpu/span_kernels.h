@@ -55,12 +55,28 @@ using LsqSpanFn = void (*)(const SpanArgs<LsqParams>&);
 
 constexpr int kLanes = 16;
 
+// One contiguous float32 row of the weighted KD loss (docs/spec.md §3,
+// kd_row_impl.h, used by weighted_kd_cpu.cpp). w may be nullptr (weight 1).
+struct KdRowArgs {
+  const float* s = nullptr;
+  const float* t = nullptr;
+  const float* w = nullptr;
+  int64_t n = 0;
+  double* acc = nullptr;    // forward: kLanes lane sums; backward: n per-element sums of ell, or nullptr
+  float scale = 1.f;        // backward: the upstream gradient, divided by numel for 'mean'
+  float* out_s = nullptr;   // backward: dS row, or nullptr
+  float* out_t = nullptr;   // backward: dT row, or nullptr
+};
+using KdRowFn = void (*)(const KdRowArgs&);
+
 // [dtype][per_element]
 struct KernelTable {
   FqSpanFn fq_fwd[3][2];
   FqSpanFn fq_bwd[3][2];
   LsqSpanFn lsq_fwd[3][2];
   LsqSpanFn lsq_bwd[3][2];
+  KdRowFn kd_fwd[3];  // [kd_loss]: 0 l1, 1 l2, 2 charbonnier (image_rows.h Kind)
+  KdRowFn kd_bwd[3];
   const char* isa;
 };
 

@@ -6,9 +6,11 @@
 //   fused_weighted_kd_backward(g, S, T, w?, kd_loss, reduction, need_s, need_t, need_w) -> (dS, dT, dw)
 //
 // S and T are [B, C, H, W] float32/float16/bfloat16 read in place through
-// their strides, one (b, c, h) row at a time (image_rows.h); float32 math
-// with float64 accumulation in an order fixed by the shape alone, so the bits
-// do not depend on the thread count or the layout. Unrequested gradients are
+// their strides, one (b, c, h) row at a time (image_rows.h), through the
+// element loops of kd_row_impl.h (picked per instruction set like the fake
+// quant spans, same bits on each); float32 math with float64 accumulation in
+// an order fixed by the shape alone, so the bits do not depend on the thread
+// count or the layout. Unrequested gradients are
 // empty [0] tensors and are not computed.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -17,11 +19,13 @@
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "huge_page_allocator.h"
 #include "image_rows.h"
 #include "parallel.h"
+#include "span_kernels.h"
 
 namespace spark_ext {
 namespace {
@@ -59,28 +63,41 @@ double weighted_kd_sum(const at::Tensor& S, const at::Tensor& T, const at::Tenso
     if (w4.size(0) == 1) wv.sb = 0;
     if (w4.size(1) == 1) wv.sc = 0;
   }
-  // One partial per image row (b, h): sum over w of (sum over c in order).
+  // One partial per image row (b, h): the kd_fwd_row lane sums over c in
+  // order (kd_row_impl.h: float32 within blocks of 256 elements, float64 across
+  // them), then the 16 lanes in order.
+  const cpu::KdRowFn row_fn = cpu::kernels().kd_fwd[K];
   std::vector<double> partial(B * H, 0.0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * W));
+  // Rows are walked in blocks of consecutive h of one b, channel by channel,
+  // so each channel's read is one long run for contiguous inputs; each row
+  // still sees its channels in order.
+  const int64_t rows_per_block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, W));
   cpu::parallel_tasks(0, B * H, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<double> acc(W);
     std::vector<float> s_row(W), t_row(W), w_row(W);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / H, h = task % H;
-      std::fill(acc.begin(), acc.end(), 0.0);
+    std::vector<double> lanes(rows_per_block * cpu::kLanes);
+    for (int64_t r0 = t0; r0 < t1;) {
+      const int64_t b = r0 / H, h0 = r0 % H;
+      const int64_t r1 = std::min({t1, (b + 1) * H, r0 + rows_per_block});
+      std::fill(lanes.begin(), lanes.end(), 0.0);
+      cpu::KdRowArgs a;
+      a.n = W;
       for (int64_t c = 0; c < C; ++c) {
-        const float* sr = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
-        const float* tr = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
-        if (has_w) {
-          const float* wr = row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data());
-          for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<double>(wr[w] * ell<K>(sr[w] - tr[w]));
-        } else {
-          for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<double>(ell<K>(sr[w] - tr[w]));
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t h = h0 + (r - r0);
+          a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
+          a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
+          a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
+          a.acc = lanes.data() + (r - r0) * cpu::kLanes;
+          row_fn(a);
         }
       }
-      double sum = 0.0;
-      for (int64_t w = 0; w < W; ++w) sum += acc[w];
-      partial[task] = sum;
+      for (int64_t r = r0; r < r1; ++r) {
+        double sum = 0.0;
+        for (int64_t l = 0; l < cpu::kLanes; ++l) sum += lanes[(r - r0) * cpu::kLanes + l];
+        partial[r] = sum;
+      }
+      r0 = r1;
     }
   });
   double total = 0.0;
@@ -101,6 +118,15 @@ at::Tensor fused_weighted_kd_cpu(const at::Tensor& S, const at::Tensor& T, const
   });
   if (mean) total /= static_cast<double>(S.numel());  // 0/0 = NaN for an empty input, as in the reference
   return at::full({}, static_cast<float>(total), S.options().dtype(at::kFloat));
+}
+
+// The row as a float32 pointer to write in place, or nullptr when it is not unit-stride float32.
+template <typename T>
+float* direct_f32(T* p, int64_t stride) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (stride == 1) return p;
+  }
+  return nullptr;
 }
 
 // Tasks are (weight image bw, row h): each walks the image rows that share the
@@ -126,37 +152,53 @@ void fused_weighted_kd_backward_impl(float scale, const at::Tensor& S, const at:
   const bool need_grad = ds || dt;
   const int64_t per_task = (B / std::max<int64_t>(task_b, 1)) * C * W;  // elements per task
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_task));
+  const cpu::KdRowFn row_fn = cpu::kernels().kd_bwd[K];
+  // Tasks are walked in blocks of consecutive h of one tb, (b, c) by (b, c), as
+  // in the forward: long runs for contiguous inputs, each weight row's sums
+  // still in (b, c) order.
+  const int64_t rows_per_block = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, W));
   cpu::parallel_tasks(0, task_b * H, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<double> acc(need_w ? wC * W : 0);
+    std::vector<double> acc(need_w ? rows_per_block * wC * W : 0);
     std::vector<float> s_row(W), t_row(W), w_row(W), v_row(W);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t tb = task / H, h = task % H;
+    for (int64_t r0 = t0; r0 < t1;) {
+      const int64_t tb = r0 / H, h0 = r0 % H;
+      const int64_t r1 = std::min({t1, (tb + 1) * H, r0 + rows_per_block});
       const int64_t b0 = task_b == B ? tb : 0, b1 = task_b == B ? tb + 1 : B;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t b = b0; b < b1; ++b) {
         for (int64_t c = 0; c < C; ++c) {
-          const float* sr = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
-          const float* tr = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
-          if (need_grad) {
-            if (has_w) {
-              const float* wr = row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data());
-              for (int64_t w = 0; w < W; ++w) v_row[w] = (scale * wr[w]) * ell_grad<K>(sr[w] - tr[w]);
-            } else {
-              for (int64_t w = 0; w < W; ++w) v_row[w] = scale * ell_grad<K>(sr[w] - tr[w]);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t h = h0 + (r - r0);
+            cpu::KdRowArgs a;
+            a.n = W;
+            a.scale = scale;
+            a.s = row_f32(s.at(b, c, h, 0), s.sw, W, s_row.data());
+            a.t = row_f32(t.at(b, c, h, 0), t.sw, W, t_row.data());
+            a.w = has_w ? row_f32(wv.at(b, c, h, 0), wv.sw, W, w_row.data()) : nullptr;
+            // float32 unit-stride outputs are written in place, others through v_row.
+            float* ds_row = ds ? direct_f32(o_s.at(b, c, h, 0), o_s.sw) : nullptr;
+            float* dt_row = dt ? direct_f32(o_t.at(b, c, h, 0), o_t.sw) : nullptr;
+            if (need_grad) {
+              a.out_s = ds_row ? ds_row : v_row.data();
+              a.out_t = dt_row;
             }
-            if (ds) scatter_row(v_row.data(), o_s.at(b, c, h, 0), o_s.sw, W, 1.f);
-            if (dt) scatter_row(v_row.data(), o_t.at(b, c, h, 0), o_t.sw, W, -1.f);
-          }
-          if (need_w) {
-            double* a_row = acc.data() + (wC == 1 ? 0 : c) * W;
-            for (int64_t w = 0; w < W; ++w) a_row[w] += static_cast<double>(ell<K>(sr[w] - tr[w]));
+            a.acc = need_w ? acc.data() + ((r - r0) * wC + (wC == 1 ? 0 : c)) * W : nullptr;
+            row_fn(a);
+            if (ds && !ds_row) scatter_row(a.out_s, o_s.at(b, c, h, 0), o_s.sw, W, 1.f);
+            if (dt && !dt_row) scatter_row(a.out_s, o_t.at(b, c, h, 0), o_t.sw, W, -1.f);
           }
         }
       }
-      if (!need_w) continue;
-      for (int64_t c = 0; c < wC; ++c)
-        for (int64_t w = 0; w < W; ++w)
-          dw[((tb * wC + c) * H + h) * W + w] = static_cast<float>(static_cast<double>(scale) * acc[c * W + w]);
+      if (need_w) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t h = h0 + (r - r0);
+          for (int64_t c = 0; c < wC; ++c)
+            for (int64_t w = 0; w < W; ++w)
+              dw[((tb * wC + c) * H + h) * W + w] =
+                  static_cast<float>(static_cast<double>(scale) * acc[((r - r0) * wC + c) * W + w]);
+        }
+      }
+      r0 = r1;
     }
   });
 }
