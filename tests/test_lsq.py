@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from cpu_isa import assert_same_bits_on_every_cpu_isa
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 import spark_ext
@@ -385,16 +386,7 @@ def test_cuda_more_than_2_31_elements():
 
 def test_every_cpu_isa_gives_the_same_bits(tmp_path):
     """The default, AVX2 and AVX-512 builds of the CPU loops compute identical bits (both op families)."""
-    import subprocess
-    import sys
-
-    script = f"""
-import torch
-from spark_ext import _extension
-_extension.load()
-isa = dict(kv.split("=", 1) for kv in torch.ops.spark_ext.build_info().split(";"))["cpu_isa"]
-gen = torch.Generator().manual_seed(0)
-out = {{"isa": isa}}
+    body = """
 for dt in (torch.float32, torch.float16, torch.bfloat16):
     x = (torch.randn(3, 40, 7, 33, generator=gen) * 2).to(dt)
     dy = torch.randn(3, 40, 7, 33, generator=gen).to(dt)
@@ -407,25 +399,8 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
                                torch.ops.spark_ext.lsq_fake_quant_backward(dy, x, s, o, axis, 8, 7, 0.1))
         out[key + ("fq",)] = (torch.ops.spark_ext.fake_quantize_learnable(x, s, o * 10, axis, -8, 7, 0.7),
                               torch.ops.spark_ext.fake_quantize_learnable_backward(dy, x, s, o * 10, axis, -8, 7, 0.7))
-torch.save(out, {str(tmp_path)!r} + "/" + isa + ".pt")
-print(isa)
 """
-    import os
-
-    seen = {}
-    for isa in ("default", "avx2", "avx512"):
-        env = {**os.environ, "SPARK_EXT_CPU_ISA": isa}
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        got = result.stdout.strip().splitlines()[-1]
-        seen[got] = torch.load(tmp_path / f"{got}.pt")
-    assert "default" in seen
-    base = seen["default"]
-    for isa, res in seen.items():
-        for key in (k for k in base if k != "isa"):
-            (y, grads), (y2, grads2) = base[key], res[key]
-            assert torch.equal(y, y2), (isa, key)
-            assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), (isa, key)
+    assert_same_bits_on_every_cpu_isa(body, tmp_path)
 
 
 @pytest.mark.parametrize("case", range(len(grad_layouts(GRAD_SHAPE))))

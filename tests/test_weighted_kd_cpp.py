@@ -12,6 +12,7 @@ import functools
 
 import pytest
 import torch
+from cpu_isa import assert_same_bits_on_every_cpu_isa
 
 import spark_ext
 from spark_ext import _extension
@@ -83,17 +84,7 @@ def test_auto_picks_cpp_on_cpu():
 
 def test_every_cpu_isa_gives_the_same_bits(tmp_path):
     """The default, AVX2 and AVX-512 builds of the row loops (csrc/cpu/kd_row_impl.h) give identical bits."""
-    import os
-    import subprocess
-    import sys
-
-    script = f"""
-import torch
-from spark_ext import _extension
-_extension.load()
-isa = dict(kv.split("=", 1) for kv in torch.ops.spark_ext.build_info().split(";"))["cpu_isa"]
-gen = torch.Generator().manual_seed(0)
-out = {{"isa": isa}}
+    body = """
 for dt in (torch.float32, torch.bfloat16):
     # W = 300: a full 256-element block, whole 16-lane vectors and a scalar tail.
     S = torch.randn(2, 3, 5, 300, generator=gen).to(dt)
@@ -105,20 +96,5 @@ for dt in (torch.float32, torch.bfloat16):
             out[key] = (torch.ops.spark_ext.fused_weighted_kd(S, T, w, kind, "mean"),
                         torch.ops.spark_ext.fused_weighted_kd_backward(
                             torch.tensor(0.7), S, T, w, kind, "mean", True, True, w is not None))
-torch.save(out, {str(tmp_path)!r} + "/" + isa + ".pt")
-print(isa)
 """
-    seen = {}
-    for isa in ("default", "avx2", "avx512"):
-        env = {**os.environ, "SPARK_EXT_CPU_ISA": isa}
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        got = result.stdout.strip().splitlines()[-1]
-        seen[got] = torch.load(tmp_path / f"{got}.pt")
-    assert "default" in seen
-    base = seen["default"]
-    for isa, res in seen.items():
-        for key in (k for k in base if k != "isa"):
-            (y, grads), (y2, grads2) = base[key], res[key]
-            assert torch.equal(y, y2), (isa, key)
-            assert all(torch.equal(a, b) for a, b in zip(grads, grads2)), (isa, key)
+    assert_same_bits_on_every_cpu_isa(body, tmp_path)
