@@ -28,12 +28,14 @@ VARIANTS = {
     "qat": dict(mode="qat"),
     "kd": dict(mode="kd"),
     "kd_gate": dict(mode="kd", kd_gate="teacher"),
+    "gor": dict(mode="kd", balancer="gor"),
     "map_kd_gap": dict(mode="map", map_signal="kd_gap"),
     "spark_paper": dict(mode="spark", policy_signal="paper"),
     "spark_reinforce": dict(mode="spark", policy_signal="reinforce"),
     "spark_credit_k1": dict(mode="spark", credit_every=1),
     "spark_credit_k8": dict(mode="spark", credit_every=8),
     "spark (default, k16)": dict(mode="spark"),
+    "spark + gor": dict(mode="spark", balancer="gor"),
 }
 
 

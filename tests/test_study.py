@@ -10,6 +10,7 @@ pytest.importorskip("scipy")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
 from spark_ext import study  # noqa: E402
+from spark_ext.demo.presets import PRESETS as DEMO_PRESETS  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,8 @@ from spark_ext import study  # noqa: E402
         (["--steps", "x"], "--steps"),
         (["--lambdas", "1,-2"], "--lambdas"),
         (["--workers", "0"], "--workers"),
+        (["--student-lr", "0"], "--student-lr"),
+        (["--student-lr", "nan"], "--student-lr"),
         (["--device", "cuda:99"], "--device"),
     ],
 )
@@ -75,9 +78,12 @@ def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
         "--quiet",
         "--device",
         "cpu",
+        "--student-lr",
+        "0.002",
     ]
     assert study.main(argv) == 0
     report = json.loads((out / "study.json").read_text())
+    assert report["preset"]["demo"]["student_lr"] == 0.002
     assert set(report["tasks"]) == {"denoise", "sr"}
     for task in ("denoise", "sr"):
         methods = report["tasks"][task]["methods"]
@@ -113,7 +119,9 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
     report = json.loads((out / "study.json").read_text())
     assert set(report["tasks"]["denoise"]["methods"]) == {"qat", "kd@1", "spark"}
     assert report["runs"][:4] == first["runs"]
+    assert report["preset"]["demo"]["student_lr"] == DEMO_PRESETS["smoke"].student_lr
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        study.main(common + ["--methods", "qat", "--resume", "--steps", "3"])
-    assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
+    for other in (["--steps", "3"], ["--student-lr", "0.123"]):  # another budget: refused, nothing trained
+        with pytest.raises(SystemExit) as exc:
+            study.main(common + ["--methods", "qat", "--resume"] + other)
+        assert exc.value.code == 2 and "other settings" in capsys.readouterr().err

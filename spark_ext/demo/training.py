@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -72,10 +73,14 @@ def train_student(
     device: torch.device,
     quiet: bool,
     overrides: Optional[dict[str, Any]] = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[nn.Module, SparkDistiller, list[dict[str, float]], float]:
     """Train a copy of the PTQ model with ``method``; identical data and budget for every method.
 
     ``overrides``: DistillConfig fields to use instead of ``METHODS[method]`` (``spark-ext study``'s variants).
+    ``clock``: what the training seconds are read from: wall time by default; ``spark-ext study`` passes
+    ``time.process_time`` on a CPU (its workers run one thread each, so that is the step's CPU time, which
+    another process on the machine does not inflate).
     Returns the student (eval mode), its distiller, the per-step logs and the training seconds.
     """
     torch.manual_seed(seed)
@@ -92,10 +97,10 @@ def train_student(
         task, preset.crop, preset.batch, seed=30_000 + seed, device=device
     )  # same for every method
     logs = []
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in progress(range(preset.student_steps), f"{LABELS.get(method, method)} (seed {seed})", quiet=quiet):
         logs.append(distiller.step(*next(data)))
         sched.step()
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     distiller.close()
     return student.eval(), distiller, logs, seconds
