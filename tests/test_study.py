@@ -24,6 +24,7 @@ from spark_ext.demo.presets import PRESETS as DEMO_PRESETS  # noqa: E402
         (["--workers", "0"], "--workers"),
         (["--student-lr", "0"], "--student-lr"),
         (["--student-lr", "nan"], "--student-lr"),
+        (["--student-schedule", "step"], "--student-schedule"),
         (["--device", "cuda:99"], "--device"),
     ],
 )
@@ -80,10 +81,13 @@ def test_tiny_study_writes_json_and_plot(tmp_path, monkeypatch):
         "cpu",
         "--student-lr",
         "0.002",
+        "--student-schedule",
+        "constant",
     ]
     assert study.main(argv) == 0
     report = json.loads((out / "study.json").read_text())
     assert report["preset"]["demo"]["student_lr"] == 0.002
+    assert report["preset"]["demo"]["student_schedule"] == "constant"
     assert set(report["tasks"]) == {"denoise", "sr"}
     for task in ("denoise", "sr"):
         methods = report["tasks"][task]["methods"]
@@ -121,7 +125,31 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
     assert report["runs"][:4] == first["runs"]
     assert report["preset"]["demo"]["student_lr"] == DEMO_PRESETS["smoke"].student_lr
     capsys.readouterr()
-    for other in (["--steps", "3"], ["--student-lr", "0.123"]):  # another budget: refused, nothing trained
+    # another budget or optimiser: refused before any work
+    for other in (["--steps", "3"], ["--student-lr", "0.123"], ["--student-schedule", "constant"]):
         with pytest.raises(SystemExit) as exc:
             study.main(common + ["--methods", "qat", "--resume"] + other)
         assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_student_schedule_sets_the_lr_over_the_run(schedule):
+    import dataclasses
+
+    import torch
+
+    from spark_ext.data import RestorationTask
+    from spark_ext.demo.training import make_ptq, train_student
+    from spark_ext.models import build_model
+
+    task = RestorationTask("denoise")
+    preset = dataclasses.replace(DEMO_PRESETS["smoke"], student_steps=4, student_schedule=schedule)
+    torch.manual_seed(0)
+    teacher = build_model("denoise", preset.width, depth=preset.depth).requires_grad_(False)
+    base = make_ptq(teacher, task, preset, 0, torch.device("cpu"))
+    _, distiller, _, _ = train_student("kd", base, teacher, task, preset, 0, torch.device("cpu"), True)
+    final_lr = distiller.optimizer.param_groups[0]["lr"]
+    assert final_lr == (preset.student_lr if schedule == "constant" else 0.0)
+    bad = dataclasses.replace(preset, student_schedule="step")
+    with pytest.raises(ValueError, match="student_schedule"):
+        train_student("kd", base, teacher, task, bad, 0, torch.device("cpu"), True)

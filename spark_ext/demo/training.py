@@ -12,8 +12,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from spark_ext._validation import check_choice
 from spark_ext.data import RandomCropBatches, RestorationTask
-from spark_ext.demo.presets import LABELS, METHODS, Preset
+from spark_ext.demo.presets import LABELS, METHODS, STUDENT_SCHEDULES, Preset
 from spark_ext.distill import DistillConfig, SparkDistiller
 from spark_ext.models import feature_layer
 from spark_ext.progress import progress
@@ -83,6 +84,7 @@ def train_student(
     another process on the machine does not inflate).
     Returns the student (eval mode), its distiller, the per-step logs and the training seconds.
     """
+    check_choice(preset.student_schedule, "student_schedule", STUDENT_SCHEDULES)
     torch.manual_seed(seed)
     student = copy.deepcopy(base).train()
     overrides = dict(METHODS[method] if overrides is None else overrides)
@@ -91,7 +93,7 @@ def train_student(
     overrides.setdefault("policy_steps", preset.student_steps)  # the policy's lr/entropy anneal over the run
     config = DistillConfig(grid=preset.grid, seed=seed, **overrides)
     opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
-    sched = cosine_schedule(opt, preset.student_steps)
+    sched = cosine_schedule(opt, preset.student_steps) if preset.student_schedule == "cosine" else None
     distiller = SparkDistiller(student, teacher if config.mode != "qat" else None, opt, config)
     data = RandomCropBatches(
         task, preset.crop, preset.batch, seed=30_000 + seed, device=device
@@ -100,7 +102,8 @@ def train_student(
     t0 = clock()
     for _ in progress(range(preset.student_steps), f"{LABELS.get(method, method)} (seed {seed})", quiet=quiet):
         logs.append(distiller.step(*next(data)))
-        sched.step()
+        if sched is not None:
+            sched.step()
     seconds = clock() - t0
     distiller.close()
     return student.eval(), distiller, logs, seconds

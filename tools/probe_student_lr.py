@@ -1,0 +1,119 @@
+"""Probe the students' optimiser at ``spark-ext study --quick``'s budget: lr, schedule, and GoR's loss scale.
+
+Trains the study's W4A4 students (the demo's ``train_student``, 200 steps, the shipped teacher, the
+study's per-seed PTQ start and data) for a list of variants on paired seeds and prints each
+variant's mean held-out PSNR and its paired difference to the first variant. A variant is
+``METHOD[_lrF][_const][_ramp]``:
+
+* ``METHOD``: ``qat``, ``kd`` (uniform KD, lambda 1), ``gor`` (KD with the GoR balancer),
+  ``spark`` (SPARK's default), ``spark_gor`` (SPARK's map with the GoR balancer);
+* ``_lrF``: the students' Adam lr times ``F`` (the demo's lr is 1e-3);
+* ``_const``: a constant lr instead of the demo's cosine decay to 0;
+* ``_ramp``: the total loss multiplied by ``0.5 exp(0.01 t)`` at step ``t``, a *fixed* schedule equal
+  to what GoR's two log-scales do at this budget (both fall by Adam's lr 1e-2 per step, so GoR's
+  weights stay equal to each other and grow together). With Adam, a growing loss scale is not a
+  no-op: the second-moment average lags behind it, so later steps are larger. ``kd_ramp`` is
+  uniform KD with GoR's loss scale but without its learned balancing; ``qat_ramp`` the same for QAT.
+  (Implemented by patching the ``"none"`` balancer's forward in this process: a probe, not an API.)
+
+    python tools/probe_student_lr.py --task denoise --seeds 0,1,2 --variants kd,kd_lr2,gor_lr2,kd_ramp_lr2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+import torch
+
+VARIANT_METHODS = {
+    "qat": {"mode": "qat"},
+    "kd": {"mode": "kd"},
+    "gor": {"mode": "kd", "balancer": "gor"},
+    "spark": {"mode": "spark"},
+    "spark_gor": {"mode": "spark", "balancer": "gor"},
+}
+
+
+def parse_variant(text: str) -> tuple[str, float, bool, bool]:
+    """``"kd_lr2_const_ramp"`` -> ``("kd", 2.0, True, True)``: method, lr factor, constant lr, loss-scale ramp."""
+    parts = text.split("_")
+    ramp, const = "ramp" in parts, "const" in parts
+    lr_parts = [p for p in parts if p.startswith("lr") and p[2:].replace(".", "", 1).isdigit()]
+    method = "_".join(p for p in parts if p not in ("ramp", "const") and p not in lr_parts)
+    if method not in VARIANT_METHODS or len(lr_parts) > 1:
+        raise argparse.ArgumentTypeError(
+            f"bad variant {text!r}: METHOD[_lrF][_const][_ramp], METHOD in {list(VARIANT_METHODS)}"
+        )
+    return method, float(lr_parts[0][2:]) if lr_parts else 1.0, const, ramp
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("denoise", "sr"), required=True)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument(
+        "--variants", required=True, help="comma-separated METHOD[_lrF][_const][_ramp]; the first is the reference"
+    )
+    p.add_argument("--steps", type=int, default=200)
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        variants = {v: parse_variant(v) for v in args.variants.split(",")}
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        p.error(str(exc))
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+
+    from spark_ext.demo.presets import PRESETS
+    from spark_ext.demo.scoring import model_outputs, score_outputs
+    from spark_ext.demo.training import make_ptq, train_student
+    from spark_ext.distill import balancers
+    from spark_ext.study import _setup
+
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    base_preset = dataclasses.replace(PRESETS["default"], student_steps=args.steps)
+    task, teacher, _, held = _setup(args.task, base_preset, device, None, True)
+    plain_sum = balancers.NoBalancer.forward
+    psnr: dict[str, list[float]] = {v: [] for v in variants}
+    try:
+        for seed in seeds:
+            base = make_ptq(teacher, task, base_preset, seed, device)
+            for name, (method, lr_factor, const, ramp) in variants.items():
+                steps_taken = [0]
+
+                def total(self, l_task, l_kd, ramp=ramp, steps_taken=steps_taken):
+                    scale = 1.0
+                    if ramp:
+                        scale = 0.5 * torch.exp(torch.tensor(0.01 * steps_taken[0])).item()
+                        steps_taken[0] += torch.is_grad_enabled()
+                    return scale * (l_task + l_kd)
+
+                balancers.NoBalancer.forward = total
+                preset = dataclasses.replace(
+                    base_preset,
+                    student_lr=base_preset.student_lr * lr_factor,
+                    student_schedule="constant" if const else "cosine",
+                )
+                student, *_ = train_student(
+                    method, base, teacher, task, preset, seed, device, True, overrides=VARIANT_METHODS[method]
+                )
+                psnr[name].append(score_outputs(model_outputs(student, held), held, task)["psnr"])
+                print(f"seed {seed} {name:<22} {psnr[name][-1]:.4f}", flush=True)
+    finally:
+        balancers.NoBalancer.forward = plain_sum
+    reference = next(iter(variants))
+    print(f"\n{args.task}, {args.steps} steps, seeds {seeds}; paired difference to {reference} (mean, sd, wins)")
+    for name, values in psnr.items():
+        diffs = [a - b for a, b in zip(values, psnr[reference])]
+        print(
+            f"{name:<22} {statistics.mean(values):.3f}  {statistics.mean(diffs):+.3f}  "
+            f"sd {statistics.pstdev(diffs):.3f}  {sum(d > 0 for d in diffs)}/{len(diffs)}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
