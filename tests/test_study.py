@@ -132,7 +132,7 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
         assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "constant_then_linear"])
 def test_student_schedule_sets_the_lr_over_the_run(schedule):
     import dataclasses
 
@@ -153,3 +153,23 @@ def test_student_schedule_sets_the_lr_over_the_run(schedule):
     bad = dataclasses.replace(preset, student_schedule="step")
     with pytest.raises(ValueError, match="student_schedule"):
         train_student("kd", base, teacher, task, bad, 0, torch.device("cpu"), True)
+
+
+def test_constant_then_linear_holds_three_quarters_then_decays_to_zero():
+    import torch
+
+    from spark_ext.demo.training import student_schedule
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(()))], lr=2e-3)
+    sched = student_schedule(opt, 200, "constant_then_linear")
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == lrs[150] == 2e-3
+    assert lrs[175] == pytest.approx(1e-3) and lrs[199] == pytest.approx(2e-3 / 50)
+    assert opt.param_groups[0]["lr"] == 0.0
+    assert student_schedule(opt, 200, "constant") is None
+    with pytest.raises(ValueError, match="student_schedule"):
+        student_schedule(opt, 200, "step")

@@ -3,20 +3,21 @@
 Trains the study's W4A4 students (the demo's ``train_student``, 200 steps, the shipped teacher, the
 study's per-seed PTQ start and data) for a list of variants on paired seeds and prints each
 variant's mean held-out PSNR and its paired difference to the first variant. A variant is
-``METHOD[_lrF][_const][_ramp]``:
+``METHOD[@lrF][@SCHEDULE][@ramp]``:
 
 * ``METHOD``: ``qat``, ``kd`` (uniform KD, lambda 1), ``gor`` (KD with the GoR balancer),
   ``spark`` (SPARK's default), ``spark_gor`` (SPARK's map with the GoR balancer);
-* ``_lrF``: the students' Adam lr times ``F`` (the demo's lr is 1e-3);
-* ``_const``: a constant lr instead of the demo's cosine decay to 0;
-* ``_ramp``: the total loss multiplied by ``0.5 exp(0.01 t)`` at step ``t``, a *fixed* schedule equal
+* ``@lrF``: the students' Adam lr times ``F`` (the demo's lr is 1e-3);
+* ``@SCHEDULE``: ``constant`` or ``constant_then_linear`` instead of the demo's ``cosine``
+  (:func:`spark_ext.demo.training.student_schedule`);
+* ``@ramp``: the total loss multiplied by ``0.5 exp(0.01 t)`` at step ``t``, a *fixed* schedule equal
   to what GoR's two log-scales do at this budget (both fall by Adam's lr 1e-2 per step, so GoR's
   weights stay equal to each other and grow together). With Adam, a growing loss scale is not a
-  no-op: the second-moment average lags behind it, so later steps are larger. ``kd_ramp`` is
-  uniform KD with GoR's loss scale but without its learned balancing; ``qat_ramp`` the same for QAT.
+  no-op: the second-moment average lags behind it, so later steps are larger. ``kd@ramp`` is
+  uniform KD with GoR's loss scale but without its learned balancing; ``qat@ramp`` the same for QAT.
   (Implemented by patching the ``"none"`` balancer's forward in this process: a probe, not an API.)
 
-    python tools/probe_student_lr.py --task denoise --seeds 0,1,2 --variants kd,kd_lr2,gor_lr2,kd_ramp_lr2
+    python tools/probe_student_lr.py --task denoise --seeds 0,1,2 --variants kd,kd@lr2,gor@lr2,kd@lr2@ramp
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import statistics
 
 import torch
 
+from spark_ext.demo.presets import STUDENT_SCHEDULES
+
 VARIANT_METHODS = {
     "qat": {"mode": "qat"},
     "kd": {"mode": "kd"},
@@ -36,17 +39,22 @@ VARIANT_METHODS = {
 }
 
 
-def parse_variant(text: str) -> tuple[str, float, bool, bool]:
-    """``"kd_lr2_const_ramp"`` -> ``("kd", 2.0, True, True)``: method, lr factor, constant lr, loss-scale ramp."""
-    parts = text.split("_")
-    ramp, const = "ramp" in parts, "const" in parts
-    lr_parts = [p for p in parts if p.startswith("lr") and p[2:].replace(".", "", 1).isdigit()]
-    method = "_".join(p for p in parts if p not in ("ramp", "const") and p not in lr_parts)
-    if method not in VARIANT_METHODS or len(lr_parts) > 1:
-        raise argparse.ArgumentTypeError(
-            f"bad variant {text!r}: METHOD[_lrF][_const][_ramp], METHOD in {list(VARIANT_METHODS)}"
-        )
-    return method, float(lr_parts[0][2:]) if lr_parts else 1.0, const, ramp
+def parse_variant(text: str) -> tuple[str, float, str, bool]:
+    """``"kd@lr2@constant@ramp"`` -> ``("kd", 2.0, "constant", True)``: method, lr factor, schedule, ramp."""
+    method, *options = text.split("@")
+    lr_factor, schedule, ramp = 1.0, "cosine", False
+    for option in options:
+        if option == "ramp":
+            ramp = True
+        elif option in STUDENT_SCHEDULES:
+            schedule = option
+        elif option.startswith("lr") and option[2:].replace(".", "", 1).isdigit() and float(option[2:]) > 0:
+            lr_factor = float(option[2:])
+        else:
+            raise argparse.ArgumentTypeError(f"bad option {option!r} in variant {text!r}")
+    if method not in VARIANT_METHODS:
+        raise argparse.ArgumentTypeError(f"bad method in variant {text!r}: choose from {list(VARIANT_METHODS)}")
+    return method, lr_factor, schedule, ramp
 
 
 def main(argv=None) -> int:
@@ -54,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--task", choices=("denoise", "sr"), required=True)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument(
-        "--variants", required=True, help="comma-separated METHOD[_lrF][_const][_ramp]; the first is the reference"
+        "--variants", required=True, help="comma-separated METHOD[@lrF][@SCHEDULE][@ramp]; the first is the reference"
     )
     p.add_argument("--steps", type=int, default=200)
     args = p.parse_args(argv)
@@ -81,7 +89,7 @@ def main(argv=None) -> int:
     try:
         for seed in seeds:
             base = make_ptq(teacher, task, base_preset, seed, device)
-            for name, (method, lr_factor, const, ramp) in variants.items():
+            for name, (method, lr_factor, schedule, ramp) in variants.items():
                 steps_taken = [0]
 
                 def total(self, l_task, l_kd, ramp=ramp, steps_taken=steps_taken):
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
                 preset = dataclasses.replace(
                     base_preset,
                     student_lr=base_preset.student_lr * lr_factor,
-                    student_schedule="constant" if const else "cosine",
+                    student_schedule=schedule,
                 )
                 student, *_ = train_student(
                     method, base, teacher, task, preset, seed, device, True, overrides=VARIANT_METHODS[method]

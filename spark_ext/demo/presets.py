@@ -20,7 +20,7 @@ METRIC_NOTES = {
     "sr": "BasicSR conventions: outputs rounded to uint8, Y channel (BT.601), border = scale cropped, "
     "SSIM 11x11 Gaussian (sigma 1.5)",
 }
-STUDENT_SCHEDULES = ("cosine", "constant")
+STUDENT_SCHEDULES = ("cosine", "constant", "constant_then_linear")
 LABELS = {
     "input": "input (degraded)",
     "fp32": "FP32 teacher",
@@ -42,7 +42,8 @@ class Preset:
     width, depth: network size (``build_model``). crop, batch: training crops.
     teacher_steps, teacher_lr: FP32 teacher training (Adam, cosine decay).
     student_steps, student_lr: every student's training (Adam).
-    student_schedule: the students' lr over the run: ``"cosine"`` (decay to 0) or ``"constant"``.
+    student_schedule: the students' lr over the run: ``"cosine"`` (decay to 0), ``"constant"``, or
+        ``"constant_then_linear"`` (constant, then a linear decay to 0 over the last quarter).
     quant_rel_lr: learning rate of each LSQ step (and offset) *relative to its
         initial value* — Adam moves a parameter by about ``lr`` per step, so a
         step of 1e-3 (8-bit layers) needs a far smaller lr than one of 0.1.

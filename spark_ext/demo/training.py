@@ -27,6 +27,22 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim
     )
 
 
+def student_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, kind: str
+) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
+    """The students' lr over ``steps`` (``Preset.student_schedule``): ``"cosine"`` (:func:`cosine_schedule`),
+    ``"constant"`` (None: no scheduler), or ``"constant_then_linear"`` (constant for the first 75 % of the
+    run, then a linear decay to 0 at ``steps``: the high lr's progress, with the last quarter averaging out
+    its noise)."""
+    check_choice(kind, "student_schedule", STUDENT_SCHEDULES)
+    if kind == "cosine":
+        return cosine_schedule(optimizer, steps)
+    if kind == "constant":
+        return None
+    tail = 0.25 * max(steps, 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, max(0.0, (steps - i) / tail)))
+
+
 def lsq_quantizers(model: nn.Module) -> list[nn.Module]:
     """Every :class:`~spark_ext.quant.LSQQuantizer` in ``model``, in module order."""
     from spark_ext.quant import LSQQuantizer
@@ -84,7 +100,7 @@ def train_student(
     another process on the machine does not inflate).
     Returns the student (eval mode), its distiller, the per-step logs and the training seconds.
     """
-    check_choice(preset.student_schedule, "student_schedule", STUDENT_SCHEDULES)
+    check_choice(preset.student_schedule, "student_schedule", STUDENT_SCHEDULES)  # before any work
     torch.manual_seed(seed)
     student = copy.deepcopy(base).train()
     overrides = dict(METHODS[method] if overrides is None else overrides)
@@ -93,7 +109,7 @@ def train_student(
     overrides.setdefault("policy_steps", preset.student_steps)  # the policy's lr/entropy anneal over the run
     config = DistillConfig(grid=preset.grid, seed=seed, **overrides)
     opt = student_optimizer(student, preset.student_lr, preset.quant_rel_lr)
-    sched = cosine_schedule(opt, preset.student_steps) if preset.student_schedule == "cosine" else None
+    sched = student_schedule(opt, preset.student_steps, preset.student_schedule)
     distiller = SparkDistiller(student, teacher if config.mode != "qat" else None, opt, config)
     data = RandomCropBatches(
         task, preset.crop, preset.batch, seed=30_000 + seed, device=device
