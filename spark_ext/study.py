@@ -7,9 +7,9 @@ held-out photos. Per task and method the study reports mean ± std PSNR/SSIM
 over seeds, the paired PSNR difference to QAT and to uniform KD at its best
 ``lambda_kd`` (best by mean PSNR over the grid ``--lambdas``, on the same
 held-out photos, so the KD reference is, if anything, favoured) with a 95 %
-t-interval over seeds, and the training cost per step (CPU time of the one-thread worker on a CPU, wall
-time on a GPU) relative to uniform KD
-at ``lambda_kd = 1``. Writes ``study.json`` and ``study.png``.
+t-interval over seeds, and the training cost per step relative to uniform KD
+at ``lambda_kd = 1`` (CPU time of each one-thread worker on a CPU, wall time on
+a GPU). Writes ``study.json`` and ``study.png``.
 
 Methods (``--methods``; default all):
 

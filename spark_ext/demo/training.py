@@ -100,7 +100,6 @@ def train_student(
     another process on the machine does not inflate).
     Returns the student (eval mode), its distiller, the per-step logs and the training seconds.
     """
-    check_choice(preset.student_schedule, "student_schedule", STUDENT_SCHEDULES)  # before any work
     torch.manual_seed(seed)
     student = copy.deepcopy(base).train()
     overrides = dict(METHODS[method] if overrides is None else overrides)
