@@ -9,7 +9,9 @@ variant's mean held-out PSNR and its paired difference to the first variant. A v
   ``spark`` (SPARK's default), ``spark_gor`` (SPARK's map with the GoR balancer);
 * ``@lrF``: the students' Adam lr times ``F`` (the demo's lr is 1e-3);
 * ``@SCHEDULE``: ``constant`` or ``constant_then_linear`` instead of the demo's ``cosine``
-  (:func:`spark_ext.demo.training.student_schedule`);
+  (:func:`spark_ext.demo.training.student_schedule`), or ``warmup``: a linear warm-up from 0.15 x lr to
+  lr over the first half of the run, then constant, then linear to 0 over the last quarter (probe only:
+  patches ``student_schedule`` in this process);
 * ``@ramp``: the total loss multiplied by ``0.5 exp(0.01 t)`` at step ``t``, a *fixed* schedule equal
   to what GoR's two log-scales do at this budget (both fall by Adam's lr 1e-2 per step, so GoR's
   weights stay equal to each other and grow together). With Adam, a growing loss scale is not a
@@ -46,7 +48,7 @@ def parse_variant(text: str) -> tuple[str, float, str, bool]:
     for option in options:
         if option == "ramp":
             ramp = True
-        elif option in STUDENT_SCHEDULES:
+        elif option in STUDENT_SCHEDULES or option == "warmup":
             schedule = option
         elif option.startswith("lr") and option[2:].replace(".", "", 1).isdigit() and float(option[2:]) > 0:
             lr_factor = float(option[2:])
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         p.error("--steps must be >= 1")
 
+    from spark_ext.demo import training
     from spark_ext.demo.presets import PRESETS
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
@@ -84,7 +87,15 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     base_preset = dataclasses.replace(PRESETS["default"], student_steps=args.steps)
     task, teacher, _, held = _setup(args.task, base_preset, device, None, True)
-    plain_sum = balancers.NoBalancer.forward
+    plain_sum, plain_schedule = balancers.NoBalancer.forward, training.student_schedule
+
+    def warmup_schedule(optimizer, steps, kind, start=0.15):
+        def factor(i):
+            warm = min(1.0, start + (1 - start) * i / (0.5 * steps))
+            return min(warm, max(0.0, (steps - i) / (0.25 * steps)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
     psnr: dict[str, list[float]] = {v: [] for v in variants}
     try:
         for seed in seeds:
@@ -100,10 +111,11 @@ def main(argv=None) -> int:
                     return scale * (l_task + l_kd)
 
                 balancers.NoBalancer.forward = total
+                training.student_schedule = warmup_schedule if schedule == "warmup" else plain_schedule
                 preset = dataclasses.replace(
                     base_preset,
                     student_lr=base_preset.student_lr * lr_factor,
-                    student_schedule=schedule,
+                    student_schedule="constant_then_linear" if schedule == "warmup" else schedule,
                 )
                 student, *_ = train_student(
                     method, base, teacher, task, preset, seed, device, True, overrides=VARIANT_METHODS[method]
@@ -111,7 +123,7 @@ def main(argv=None) -> int:
                 psnr[name].append(score_outputs(model_outputs(student, held), held, task)["psnr"])
                 print(f"seed {seed} {name:<22} {psnr[name][-1]:.4f}", flush=True)
     finally:
-        balancers.NoBalancer.forward = plain_sum
+        balancers.NoBalancer.forward, training.student_schedule = plain_sum, plain_schedule
     reference = next(iter(variants))
     print(f"\n{args.task}, {args.steps} steps, seeds {seeds}; paired difference to {reference} (mean, sd, wins)")
     for name, values in psnr.items():
