@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 
 import torch
 
@@ -42,6 +41,7 @@ def main(argv=None) -> int:
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
     from spark_ext.distill import SparkDistiller, balancers
+    from spark_ext.stats import paired_difference, summarize, summary_line
     from spark_ext.study import PRESETS as STUDY_PRESETS
     from spark_ext.study import _setup
 
@@ -108,13 +108,10 @@ def main(argv=None) -> int:
             )
     finally:
         balancers.NoBalancer.forward, SparkDistiller._lambda = plain_sum, plain_lambda
-    print(f"\n{args.task}, seeds {seeds}; paired difference to kd (mean, sd, wins)")
+    print(f"\n{args.task}, seeds {seeds}; paired difference to kd (mean, 95 % t-interval)")
     for name, values in psnr.items():
-        diffs = [a - b for a, b in zip(values, psnr["kd"])]
-        print(
-            f"{name:<22} {statistics.mean(values):.3f}  {statistics.mean(diffs):+.3f}  "
-            f"sd {statistics.pstdev(diffs):.3f}  {sum(d > 0 for d in diffs)}/{len(diffs)}"
-        )
+        paired = None if name == "kd" else paired_difference(values, psnr["kd"])
+        print(summary_line(f"{name:<22}", summarize(values), paired, "kd", 3, " dB"))
     return 0
 
 

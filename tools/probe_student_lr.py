@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 
 import torch
 
@@ -81,6 +80,7 @@ def main(argv=None) -> int:
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
     from spark_ext.distill import balancers
+    from spark_ext.stats import paired_difference, summarize, summary_line
     from spark_ext.study import _setup
 
     torch.set_num_threads(1)
@@ -125,13 +125,10 @@ def main(argv=None) -> int:
     finally:
         balancers.NoBalancer.forward, training.student_schedule = plain_sum, plain_schedule
     reference = next(iter(variants))
-    print(f"\n{args.task}, {args.steps} steps, seeds {seeds}; paired difference to {reference} (mean, sd, wins)")
+    print(f"\n{args.task}, {args.steps} steps, seeds {seeds}; paired difference to {reference} (mean, 95 % t-interval)")
     for name, values in psnr.items():
-        diffs = [a - b for a, b in zip(values, psnr[reference])]
-        print(
-            f"{name:<22} {statistics.mean(values):.3f}  {statistics.mean(diffs):+.3f}  "
-            f"sd {statistics.pstdev(diffs):.3f}  {sum(d > 0 for d in diffs)}/{len(diffs)}"
-        )
+        paired = None if name == reference else paired_difference(values, psnr[reference])
+        print(summary_line(f"{name:<22}", summarize(values), paired, reference, 3, " dB"))
     return 0
 
 
