@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ from typing import Any, Optional
 
 import torch
 
-from spark_ext.cli import positive_int
+from spark_ext.cli import positive_float, positive_int
 from spark_ext.demo.presets import STUDENT_SCHEDULES
 from spark_ext.progress import progress
 from spark_ext.stats import mean_std, paired_difference
@@ -293,23 +292,11 @@ def save_plot(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _lambdas(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every lambda must be a finite number > 0, got {text!r}")
+    """``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)``: one or more finite numbers > 0 (:func:`~spark_ext.cli.positive_float`)."""
+    values = tuple(positive_float(v) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
     return values
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
 
 
 def all_method_names(lambdas: Sequence[float]) -> list[str]:
@@ -341,7 +328,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
     p.add_argument(
-        "--student-lr", type=_positive_float, default=None, help="the students' Adam lr (default: the preset's)"
+        "--student-lr", type=positive_float, default=None, help="the students' Adam lr (default: the preset's)"
     )
     p.add_argument(
         "--student-schedule",
