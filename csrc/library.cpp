@@ -1,6 +1,7 @@
 // The spark_ext library's namespace (one TORCH_LIBRARY, with this library's
-// own ops build_info and cpu_threads_used) and the host-side helpers shared by
-// the CPU and CUDA fake-quant implementations.
+// own ops build_info and cpu_threads_used; cpu/huge_page_allocator.cpp adds its
+// ops with a fragment) and the host-side helpers shared by the CPU and CUDA
+// fake-quant implementations.
 //
 // The kernel ops' schemas are written once, in Python (SCHEMAS in
 // spark_ext/ops/<family>.py, defined at `import spark_ext`, because the
@@ -13,6 +14,8 @@
 //   fused_weighted_kd / _backward             docs/spec.md §3, no or per-pixel weight (CPU only)  cpu/weighted_kd_cpu.cpp
 //   build_info                                "torch=<ver>;cuda=<0|1>;cpu_isa=<isa>;openmp=<0|1>" (here)
 //   cpu_threads_used                          test-only: threads that ran CPU kernel tasks (here, cpu/parallel.h)
+//   huge_page_threshold                       outputs this large get huge pages (doctor)  cpu/huge_page_allocator.cpp
+//   set_huge_page_threshold / huge_page_allocations  test-only: change it / count huge-page outputs (same file)
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
 // d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
 // backward returns an offset gradient shaped like step even without an offset

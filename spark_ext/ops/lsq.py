@@ -8,8 +8,8 @@ Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
 ``torch.ops.spark_ext.lsq_fake_quant`` / ``_backward`` (csrc/); their
 schemas (:data:`SCHEMAS`), fake (meta) implementations and autograd formula
 are registered here, the kernels by the compiled library when it loads. The
-forward op's autograd calls the fused backward op, which reads x and dy once, writes dx and reduces the step and offset
-gradients in float32 deterministically.
+forward op's autograd calls the fused backward op, which reads x and dy once,
+writes dx and reduces the step and offset gradients in float32 deterministically.
 """
 
 from __future__ import annotations
