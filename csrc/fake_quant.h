@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 
 namespace spark_ext {
@@ -37,11 +38,15 @@ DenseView dense_view(const at::Tensor& x, c10::optional<int64_t> axis);
 // `y.sum().backward()`). CUDA backward only: the CPU one reads dy in place.
 at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& like);
 
-// Argument checks done again in C++ so the ops are safe to call directly
-// through torch.ops (the Python wrappers check the same things first with
-// friendlier messages).
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, const at::Tensor* p1,
-                  c10::optional<int64_t> axis, int64_t lo, int64_t hi);
+// Argument checks of the ops (shapes, dtypes, devices, ranges: metadata only).
+// The public Python functions call the ops directly and rely on these; when one
+// fails they re-check the arguments in Python for the documented message.
+// The parameters' values are checked where the kernels read them.
+void check_inputs(const char* op, Semantics semantics, const at::Tensor& x, const at::Tensor& p0,
+                  const at::Tensor* p1, c10::optional<int64_t> axis, int64_t lo, int64_t hi, double grad_factor);
+
+// "[v0, v1, ...]": the first values of a parameter, for error messages.
+std::string first_values(const float* v, int64_t n);
 
 int64_t normalize_axis(c10::optional<int64_t> axis, int64_t dim);
 

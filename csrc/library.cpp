@@ -24,6 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <sstream>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -80,15 +82,17 @@ at::Tensor match_layout(const at::Tensor& dy, const at::Tensor& like) {
   return at::empty_like(like).copy_(dy);
 }
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, const at::Tensor* p1,
-                  c10::optional<int64_t> axis, int64_t lo, int64_t hi) {
+void check_inputs(const char* op, Semantics semantics, const at::Tensor& x, const at::Tensor& p0,
+                  const at::Tensor* p1, c10::optional<int64_t> axis, int64_t lo, int64_t hi, double grad_factor) {
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
                    ": x must be float32, float16 or bfloat16, got ", dt);
   const int64_t expected = axis.has_value() ? x.size(normalize_axis(axis, x.dim())) : 1;
   for (const at::Tensor* p : {&p0, p1}) {
     if (p == nullptr) continue;
-    TORCH_CHECK_TYPE(p->is_floating_point(), op, ": scale/step and zero_point/offset must be floating, got ",
+    // Like torch, the torch-compatible op takes an integer zero point (which has no gradient).
+    const bool int_ok = semantics == Semantics::kTorchCompat && p == p1 && at::isIntegralType(p->scalar_type(), false);
+    TORCH_CHECK_TYPE(p->is_floating_point() || int_ok, op, ": scale/step and zero_point/offset must be floating, got ",
                      p->scalar_type());
     TORCH_CHECK_VALUE(p->numel() == expected && p->dim() <= 1, op, ": parameters must hold ", expected,
                       " values (1-D), got shape ", p->sizes());
@@ -99,6 +103,15 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& p0, con
   constexpr int64_t kMaxRange = int64_t(1) << 21;
   TORCH_CHECK_VALUE(lo <= 0 && 0 <= hi && lo >= -kMaxRange && hi <= kMaxRange, op,
                     ": need -2^21 <= quant_min <= 0 <= quant_max <= 2^21, got [", lo, ", ", hi, "]");
+  TORCH_CHECK_VALUE(std::isfinite(grad_factor), "grad_factor must be finite, got ", grad_factor);
+}
+
+std::string first_values(const float* v, int64_t n) {
+  std::ostringstream out;
+  out << '[';
+  for (int64_t i = 0; i < std::min<int64_t>(n, 8); ++i) out << (i ? ", " : "") << v[i];
+  out << (n > 8 ? ", ...]" : "]");
+  return out.str();
 }
 
 // openmp=1: compiled with OpenMP, so at::parallel_for spreads the CPU kernels

@@ -51,6 +51,7 @@ AOT_INFO = "_C_build.json"
 
 CPU_SOURCES = (
     "library.cpp",
+    "autograd.cpp",
     "cpu/fake_quant_cpu.cpp",
     "cpu/span_kernels.cpp",
     "cpu/difficulty_cpu.cpp",

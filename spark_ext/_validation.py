@@ -4,8 +4,10 @@ All raise ``TypeError`` (wrong kind of object or dtype) or ``ValueError``
 (wrong value or shape) with a message naming the argument, what it got and
 what was expected. None of them synchronises with the device: they look at
 metadata only (shapes, dtypes, devices), except the value checks
-(:func:`check_positive_step`, :func:`check_not_nan`, :func:`check_finite_values`),
-which read values on CPU and use a device-side assert on CUDA.
+(:func:`check_positive_step`, :func:`check_positive_scale`, :func:`check_not_nan`,
+:func:`check_finite_values`), which read values on CPU and use a device-side assert on CUDA;
+the public ops run them only on the reference backend (the compiled kernels check the values
+they read).
 :func:`writable_dir_problem` serves the command lines' ``--out``-style checks.
 """
 
@@ -185,6 +187,18 @@ def check_positive_step(step: torch.Tensor, name: str = "step") -> None:
     info = torch.finfo(step.dtype)
     ok = step.clamp(info.smallest_normal * info.eps, info.max) == step
     _check_values(step, ok, f"{name} must be finite and > 0 everywhere")
+
+
+def check_positive_scale(scale: torch.Tensor, name: str = "scale") -> None:
+    """Every scale must be finite and > 0 with a finite float32 reciprocal (>= 2.9e-39; docs/spec.md §5a).
+
+    The fake-quant kernels multiply by ``1 / scale`` in float32, as ATen does;
+    for a subnormal scale below 1/FLT_MAX that is inf. Checked without a host
+    sync (see :func:`_check_values`).
+    """
+    s = scale.to(torch.float32)
+    ok = (s > 0) & torch.isfinite(s) & torch.isfinite(1.0 / s)
+    _check_values(scale, ok, f"{name} must be finite and > 0 everywhere, with a finite reciprocal (>= 2.9e-39)")
 
 
 def check_not_nan(t: torch.Tensor, name: str) -> None:

@@ -36,6 +36,16 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """Forget the ops' cached backend choices around every test: some tests patch the availability rules."""
+    from spark_ext.ops import _dispatch
+
+    _dispatch.clear_cache()
+    yield
+    _dispatch.clear_cache()
+
+
+@pytest.fixture(autouse=True)
 def _triton_on_cuda(request):
     """On a GPU machine, tests parametrised with ``backend="triton"`` build their tensors on CUDA.
 

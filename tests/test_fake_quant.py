@@ -206,7 +206,9 @@ def test_direct_op_rejects_bad_arguments():
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         op(x.long(), s, z, None, -8, 7, 1.0)
     with pytest.raises(TypeError, match="must be floating"):
-        op(x, s, z.int(), None, -8, 7, 1.0)
+        op(x, s, z.bool(), None, -8, 7, 1.0)
+    # An integer zero point is taken as torch takes it (the public op's fast path passes it as is).
+    assert torch.equal(op(x, s, z.int(), None, -8, 7, 1.0), op(x, s, z, None, -8, 7, 1.0))
     with pytest.raises(ValueError, match="parameters must hold 4 values"):
         op(x, torch.ones(5), torch.zeros(5), 0, -8, 7, 1.0)
     with pytest.raises(ValueError, match="quant_min <= 0 <= quant_max"):

@@ -386,6 +386,12 @@ FqChannelParams fq_params(const at::Tensor& scale, const at::Tensor& zero_point,
   q.zero_point.resize(C);
   for (size_t i = 0; i < C; ++i) {
     q.inv_scale[i] = 1.0f / q.scale[i];  // ATen computes 1/scale in float32
+    // A scale below 1/FLT_MAX (a subnormal) has no finite reciprocal: ATen then
+    // returns quant_min * scale for x = 0; refused here instead (docs/spec.md §5a).
+    TORCH_CHECK_VALUE(q.scale[i] > 0.f && std::isfinite(q.inv_scale[i]) && std::isfinite(q.scale[i]),
+                      "scale must be finite and > 0 everywhere, with a finite reciprocal (>= 2.9e-39), got ",
+                      first_values(q.scale.data(), int64_t(C)));
+    TORCH_CHECK_VALUE(!std::isnan(z[i]), "zero_point must not be NaN, got ", first_values(z.data(), int64_t(C)));
     q.zero_point[i] = per_tensor_backward ? std::trunc(std::min(std::max(z[i] + 0.5f, q.quant_min), q.quant_max))
                                           : std::min(std::max(std::nearbyint(z[i]), q.quant_min), q.quant_max);
   }
@@ -402,8 +408,16 @@ LsqChannelParams lsq_params(const at::Tensor& step, const c10::optional<at::Tens
   q.qp = float(qp);
   q.sum_factor = float(grad_factor);
   q.step = to_floats(step);
-  for (float& s : q.step) s = std::max(s, kMinStep);
+  const int64_t C = int64_t(q.step.size());
+  for (float& s : q.step) {
+    TORCH_CHECK_VALUE(s > 0.f && std::isfinite(s), "step must be finite and > 0 everywhere, got ",
+                      first_values(q.step.data(), C));
+    s = std::max(s, kMinStep);
+  }
   q.offset = offset.has_value() ? to_floats(*offset) : std::vector<float>(q.step.size(), 0.f);
+  for (float o : q.offset) {
+    TORCH_CHECK_VALUE(std::isfinite(o), "offset must be finite everywhere, got ", first_values(q.offset.data(), C));
+  }
   expand(q.step, p);
   expand(q.offset, p);
   return q;
@@ -413,7 +427,8 @@ LsqChannelParams lsq_params(const at::Tensor& step, const c10::optional<at::Tens
 
 at::Tensor fq_forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                           c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", Semantics::kTorchCompat, x, scale, &zero_point, axis, quant_min,
+               quant_max, grad_factor);
   DenseView v = dense_view(x, axis);
   at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
@@ -427,7 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
                                                                const at::Tensor& scale, const at::Tensor& zero_point,
                                                                c10::optional<int64_t> axis, int64_t quant_min,
                                                                int64_t quant_max, double grad_factor) {
-  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", Semantics::kTorchCompat, x, scale, &zero_point, axis,
+               quant_min, quant_max, grad_factor);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = cpu::empty_output_like(v.x);
@@ -441,7 +457,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cpu(const at::Tensor&
 
 at::Tensor lsq_forward_cpu(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                            c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", Semantics::kLsq, x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp,
+               grad_factor);
   DenseView v = dense_view(x, axis);
   at::Tensor y = cpu::empty_output_like(v.x);
   if (v.x.numel() == 0) return y;
@@ -456,7 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cpu(const at::Tensor
                                                                 const c10::optional<at::Tensor>& offset,
                                                                 c10::optional<int64_t> axis, int64_t qn, int64_t qp,
                                                                 double grad_factor) {
-  check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant_backward", Semantics::kLsq, x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp,
+               grad_factor);
   DenseView v = dense_view(x, axis);
   const GradReader g = grad_reader(dy, v.x);
   at::Tensor dx = cpu::empty_output_like(v.x);

@@ -126,6 +126,10 @@ struct FqDev {  // docs/spec.md §5a
     k.scale = p.p0[ch];
     k.inv_scale = __fdiv_rn(1.0f, k.scale);
     const float z = p.p1[ch];
+    // The CPU kernels raise ValueError for these; a device assert here (no host sync).
+    CUDA_KERNEL_ASSERT_MSG(k.scale > 0.f && isfinite(k.scale) && isfinite(k.inv_scale),
+                           "spark_ext: scale must be finite and > 0 everywhere, with a finite reciprocal");
+    CUDA_KERNEL_ASSERT_MSG(!isnan(z), "spark_ext: zero_point must not be NaN");
     k.zero_point = (backward && p.per_tensor_backward_zp) ? truncf(clampf_(__fadd_rn(z, 0.5f), p.lo, p.hi))
                                                           : clampf_(rintf(z), p.lo, p.hi);
     return k;
@@ -159,7 +163,10 @@ struct LsqDev {  // docs/spec.md §5b
     float step, offset;  // step clamped to >= kMinStep; offset 0 without one
   };
   __device__ static Coeffs coeffs(const ParamsDev& p, int64_t ch, bool) {
-    return {fmaxf(p.p0[ch], kMinStep), p.p1 ? p.p1[ch] : 0.f};
+    const float step = p.p0[ch], offset = p.p1 ? p.p1[ch] : 0.f;
+    CUDA_KERNEL_ASSERT_MSG(step > 0.f && isfinite(step), "spark_ext: step must be finite and > 0 everywhere");
+    CUDA_KERNEL_ASSERT_MSG(isfinite(offset), "spark_ext: offset must be finite everywhere");
+    return {fmaxf(step, kMinStep), offset};
   }
   __device__ static float fwd(const ParamsDev& p, float x, const Coeffs& k) {
     const float v = __fdiv_rn(__fsub_rn(x, k.offset), k.step);
@@ -383,7 +390,8 @@ ParamsDev lsq_params(int64_t qn, int64_t qp, double grad_factor) {
 
 at::Tensor fq_forward_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
                            c10::optional<int64_t> axis, int64_t quant_min, int64_t quant_max, double grad_factor) {
-  check_inputs("fake_quantize_learnable", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable", Semantics::kTorchCompat, x, scale, &zero_point, axis, quant_min,
+               quant_max, grad_factor);
   return forward_impl<FqDev>(x, scale, zero_point, axis, fq_params(quant_min, quant_max, grad_factor, false));
 }
 
@@ -392,14 +400,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fq_backward_cuda(const at::Tensor
                                                                 const at::Tensor& zero_point,
                                                                 c10::optional<int64_t> axis, int64_t quant_min,
                                                                 int64_t quant_max, double grad_factor) {
-  check_inputs("fake_quantize_learnable_backward", x, scale, &zero_point, axis, quant_min, quant_max);
+  check_inputs("fake_quantize_learnable_backward", Semantics::kTorchCompat, x, scale, &zero_point, axis,
+               quant_min, quant_max, grad_factor);
   return backward_impl<FqDev>(dy, x, scale, zero_point, zero_point, axis,
                               fq_params(quant_min, quant_max, grad_factor, !axis.has_value()));
 }
 
 at::Tensor lsq_forward_cuda(const at::Tensor& x, const at::Tensor& step, const c10::optional<at::Tensor>& offset,
                             c10::optional<int64_t> axis, int64_t qn, int64_t qp, double grad_factor) {
-  check_inputs("lsq_fake_quant", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant", Semantics::kLsq, x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp,
+               grad_factor);
   return forward_impl<LsqDev>(x, step, offset, axis, lsq_params(qn, qp, grad_factor));
 }
 
@@ -408,7 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lsq_backward_cuda(const at::Tenso
                                                                  const c10::optional<at::Tensor>& offset,
                                                                  c10::optional<int64_t> axis, int64_t qn, int64_t qp,
                                                                  double grad_factor) {
-  check_inputs("lsq_fake_quant_backward", x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp);
+  check_inputs("lsq_fake_quant_backward", Semantics::kLsq, x, step, offset.has_value() ? &*offset : nullptr, axis, -qn, qp,
+               grad_factor);
   // The offset gradient takes the offset's dtype and shape (step's without one).
   return backward_impl<LsqDev>(dy, x, step, offset, offset.has_value() ? *offset : step, axis,
                                lsq_params(qn, qp, grad_factor));

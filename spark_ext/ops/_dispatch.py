@@ -282,6 +282,43 @@ def resolve(op: str, backend: Optional[str], like: torch.Tensor) -> tuple[str, C
     raise BackendUnavailableError(f"{op}: no backend supports {device} tensors of dtype {dtype}")
 
 
+# (op, backend as named, device type, dtype) -> whether the call runs a compiled op. Which backend
+# serves a device and dtype does not change once the library has loaded (or failed to), so the
+# public ops resolve once per key rather than per call. clear_cache() forgets it (tests that
+# patch the availability rules).
+_compiled_calls: dict[tuple, bool] = {}
+
+
+def runs_compiled(op: str, backend: Optional[str], like: object) -> bool:
+    """Whether a call of ``op`` on tensors like ``like`` runs the compiled library's op.
+
+    The public ops' fast path: ``True`` lets them call ``torch.ops.spark_ext.<op>``
+    directly (whose C++ checks guard it); ``False`` (the reference or Triton
+    backends, a bad argument, tracing under ``torch.compile``) sends them through
+    their checked path, which raises the documented error for a bad call.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if backend is None:
+        backend = getattr(_state, "override", None) or _global_default
+    try:
+        key = (op, backend, like.device.type, like.dtype)
+        return _compiled_calls[key]
+    except (AttributeError, KeyError):
+        pass
+    try:
+        compiled = resolve(op, backend, like)[0] in ("cpp", "cuda")
+    except (AttributeError, ValueError, BackendUnavailableError):
+        return False  # not a tensor, or no such backend: the checked path says so
+    _compiled_calls[key] = compiled
+    return compiled
+
+
+def clear_cache() -> None:
+    """Forget the cached backend choices of :func:`runs_compiled`."""
+    _compiled_calls.clear()
+
+
 def backend_for(op: str, like: torch.Tensor, backend: Optional[str] = None) -> str:
     """The backend a call of public op ``op`` (e.g. ``"lsq_fake_quant"``) on tensors like ``like`` runs.
 

@@ -173,10 +173,10 @@ _dispatch.register(OP, "triton", _triton_backend)
 # --------------------------------------------------------------------------
 
 
+# Autograd of these ops is the library's C++ kernel (csrc/autograd.cpp), the Triton ops' formula above.
 torch.library.register_fake("spark_ext::difficulty_signals", _fake_signals)
 torch.library.register_fake("spark_ext::cell_kd", _fake_cell_kd)
 torch.library.register_fake("spark_ext::cell_kd_backward", _fake_cell_kd_backward)
-_register_cell_kd_autograd("difficulty_signals", "cell_kd", "cell_kd_backward")
 
 
 def cell_kd_cpp(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:

@@ -1,18 +1,20 @@
 """Drop-ins for ``torch._fake_quantize_learnable_per_{tensor,channel}_affine`` (docs/spec.md §5a).
 
-Validation, backend registration and dispatch. Backend implementations take
-``(x, scale, zero_point, quant_min, quant_max, grad_factor)`` (per tensor) or
-``(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)`` (per
-channel, ``axis`` non-negative), already validated.
+Backends ``cpp`` (CPU) and ``cuda`` run the compiled op
+``torch.ops.spark_ext.fake_quantize_learnable`` (``axis`` None for per tensor),
+differentiable through its C++ autograd kernel (csrc/autograd.cpp) and the
+fused ``fake_quantize_learnable_backward``. Its schema (:data:`SCHEMAS`) and
+fake implementations are registered here, the kernels by the compiled library
+when it loads.
 
-Backends ``cpp`` (CPU) and ``cuda`` run the compiled ops
-``torch.ops.spark_ext.fake_quantize_learnable`` / ``_backward`` (csrc/, ``axis``
-None for per tensor); their schemas (:data:`SCHEMAS`), fake implementations and
-autograd formula (the forward's autograd calls the fused backward op) are
-registered here, the kernels by the compiled library when it loads. The
-kernels round with a trick exact for ``|v| <= 2^22``, so a quantization range
-beyond ``±2^21`` (wider than float32 can represent exactly anyway) is computed
-by the reference backend instead.
+A call on a compiled backend goes straight to the op: the C++ checks the
+shapes, dtypes and ranges, and the kernel the parameter values as it reads
+them, so a call costs no extra pass over anything. When the op refuses a call,
+the public function checks the arguments again in Python and raises the
+documented ``ValueError`` / ``TypeError`` naming the argument (or, for a
+quantization range beyond ``±2^21``, which the kernels' rounding does not
+cover, computes it with the reference backend). The ``reference`` backend is
+checked in Python up front.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .._validation import (
     check_float_dtype,
     check_int,
     check_not_nan,
-    check_positive_step,
+    check_positive_scale,
     check_qparam,
     check_real,
     check_tensor,
@@ -56,18 +58,17 @@ _dispatch.define_ops(SCHEMAS)
 KERNEL_MAX_RANGE = 2**21  # |quant_min|, |quant_max| the compiled kernels take
 
 
-def register_compiled_hooks(op: str) -> None:
-    """Fakes and autograd of the compiled op ``op`` and its ``op + "_backward"``.
+def register_compiled_fakes(op: str) -> None:
+    """Fake (meta) implementations of the compiled op ``op`` and its ``op + "_backward"``.
 
     Both fake-quant families share the shape of their schemas:
     ``op(x, p0, p1, axis, lo, hi, grad_factor) -> y`` and
     ``op_backward(grad, x, p0, p1, axis, lo, hi, grad_factor) -> (dx, dp0, dp1)``,
     with ``(p0, p1)`` = (scale, zero_point) or (step, offset); only LSQ's
-    offset may be None (its gradient is then dropped). The kernels allocate
-    ``y`` and ``dx`` with ``empty_like(x)``: same shape, dtype and strides
-    (dense layouts kept, others made dense in empty_like's layout).
+    offset may be None. The kernels allocate ``y`` and ``dx`` with
+    ``empty_like(x)``: same shape, dtype and strides (dense layouts kept,
+    others made dense in empty_like's layout). Autograd is the C++ kernel's.
     """
-    backward_op = f"{op}_backward"
 
     def forward_fake(x, p0, p1, axis, lo, hi, grad_factor):
         return torch.empty_like(x)
@@ -75,20 +76,8 @@ def register_compiled_hooks(op: str) -> None:
     def backward_fake(grad, x, p0, p1, axis, lo, hi, grad_factor):
         return torch.empty_like(x), torch.empty_like(p0), torch.empty_like(p0 if p1 is None else p1)
 
-    def setup_context(ctx, inputs, output):
-        x, p0, p1, *args = inputs
-        ctx.save_for_backward(x, p0, p1)
-        ctx.args = args
-        ctx.has_p1 = p1 is not None
-
-    def backward(ctx, grad):
-        x, p0, p1 = ctx.saved_tensors
-        dx, dp0, dp1 = getattr(torch.ops.spark_ext, backward_op)(grad, x, p0, p1, *ctx.args)
-        return dx, dp0, dp1 if ctx.has_p1 else None, None, None, None, None
-
     torch.library.register_fake(f"spark_ext::{op}", forward_fake)
-    torch.library.register_fake(f"spark_ext::{backward_op}", backward_fake)
-    torch.library.register_autograd(f"spark_ext::{op}", backward, setup_context=setup_context)
+    torch.library.register_fake(f"spark_ext::{op}_backward", backward_fake)
 
 
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
@@ -100,7 +89,7 @@ def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor
         return reference.fake_quantize_learnable_per_tensor_affine(
             x, scale, zero_point, quant_min, quant_max, grad_factor
         )
-    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+    return _op(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
 
 
 def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
@@ -108,10 +97,11 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
         return reference.fake_quantize_learnable_per_channel_affine(
             x, scale, zero_point, axis, quant_min, quant_max, grad_factor
         )
-    return torch.ops.spark_ext.fake_quantize_learnable(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    return _op(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
-register_compiled_hooks("fake_quantize_learnable")
+register_compiled_fakes("fake_quantize_learnable")
+_op = torch.ops.spark_ext.fake_quantize_learnable.default
 _dispatch.register_compiled(OP_PER_TENSOR, _compiled_per_tensor)
 _dispatch.register_compiled(OP_PER_CHANNEL, _compiled_per_channel)
 
@@ -124,23 +114,27 @@ def check_quant_range(quant_min: object, quant_max: object) -> tuple[int, int]:
     return qmin, qmax
 
 
-def _check_qparams(x, scale, zero_point, expected_numel: int, what: str) -> torch.Tensor:
+def _check_qparams(x, scale, zero_point, expected_numel: int, what: str, values: bool) -> torch.Tensor:
     """Validate x, scale, zero_point; returns the zero point as a float tensor.
 
     Like torch, an integer zero point is accepted (it cannot require grad);
     it is converted to float32, which gives the same results. A NaN zero
     point is rejected (torch: "zero_point must be between quant_min and
     quant_max"); an infinite one is clamped to the range, as torch does.
+    ``values``: also check the values (the reference backend; the compiled
+    kernels check them as they read them).
     """
     check_tensor(x, "x")
     check_float_dtype(x, "x")
     shape_rule = f"hold {what} ({expected_numel} elements, 1-D)"
     check_qparam(scale, "scale", x, expected_numel, shape_rule)
     check_qparam(zero_point, "zero_point", x, expected_numel, shape_rule, int_ok=True)
-    check_positive_step(scale, "scale")
+    if values:
+        check_positive_scale(scale, "scale")
     if not zero_point.is_floating_point():
         return zero_point.to(torch.float32)
-    check_not_nan(zero_point, "zero_point")
+    if values:
+        check_not_nan(zero_point, "zero_point")
     return zero_point
 
 
@@ -158,10 +152,12 @@ def fake_quantize_learnable_per_tensor_affine(
 
     Args:
         x: any shape, float32/float16/bfloat16, any strides.
-        scale: one-element float tensor, finite and > 0. Unlike torch, a scale
-            <= 0 is rejected with a ValueError (see docs/quantization.md:
-            torch's own learnable FakeQuantize clamps the scale to >= eps, so
-            a non-positive scale here is a diverged or uninitialised parameter).
+        scale: one-element float tensor, finite and > 0 with a finite
+            reciprocal (>= 2.9e-39). Unlike torch, other scales are rejected
+            with a ValueError (see docs/quantization.md: torch's own learnable
+            FakeQuantize clamps the scale to >= eps, so a non-positive scale
+            here is a diverged or uninitialised parameter, and for a subnormal
+            scale torch returns ``quant_min * scale`` for ``x = 0``).
         zero_point: one-element tensor, float (rounded half-to-even and
             clamped to the range in the forward; NaN rejected with a
             ValueError, +-inf clamped, as torch does) or integer (accepted like
@@ -172,17 +168,29 @@ def fake_quantize_learnable_per_tensor_affine(
     Returns:
         ``x`` fake-quantized, in x's dtype and shape; differentiable w.r.t. x,
         scale and zero_point with ATen's gradients (scale and zero-point
-        gradients in their own dtypes).
+        gradients in their own dtypes). First derivatives only on the compiled
+        backends (a double backward raises NotImplementedError there).
 
     The compiled backends read dense layouts (contiguous, channels_last) in
     place; other layouts cost one extra copy of x. The ``cpp`` backward reads
     the upstream gradient in place whatever its strides; the ``cuda`` one
     copies a gradient whose strides differ from x's (one extra copy of x).
+    On CUDA a bad scale or zero-point value is a device-side assertion.
     """
-    zero_point = _check_qparams(x, scale, zero_point, 1, "one value")
+    if _dispatch.runs_compiled(OP_PER_TENSOR, backend, x):
+        try:
+            return _op(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked call below names the bad argument, or runs what the kernels do not
+    return _checked_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor, backend)
+
+
+def _checked_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor, backend):
+    check_tensor(x, "x")
+    name, fn = _dispatch.resolve(OP_PER_TENSOR, backend, x)
+    zero_point = _check_qparams(x, scale, zero_point, 1, "one value", name == "reference")
     qmin, qmax = check_quant_range(quant_min, quant_max)
     grad_factor = check_real(grad_factor, "grad_factor")
-    _, fn = _dispatch.resolve(OP_PER_TENSOR, backend, x)
     return fn(x, scale, zero_point, qmin, qmax, grad_factor)
 
 
@@ -200,15 +208,25 @@ def fake_quantize_learnable_per_channel_affine(
     """Same results as ``torch._fake_quantize_learnable_per_channel_affine``, plus fp16/bf16 backward.
 
     ``scale`` and ``zero_point`` are ``[x.shape[axis]]``; see the per-tensor op
-    for what they accept (every scale finite and > 0, unlike torch; a float or
-    integer zero point, NaN rejected).
+    for what they accept (every scale finite and > 0 with a finite reciprocal,
+    unlike torch; a float or integer zero point, NaN rejected).
     """
+    if _dispatch.runs_compiled(OP_PER_CHANNEL, backend, x) and type(axis) is int:
+        try:
+            return _op(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked call below names the bad argument, or runs what the kernels do not
+    return _checked_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor, backend)
+
+
+def _checked_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor, backend):
     check_tensor(x, "x")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension for per-channel quantization")
     axis = check_axis(axis, x.dim())
-    zero_point = _check_qparams(x, scale, zero_point, x.shape[axis], f"one value per index of x.shape[{axis}]")
+    name, fn = _dispatch.resolve(OP_PER_CHANNEL, backend, x)
+    what = f"one value per index of x.shape[{axis}]"
+    zero_point = _check_qparams(x, scale, zero_point, x.shape[axis], what, name == "reference")
     qmin, qmax = check_quant_range(quant_min, quant_max)
     grad_factor = check_real(grad_factor, "grad_factor")
-    _, fn = _dispatch.resolve(OP_PER_CHANNEL, backend, x)
     return fn(x, scale, zero_point, axis, qmin, qmax, grad_factor)

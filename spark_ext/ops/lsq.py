@@ -6,10 +6,13 @@ with the range and gradient scale already resolved (see
 
 Backends: ``cpp`` (CPU) and ``cuda`` run the compiled ops
 ``torch.ops.spark_ext.lsq_fake_quant`` / ``_backward`` (csrc/); their
-schemas (:data:`SCHEMAS`), fake (meta) implementations and autograd formula
-are registered here, the kernels by the compiled library when it loads. The
-forward op's autograd calls the fused backward op, which reads x and dy once,
-writes dx and reduces the step and offset gradients in float32 deterministically.
+schemas (:data:`SCHEMAS`) and fake (meta) implementations are registered
+here, the kernels and the C++ autograd kernel (csrc/autograd.cpp) by the
+compiled library when it loads. The forward op's autograd calls the fused
+backward op, which reads x and dy once, writes dx and reduces the step and
+offset gradients in float32 deterministically. As for the torch-compatible
+ops (``ops/fake_quant.py``), a call on a compiled backend goes straight to
+the op, and the arguments are checked in Python only when the op refuses them.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from .._validation import (
     check_tensor,
 )
 from . import _dispatch
-from .fake_quant import register_compiled_hooks
+from .fake_quant import register_compiled_fakes
 
 OP = "lsq_fake_quant"
 
@@ -47,13 +50,12 @@ _dispatch.define_ops(SCHEMAS)
 _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
 
-def _compiled_lsq(x, step, offset, axis, qn, qp, grad_factor):
-    """cpp / cuda backend: ``torch.ops.spark_ext.lsq_fake_quant`` (differentiable)."""
-    return torch.ops.spark_ext.lsq_fake_quant(x, step, offset, axis, qn, qp, grad_factor)
+register_compiled_fakes(OP)
+_op = torch.ops.spark_ext.lsq_fake_quant.default
+_dispatch.register_compiled(OP, _op)  # cpp / cuda backend: differentiable through its C++ autograd kernel
 
-
-register_compiled_hooks(OP)
-_dispatch.register_compiled(OP, _compiled_lsq)
+# (bits, signed) -> (Qn, Qp) for every valid pair: a KeyError for anything else.
+_RANGES = {(bits, signed): reference.lsq_range(bits, signed) for bits in range(2, 17) for signed in (False, True)}
 
 
 def lsq_fake_quant(
@@ -92,6 +94,23 @@ def lsq_fake_quant(
     whatever its strides (e.g. the expanded ones of ``y.sum()``); the ``cuda``
     one copies a gradient whose strides differ from x's into x's layout.
     """
+    if (
+        _dispatch.runs_compiled(OP, backend, x)
+        and type(bits) is int
+        and type(signed) is bool
+        and (axis is None or type(axis) is int)
+    ):
+        try:
+            qn, qp = _RANGES[bits, signed]
+            steps = 1 if axis is None else x.shape[axis]
+            grad_factor = reference.lsq_grad_factor(check_grad_scale(grad_scale), x.numel(), steps, qp)
+            return _op(x, step, offset, axis, qn, qp, grad_factor)
+        except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
+            pass  # the checked call below names the bad argument
+    return _checked_lsq(x, step, offset, bits, signed, axis, grad_scale, backend)
+
+
+def _checked_lsq(x, step, offset, bits, signed, axis, grad_scale, backend):
     check_tensor(x, "x")
     check_float_dtype(x, "x")
     bits = check_bits(bits)
@@ -107,10 +126,11 @@ def lsq_fake_quant(
     check_qparam(step, "step", x, expected, shape_rule)
     if offset is not None:
         check_qparam(offset, "offset", x, expected, shape_rule)
-    check_positive_step(step, "step")
-    if offset is not None:
-        check_finite_values(offset, "offset")
+    name, fn = _dispatch.resolve(OP, backend, x)
+    if name == "reference":  # the compiled kernels check the values they read
+        check_positive_step(step, "step")
+        if offset is not None:
+            check_finite_values(offset, "offset")
     qn, qp = reference.lsq_range(bits, signed)
     g = reference.lsq_grad_factor(grad_scale, x.numel(), expected, qp)
-    _, fn = _dispatch.resolve(OP, backend, x)
     return fn(x, step, offset, axis, qn, qp, g)

@@ -162,10 +162,10 @@ _dispatch.register(OP, "triton", _backend(cell_kd_triton, "fused_weighted_kd_tri
 # --------------------------------------------------------------------------
 
 
-# Fakes and autograd of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones).
+# Fakes of the compiled weighted-KD ops (``ops/difficulty.py`` does the cell_kd ones); their autograd
+# is the library's C++ kernel (csrc/autograd.cpp), the same formula as the Triton ops' above.
 torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
 torch.library.register_fake("spark_ext::fused_weighted_kd_backward", _fake_weighted_backward)
-_register_weighted_autograd("fused_weighted_kd", "fused_weighted_kd_backward")
 
 _dispatch.register(OP, "cpp", _backend(cell_kd_cpp, "fused_weighted_kd"))
 
