@@ -114,10 +114,25 @@ struct FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction<Op
   }
 };
 
+// Whether autograd has anything to record: as torch's generated kernels do, a call
+// that needs no graph skips the autograd Function (its node, saved tensors, wrapping).
+bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 template <class Op>
 Tensor fake_quant_autograd(const Tensor& x, const Tensor& p0, const typename Op::P1& p1, std::optional<int64_t> axis,
                            int64_t lo, int64_t hi, double grad_factor) {
-  return FakeQuantFunction<Op>::apply(x, p0, p1, axis, lo, hi, grad_factor);
+  if (any_requires_grad({&x, &p0, &Op::tensor(p1)})) {
+    return FakeQuantFunction<Op>::apply(x, p0, p1, axis, lo, hi, grad_factor);
+  }
+  static const auto op = find_op<FqForwardSig<typename Op::P1>>(Op::kName);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, p0, p1, axis, lo, hi, grad_factor);
 }
 
 template <class Op>
@@ -174,7 +189,12 @@ struct WeightedKdFunction : public torch::autograd::Function<WeightedKdFunction>
 
 Tensor weighted_kd_autograd(const Tensor& student, const Tensor& teacher, const OptTensor& weight,
                             c10::string_view kd_loss, c10::string_view reduction) {
-  return WeightedKdFunction::apply(student, teacher, weight, kd_loss, reduction);
+  if (any_requires_grad({&student, &teacher, &or_undefined(weight)})) {
+    return WeightedKdFunction::apply(student, teacher, weight, kd_loss, reduction);
+  }
+  static const auto op = find_op<WeightedKdSig>("spark_ext::fused_weighted_kd");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(student, teacher, weight, kd_loss, reduction);
 }
 
 std::tuple<Tensor, Tensor, Tensor> weighted_kd_backward_autograd(const Tensor& grad, const Tensor& student,
@@ -248,12 +268,22 @@ struct CellKdFunction : public torch::autograd::Function<CellKdFunction> {
 
 std::tuple<Tensor, Tensor> signals_autograd(const Tensor& student, const Tensor& teacher, const Tensor& target,
                                             int64_t gh, int64_t gw, c10::string_view kd_loss) {
+  if (!any_requires_grad({&student, &teacher})) {
+    static const auto op = find_op<SignalsSig>("spark_ext::difficulty_signals");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(student, teacher, target, gh, gw, kd_loss);
+  }
   variable_list out = SignalsFunction::apply(student, teacher, target, gh, gw, kd_loss);
   return {out[0], out[1]};
 }
 
 Tensor cell_kd_autograd(const Tensor& student, const Tensor& teacher, int64_t gh, int64_t gw,
                         c10::string_view kd_loss) {
+  if (!any_requires_grad({&student, &teacher})) {
+    static const auto op = find_op<CellKdSig>("spark_ext::cell_kd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(student, teacher, gh, gw, kd_loss);
+  }
   return CellKdFunction::apply(student, teacher, gh, gw, kd_loss);
 }
 

@@ -242,8 +242,9 @@ def _torch_fq_grads(x, dy, scale, zp, inv, quant_min, quant_max, grad_factor):
 class _TorchLearnableFakeQuant(torch.autograd.Function):
     """ATen's learnable fake quant (per tensor when axis is None), explicit STE backward."""
 
+    # forward + setup_context (not forward(ctx, ...)): torch.func transforms need the split.
     @staticmethod
-    def forward(ctx, x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
+    def forward(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
         acc = accumulation_dtype(x.dtype)
         s32 = scale.detach().to(torch.float32)
         # ATen computes 1/scale in float32 whatever the input dtype.
@@ -258,9 +259,13 @@ class _TorchLearnableFakeQuant(torch.autograd.Function):
             s, inv, zp = (_per_channel_view(t, x.dim(), axis) for t in (s, inv, zp))
         xa = x.detach().to(acc)
         q = (torch.round(xa * inv) + zp).clamp(quant_min, quant_max)
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.args = (axis, quant_min, quant_max, grad_factor)
         return ((q - zp) * s).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, scale, zero_point, *args = inputs
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = tuple(args)
 
     @staticmethod
     def backward(ctx, dy):
@@ -359,13 +364,17 @@ class _LSQFakeQuant(torch.autograd.Function):
         return v, q, s, o
 
     @staticmethod
-    def forward(ctx, x, step, offset, axis, qn, qp, grad_factor):
+    def forward(x, step, offset, axis, qn, qp, grad_factor):
         _, q, s, o = _LSQFakeQuant._quantize(
             x.detach(), step.detach(), None if offset is None else offset.detach(), axis, qn, qp
         )
-        ctx.save_for_backward(x, step, offset)
-        ctx.args = (axis, qn, qp, grad_factor)
         return (q * s + o).to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, step, offset, *args = inputs
+        ctx.save_for_backward(x, step, offset)
+        ctx.args = tuple(args)
 
     @staticmethod
     def backward(ctx, dy):

@@ -189,6 +189,7 @@ def _cpp_backend(student, teacher, target, grid, kd_loss):
 
 
 _dispatch.register(OP, "cpp", _cpp_backend)
+_cpp_op = torch.ops.spark_ext.difficulty_signals.default
 
 
 # --------------------------------------------------------------------------
@@ -222,6 +223,13 @@ def difficulty_signals(
         ``cell_kd [B, 1, Gh, Gw]`` float32, the per-cell *sum* of
         ``sum_c ell(S - T)``, differentiable w.r.t. student and teacher.
     """
+    if _dispatch.runs_compiled(OP, backend, student):
+        try:
+            gh, gw = grid
+            if type(gh) is int and type(gw) is int:
+                return _cpp_op(student, teacher, target, gh, gw, kd_loss)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked call below names the bad argument
     check_images(student, teacher, target)
     grid = check_grid(grid, student.shape[-2], student.shape[-1])
     check_choice(kd_loss, "kd_loss", KD_LOSSES)

@@ -138,6 +138,11 @@ def _check_qparams(x, scale, zero_point, expected_numel: int, what: str, values:
     return zero_point
 
 
+def _plain_numbers(quant_min, quant_max, grad_factor) -> bool:
+    """The op's schema takes a bool for an int or float; the checked path refuses bools."""
+    return type(quant_min) is int and type(quant_max) is int and type(grad_factor) is not bool
+
+
 def fake_quantize_learnable_per_tensor_affine(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -177,7 +182,7 @@ def fake_quantize_learnable_per_tensor_affine(
     copies a gradient whose strides differ from x's (one extra copy of x).
     On CUDA a bad scale or zero-point value is a device-side assertion.
     """
-    if _dispatch.runs_compiled(OP_PER_TENSOR, backend, x):
+    if _dispatch.runs_compiled(OP_PER_TENSOR, backend, x) and _plain_numbers(quant_min, quant_max, grad_factor):
         try:
             return _op(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
         except (RuntimeError, TypeError, ValueError):
@@ -211,7 +216,11 @@ def fake_quantize_learnable_per_channel_affine(
     for what they accept (every scale finite and > 0 with a finite reciprocal,
     unlike torch; a float or integer zero point, NaN rejected).
     """
-    if _dispatch.runs_compiled(OP_PER_CHANNEL, backend, x) and type(axis) is int:
+    if (
+        _dispatch.runs_compiled(OP_PER_CHANNEL, backend, x)
+        and type(axis) is int
+        and _plain_numbers(quant_min, quant_max, grad_factor)
+    ):
         try:
             return _op(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
         except (RuntimeError, TypeError, ValueError):

@@ -168,6 +168,7 @@ torch.library.register_fake("spark_ext::fused_weighted_kd", _fake_weighted)
 torch.library.register_fake("spark_ext::fused_weighted_kd_backward", _fake_weighted_backward)
 
 _dispatch.register(OP, "cpp", _backend(cell_kd_cpp, "fused_weighted_kd"))
+_cpp_op = torch.ops.spark_ext.fused_weighted_kd.default
 
 
 # --------------------------------------------------------------------------
@@ -229,6 +230,13 @@ def fused_weighted_kd(
         A float32 scalar, differentiable w.r.t. student, teacher and weight
         (each only when it requires grad).
     """
+    # No weight or a per-pixel one on the C++ backend: one op call, checked by the op itself.
+    pixel_weight = weight is None or (isinstance(weight, torch.Tensor) and weight.shape[-2:] == student.shape[-2:])
+    if pixel_weight and _dispatch.runs_compiled(OP, backend, student):
+        try:
+            return _cpp_op(student, teacher, weight, kd_loss, reduction)
+        except (RuntimeError, TypeError, ValueError):
+            pass  # the checked call below names the bad argument
     check_images(student, teacher)
     if weight is not None:
         check_weight(weight, student)

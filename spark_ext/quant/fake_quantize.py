@@ -25,9 +25,11 @@ Differences from torch's module (all where torch's would fail or sync):
   cannot give) resizes ``scale`` / ``zero_point`` to the observer's channel
   count on the first observed batch, and to the incoming shape when a state
   dict is loaded. The Parameter objects are kept, so optimizers still hold them.
-* The ``*_enabled`` flags are read from the buffers only when a buffer has
-  been written since the last read (tracked by the tensor's version counter),
-  so a forward does not synchronise with a CUDA device every call.
+* On a GPU the ``*_enabled`` flags are read from the buffers only when a
+  buffer has been written since the last read (tracked by the tensor's version
+  counter), so a forward does not synchronise with the device every call; a
+  flag written through ``.data`` there is not seen (use the toggles). On CPU
+  they are read every call, as torch reads them.
 * Bad arguments raise ``ValueError`` (torch raises ``AssertionError``).
 """
 
@@ -45,10 +47,20 @@ _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
 
 def read_flag(module: nn.Module, name: str) -> bool:
-    """``module.<name>[0] == 1`` for a uint8 flag buffer, re-reading the device value only after the
-    buffer was written (tracked by the tensor's version counter), so a forward does not synchronise
-    with a CUDA device every call."""
+    """``module.<name>[0] == 1`` for a uint8 flag buffer.
+
+    A CPU flag is read every call, as torch's module reads it (a write through
+    ``.data`` is seen too). A flag on a GPU is re-read only after the buffer
+    was written (tracked by the tensor's version counter), so a forward does
+    not synchronise with the device every call; a write through ``.data``,
+    which bypasses the version counter, is then not seen: use the toggles
+    (``toggle_fake_quant`` ...) or write the buffer itself.
+    """
     t = getattr(module, name)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        return t.item() == 1
+    if t.is_inference():  # built under torch.inference_mode(): no version counter to track
+        return bool(t[0] == 1)
     cache = module.__dict__.setdefault("_flag_cache", {})
     cached = cache.get(name)
     if cached is not None and cached[0] is t and cached[1] == t._version:
