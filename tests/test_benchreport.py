@@ -293,9 +293,8 @@ def _overhead_rows():
 def test_call_overhead_and_qat_step_sections(tmp_path, capsys):
     overhead = tmp_path / "call_overhead-cpu-test.json"
     config = {"threads": 1, "floor": "a custom op returning x.clone()"}
-    overhead.write_text(
-        json.dumps({"benchmark": "call_overhead", "env": {"device": "test"}, "config": config, "rows": _overhead_rows()})
-    )
+    result = {"benchmark": "call_overhead", "env": {"device": "test"}, "config": config, "rows": _overhead_rows()}
+    overhead.write_text(json.dumps(result))
     case = "resnet18 b1 64px t1 W8A8"
     steps = [
         {"op": "qat_step", "case": case, "pass": "step", "impl": impl, "ms": ms, "ms_p90": ms + 5, "ms_max": ms + 9}
