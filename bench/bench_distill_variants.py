@@ -129,9 +129,7 @@ def main(argv=None) -> int:
     rows = []
     for name, t in times.items():
         print(f"{name:<22} {min(t):7.1f} ms/step  {min(t) / ref:5.2f}x kd")
-        rows.append(
-            {"op": "distill_step", "case": case, "pass": "step", "impl": name, **spread(t), "samples": len(t)}
-        )
+        rows.append({"op": "distill_step", "case": case, "pass": "step", "impl": name, **spread(t), "samples": len(t)})
     ratios = [(f"{name}_over_kd", min(t) / ref, None) for name, t in times.items() if name != "kd"]
     pairs = ((SPARK, "qat_torch", "spark_over_qat_torch"), (SPARK, "qat", "spark_over_qat"))
     pairs += (("qat", "qat_torch", "qat_over_qat_torch"),)
