@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -550,6 +551,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"device {device}, {args.threads} thread(s), sizes {', '.join(sizes)}; floor: {FLOOR}", flush=True)
 
+    load_before = os.getloadavg()[0]  # a shared machine: the timings are only as clean as it was idle
     started = time.monotonic()
     groups = []
     if args.only != "modules":
@@ -566,6 +568,7 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} rows in {time.monotonic() - started:.0f} s\n")
     print(markdown_table(rows))
     config = {"threads": args.threads, "floor": FLOOR, "sizes": list(sizes), "rounds_max": args.rounds}
+    config["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     config.update(sample_ms=args.sample_ms, group_s=args.group_s)
     path = common.save_results("call_overhead", device, rows, args.out, config=config)
     print(path, flush=True)

@@ -28,6 +28,7 @@ Cases: CPU batch 1 and 8 at 64 px, at 1 and 2 threads; CUDA batch 32 at 224 px.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
         parser.error(f"argument --px: the models need at least 64 px, got {px}")
     samples = common.default_reps(args, quick=3, headline=8, full=10)
 
+    load_before = os.getloadavg()[0]  # a shared machine: the timings are only as clean as it was idle
     rows = []
     all_threads = torch.get_num_threads()
     try:
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
             f"| {name} | {batch[1:]} | {size[:-2]} | {threads[1:]} | " + " | ".join(cells) + f" | {ratio['ms']:.2f} |"
         )
     config = {"models": models, "batch": batches, "px": px, "threads": thread_counts, "samples": samples}
+    config["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
     print(common.save_results("qat_step", device, rows, args.out, config=config), flush=True)
     return 0
 
