@@ -383,12 +383,16 @@ def bench_keys(result: dict) -> dict:
         if r.get("impl") == "ours":
             line["ours_ms"] = r.get("ms")
             line["copy_fraction"] = r.get("copy_fraction")
+            if r.get("over_torch") is not None:  # bench_call_overhead: ours / torch at the median
+                line["ours_over_torch"] = r["over_torch"]
         elif r.get("impl") == "ratio":  # a whole-result ratio (bench_e2e: ms holds it), with its target if any
             line["ratio"] = r.get("ms")
             if r.get("target"):
                 line["target"] = r["target"]
-        else:
-            line[f"x_{r.get('impl')}"] = r.get("speedup_vs_peer")
+        elif "speedup_vs_peer" in r:
+            line[f"x_{r.get('impl')}"] = r["speedup_vs_peer"]
+        else:  # a benchmark that records no speed-up (call overhead, QAT step): the peer's own time
+            line[f"{r.get('impl')}_ms"] = r.get("ms")
         if r.get("error"):
             line[f"error_{r.get('impl')}"] = r["error"]
     rounded = {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in line.items()} for k, line in lines.items()}

@@ -362,6 +362,17 @@ def test_key_numbers_of_pytest_and_bench_results(tmp_path):
         "x_compiled": None,
         "error_compiled": "RuntimeError: boom",
     }
+    overhead = [
+        {"op": "lsq", "case": "tiny", "pass": "fwd", "impl": "ours", "ms": 0.06, "over_torch": 12.0},
+        {"op": "lsq", "case": "tiny", "pass": "fwd", "impl": "torch", "ms": 0.005, "over_torch": None},
+    ]
+    keys = gpu_check.bench_keys({"env": {}, "rows": overhead})
+    assert keys["headline"]["lsq | tiny | fwd"] == {
+        "ours_ms": 0.06,
+        "copy_fraction": None,
+        "ours_over_torch": 12.0,
+        "torch_ms": 0.005,
+    }
     text = gpu_check.text_keys("memcheck", ["ok    a\n", "FAIL  b\n", "========= ERROR SUMMARY: 3 errors\n"])
     assert text == {"sanitizer_errors": 3, "ok": 1, "fail": 1, "skip": 0}
 
