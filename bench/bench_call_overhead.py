@@ -327,7 +327,7 @@ def torch_prepared(layer: nn.Module, out_channels: int, x: torch.Tensor) -> nn.M
 
 
 def torchao_pt2e():
-    """``(spark_ext's PT2E module, torchao's, torchao's observer)``, or None without torchao."""
+    """``(spark_ext's PT2E module, torchao's, torchao's observer)``, or None where torchao does not import."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -335,7 +335,8 @@ def torchao_pt2e():
             from torchao.quantization.pt2e import MovingAverageMinMaxObserver
 
             from spark_ext.quant.pt2e import PT2ELearnableFakeQuantize
-    except ImportError:
+    except Exception as exc:  # not installed, or a build that does not match this torch
+        print(f"note: PT2ELearnableFakeQuantize not timed: torchao does not import ({type(exc).__name__})", flush=True)
         return None
     return PT2ELearnableFakeQuantize, TorchaoLearnable, MovingAverageMinMaxObserver
 
