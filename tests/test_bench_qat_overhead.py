@@ -91,9 +91,10 @@ def test_the_floor_is_a_clone_with_a_pass_through_gradient_and_upstream_is_not_o
     assert grad.shape == x.shape and not torch.equal(grad, torch.ones_like(grad))  # a random upstream gradient
 
 
-def test_distill_variants_rejects_bad_variants(capsys):
-    for argv in (["--variants", "qat"], ["--variants", "kd,nope"]):
+def test_distill_variants_takes_the_shared_options_and_rejects_bad_variants(tmp_path, capsys):
+    # `spark-ext bench` runs every script with --out and --quick, which this one did not accept.
+    for variants in ("qat", "kd,nope"):
         with pytest.raises(SystemExit) as info:
-            bench_distill_variants.main(argv)
+            bench_distill_variants.main(["--quick", "--out", str(tmp_path), "--variants", variants])
         assert info.value.code == 2
         assert "argument --variants: needs kd" in capsys.readouterr().err
