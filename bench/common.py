@@ -165,14 +165,25 @@ def environment(device: torch.device | str) -> dict:
     }
 
 
-def save_results(name: str, device: torch.device | str, rows: list[dict], out_dir: Optional[Path] = None) -> Path:
-    """Write ``{"env": ..., "rows": rows}`` to ``<out_dir>/<name>-<device>-<stamp>.json``."""
+def save_results(
+    name: str,
+    device: torch.device | str,
+    rows: list[dict],
+    out_dir: Optional[Path] = None,
+    *,
+    config: Optional[dict] = None,
+) -> Path:
+    """Write ``{"benchmark": name, "env": ..., "rows": rows}`` (and ``"config"``: the run's settings, when
+    given) to ``<out_dir>/<name>-<device>-<stamp>.json``, through a temporary name renamed into place."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"{name}-{torch.device(device).type}-{stamp}.json"
-    path.write_text(json.dumps({"benchmark": name, "env": env, "rows": rows}, indent=2))
+    result = {"benchmark": name, "env": env, **({"config": config} if config else {}), "rows": rows}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
     return path
 
 

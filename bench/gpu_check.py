@@ -18,9 +18,12 @@ any point leaves what finished before it:
   skipped), seconds, limit, note and key numbers (test counts and failures,
   headline ratios, memcheck errors);
 * ``bench-<name>.json`` each benchmark's result as soon as it is written
-  (``spark-ext bench --from`` reads them and draws the plots, on any machine).
+  (``spark-ext bench --from`` reads them and draws the plots, on any machine);
+  the four kernel benchmarks (fake quant, LSQ, difficulty, weighted KD) add
+  their rows to one file, ``bench-kernels.json``; the call-overhead, QAT-step,
+  distiller-step and end-to-end benchmarks have one file each.
 
-That is at most 8 files (five benchmarks, with the one ``partial.tmp`` an
+That is at most 8 files (five result files, with the one ``partial.tmp`` an
 atomic write can leave), flat in the folder, names of letters, digits, ``.``,
 ``_``, ``-``: the device tool's limits. The plots are not among them: they
 are drawn from the returned JSON afterwards (``spark-ext bench --from
@@ -76,8 +79,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 LOG, SUMMARY, TMP = "gpu-check.log", "summary.json", "partial.tmp"
-BENCHES = ("difficulty", "weighted_kd", "lsq", "fake_quant", "e2e")
-OUTPUT_NAMES = (LOG, SUMMARY, TMP) + tuple(f"bench-{b}.json" for b in BENCHES)
+# The kernel benchmarks share one result file (the device returns at most 8 files); the others have their own.
+KERNEL_BENCHES = ("fake_quant", "lsq", "difficulty", "weighted_kd")
+OWN_FILE_BENCHES = ("e2e", "call_overhead", "qat_step", "distill_variants")
+KERNELS_FILE = "bench-kernels.json"
+RESULT_FILES = (KERNELS_FILE,) + tuple(f"bench-{b}.json" for b in OWN_FILE_BENCHES)
+OUTPUT_NAMES = (LOG, SUMMARY, TMP) + RESULT_FILES
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20
 LOG_CAP_BYTES = 15 * 2**20
 KILL_GRACE_S = 5.0  # SIGTERM, then this long before SIGKILL
@@ -171,20 +178,6 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
             60,
             jobs,
         ),
-        bench_stage("difficulty", "SPARK path fwd+bwd vs eager, compiled; % of copy", [], scratch, 60, 110),
-        bench_stage("weighted_kd", "weighted KD vs eager, compiled, F.l1_loss; % of copy", [], scratch, 50, 100),
-        bench_stage("lsq", "LSQ vs torch's learnable op, eager, compiled; % of copy", [], scratch, 45, 90),
-        bench_stage(
-            "fake_quant", "§5a drop-ins vs torch's learnable ops, eager, compiled; % of copy", [], scratch, 45, 90
-        ),
-        bench_stage(
-            "e2e",
-            "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT with our / torch's fake quant",
-            ["--no-compiled"],
-            scratch,
-            50,
-            100,
-        ),
         pytest_stage(
             "cuda-graphs",
             "CUDA-graph capture and replay of every fast op",
@@ -194,6 +187,44 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
             20,
             60,
             jobs,
+        ),
+        bench_stage(
+            "call_overhead",
+            "per-call time of every op and quantizer module, tiny and small tensors, vs torch and an empty custom op",
+            [],
+            scratch,
+            60,
+            120,
+        ),
+        bench_stage(
+            "qat_step",
+            "a torch.ao QAT step of ResNet-18 (bench/qat_models.py), batch 32, 224 px: our vs torch's fake quant",
+            ["--models", "resnet18", "--source", "bench"],
+            scratch,
+            45,
+            100,
+        ),
+        bench_stage(
+            "distill_variants",
+            "the demo's SPARK step vs uniform KD and plain QAT with our / torch's fake quant",
+            [],
+            scratch,
+            50,
+            100,
+        ),
+        bench_stage(
+            "fake_quant", "§5a drop-ins vs torch's learnable ops, eager, compiled; % of copy", [], scratch, 45, 90
+        ),
+        bench_stage("lsq", "LSQ vs torch's learnable op, eager, compiled; % of copy", [], scratch, 45, 90),
+        bench_stage("difficulty", "SPARK path fwd+bwd vs eager, compiled; % of copy", [], scratch, 60, 110),
+        bench_stage("weighted_kd", "weighted KD vs eager, compiled, F.l1_loss; % of copy", [], scratch, 50, 100),
+        bench_stage(
+            "e2e",
+            "one W4A4 SPARK QAT step: ours vs eager reference vs plain QAT with our / torch's fake quant",
+            ["--no-compiled"],
+            scratch,
+            50,
+            100,
         ),
         Stage(
             "memcheck",
@@ -239,9 +270,14 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
     return stages
 
 
+def result_file(bench: str) -> str:
+    """The output file that holds ``bench``'s results."""
+    return KERNELS_FILE if bench in KERNEL_BENCHES else f"bench-{bench}.json"
+
+
 def report_command(out: Path) -> list[str]:
     """``spark-ext bench --from`` the bench JSON already in the output folder (all of them when planning)."""
-    results = [out / f"bench-{b}.json" for b in BENCHES]
+    results = [out / name for name in RESULT_FILES]
     existing = [p for p in results if p.is_file()]
     files = [str(p) for p in existing or results]
     return [PY, "-m", "spark_ext.cli", "bench", "--from", *files]
@@ -347,12 +383,16 @@ def bench_keys(result: dict) -> dict:
         if r.get("impl") == "ours":
             line["ours_ms"] = r.get("ms")
             line["copy_fraction"] = r.get("copy_fraction")
+            if r.get("over_torch") is not None:  # bench_call_overhead: ours / torch at the median
+                line["ours_over_torch"] = r["over_torch"]
         elif r.get("impl") == "ratio":  # a whole-result ratio (bench_e2e: ms holds it), with its target if any
             line["ratio"] = r.get("ms")
             if r.get("target"):
                 line["target"] = r["target"]
-        else:
-            line[f"x_{r.get('impl')}"] = r.get("speedup_vs_peer")
+        elif "speedup_vs_peer" in r:
+            line[f"x_{r.get('impl')}"] = r["speedup_vs_peer"]
+        else:  # a benchmark that records no speed-up (call overhead, QAT step): the peer's own time
+            line[f"{r.get('impl')}_ms"] = r.get("ms")
         if r.get("error"):
             line[f"error_{r.get('impl')}"] = r["error"]
     rounded = {k: {n: round(v, 3) if isinstance(v, float) else v for n, v in line.items()} for k, line in lines.items()}
@@ -391,9 +431,18 @@ def collect(stage: Stage, out: Path, output: list[str]) -> dict:
         results = sorted(stage.artifact.glob("*.json"), key=lambda p: p.stat().st_mtime)
         if not results:
             return {"note": "no result JSON (cut off before the benchmark saved?): per-pass lines are in the log"}
-        name = f"{stage.artifact.name}.json"  # bench-<script name>.json
-        write_atomic(out, name, results[-1].read_bytes())
-        return {"file": name, **bench_keys(json.loads(results[-1].read_text()))}
+        result = json.loads(results[-1].read_text())
+        bench = stage.artifact.name.removeprefix("bench-")  # the script's name
+        name = result_file(bench)
+        if name == KERNELS_FILE:  # this benchmark's rows join those of the kernel benchmarks before it
+            merged = json.loads((out / name).read_text()) if (out / name).is_file() else {"rows": []}
+            merged.update(benchmark="kernels", env=result.get("env", {}))
+            merged["benchmarks"] = merged.get("benchmarks", []) + [bench]
+            merged["rows"] = merged["rows"] + [{**row, "benchmark": bench} for row in result.get("rows", [])]
+            write_atomic(out, name, json.dumps(merged, indent=1).encode())
+        else:
+            write_atomic(out, name, results[-1].read_bytes())
+        return {"file": name, **bench_keys(result)}
     return text_keys(stage.kind, output)
 
 
@@ -619,7 +668,7 @@ def print_plan(stages: list[Stage], cfg: dict) -> None:
             elapsed += s.expected_s
             verdict = f"ends at {elapsed:.0f} s" + (f" (limit cut to {left:.0f} s)" if left < s.limit_s else "")
         print(
-            f"  {s.name:18s} {s.expected_s:4.0f} / {s.limit_s:4.0f} s  {verdict}"
+            f"  {s.name:22s} {s.expected_s:4.0f} / {s.limit_s:4.0f} s  {verdict}"
             f"{'' if s.unavailable is None else f' (unavailable here: {s.unavailable})'}\n      {s.what}"
         )
     print(f"sources here: {source_digest()} (summary.json's 'source' says which sources a run tested)")
@@ -633,7 +682,7 @@ def skip_reason(stage: Stage, cfg: dict, out: Path, left_s: float, blocked: Opti
         return f"{blocked} failed"
     if stage.unavailable and not cfg["dry_run"]:
         return stage.unavailable
-    if stage.kind == "report" and not any((out / f"bench-{b}.json").is_file() for b in BENCHES):
+    if stage.kind == "report" and not any((out / name).is_file() for name in RESULT_FILES):
         return "no benchmark results to report"
     if left_s < stage.expected_s:
         return f"budget: expected to take {stage.expected_s:.0f} s, {max(left_s, 0):.0f} s left"

@@ -28,10 +28,28 @@ in their JSON (``env.llc_bytes``); for older results without it, the cache of
 this machine is used when its device name is the run's, and otherwise the
 bandwidth is shown with a "?" (not known to be memory-bound).
 
+Two kinds of result get their own table instead: the per-call times of
+``bench_call_overhead.py`` (per op or module, case, pass and implementation:
+p50 / p90 / max in µs, and at the median the time over torch's and over the
+empty custom op's, the floor), and whole training steps (every row's pass is
+``step``: ``bench_e2e.py``, ``bench_qat_step.py``, ``bench_distill_variants.py``;
+p50 / p90 / max in ms per case and implementation, then the run's ratios).
+
 ``--plot DIR`` writes one PNG per result file: for op benchmarks one row of
 panels per op (speed-ups on a log axis with a line at 1, one line per case
-and pass, p20-p80 whiskers; bandwidth fraction beside it), for the
-end-to-end benchmark the step times side by side.
+and pass, p20-p80 whiskers; bandwidth fraction beside it); for the
+call-overhead benchmark one panel per op or module, a bar per implementation
+at p50 with a line to p90 and a cross at the max, in µs on a log axis; for
+step benchmarks the step times side by side (p50 to p90 and the max where
+recorded, else p20-p80).
+
+Every result file is checked before anything is reported (:func:`check_result`:
+an object with a non-empty list of row objects, each with string ``op``,
+``case``, ``pass``, ``impl`` and numbers or null in its timing and size
+fields). With ``--from``, a bad file ends the command with exit status 2 and
+one line naming the file and what is wrong with it, before any report; a bad
+file written by a benchmark this command ran is skipped with a one-line
+warning, the others are reported, and the exit status is 1.
 
 Running needs the source tree (the ``bench/`` folder is not installed with
 the package); ``--from`` works anywhere.
@@ -186,18 +204,95 @@ def _run_benchmarks(only: Sequence[str], quick: bool, out_dir: Path) -> tuple[li
     return paths, failed
 
 
+# Fields a row must have (strings), and those that, when present, must be numbers or null: timings
+# positive (a ratio divides by them), sizes and fractions non-negative.
+ROW_KEYS = ("op", "case", "pass", "impl")
+TIMING_FIELDS = ("ms", "ms_p20", "ms_p50", "ms_p80", "ms_p90", "ms_max", "ms_min")
+SIZE_FIELDS = ("bytes", "gbps", "copy_fraction", "peak_extra_bytes", "over_torch", "over_floor")
+
+
+def _json_type(value) -> str:
+    """How JSON would name ``value``'s type, for messages."""
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "a number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_result(data) -> Optional[str]:
+    """Why ``data`` (a parsed result file) cannot be reported, or None when it can.
+
+    A result is an object with a non-empty list ``rows`` of row objects, each with string ``op``,
+    ``case``, ``pass`` and ``impl`` and, where present, numbers or null for the timing fields (positive)
+    and the size fields (non-negative); ``env`` and ``config``, where present, are objects."""
+    if not isinstance(data, dict):
+        return f"not a spark_ext benchmark result: the top level is {_json_type(data)}, expected an object"
+    if "rows" not in data:
+        return "not a spark_ext benchmark result (no 'rows')"
+    rows = data["rows"]
+    if not isinstance(rows, list):
+        return f"'rows' is {_json_type(rows)}, expected a list of row objects"
+    if not rows:
+        return "'rows' is empty: nothing to report"
+    for name in ("env", "config"):
+        if name in data and not isinstance(data[name], dict):
+            return f"'{name}' is {_json_type(data[name])}, expected an object"
+    llc = data.get("env", {}).get("llc_bytes")
+    if llc is not None and not (_is_number(llc) and llc > 0):
+        return f"'env.llc_bytes' is {llc!r}, expected a positive number or null"
+    if "benchmark" in data and not isinstance(data["benchmark"], str):
+        return f"'benchmark' is {_json_type(data['benchmark'])}, expected a string"
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            return f"rows[{i}] is {_json_type(row)}, expected an object"
+        for key in ROW_KEYS:
+            if key not in row:
+                return f"rows[{i}] has no {key!r}"
+            if not isinstance(row[key], str):
+                return f"rows[{i}][{key!r}] is {_json_type(row[key])}, expected a string"
+        for fields, positive in ((TIMING_FIELDS, True), (SIZE_FIELDS, False)):
+            for key in fields:
+                value = row.get(key)
+                if value is not None and not (_is_number(value) and (value > 0 if positive else value >= 0)):
+                    want = "a positive number" if positive else "a non-negative number"
+                    return f"rows[{i}][{key!r}] is {value!r}, expected {want} or null"
+    return None
+
+
 def load(paths: Sequence[Path]) -> list[dict]:
+    """The result files, parsed and checked; raises ``ValueError`` naming the first bad file and what is
+    wrong with it (``OSError`` when one cannot be read)."""
     runs = []
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict) or "rows" not in data:
-            raise ValueError(f"{path}: not a spark_ext benchmark result (no 'rows')")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a text file ({exc.reason})") from None
+        problem = check_result(data)
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         data["path"] = str(path)
         runs.append(data)
     return runs
+
+
+def load_each(paths: Sequence[Path]) -> tuple[list[dict], list[str]]:
+    """Like :func:`load`, but a bad file is left out: returns the good runs and one line per bad file."""
+    runs, problems = [], []
+    for path in paths:
+        try:
+            runs += load([path])
+        except (OSError, ValueError) as exc:
+            problems.append(str(exc) if str(path) in str(exc) else f"{path}: {exc}")
+    return runs, problems
 
 
 def summarise(run: dict) -> list[dict]:
@@ -494,23 +589,92 @@ STEP_LABELS = {
 STEP_RATIO_LABELS = {
     "spark_overhead": "SPARK step / plain QAT step, both with our ops",
     "spark_vs_qat_torch": "SPARK step with our ops / plain QAT step with torch's fake quant",
+    "qat_step_ours_over_torch": "torch.ao QAT step with our LearnableFakeQuantize / with torch's",
+    "spark_over_qat_torch": "SPARK step with our ops / plain QAT step with torch's fake quant",
+    "spark_over_qat": "SPARK step / plain QAT step, both with our ops",
+    "qat_over_qat_torch": "plain QAT step with our LSQ op / with torch's fake quant",
 }
 
 
+def is_step_run(run: dict) -> bool:
+    """Whole training steps only (bench_e2e, bench_qat_step, bench_distill_variants): every row's pass is "step"."""
+    return bool(run["rows"]) and all(r.get("pass") == "step" for r in run["rows"])
+
+
+def is_call_overhead(run: dict) -> bool:
+    """A bench_call_overhead.py result: per-call times of ops and modules against torch and a floor."""
+    return run.get("benchmark") == "call_overhead"
+
+
+def _print_rows_table(columns: Sequence[str], cells: list[list[str]]) -> None:
+    widths = [max([len(c)] + [len(row[k]) for row in cells]) for k, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _us(value) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def _times(row: dict) -> list[str]:
+    """p50 / p90 / max of a row in ms (p80 stands in for p90 in results that did not record it)."""
+    p90 = row.get("ms_p90", row.get("ms_p80"))
+    return [_fmt(row.get("ms")), _fmt(p90), _fmt(row.get("ms_max"))]
+
+
+def _print_overhead_table(run: dict) -> None:
+    """Per-call times of bench_call_overhead.py: p50 / p90 / max in µs, ratios to torch and to the floor."""
+    config = run.get("config", {})
+    print(f"   per-call wall time, {config.get('threads', '?')} thread(s); floor: {config.get('floor', '?')}")
+    cells = []
+    for r in run["rows"]:
+        if r.get("impl") == "ratio":
+            continue
+        ratios = [f"{r[k]:.2f}x" if _is_number(r.get(k)) else "-" for k in ("over_torch", "over_floor")]
+        times = [_us(r.get("ms")), _us(r.get("ms_p90")), _us(r.get("ms_max"))]
+        cells.append([r["op"], r["case"], r["pass"], r["impl"], str(r.get("backend") or "-"), *times, *ratios])
+    columns = ["op", "case", "pass", "impl", "backend", "p50_us", "p90_us", "max_us", "/torch", "/floor"]
+    _print_rows_table(columns, cells)
+
+
+def _print_step_table(run: dict) -> None:
+    """Whole-step times: p50 / p90 / max in ms per (op, case, impl)."""
+    cells = [
+        [r["op"], r["case"], r["impl"], *_times(r)]
+        for r in run["rows"]
+        if r.get("impl") != "ratio" and r.get("ms") is not None
+    ]
+    _print_rows_table(["op", "case", "impl", "p50_ms", "p90_ms", "max_ms"], cells)
+
+
+def _step_label(row: dict, several_cases: bool) -> str:
+    label = STEP_LABELS.get((row["op"], row["impl"]), f"{row['op']}, {row['impl']}")
+    return f"{row['case']}: {row['impl']}" if several_cases else label
+
+
 def _plot_steps(run: dict, plt):
-    """Whole training steps (``pass == "step"``): their median times side by side, p20-p80 as error bars."""
+    """Whole training steps (``pass == "step"``): median times side by side, with the spread recorded:
+    a whisker from p50 to p90 and a cross at the max (bench_qat_step, bench_distill_variants), or p20-p80
+    error bars (bench_e2e)."""
     rows = [r for r in run["rows"] if r.get("pass") == "step" and r.get("impl") != "ratio" and r.get("ms")]
+    several_cases = len({r["case"] for r in rows}) > 1
     fig, ax = plt.subplots(figsize=(11, 1.5 + 0.45 * len(rows) + 0.22 * len(ratio_rows(run))))
     ys = range(len(rows))
     for y, r in zip(ys, rows):
         colour = "tab:purple" if r["impl"] == "ours" else "#aaaaaa"
         err = None
-        if r.get("ms_p20") is not None and r.get("ms_p80") is not None:
+        if r.get("ms_p90") is None and r.get("ms_p20") is not None and r.get("ms_p80") is not None:
             err = [[r["ms"] - r["ms_p20"]], [r["ms_p80"] - r["ms"]]]
         ax.barh(y, r["ms"], 0.6, color=colour, xerr=err, capsize=3, zorder=2)
-        ax.text(max(r["ms"], r.get("ms_p80") or 0), y, f"  {r['ms']:.3g} ms", va="center", fontsize=8.5)
+        if r.get("ms_p90") is not None:
+            ax.hlines(y, r["ms"], r["ms_p90"], color="black", linewidth=1.2, zorder=3)
+        if r.get("ms_max") is not None:
+            ax.plot([r["ms_max"]], [y], marker="x", color="black", markersize=5, zorder=3)
+        right = max(r["ms"], r.get("ms_p80") or 0, r.get("ms_max") or 0)
+        ax.text(right, y, f"  {r['ms']:.3g} ms", va="center", fontsize=8.5)
     budget = next((r["ms"] for r in rows if (r["op"], r["impl"]) == ("qat_step", "torch")), None)
-    if budget is not None:
+    if budget is not None and not several_cases:
         ax.axvline(budget, color="tab:red", linestyle="--", linewidth=1, zorder=3)
         ax.text(
             budget,
@@ -523,30 +687,119 @@ def _plot_steps(run: dict, plt):
             clip_on=False,
         )
     ax.set_yticks(list(ys))
-    ax.set_yticklabels([STEP_LABELS.get((r["op"], r["impl"]), f"{r['op']}, {r['impl']}") for r in rows], fontsize=9)
+    ax.set_yticklabels([_step_label(r, several_cases) for r in rows], fontsize=8 if several_cases else 9)
     ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlim(0, 1.25 * max(r.get("ms_p80") or r["ms"] for r in rows) if rows else 1)
-    ax.set_xlabel("ms per training step (median; bars p20–p80)", fontsize=9)
+    ax.set_xlim(0, 1.25 * max(max(r.get("ms_p80") or 0, r.get("ms_max") or 0, r["ms"]) for r in rows) if rows else 1)
+    spread = "p50-p90, x max" if any(r.get("ms_p90") is not None for r in rows) else "bars p20–p80"
+    ax.set_xlabel(f"ms per training step (median; {spread})", fontsize=9)
     ax.grid(axis="x", color="#cccccc", linewidth=0.6, zorder=0)
-    ratios = [
-        f"{STEP_RATIO_LABELS.get(r['op'], r['op'])}: {r['ms']:.2f}×"
-        + (f"   (target {r['target']})" if r.get("target") else "")
-        for r in ratio_rows(run)
-    ]
-    case = rows[0]["case"] if rows else "?"
+    ratios = []
+    for r in ratio_rows(run):
+        where = f" [{r['case']}]" if several_cases else ""
+        target = f"   (target {r['target']})" if r.get("target") else ""
+        ratios.append(f"{STEP_RATIO_LABELS.get(r['op'], r['op'])}{where}: {r['ms']:.2f}×{target}")
+    title_case = "several cases" if several_cases else (rows[0]["case"] if rows else "?")
     head_in = 0.75 + 0.22 * len(ratios)
-    fig.subplots_adjust(left=0.3, right=0.97, top=1 - head_in / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
+    left = 0.45 if several_cases else 0.3
+    fig.subplots_adjust(left=left, right=0.97, top=1 - head_in / fig.get_figheight(), bottom=0.55 / fig.get_figheight())
     fig.text(
         0.01,
         1 - 0.12 / fig.get_figheight(),
-        f"{run.get('benchmark', '?')}: one training step ({case})",
+        f"{run.get('benchmark', '?')}: one training step ({title_case})",
         fontsize=12,
         fontweight="bold",
         va="top",
     )
     fig.text(0.01, 1 - 0.42 / fig.get_figheight(), _subtitle(run), fontsize=8, va="top", color="#444444")
     for i, text in enumerate(ratios):
-        fig.text(0.01, 1 - (0.66 + 0.22 * i) / fig.get_figheight(), text, fontsize=9.5, va="top")
+        fig.text(0.01, 1 - (0.66 + 0.22 * i) / fig.get_figheight(), text, fontsize=8.5, va="top")
+    return fig
+
+
+OVERHEAD_STYLE = {  # impl -> colour (bench_call_overhead.py's implementations)
+    "ours": "tab:purple",
+    "eager": "tab:orange",
+    "torch": "tab:blue",
+    "plain": "tab:green",
+    "floor": "#999999",
+}
+
+
+def _plot_overhead(run: dict, plt):
+    """Per-call times (bench_call_overhead.py): one panel per op or module, a group of bars per case and
+    pass (one bar per implementation: p50, whisker to p90, cross at the max), log scale in µs."""
+    rows = [r for r in run["rows"] if r.get("impl") != "ratio" and r.get("ms")]
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    impls = [i for i in OVERHEAD_STYLE if any(r["impl"] == i for r in rows)]
+    impls += [i for i in dict.fromkeys(r["impl"] for r in rows) if i not in impls]
+    panels = []
+    for op in ops:
+        keys = list(dict.fromkeys((r["case"], r["pass"]) for r in rows if r["op"] == op))
+        panels.append((op, keys))
+    slot_in, head_in = 0.16, 0.3
+    heights = [head_in + slot_in * sum(len(impls) + 1 for _ in keys) for _, keys in panels]
+    fig_h = 1.4 + sum(heights)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, fig_h), gridspec_kw={"height_ratios": heights}, squeeze=False)
+    values = [v for r in rows for v in (r["ms"], r.get("ms_p90"), r.get("ms_max")) if v]
+    lo, hi = min(values) * 1e3 / 1.5, max(values) * 1e3 * 1.5
+    by_key = {(r["op"], r["case"], r["pass"], r["impl"]): r for r in rows}
+    for ax, (op, keys) in zip(axes[:, 0], panels):
+        labels, positions, y = [], [], 0
+        for case, pass_ in keys:
+            labels.append(f"{case}  {pass_}")
+            positions.append(y + (len(impls) - 1) / 2)
+            for k, impl in enumerate(impls):
+                r = by_key.get((op, case, pass_, impl))
+                if r is None:
+                    continue
+                p50 = r["ms"] * 1e3
+                ax.barh(y + k, p50, 0.8, color=OVERHEAD_STYLE.get(impl, "#444444"), zorder=2)
+                if r.get("ms_p90"):
+                    ax.hlines(y + k, p50, r["ms_p90"] * 1e3, color="black", linewidth=1, zorder=3)
+                if r.get("ms_max"):
+                    ax.plot([r["ms_max"] * 1e3], [y + k], marker="x", color="black", markersize=4, zorder=3)
+                if impl == "ours" and _is_number(r.get("over_torch")):
+                    right = max(p50, (r.get("ms_p90") or 0) * 1e3, (r.get("ms_max") or 0) * 1e3)
+                    ax.text(right * 1.15, y + k, f"{r['over_torch']:.2f}× torch", fontsize=7, va="center", zorder=4)
+            y += len(impls) + 1
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_yticks(positions)
+        ax.set_yticklabels(labels, fontsize=7.5)
+        ax.set_ylim(y - 1, -1)
+        ax.grid(axis="x", color="#cccccc", linewidth=0.6, zorder=0)
+        ax.set_title(op, fontsize=10, loc="left", fontweight="bold")
+    axes[-1, 0].set_xlabel("µs per call (bar p50, line to p90, x max), log scale", fontsize=9)
+    from matplotlib.patches import Patch
+
+    fig.legend(
+        handles=[Patch(color=OVERHEAD_STYLE.get(i, "#444444"), label=i) for i in impls],
+        loc="upper right",
+        ncol=len(impls),
+        fontsize=8.5,
+        frameon=False,
+    )
+    config = run.get("config", {})
+    fig.text(
+        0.01,
+        1 - 0.15 / fig_h,
+        f"{run.get('benchmark', '?')}: per-call wall time",
+        fontsize=12,
+        fontweight="bold",
+        va="top",
+    )
+    fig.text(
+        0.01,
+        1 - 0.45 / fig_h,
+        f"{_subtitle(run)}.  {config.get('threads', '?')} thread(s).  floor: {config.get('floor', '?')}",
+        fontsize=7.5,
+        va="top",
+        color="#444444",
+    )
+    # hspace is a fraction of the mean panel height: 0.45 in between panels, whatever their sizes
+    fig.subplots_adjust(
+        left=0.36, right=0.98, top=1 - 0.9 / fig_h, bottom=0.5 / fig_h, hspace=0.45 / (sum(heights) / len(heights))
+    )
     return fig
 
 
@@ -557,8 +810,12 @@ def plot(run: dict, lines: list[dict], out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = bool(run["rows"]) and all(r.get("pass") == "step" for r in run["rows"])
-    fig = _plot_steps(run, plt) if steps else _plot_ops(run, lines, plt)
+    if is_call_overhead(run):
+        fig = _plot_overhead(run, plt)
+    elif is_step_run(run):
+        fig = _plot_steps(run, plt)
+    else:
+        fig = _plot_ops(run, lines, plt)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / (Path(run["path"]).stem + ".png")
     fig.savefig(path, dpi=100)
@@ -623,7 +880,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not paths:
             print("spark-ext bench: the benchmarks wrote no results", file=sys.stderr)
             return 1
-        runs = load(paths)
+        runs, problems = load_each(paths)
+        for problem in problems:  # a benchmark wrote a file the report cannot read: skipped, and the run fails
+            print(f"spark-ext bench: skipping {problem}", file=sys.stderr)
+            failed.append(problem.split(":", 1)[0])
     for run in runs:
         env = run.get("env", {})
         llc, llc_source = run_llc_bytes(run)
@@ -632,15 +892,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"   {env.get('device')}  torch {env.get('torch')}  triton {env.get('triton')}  "
             f"commit {env.get('commit')}  {env.get('date')}"
         )
-        print(
-            f"   last-level cache: {'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}); "
-            f"of_copy only where a pass moves >= {MEMORY_BOUND_FACTOR}x that, 'in cache' below, '?' if unknown"
-        )
         lines = summarise(run)
-        _print_table(lines)
-        for r in ratio_rows(run):
+        if is_call_overhead(run):
+            _print_overhead_table(run)
+        elif is_step_run(run):
+            _print_step_table(run)
+        else:
+            print(
+                f"   last-level cache: {'?' if llc is None else f'{llc / 2**20:.0f} MiB'} ({llc_source}); "
+                f"of_copy only where a pass moves >= {MEMORY_BOUND_FACTOR}x that, 'in cache' below, '?' if unknown"
+            )
+            _print_table(lines)
+        ratios = ratio_rows(run)
+        several_cases = len({r["case"] for r in ratios}) > 1
+        for r in ratios:
             target = f"  (target {r['target']})" if r.get("target") else ""
-            print(f"   {r['op']}: {r['ms']:.3f}  = {STEP_RATIO_LABELS.get(r['op'], r['op'])}{target}")
+            where = f" [{r['case']}]" if several_cases else ""
+            print(f"   {r['op']}{where}: {r['ms']:.3f}  = {STEP_RATIO_LABELS.get(r['op'], r['op'])}{target}")
         if args.plot is not None:
             print(f"   plot: {plot(run, lines, args.plot)}")
     if failed:

@@ -217,3 +217,100 @@ def test_case_labels_drop_the_words_every_case_shares():
     assert labels == ["fp32", "bf16"] and shared == "2x3x32x32 grid8x8 l1"
     labels, _ = benchreport.short_cases(["act 16x64x64x64 channels_last per-channel axis1 bf16"])
     assert labels == ["act 16x64x64x64 NHWC per-ch ax1 bf16"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"benchmark": "x", "rows": [{}]}, "rows[0] has no 'op'"),
+        ({"benchmark": "x", "rows": None}, "'rows' is null, expected a list of row objects"),
+        ({"benchmark": "x", "rows": "fast"}, "'rows' is a string, expected a list of row objects"),
+        ({"benchmark": "x", "rows": []}, "'rows' is empty"),
+        ({"benchmark": "x", "rows": [3]}, "rows[0] is a number, expected an object"),
+        ({"rows": [{"op": "a", "case": "c", "pass": "fwd", "impl": 1}]}, "rows[0]['impl'] is a number"),
+        ({"rows": [{"op": "a", "case": "c", "pass": "fwd", "impl": "ours", "ms": "1"}]}, "rows[0]['ms'] is '1'"),
+        ({"rows": [{"op": "a", "case": "c", "pass": "fwd", "impl": "ours", "ms": 0}]}, "expected a positive number"),
+        ({"rows": [{"op": "a", "case": "c", "pass": "fwd", "impl": "ours", "bytes": -1}]}, "non-negative"),
+        ({"env": "cpu", "rows": [{"op": "a", "case": "c", "pass": "fwd", "impl": "ours"}]}, "'env' is a string"),
+        ({"env": {"llc_bytes": "big"}, "rows": [{"op": "a", "case": "c", "pass": "s", "impl": "i"}]}, "llc_bytes"),
+        ([{"rows": []}], "the top level is a list, expected an object"),
+    ],
+)
+def test_a_malformed_result_file_exits_2_naming_it(tmp_path, capsys, content, message):
+    # `--from` a file whose rows were [{}], null or a string ended in KeyError / TypeError / AttributeError.
+    path = tmp_path / "bad-run.json"
+    path.write_text(json.dumps(content))
+    line = _rejected(["--from", str(path)], capsys)
+    assert line.startswith("spark-ext bench: error: argument --from: ") and str(path) in line, line
+    assert message in line, line
+
+
+def test_a_malformed_result_written_by_a_benchmark_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    writer = (
+        "import json, sys, pathlib\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
+        f"(out / 'ok.json').write_text(json.dumps({{'benchmark': 'ok', 'env': {{}}, 'rows': {_rows()!r}}}))\n"
+        "(out / 'bad.json').write_text(json.dumps({'benchmark': 'bad', 'rows': None}))\n"
+    )
+    (bench / "bench_two.py").write_text(writer)
+    monkeypatch.setattr(benchreport, "BENCH_DIR", bench)
+    monkeypatch.setattr(benchreport, "REPO_ROOT", tmp_path)
+    assert benchreport.main(["--out", str(tmp_path / "results")]) == 1
+    captured = capsys.readouterr()
+    assert "== ok" in captured.out and "== bad" not in captured.out
+    warning = next(line for line in captured.err.splitlines() if line.startswith("spark-ext bench: skipping"))
+    assert "bad.json: 'rows' is null" in warning
+
+
+def _overhead_rows():
+    rows = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        for impl, backend, ms in (("ours", "cpp", 0.06), ("eager", "reference", 0.07), ("torch", "builtin", 0.005)):
+            rows.append(
+                {
+                    "op": "lsq_fake_quant",
+                    "case": "tiny 4x16 fp32",
+                    "pass": pass_,
+                    "impl": impl,
+                    "backend": backend,
+                    "ms": ms,
+                    "ms_p20": ms * 0.9,
+                    "ms_p50": ms,
+                    "ms_p80": ms * 1.1,
+                    "ms_p90": ms * 1.2,
+                    "ms_max": ms * 2,
+                    "over_torch": None if impl == "torch" else ms / 0.005,
+                    "over_floor": ms / 0.016,
+                }
+            )
+        rows.append({**rows[-1], "impl": "floor", "backend": "custom_op", "ms": 0.016, "over_torch": 3.2})
+        rows[-1].update(ms_p90=0.02, ms_max=0.05, over_floor=None)
+    return rows
+
+
+def test_call_overhead_and_qat_step_sections(tmp_path, capsys):
+    overhead = tmp_path / "call_overhead-cpu-test.json"
+    config = {"threads": 1, "floor": "a custom op returning x.clone()"}
+    result = {"benchmark": "call_overhead", "env": {"device": "test"}, "config": config, "rows": _overhead_rows()}
+    overhead.write_text(json.dumps(result))
+    case = "resnet18 b1 64px t1 W8A8"
+    steps = [
+        {"op": "qat_step", "case": case, "pass": "step", "impl": impl, "ms": ms, "ms_p90": ms + 5, "ms_max": ms + 9}
+        for impl, ms in (("ours", 200.0), ("torch", 400.0))
+    ]
+    steps.append({"op": "qat_step_ours_over_torch", "case": case, "pass": "step", "impl": "ratio", "ms": 0.5})
+    qat = tmp_path / "qat_step-cpu-test.json"
+    qat.write_text(json.dumps({"benchmark": "qat_step", "env": {"device": "test"}, "rows": steps}))
+    assert benchreport.main(["--from", str(overhead), str(qat), "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    ours = next(line for line in out.splitlines() if line.startswith("lsq_fake_quant") and " ours " in line)
+    # p50 / p90 / max in µs, then ours / torch and ours / floor at the median
+    assert ours.split()[-5:] == ["60.0", "72.0", "120.0", "12.00x", "3.75x"], ours
+    assert "1 thread(s); floor: a custom op returning x.clone()" in out
+    step = next(line for line in out.splitlines() if line.startswith("qat_step ") and " torch " in line)
+    assert step.split()[-3:] == ["400", "405", "409"], step
+    assert "qat_step_ours_over_torch: 0.500" in out
+    for name in ("call_overhead-cpu-test.png", "qat_step-cpu-test.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG", name

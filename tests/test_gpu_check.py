@@ -109,10 +109,10 @@ def test_dry_run_of_the_real_plan(tmp_path):
     assert cuda["keys"]["passed"] == 1 and cuda["keys"]["skipped"] == 1 and cuda["keys"]["failed"] == 0
     assert doctor["keys"]["lines"] == ["CUDA available: False (dry run)", "C++/CUDA library: dry run"]
     assert s["device"] == "CUDA available: False (dry run)"
-    bench = next(r for r in s["stages"] if r["name"] == "bench-difficulty")
+    bench = next(r for r in s["stages"] if r["name"] == "bench-fake-quant")
     if bench["status"] == "passed":  # the stand-in's result, copied as it was written, marked as not measured
         assert bench["keys"]["headline"]["dry_run | stand-in, nothing measured | fwd"]["x_eager"] == 2.0
-        assert json.loads((out / "bench-difficulty.json").read_text())["env"]["device"].startswith("DRY RUN")
+        assert json.loads((out / "bench-kernels.json").read_text())["env"]["device"].startswith("DRY RUN")
     log = (out / "gpu-check.log").read_text()
     assert "=== build: passed" in log and "dry run: would run:" in log and "DRY RUN" in log
     check_output_folder(out)
@@ -127,12 +127,15 @@ def test_dry_run_fits_all_eight_outputs(tmp_path):
     assert names == {
         "gpu-check.log",
         "summary.json",
-        "bench-difficulty.json",
-        "bench-weighted_kd.json",
-        "bench-lsq.json",
-        "bench-fake_quant.json",
+        "bench-kernels.json",  # fake_quant, lsq, difficulty and weighted_kd together
         "bench-e2e.json",
+        "bench-call_overhead.json",
+        "bench-qat_step.json",
+        "bench-distill_variants.json",
     }
+    kernels = json.loads((out / "bench-kernels.json").read_text())
+    assert kernels["benchmarks"] == ["fake_quant", "lsq", "difficulty", "weighted_kd"]  # in the order they ran
+    assert sorted({row["benchmark"] for row in kernels["rows"]}) == sorted(kernels["benchmarks"])
 
 
 def test_bad_settings_exit_2_before_anything_runs(tmp_path):
@@ -243,7 +246,7 @@ def test_a_run_killed_midway_keeps_what_finished(tmp_path):
         "GPU_CHECK_DRY_RUN": "1",
         "GPU_CHECK_OUT": str(out),
         "GPU_CHECK_DRY_RUN_SCALE": "0.005",
-        "GPU_CHECK_STAGES": "bench-difficulty,bench-lsq",
+        "GPU_CHECK_STAGES": "bench-fake-quant,bench-lsq",
         "GPU_CHECK_DRY_RUN_HANG": "bench-lsq",
     }
     proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
@@ -273,10 +276,10 @@ def test_a_run_killed_midway_keeps_what_finished(tmp_path):
     s = summary(out)
     status = {r["name"]: r["status"] for r in s["stages"]}
     assert s["status"] == "running" and status["bench-lsq"] == "running"
-    assert status["build"] == status["doctor"] == status["bench-difficulty"] == "passed"
-    assert json.loads((out / "bench-difficulty.json").read_text())["rows"]
+    assert status["build"] == status["doctor"] == status["bench-fake-quant"] == "passed"
+    assert json.loads((out / "bench-kernels.json").read_text())["rows"]
     log = (out / "gpu-check.log").read_text()
-    assert "=== bench-difficulty: passed" in log and "=== bench-lsq:" in log
+    assert "=== bench-fake-quant: passed" in log and "=== bench-lsq:" in log
     check_output_folder(out)
 
 
@@ -359,5 +362,45 @@ def test_key_numbers_of_pytest_and_bench_results(tmp_path):
         "x_compiled": None,
         "error_compiled": "RuntimeError: boom",
     }
+    overhead = [
+        {"op": "lsq", "case": "tiny", "pass": "fwd", "impl": "ours", "ms": 0.06, "over_torch": 12.0},
+        {"op": "lsq", "case": "tiny", "pass": "fwd", "impl": "torch", "ms": 0.005, "over_torch": None},
+    ]
+    keys = gpu_check.bench_keys({"env": {}, "rows": overhead})
+    assert keys["headline"]["lsq | tiny | fwd"] == {
+        "ours_ms": 0.06,
+        "copy_fraction": None,
+        "ours_over_torch": 12.0,
+        "torch_ms": 0.005,
+    }
     text = gpu_check.text_keys("memcheck", ["ok    a\n", "FAIL  b\n", "========= ERROR SUMMARY: 3 errors\n"])
     assert text == {"sanitizer_errors": 3, "ok": 1, "fail": 1, "skip": 0}
+
+
+def test_the_qat_and_overhead_stages_fit_the_480_s_budget(tmp_path):
+    """The call-overhead, ResNet-18 QAT-step and SPARK-step benchmarks run within the device's 480 s by the
+    plan's own estimates (none skipped or cut), and each writes its own result file."""
+    new = ("bench-call-overhead", "bench-qat-step", "bench-distill-variants")
+    stages = {s.name: s for s in gpu_check.plan(tmp_path, tmp_path, 16)}
+    assert "--models resnet18 --source bench" in " ".join(stages["bench-qat-step"].command)  # no torchvision there
+    plan = subprocess.run(
+        [sys.executable, str(SCRIPT), "--plan"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "GPU_CHECK_BUDGET_S": "480"},
+    ).stdout
+    ends = [float(m) for m in re.findall(r"ends at (\d+) s", plan)]
+    assert ends and max(ends) <= 480 - gpu_check.END_MARGIN_S, plan
+    for name in new:
+        line = next(ln for ln in plan.splitlines() if ln.startswith(f"  {name} "))
+        assert "ends at" in line and "limit cut" not in line, line
+    # the stand-ins of the three stages alone: they pass and each result lands in its own file
+    result, out = run_script(tmp_path, GPU_CHECK_STAGES=",".join(new), GPU_CHECK_DRY_RUN_SCALE="0.004")
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = {r["name"]: r for r in summary(out)["stages"]}
+    for name in new:
+        assert records[name]["status"] == "passed", records[name]
+        assert records[name]["keys"]["file"] == "bench-" + name.removeprefix("bench-").replace("-", "_") + ".json"
+        assert (out / records[name]["keys"]["file"]).is_file()
+    check_output_folder(out)
