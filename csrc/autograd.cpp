@@ -5,19 +5,23 @@
 //
 // Each forward op records what its backward op needs and redispatches below
 // autograd; the backward calls the fused backward op through the dispatcher.
-// The backward ops compute first derivatives only: called where autograd would
-// have to differentiate them (double backward, e.g. a gradient penalty through
-// create_graph=True), they raise NotImplementedError naming the op, as torch's
-// learnable fake quant does, instead of returning a silently wrong gradient.
-// The reference backend (spark_ext/reference.py) differentiates twice.
+// The backward ops compute first derivatives only: differentiated again (double
+// backward, e.g. a gradient penalty or a Hessian-vector product), they raise a
+// RuntimeError naming the op, as torch's learnable fake quant does, instead of
+// returning a silently wrong gradient. The reference backend
+// (spark_ext/reference.py) differentiates twice.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace spark_ext {
 namespace {
@@ -32,14 +36,36 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// Raises unless this backward op can run without being differentiated itself.
-void refuse_double_backward(const char* op, std::initializer_list<const Tensor*> inputs) {
+// An autograd node owned the way this torch owns them (std::shared_ptr up to
+// torch 2.12, c10::intrusive_ptr since).
+template <class T, class... Args>
+auto make_node(Args&&... args) {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+
+// The backward ops compute first derivatives only. Where autograd records a graph
+// through one (create_graph=True with inputs that require grad), its outputs get a
+// node that raises when reached, as torch's own not-implemented derivatives do:
+// the first gradient still works, a second one is refused instead of silently wrong.
+void record_no_second_derivative(const char* op, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d,
+                                 std::initializer_list<Tensor*> outputs) {
   if (!at::GradMode::is_enabled()) return;
-  for (const Tensor* t : inputs) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!(t->defined() && t->requires_grad()), "spark_ext: ", op,
-                                " has no second derivative on the compiled backends (a gradient of its gradient, "
-                                "e.g. backward(create_graph=True) or a Hessian-vector product, was asked for); "
-                                "use backend='reference' for higher-order gradients");
+  bool any = false;
+  for (const Tensor* t : {&a, &b, &c, &d}) any = any || (t->defined() && t->requires_grad());
+  if (!any) return;
+  auto node = make_node<torch::autograd::Error>(
+      std::string("spark_ext: ") + op +
+          " has no second derivative on the compiled backends (a gradient of its gradient was asked for: "
+          "backward(create_graph=True) then backward again, a gradient penalty, a Hessian-vector product); "
+          "use backend='reference' for higher-order gradients",
+      torch::autograd::collect_next_edges(a, b, c, d));
+  for (Tensor* t : outputs) {
+    if (t->defined() && torch::autograd::isDifferentiableType(t->scalar_type())) torch::autograd::set_history(*t, node);
   }
 }
 
@@ -141,9 +167,13 @@ std::tuple<Tensor, Tensor, Tensor> fake_quant_backward_autograd(const Tensor& gr
                                                                 std::optional<int64_t> axis, int64_t lo, int64_t hi,
                                                                 double grad_factor) {
   static const auto op = find_op<FqBackwardSig<typename Op::P1>>(Op::kBackward);
-  refuse_double_backward(Op::kName, {&grad, &x, &p0, &Op::tensor(p1)});
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad, x, p0, p1, axis, lo, hi, grad_factor);
+  Tensor dx, dp0, dp1;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(dx, dp0, dp1) = op.call(grad, x, p0, p1, axis, lo, hi, grad_factor);
+  }
+  record_no_second_derivative(Op::kName, grad, x, p0, Op::tensor(p1), {&dx, &dp0, &dp1});
+  return {dx, dp0, dp1};
 }
 
 // ---------------------------------------------------------------------------
@@ -203,9 +233,15 @@ std::tuple<Tensor, Tensor, Tensor> weighted_kd_backward_autograd(const Tensor& g
                                                                  bool need_student, bool need_teacher,
                                                                  bool need_weight) {
   static const auto op = find_op<WeightedKdBackwardSig>("spark_ext::fused_weighted_kd_backward");
-  refuse_double_backward("fused_weighted_kd", {&grad, &student, &teacher, &or_undefined(weight)});
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight);
+  Tensor ds, dt, dw;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(ds, dt, dw) =
+        op.call(grad, student, teacher, weight, kd_loss, reduction, need_student, need_teacher, need_weight);
+  }
+  record_no_second_derivative("spark_ext::fused_weighted_kd", grad, student, teacher, or_undefined(weight),
+                              {&ds, &dt, &dw});
+  return {ds, dt, dw};
 }
 
 // ---------------------------------------------------------------------------
@@ -290,9 +326,13 @@ Tensor cell_kd_autograd(const Tensor& student, const Tensor& teacher, int64_t gh
 std::tuple<Tensor, Tensor> cell_kd_backward_autograd(const Tensor& grad, const Tensor& student, const Tensor& teacher,
                                                      c10::string_view kd_loss, bool need_student, bool need_teacher) {
   static const auto op = find_op<CellKdBackwardSig>("spark_ext::cell_kd_backward");
-  refuse_double_backward("cell_kd", {&grad, &student, &teacher});
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad, student, teacher, kd_loss, need_student, need_teacher);
+  Tensor ds, dt;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(ds, dt) = op.call(grad, student, teacher, kd_loss, need_student, need_teacher);
+  }
+  record_no_second_derivative("spark_ext::cell_kd", grad, student, teacher, Tensor(), {&ds, &dt});
+  return {ds, dt};
 }
 
 }  // namespace

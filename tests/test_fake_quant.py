@@ -346,6 +346,58 @@ def test_non_positive_scale_is_rejected(backend):
             per_tensor(x, torch.tensor([bad]), torch.zeros(1), -8, 7, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_subnormal_scale_without_a_finite_reciprocal_is_rejected(backend, axis):
+    # torch returns quant_min * scale for x = 0 at such a scale; 1/scale overflows float32.
+    x = torch.zeros(3, 4)
+    n = 1 if axis is None else 3
+    for bad in (1e-40, 2.9e-39):
+        scale = torch.full((n,), bad)
+        with pytest.raises(ValueError, match="scale must be finite and > 0 everywhere, with a finite reciprocal"):
+            ours(axis, backend)(x, scale, torch.zeros(n), -8, 7, 1.0)
+    # The smallest scale with a finite reciprocal still maps 0 to 0.
+    assert torch.equal(ours(axis, backend)(x, torch.full((n,), 3e-39), torch.zeros(n), -8, 7, 1.0), x)
+
+
+@pytest.mark.parametrize("axis", [None, 1])
+def test_double_backward_is_refused_on_cpp_and_computed_by_the_reference(axis):
+    # A gradient penalty differentiates the gradient: the compiled backward op has no derivative.
+    x = torch.randn(3, 5) * 2
+    n = 1 if axis is None else 5
+    scale, zp = torch.full((n,), 0.4), torch.zeros(n)
+    c = torch.linspace(0.5, 1.5, 15).reshape(3, 5)
+
+    def penalty_grad(backend):
+        w = x.clone().requires_grad_()
+        (gw,) = torch.autograd.grad((ours(axis, backend)(w, scale, zp, -8, 7, 1.0) * c).sum(), w, create_graph=True)
+        (g,) = torch.autograd.grad((gw * w).sum(), w)  # gw = c * inside does not depend on w almost everywhere
+        return g, gw.detach()
+
+    with pytest.raises(RuntimeError, match="no second derivative on the compiled backends.*reference"):
+        penalty_grad("cpp")
+    g, gw = penalty_grad("reference")
+    assert torch.equal(g, gw) and torch.equal(gw, c * (gw != 0))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("axis", [None, 1])
+def test_torch_func_grad_matches_autograd(backend, axis):
+    x = torch.randn(3, 5) * 2
+    n = 1 if axis is None else 5
+    scale, zp = torch.full((n,), 0.3), torch.zeros(n) + 0.7
+    fn = ours(axis, backend)
+
+    def loss(x, scale, zp):
+        return (fn(x, scale, zp, -8, 7, 0.5) * torch.arange(15.0).reshape(3, 5)).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(x, scale, zp)
+    leaves = [t.clone().requires_grad_() for t in (x, scale, zp)]
+    want = torch.autograd.grad(loss(*leaves), leaves)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("axis", [None, 1])
 def test_non_finite_inputs(axis):
     # NaN in x is NaN in its own output only, +-inf the top / bottom of the range, on

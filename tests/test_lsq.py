@@ -250,6 +250,32 @@ def test_direct_op_rejects_bad_arguments():
         op(x, torch.ones(1), None, None, 2**22, 7, 1.0)
 
 
+@pytest.mark.parametrize("with_offset", [False, True])
+def test_double_backward_is_refused_on_cpp_and_torch_func_grad_works(with_offset):
+    x = torch.randn(4, 6) * 2
+    step = torch.full((6,), 0.3)
+    offset = torch.full((6,), 0.1) if with_offset else None
+    c = torch.linspace(0.5, 1.5, 24).reshape(4, 6)
+
+    def loss(backend):
+        return lambda x, step: (
+            spark_ext.lsq_fake_quant(x, step, offset, bits=4, signed=True, axis=1, backend=backend) * c
+        ).sum()
+
+    w = x.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(loss("cpp")(w, step), w, create_graph=True)
+    with pytest.raises(RuntimeError, match="lsq_fake_quant has no second derivative"):
+        torch.autograd.grad((gw * w).sum(), w)
+    w = x.clone().requires_grad_()
+    (gw,) = torch.autograd.grad(loss("reference")(w, step), w, create_graph=True)
+    (g,) = torch.autograd.grad((gw * w).sum(), w)
+    assert torch.equal(g, gw.detach())
+    for backend in ("cpp", "reference"):
+        got = torch.func.grad(loss(backend), argnums=(0, 1))(x, step)
+        leaves = [x.clone().requires_grad_(), step.clone().requires_grad_()]
+        assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(loss(backend)(*leaves), leaves)))
+
+
 def test_float64_falls_back_to_the_reference():
     x = torch.randn(3, 4, dtype=torch.float64)
     y = spark_ext.lsq_fake_quant(x, torch.tensor([0.1], dtype=torch.float64), bits=4, signed=True)

@@ -181,6 +181,29 @@ def test_toggles_match_torch():
     assert ours(x) is x
 
 
+def test_flag_written_through_data_is_honoured_on_cpu_like_torch():
+    kw = dict(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    x = torch.rand(10) * 4
+    for m in (_LearnableFakeQuantize(**kw), LearnableFakeQuantize(**kw)):
+        assert m(x) is not x
+        m.fake_quant_enabled.data[0] = 0  # .data bypasses the version counter
+        assert m(x) is x, type(m).__name__
+        m.fake_quant_enabled.data[0] = 1
+        assert m(x) is not x
+
+
+def test_built_and_run_under_inference_mode_like_torch():
+    kw = dict(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    x = torch.rand(10) * 4
+    with torch.inference_mode():
+        theirs, ours = _LearnableFakeQuantize(**kw), LearnableFakeQuantize(**kw)
+        assert torch.equal(ours(x), theirs(x))
+        ours.toggle_fake_quant(False)
+        assert ours(x) is x
+        ours.toggle_fake_quant(True)
+        assert torch.equal(ours(x), theirs(x))
+
+
 def test_per_channel_without_channel_len_sizes_lazily():
     cls = LearnableFakeQuantize.with_args(
         observer=tq.MovingAveragePerChannelMinMaxObserver,

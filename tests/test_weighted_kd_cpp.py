@@ -98,3 +98,19 @@ for dt in (torch.float32, torch.bfloat16):
                             torch.tensor(0.7), S, T, w, kind, "mean", True, True, w is not None))
 """
     assert_same_bits_on_every_cpu_isa(body, tmp_path)
+
+
+def test_hessian_vector_product_is_refused_on_cpp_and_computed_by_the_reference():
+    S, T = torch.rand(2, 3, 6, 7), torch.rand(2, 3, 6, 7)
+    w, v = torch.rand(6, 7), torch.randn(2, 3, 6, 7)
+
+    def hvp(backend):
+        s = S.clone().requires_grad_()
+        loss = spark_ext.fused_weighted_kd(s, T, w, kd_loss="l2", backend=backend)
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), s)[0]
+
+    with pytest.raises(RuntimeError, match="fused_weighted_kd has no second derivative"):
+        hvp("cpp")
+    # l2, mean: the gradient is 2 w (S - T) / N, so the HVP is 2 w v / N.
+    torch.testing.assert_close(hvp("reference"), 2 * w * v / S.numel())

@@ -297,7 +297,7 @@ def runs_compiled(op: str, backend: Optional[str], like: object) -> bool:
     backends, a bad argument, tracing under ``torch.compile``) sends them through
     their checked path, which raises the documented error for a bad call.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     if backend is None:
         backend = getattr(_state, "override", None) or _global_default

@@ -80,6 +80,41 @@ def register_compiled_fakes(op: str) -> None:
     torch.library.register_fake(f"spark_ext::{op}_backward", backward_fake)
 
 
+class FunctorchFakeQuant(torch.autograd.Function):
+    """The compiled op's autograd in Python, for ``torch.func`` transforms only.
+
+    functorch cannot run a C++ ``torch::autograd::Function``; under its
+    transforms the public ops call this instead (same kernels, same formula:
+    the forward op below autograd, then the fused backward op).
+    ``op`` is ``fake_quantize_learnable`` or ``lsq_fake_quant``.
+    """
+
+    @staticmethod
+    def forward(op, x, p0, p1, axis, lo, hi, grad_factor):
+        with torch.no_grad():
+            return getattr(torch.ops.spark_ext, op).default(x, p0, p1, axis, lo, hi, grad_factor)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        op, x, p0, p1, *args = inputs
+        ctx.save_for_backward(x, p0, p1)
+        ctx.op, ctx.args = op, args
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, p0, p1 = ctx.saved_tensors
+        backward_op = getattr(torch.ops.spark_ext, f"{ctx.op}_backward").default
+        dx, dp0, dp1 = backward_op(grad, x, p0, p1, *ctx.args)
+        return None, dx, dp0, dp1 if ctx.needs_input_grad[3] else None, None, None, None, None
+
+
+def call_compiled(op: str, x, p0, p1, axis, lo, hi, grad_factor):
+    """``torch.ops.spark_ext.<op>`` (a fake-quant op), through :class:`FunctorchFakeQuant` under torch.func."""
+    if torch._C._are_functorch_transforms_active():
+        return FunctorchFakeQuant.apply(op, x, p0, p1, axis, lo, hi, grad_factor)
+    return getattr(torch.ops.spark_ext, op).default(x, p0, p1, axis, lo, hi, grad_factor)
+
+
 def _in_kernel_range(quant_min: int, quant_max: int) -> bool:
     return -KERNEL_MAX_RANGE <= quant_min and quant_max <= KERNEL_MAX_RANGE
 
@@ -89,7 +124,7 @@ def _compiled_per_tensor(x, scale, zero_point, quant_min, quant_max, grad_factor
         return reference.fake_quantize_learnable_per_tensor_affine(
             x, scale, zero_point, quant_min, quant_max, grad_factor
         )
-    return _op(x, scale, zero_point, None, quant_min, quant_max, grad_factor)
+    return call_compiled("fake_quantize_learnable", x, scale, zero_point, None, quant_min, quant_max, grad_factor)
 
 
 def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad_factor):
@@ -97,7 +132,7 @@ def _compiled_per_channel(x, scale, zero_point, axis, quant_min, quant_max, grad
         return reference.fake_quantize_learnable_per_channel_affine(
             x, scale, zero_point, axis, quant_min, quant_max, grad_factor
         )
-    return _op(x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
+    return call_compiled("fake_quantize_learnable", x, scale, zero_point, axis, quant_min, quant_max, grad_factor)
 
 
 register_compiled_fakes("fake_quantize_learnable")
@@ -174,7 +209,7 @@ def fake_quantize_learnable_per_tensor_affine(
         ``x`` fake-quantized, in x's dtype and shape; differentiable w.r.t. x,
         scale and zero_point with ATen's gradients (scale and zero-point
         gradients in their own dtypes). First derivatives only on the compiled
-        backends (a double backward raises NotImplementedError there).
+        backends (differentiating the gradient again raises a RuntimeError there).
 
     The compiled backends read dense layouts (contiguous, channels_last) in
     place; other layouts cost one extra copy of x. The ``cpp`` backward reads

@@ -33,7 +33,7 @@ from .._validation import (
     check_tensor,
 )
 from . import _dispatch
-from .fake_quant import register_compiled_fakes
+from .fake_quant import call_compiled, register_compiled_fakes
 
 OP = "lsq_fake_quant"
 
@@ -52,7 +52,9 @@ _dispatch.register(OP, "reference", reference.lsq_fake_quant_core)
 
 register_compiled_fakes(OP)
 _op = torch.ops.spark_ext.lsq_fake_quant.default
-_dispatch.register_compiled(OP, _op)  # cpp / cuda backend: differentiable through its C++ autograd kernel
+
+# cpp / cuda backend: differentiable through its C++ autograd kernel
+_dispatch.register_compiled(OP, lambda *args: call_compiled(OP, *args))
 
 # (bits, signed) -> (Qn, Qp) for every valid pair: a KeyError for anything else.
 _RANGES = {(bits, signed): reference.lsq_range(bits, signed) for bits in range(2, 17) for signed in (False, True)}
