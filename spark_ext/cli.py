@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn, Optional
 
 # Largest seed a command takes: numpy's limit, and far enough below torch's (2**64 - 1) for the offsets the
 # commands add to it (a seed per data stream).
 MAX_SEED = 2**32 - 1
+MAX_SEEDS = 1000
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -51,15 +53,30 @@ def positive_float(text: str) -> float:
     return value
 
 
-def seed_int(text: str) -> int:
-    """argparse ``type`` of a seed: an integer in ``[0, MAX_SEED]``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {MAX_SEED}], got {value}")
-    return value
+def int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse ``type``: an integer in ``[low, high]`` (``high`` None: no upper bound)."""
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+# A seed: an integer in [0, MAX_SEED].
+seed_int = int_in(0, MAX_SEED)
+# A number of paired seeds (seeds 0..n-1): far above what a study uses; a typo such as 10**9 would
+# otherwise hang building the list of seeds.
+seed_count = int_in(1, MAX_SEEDS)
+# CPU threads for torch: up to the machine's cores (torch crashes on absurd counts, and more threads than
+# cores only make every op wait on the others).
+thread_count = int_in(1, os.cpu_count() or 1)
 
 
 def parse_device(text: str, who: str = "this command"):

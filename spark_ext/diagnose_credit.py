@@ -34,7 +34,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ._validation import writable_dir_problem
 from .cli import CommandParser, parse_names, positive_int, seed_int
 from .distill.credit import cell_credit
 from .distill.losses import per_image_loss
@@ -188,7 +187,7 @@ def credit_correlation(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .demo.presets import PRESETS
-    from .demo.teacher import get_teacher, shipped_teacher_problem
+    from .demo.teacher import get_teacher, teacher_problem
     from .demo.training import make_ptq, student_optimizer
 
     p = CommandParser(
@@ -214,9 +213,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(str(exc))
     if args.draws < 4:
         p.error(f"--draws must be >= 4, got {args.draws}")
-    why = writable_dir_problem(args.cache_dir)
-    if why:
-        p.error(f"--cache-dir: {why}")
     import dataclasses
 
     from .data import RandomCropBatches, RestorationTask
@@ -225,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.teacher_steps:
         preset = dataclasses.replace(preset, teacher_steps=args.teacher_steps)
     task = RestorationTask(args.task)
-    why = shipped_teacher_problem(task, preset)
+    why = teacher_problem(task, preset, args.cache_dir)
     if why:
         p.error(why)
     torch.set_num_threads(1)

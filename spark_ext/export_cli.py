@@ -31,7 +31,7 @@ from typing import Optional
 
 from spark_ext._validation import writable_dir_problem, writable_file_problem
 from spark_ext.atomic import atomic_path, write_json
-from spark_ext.cli import CommandParser, error_summary
+from spark_ext.cli import CommandParser, error_summary, int_in, thread_count
 
 DEMO_FILES = ("student.onnx", "student.pt", "export_report.json")  # what --demo writes in --out
 
@@ -46,21 +46,6 @@ def _shape(text: str) -> tuple[int, ...]:
     if not dims or any(d < 1 for d in dims):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,3,64,64, got {text!r}")
     return dims
-
-
-def _int_in(low: int, high: Optional[int] = None):
-    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -82,18 +67,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise", help="--demo: task (default: %(default)s)")
     p.add_argument(
-        "--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)"
+        "--bits", type=int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)"
     )
     p.add_argument(
         "--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)"
     )
-    p.add_argument("--steps", type=_int_in(1), default=None, help="--demo: student steps (default: the preset's)")
+    p.add_argument("--steps", type=int_in(1), default=None, help="--demo: student steps (default: the preset's)")
     p.add_argument(
-        "--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)"
+        "--teacher-steps", type=int_in(1), default=None, help="--demo: teacher steps (default: the preset's)"
     )
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
-    p.add_argument("--threads", type=_int_in(1), default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--threads", type=thread_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     # Every check before any work.
@@ -122,13 +109,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         why = writable_dir_problem(args.out, files=DEMO_FILES)
         if why:
             p.error(f"--out: {why}")
-        why = writable_dir_problem(args.cache_dir)
-        if why:
-            p.error(f"--cache-dir: {why}")
         from spark_ext.data import RestorationTask
-        from spark_ext.demo.teacher import shipped_teacher_problem
+        from spark_ext.demo.teacher import teacher_problem
 
-        why = shipped_teacher_problem(RestorationTask(args.task), PRESETS[args.preset])
+        why = teacher_problem(RestorationTask(args.task), PRESETS[args.preset], args.cache_dir)
         if why:
             p.error(why)
     for module in ("onnx", "onnxscript", "onnxruntime") + (("skimage",) if args.demo else ()):
@@ -153,12 +137,13 @@ def _export_model(args: argparse.Namespace) -> int:
     if not isinstance(model, torch.nn.Module):
         return _fail(f"{args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)")
     model = model.float().eval()
-    x = torch.rand(args.input_shape)
     try:
+        x = torch.rand(args.input_shape)
         with torch.no_grad():
             ref = model(x)
     except Exception as exc:  # whatever the model raises on an input it does not take
-        return _fail(f"--input-shape: the model does not run on a {list(x.shape)} input ({error_summary(exc)})")
+        shape, why = list(args.input_shape), error_summary(exc)
+        return _fail(f"--input-shape: the model does not run on a {shape} input ({why})")
     try:
         with atomic_path(args.out) as tmp:  # replaced only once exported and run
             export_onnx(model, x, tmp, opset=args.opset, int4=not args.no_int4)

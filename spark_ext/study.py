@@ -52,6 +52,7 @@ from spark_ext.cli import (
     positive_float,
     positive_int,
     repeated,
+    seed_count,
 )
 from spark_ext.demo.presets import STUDENT_SCHEDULES
 from spark_ext.progress import progress
@@ -334,7 +335,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
-    p.add_argument("--seeds", type=positive_int, default=None, help="number of paired seeds (default: the preset's)")
+    p.add_argument("--seeds", type=seed_count, default=None, help="number of paired seeds (default: the preset's)")
     p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
@@ -393,15 +394,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     why = writable_dir_problem(args.out, files=("study.json", "study.png"))
     if why:
         p.error(f"--out: {why}")
-    why = writable_dir_problem(args.cache_dir)
-    if why:
-        p.error(f"--cache-dir: {why}")
     preset = study_preset(args)
     from spark_ext.data import RestorationTask
-    from spark_ext.demo.teacher import shipped_teacher_problem
+    from spark_ext.demo.teacher import teacher_problem
 
     for task in args.tasks:
-        why = shipped_teacher_problem(RestorationTask(task), preset)
+        why = teacher_problem(RestorationTask(task), preset, args.cache_dir)
         if why:
             p.error(why)
     report = args.out / "study.json"

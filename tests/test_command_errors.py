@@ -77,6 +77,8 @@ CASES = [
     # demo
     ("demo --preset smoke --out {out}/run --steps 0", "--steps"),
     ("demo --preset smoke --out {out}/run --seeds x", "--seeds"),
+    ("demo --preset smoke --out {out}/run --seeds 1000000000", "--seeds"),
+    ("demo --preset smoke --out {out}/run --threads 1000000", "--threads"),
     ("demo --preset smoke --out {out}/run --device meta", "--device"),
     (f"demo --preset smoke --out {{out}}/run --device {NO_CUDA}", "--device"),
     ("demo --preset smoke --out {out}/run --methods qat,kd,qat", "--methods"),
@@ -86,6 +88,7 @@ CASES = [
     ("demo --preset huge --out {out}/run", "--preset"),
     # study
     ("study --out {out}/run --seeds 0", "--seeds"),
+    ("study --out {out}/run --seeds 1000000000", "--seeds"),
     ("study --out {out}/run --device meta", "--device"),
     (f"study --out {{out}}/run --device {NO_CUDA}", "--device"),
     ("study --out {out}/run --tasks sr,denoise,sr", "--tasks"),
@@ -93,14 +96,14 @@ CASES = [
     ("study --out {out}/run --lambdas 0.5,1,1.0", "--lambdas"),
     ("study --out {blocker}/run", "--out"),
     ("study --out {blocker}", "--out"),
-    ("study --out {out}/run --cache-dir {blocker}/cache", "--cache-dir"),
+    ("study --out {out}/run --preset gpu --cache-dir {blocker}/cache", "--cache-dir"),  # a teacher to train
     ("study --out {out}/run --workers -1", "--workers"),
     # diagnose-credit (writes no results; its teacher cache is the output)
     ("diagnose-credit --cache-dir {out}/cache --seed 1000000000000000000000000", "--seed"),
     ("diagnose-credit --cache-dir {out}/cache --seed -1", "--seed"),
     ("diagnose-credit --cache-dir {out}/cache --signals credit,paper,credit", "--signals"),
     ("diagnose-credit --cache-dir {out}/cache --draws 3", "--draws"),
-    ("diagnose-credit --cache-dir {blocker}", "--cache-dir"),
+    ("diagnose-credit --preset smoke --cache-dir {blocker}", "--cache-dir"),
     # classify
     ("classify --out {out}/r.json --seeds 0,1,0", "--seeds"),
     ("classify --out {out}/r.json --seeds 0,18446744073709551616", "--seeds"),
@@ -125,9 +128,10 @@ CASES = [
     # export
     ("export --demo --out {out}/run --steps 0", "--steps"),
     ("export --demo --out {out}/run --bits 9", "--bits"),
+    ("export --demo --out {out}/run --threads 2147483648", "--threads"),
     ("export --demo --out {blocker}/run", "--out"),
     ("export --demo --out {blocker}", "--out"),
-    ("export --demo --out {out}/run --cache-dir {blocker}", "--cache-dir"),
+    ("export --demo --out {out}/run --preset smoke --cache-dir {blocker}", "--cache-dir"),
     ("export --model {model} --out {out}/m.onnx", "--input-shape"),
     ("export --model {tmp}/missing.pt --out {out}/m.onnx --input-shape 1,3,8,8", "--model"),
     ("export --model {model} --out {blocker}/m.onnx --input-shape 1,3,8,8", "--out"),

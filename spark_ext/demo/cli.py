@@ -22,13 +22,13 @@ import torch.nn as nn
 import spark_ext
 from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import write_json
-from spark_ext.cli import CommandParser, parse_device, positive_int
+from spark_ext.cli import CommandParser, parse_device, positive_int, seed_count, thread_count
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RestorationTask, held_out_pairs, image_folder_pairs
 from spark_ext.demo.compare import Comparison, compare_methods
 from spark_ext.demo.figures import save_crops, save_curves, save_weight_map
 from spark_ext.demo.presets import DEFAULT_METHODS, METHODS, PRESETS, Preset
 from spark_ext.demo.report import build_report, summarize, table_note
-from spark_ext.demo.teacher import get_teacher, shipped_teacher_problem
+from spark_ext.demo.teacher import get_teacher, teacher_problem
 from spark_ext.metrics import SSIM_WINDOW
 
 # The files a demo run writes in --out.
@@ -87,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated list from ptq,{','.join(METHODS)} (default: %(default)s)",
     )
-    p.add_argument("--seeds", type=positive_int, default=None, help="number of student seeds (default: the preset's)")
+    p.add_argument("--seeds", type=seed_count, default=None, help="number of student seeds (default: the preset's)")
     p.add_argument("--steps", type=positive_int, default=None, help="student training steps (default: the preset's)")
     p.add_argument(
         "--teacher-steps",
@@ -113,9 +113,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="always train the teacher, do not cache it")
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
-        help="CPU threads for torch (default: half the cores, at least 1; on a busy machine more "
+        help="CPU threads for torch, at most the cores (default: half the cores, at least 1; on a busy machine more "
         "threads than free cores make every op wait on the others)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -167,9 +167,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         why = writable_dir_problem(args.cache_dir)
         if why:
             p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
-    why = shipped_teacher_problem(
-        RestorationTask(args.task), PRESETS[args.preset], args.retrain_teacher or args.teacher_steps is not None
-    )
+    retrain = args.retrain_teacher or args.teacher_steps is not None
+    why = teacher_problem(RestorationTask(args.task), PRESETS[args.preset], None, retrain)  # the cache: above
     if why:
         p.error(why)
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import atomic_path
 from spark_ext.cli import error_summary
 from spark_ext.data import TRAIN_PHOTOS, RandomCropBatches, RestorationTask
@@ -84,16 +85,20 @@ def uses_pretrained_teacher(task: RestorationTask, preset: Preset) -> bool:
     return same_task and (preset.width, preset.depth) == (spec.width, spec.depth)
 
 
-def shipped_teacher_problem(task: RestorationTask, preset: Preset, retrain: bool = False) -> Optional[str]:
-    """For the commands' checks before any work: None, or why the shipped teacher that :func:`get_teacher`
-    would load for ``task`` and ``preset`` cannot be used (missing, or not the recorded sha256)."""
-    if retrain or not uses_pretrained_teacher(task, preset):
+def teacher_problem(
+    task: RestorationTask, preset: Preset, cache_dir: Optional[Path], retrain: bool = False
+) -> Optional[str]:
+    """For the commands' checks before any work: None, or why :func:`get_teacher` (same arguments) cannot
+    give the teacher: the shipped one missing or not its recorded sha256, or, for a teacher it trains,
+    ``cache_dir`` not a writable folder (the message then starts with ``--cache-dir``)."""
+    if not retrain and uses_pretrained_teacher(task, preset):
+        try:
+            verify_pretrained_teacher(task.kind)
+        except (OSError, RuntimeError) as exc:
+            return str(exc)
         return None
-    try:
-        verify_pretrained_teacher(task.kind)
-    except (OSError, RuntimeError) as exc:
-        return str(exc)
-    return None
+    why = None if cache_dir is None else writable_dir_problem(cache_dir)
+    return None if why is None else f"--cache-dir: {why}"
 
 
 def _load_cached_teacher(
