@@ -74,9 +74,9 @@ seed_int = int_in(0, MAX_SEED)
 # A number of paired seeds (seeds 0..n-1): far above what a study uses; a typo such as 10**9 would
 # otherwise hang building the list of seeds.
 seed_count = int_in(1, MAX_SEEDS)
-# CPU threads for torch: up to the machine's cores (torch crashes on absurd counts, and more threads than
-# cores only make every op wait on the others).
-thread_count = int_in(1, os.cpu_count() or 1)
+# CPU threads for torch, or worker processes: up to the machine's cores (torch crashes on absurd thread
+# counts, each worker loads torch, and more of either than cores only makes every op wait on the others).
+core_count = int_in(1, os.cpu_count() or 1)
 
 
 def parse_device(text: str, who: str = "this command"):

@@ -31,7 +31,7 @@ from typing import Optional
 
 from spark_ext._validation import writable_dir_problem, writable_file_problem
 from spark_ext.atomic import atomic_path, write_json
-from spark_ext.cli import CommandParser, error_summary, int_in, thread_count
+from spark_ext.cli import CommandParser, core_count, error_summary, int_in
 
 DEMO_FILES = ("student.onnx", "student.pt", "export_report.json")  # what --demo writes in --out
 
@@ -79,7 +79,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
     p.add_argument(
-        "--threads", type=thread_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
+        "--threads", type=core_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)

@@ -46,6 +46,7 @@ from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import atomic_path, write_json
 from spark_ext.cli import (
     CommandParser,
+    core_count,
     error_summary,
     parse_device,
     parse_names,
@@ -349,7 +350,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="the students' lr schedule: cosine decay to 0, constant, or constant then a linear decay to 0 over "
         "the last quarter (default: the preset's)",
     )
-    p.add_argument("--workers", type=positive_int, default=None, help="parallel worker processes, 1 thread each")
+    p.add_argument(
+        "--workers", type=core_count, default=None, help="parallel worker processes, 1 thread each, at most the cores"
+    )
     p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"

@@ -98,6 +98,7 @@ CASES = [
     ("study --out {blocker}", "--out"),
     ("study --out {out}/run --preset gpu --cache-dir {blocker}/cache", "--cache-dir"),  # a teacher to train
     ("study --out {out}/run --workers -1", "--workers"),
+    ("study --out {out}/run --workers 1000000000", "--workers"),
     # diagnose-credit (writes no results; its teacher cache is the output)
     ("diagnose-credit --cache-dir {out}/cache --seed 1000000000000000000000000", "--seed"),
     ("diagnose-credit --cache-dir {out}/cache --seed -1", "--seed"),

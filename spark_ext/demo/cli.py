@@ -22,7 +22,7 @@ import torch.nn as nn
 import spark_ext
 from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import write_json
-from spark_ext.cli import CommandParser, parse_device, positive_int, seed_count, thread_count
+from spark_ext.cli import CommandParser, core_count, parse_device, positive_int, seed_count
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RestorationTask, held_out_pairs, image_folder_pairs
 from spark_ext.demo.compare import Comparison, compare_methods
 from spark_ext.demo.figures import save_crops, save_curves, save_weight_map
@@ -113,7 +113,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="always train the teacher, do not cache it")
     p.add_argument(
         "--threads",
-        type=thread_count,
+        type=core_count,
         default=None,
         help="CPU threads for torch, at most the cores (default: half the cores, at least 1; on a busy machine more "
         "threads than free cores make every op wait on the others)",
