@@ -72,6 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(
                 f"--crop must be a multiple of 4 >= 8 and --eval-size >= 16, got {args.crop}, {args.eval_size}"
             )
+        try:
+            import skimage  # noqa: F401
+        except ImportError:
+            raise ValueError("the photos need scikit-image: pip install 'spark_ext[demo]'") from None
         largest_crop, largest_eval = smallest_side(TRAIN_PHOTOS), smallest_side(HELD_OUT_PHOTOS)
         if args.crop > largest_crop:
             raise ValueError(f"--crop must be <= {largest_crop} (the smallest training photo's side), got {args.crop}")
