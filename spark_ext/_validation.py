@@ -213,12 +213,46 @@ def check_finite_values(t: torch.Tensor, name: str) -> None:
         _check_values(t, torch.isfinite(t), f"{name} must be finite everywhere")
 
 
-def writable_dir_problem(path: Path) -> Optional[str]:
-    """For command-line checks: create ``path`` (and parents) and write a file in it; None, or why not."""
+def _probe_folder(folder: Path) -> Optional[str]:
+    """None if a file can be created in the existing folder ``folder`` (the probe is removed), else why not."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        return f"{path} is not a writable folder ({exc.strerror or exc})"
+        return exc.strerror or str(exc)
     return None
+
+
+def writable_dir_problem(path: Path, files: Sequence[str] = ()) -> Optional[str]:
+    """For command-line checks: None if ``path`` is a writable folder or can be created as one, and none of
+    the names in ``files`` (the files the command writes there) is a folder in it; else why not.
+
+    Creates nothing: the nearest existing folder on the way to ``path`` is probed with a temporary file
+    (removed), so a command that stops on another bad argument leaves no empty folder behind.
+    """
+    path = Path(path)
+    folders = [name for name in files if (path / name).is_dir()]
+    if folders:
+        return f"{path / folders[0]} is a folder, but the command writes a file there"
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        blocker = "it is a file" if existing == path else f"{existing} is a file"
+        return f"{path} is not a writable folder ({blocker})"
+    why = _probe_folder(existing)
+    return None if why is None else f"{path} is not a writable folder ({existing}: {why})"
+
+
+def writable_file_problem(path: Path) -> Optional[str]:
+    """For command-line checks: None if the file ``path`` can be written (its folder exists and is writable,
+    and ``path`` is not a folder), else why not. Creates nothing (see :func:`writable_dir_problem`)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder; name a file (e.g. {path / 'results.json'})"
+    if path.parent.exists() and not path.parent.is_dir():
+        return f"{path} cannot be written: {path.parent} is a file, not a folder"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist"
+    why = _probe_folder(path.parent)
+    return None if why is None else f"{path} cannot be written ({path.parent}: {why})"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
 import sys
@@ -26,6 +25,9 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from spark_ext._validation import writable_file_problem
+from spark_ext.atomic import write_json
+from spark_ext.cli import CommandParser, parse_names, seed_int
 from spark_ext.data.digits import load_digits_split
 from spark_ext.distill import LogitDistiller, accuracy, get_augmentation
 from spark_ext.models import DigitsCNN
@@ -106,10 +108,11 @@ def train_student(
 
 
 def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated distinct integers in ``[0, MAX_SEED]``; raises ValueError with one line."""
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        seeds = [seed_int(s) for s in text.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--seeds: {exc}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds must be distinct integers, got {text!r}")
     return seeds
@@ -120,7 +123,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="student training steps")
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--teacher-width", type=int, default=32)
-    parser.add_argument("--teacher-seed", type=int, default=0)
+    parser.add_argument("--teacher-seed", type=seed_int, default=0)
     parser.add_argument("--width", type=int, default=8, help="student width")
     parser.add_argument("--bits", type=int, default=4, help="student W/A bits (first and last layer: 8)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -139,8 +142,9 @@ def check_common(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--bits must be in [2, 16], got {args.bits}")
     if not (args.lr > 0 and math.isfinite(args.lr)) or not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise ValueError(f"--lr and --temperature must be finite and > 0, got {args.lr}, {args.temperature}")
-    if args.out is not None and not args.out.parent.exists():
-        raise ValueError(f"--out: folder {args.out.parent} does not exist")
+    why = None if args.out is None else writable_file_problem(args.out)
+    if why:
+        raise ValueError(f"--out: {why}")
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -159,7 +163,7 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="spark-ext classify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common_arguments(parser)
@@ -169,10 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         seeds = check_common(args)
-        methods = [m for m in args.methods.split(",") if m]
-        bad = [m for m in methods if m not in METHODS]
-        if bad or not methods:
-            raise ValueError(f"--methods: unknown {bad or 'empty'}; choose from {','.join(METHODS)}")
+        methods = parse_names(args.methods, "--methods", tuple(METHODS))
     except ValueError as exc:
         print(f"spark-ext classify: error: {exc}", file=sys.stderr)
         return 2
@@ -220,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for m, s in report["accuracy"].items():
         print(summary_line(f"{m:>9}", s, report.get("paired_vs_qat", {}).get(m), "qat", digits=4))
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return 0
 
 

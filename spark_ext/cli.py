@@ -8,10 +8,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import platform
 import sys
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import NoReturn, Optional
+
+# Largest seed a command takes: numpy's limit, and far enough below torch's (2**64 - 1) for the offsets the
+# commands add to it (a seed per data stream).
+MAX_SEED = 2**32 - 1
+MAX_SEEDS = 1000
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The commands' argument parser: an error is one line on stderr (``prog: error: message``), exit 2.
+
+    argparse's default prints the whole usage block first; the one line names the argument and what is
+    wrong, and ``--help`` still shows the usage.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def positive_int(text: str) -> int:
@@ -34,6 +51,83 @@ def positive_float(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def int_in(low: int, high: Optional[int] = None) -> Callable[[str], int]:
+    """argparse ``type``: an integer in ``[low, high]`` (``high`` None: no upper bound)."""
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+# A seed: an integer in [0, MAX_SEED].
+seed_int = int_in(0, MAX_SEED)
+# A number of paired seeds (seeds 0..n-1): far above what a study uses; a typo such as 10**9 would
+# otherwise hang building the list of seeds.
+seed_count = int_in(1, MAX_SEEDS)
+# CPU threads for torch, or worker processes: up to the machine's cores (torch crashes on absurd thread
+# counts, each worker loads torch, and more of either than cores only makes every op wait on the others).
+core_count = int_in(1, os.cpu_count() or 1)
+
+
+def parse_device(text: str, who: str = "this command"):
+    """``--device``: 'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N' -> ``torch.device``.
+
+    Raises ValueError saying what is wrong: not a device, a kind the commands do not run on ('meta',
+    'mps', ...), CUDA not available, or no such CUDA device.
+    """
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{who} runs on 'cpu' or 'cuda', got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}); use cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def repeated(items: Sequence[str]) -> list[str]:
+    """The entries of ``items`` given more than once (sorted), for the commands' comma-separated lists."""
+    return sorted({item for item in items if list(items).count(item) > 1})
+
+
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one short line for a command's error message: its type and the first line of its text."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def parse_names(text: str, flag: str, choices: Sequence[str]) -> list[str]:
+    """A comma-separated list of distinct names from ``choices`` (``flag`` names the argument in the
+    one-line ValueError)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in choices]
+    if bad or not names:
+        raise ValueError(f"{flag}: unknown {bad or 'empty'}; choose from {','.join(choices)}")
+    if repeated(names):
+        raise ValueError(f"{flag}: {repeated(names)} given more than once (each is run once)")
+    return names
 
 
 def _doctor(_: argparse.Namespace) -> int:
@@ -88,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
         return int(importlib.import_module(_DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog="spark-ext", description=__doc__)
+    parser = CommandParser(prog="spark-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="print devices, backends, library build status, versions").set_defaults(func=_doctor)
     for name, (_, text) in _DELEGATED.items():

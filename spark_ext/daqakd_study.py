@@ -16,12 +16,12 @@ Output: a table on stdout and ``--out`` JSON (ranking, per-seed accuracies, envi
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from spark_ext.atomic import write_json
 from spark_ext.classify import (
     check_common,
     common_arguments,
@@ -29,6 +29,7 @@ from spark_ext.classify import (
     train_student,
     train_teacher,
 )
+from spark_ext.cli import CommandParser
 from spark_ext.data.digits import load_digits_split
 from spark_ext.distill import AUGMENTATIONS, accuracy, score_augmentations
 from spark_ext.stats import paired_difference, summarize
@@ -57,7 +58,7 @@ def rank_student(teacher, data, args):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="spark-ext daqakd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     common_arguments(parser)
@@ -157,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, p in report["paired"].items():
         print(f"{name:>12}: {p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}] (95% t, n={p['n']})")
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return 0
 
 

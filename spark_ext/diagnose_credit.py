@@ -23,9 +23,9 @@ one, i.e. an ideal baseline); ``paper`` (the same with one reward per image, doc
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .cli import positive_int
+from .cli import CommandParser, parse_names, positive_int, seed_int
 from .distill.credit import cell_credit
 from .distill.losses import per_image_loss
 from .ops import difficulty_signals
@@ -187,10 +187,10 @@ def credit_correlation(
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .demo.presets import PRESETS
-    from .demo.teacher import get_teacher
+    from .demo.teacher import get_teacher, teacher_problem
     from .demo.training import make_ptq, student_optimizer
 
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="spark-ext diagnose-credit",
         description="From a training state of the demo's W4A4 student (after --warm uniform-KD steps), correlate each "
         "policy training signal with the measured effect of the cells' KD weights on a held-out loss.",
@@ -203,16 +203,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--warm", type=positive_int, default=100, help="uniform-KD steps before the state is taken")
     p.add_argument("--draws", type=positive_int, default=48, help="weight perturbations measured (>= 4)")
     p.add_argument("--signals", default=",".join(SIGNALS), help=f"comma-separated from {','.join(SIGNALS)}")
-    p.add_argument("--seed", type=int, default=0)
-    default_cache = Path.home() / ".cache" / "spark_ext" / "teachers"
-    p.add_argument("--cache-dir", type=Path, default=default_cache)
+    p.add_argument("--seed", type=seed_int, default=0, help="the student's and the batches' seed")
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
+    p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
     args = p.parse_args(argv)
-    signals = [s.strip() for s in args.signals.split(",") if s.strip()]
-    if not signals or any(s not in SIGNALS for s in signals):
-        p.error(f"--signals: choose from {','.join(SIGNALS)}, got {args.signals!r}")
+    try:
+        signals = parse_names(args.signals, "--signals", SIGNALS)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.draws < 4:
-        p.error("--draws must be >= 4")
-    torch.set_num_threads(1)
+        p.error(f"--draws must be >= 4, got {args.draws}")
     import dataclasses
 
     from .data import RandomCropBatches, RestorationTask
@@ -221,6 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.teacher_steps:
         preset = dataclasses.replace(preset, teacher_steps=args.teacher_steps)
     task = RestorationTask(args.task)
+    why = teacher_problem(task, preset, args.cache_dir)
+    if why:
+        p.error(why)
+    torch.set_num_threads(1)
     teacher, _ = get_teacher(task, preset, torch.device("cpu"), args.cache_dir, True)
     teacher.requires_grad_(False)
     student = make_ptq(teacher, task, preset, args.seed, torch.device("cpu")).train()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -23,7 +22,11 @@ from typing import Optional
 
 import torch
 
+from spark_ext._validation import writable_dir_problem, writable_file_problem
+from spark_ext.atomic import write_json
 from spark_ext.classify import environment, parse_seeds
+from spark_ext.cli import CommandParser, parse_names
+from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS
 from spark_ext.progress import progress
 from spark_ext.stats import paired_difference, summarize, summary_line
 
@@ -35,8 +38,15 @@ METHODS = {
 }
 
 
+def smallest_side(photos: Sequence[str]) -> int:
+    """The smallest height or width over ``photos`` (names of :mod:`spark_ext.data.photos`)."""
+    from spark_ext.data import load_photo
+
+    return min(min(load_photo(name).shape[-2:]) for name in photos)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="spark-ext diffkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seeds", default="0,1,2")
@@ -54,9 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         seeds = parse_seeds(args.seeds)
-        methods = [m for m in args.methods.split(",") if m]
-        if not methods or any(m not in METHODS for m in methods):
-            raise ValueError(f"--methods: choose from {','.join(METHODS)}, got {args.methods!r}")
+        methods = parse_names(args.methods, "--methods", tuple(METHODS))
         for name in ("width", "teacher_steps", "steps", "batch"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -64,10 +72,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(
                 f"--crop must be a multiple of 4 >= 8 and --eval-size >= 16, got {args.crop}, {args.eval_size}"
             )
+        try:
+            import skimage  # noqa: F401
+        except ImportError:
+            raise ValueError("the photos need scikit-image: pip install 'spark_ext[demo]'") from None
+        largest_crop, largest_eval = smallest_side(TRAIN_PHOTOS), smallest_side(HELD_OUT_PHOTOS)
+        if args.crop > largest_crop:
+            raise ValueError(f"--crop must be <= {largest_crop} (the smallest training photo's side), got {args.crop}")
+        if args.eval_size > largest_eval:
+            raise ValueError(
+                f"--eval-size must be <= {largest_eval} (the smallest held-out photo's side), got {args.eval_size}"
+            )
         if not math.isfinite(args.lambda_kd) or args.lambda_kd < 0:
             raise ValueError(f"--lambda-kd must be finite and >= 0, got {args.lambda_kd}")
-        if args.out is not None and not args.out.parent.exists():
-            raise ValueError(f"--out: folder {args.out.parent} does not exist")
+        why = None if args.out is None else writable_file_problem(args.out)
+        if why:
+            raise ValueError(f"--out: {why}")
+        why = None if args.cache_dir is None else writable_dir_problem(args.cache_dir)
+        if why:
+            raise ValueError(f"--cache-dir: {why}")
     except ValueError as exc:
         print(f"spark-ext diffkd: error: {exc}", file=sys.stderr)
         return 2
@@ -133,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for m, s in report["psnr"].items():
         print(summary_line(f"{m:>7}", s, report.get("paired_vs_kd", {}).get(m), "kd", digits=3, unit=" dB"))
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2))
+        write_json(args.out, report)
     return 0
 
 

@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
+
+from spark_ext._validation import writable_dir_problem, writable_file_problem
+from spark_ext.atomic import atomic_path, write_json
+from spark_ext.cli import CommandParser, core_count, error_summary, int_in
+
+DEMO_FILES = ("student.onnx", "student.pt", "export_report.json")  # what --demo writes in --out
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -43,25 +48,10 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def _int_in(low: int, high: Optional[int] = None):
-    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     from spark_ext.demo.presets import METHODS, PRESETS
 
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="spark-ext export",
         description="Write a QAT model as ONNX with QuantizeLinear/DequantizeLinear and check it under onnxruntime.",
     )
@@ -77,18 +67,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
     p.add_argument("--task", choices=("denoise", "sr"), default="denoise", help="--demo: task (default: %(default)s)")
     p.add_argument(
-        "--bits", type=_int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)"
+        "--bits", type=int_in(2, 8), default=8, help="--demo: weight and activation bits, 2..8 (default: %(default)s)"
     )
     p.add_argument(
         "--method", choices=tuple(METHODS), default="qat", help="--demo: student training (default: %(default)s)"
     )
-    p.add_argument("--steps", type=_int_in(1), default=None, help="--demo: student steps (default: the preset's)")
+    p.add_argument("--steps", type=int_in(1), default=None, help="--demo: student steps (default: the preset's)")
     p.add_argument(
-        "--teacher-steps", type=_int_in(1), default=None, help="--demo: teacher steps (default: the preset's)"
+        "--teacher-steps", type=int_in(1), default=None, help="--demo: teacher steps (default: the preset's)"
     )
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="--demo: teacher cache (default %(default)s)")
-    p.add_argument("--threads", type=_int_in(1), default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--threads", type=core_count, default=None, help="CPU threads for torch, at most the cores (default: torch's)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     # Every check before any work.
@@ -103,13 +95,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             p.error(f"--model: no such file: {args.model}")
         if args.out.suffix != ".onnx":
             p.error(f"--out must name a .onnx file with --model, got {args.out}")
+        why = writable_file_problem(args.out)
+        if why:
+            p.error(f"--out: {why}")
         demo_only = [f for f in ("steps", "teacher_steps") if getattr(args, f) is not None]
         if demo_only:
             p.error(f"--{demo_only[0].replace('_', '-')} is only for --demo")
     elif args.input_shape is not None:
         p.error("--input-shape is only for --model (--demo uses the held-out photos)")
-    if args.out.exists() and args.demo and not args.out.is_dir():
-        p.error(f"--out must be a folder with --demo, got the file {args.out}")
+    if args.demo:
+        if args.out.exists() and not args.out.is_dir():
+            p.error(f"--out must be a folder with --demo, got the file {args.out}")
+        why = writable_dir_problem(args.out, files=DEMO_FILES)
+        if why:
+            p.error(f"--out: {why}")
+        from spark_ext.data import RestorationTask
+        from spark_ext.demo.teacher import teacher_problem
+
+        why = teacher_problem(RestorationTask(args.task), PRESETS[args.preset], args.cache_dir)
+        if why:
+            p.error(why)
     for module in ("onnx", "onnxscript", "onnxruntime") + (("skimage",) if args.demo else ()):
         try:
             __import__(module)
@@ -124,25 +129,35 @@ def _export_model(args: argparse.Namespace) -> int:
 
     from spark_ext.quant.export import export_onnx, run_onnx
 
-    model = torch.load(args.model, map_location="cpu", weights_only=False)
-    if not isinstance(model, torch.nn.Module):
-        print(
-            f"spark-ext export: {args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)",
-            file=sys.stderr,
-        )
-        return 2
-    model = model.float().eval()
-    x = torch.rand(args.input_shape)
     try:
-        export_onnx(model, x, args.out, opset=args.opset, int4=not args.no_int4)
-    except ValueError as exc:
-        print(f"spark-ext export: {exc}", file=sys.stderr)
-        return 2
-    with torch.no_grad():
-        ref = model(x)
-    diff = float((run_onnx(args.out, x) - ref).abs().max())
+        model = torch.load(args.model, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: torch.load / pickle raise many kinds
+        why = error_summary(exc)
+        return _fail(f"--model: cannot load {args.model} ({why}); expected a model saved with torch.save(model)")
+    if not isinstance(model, torch.nn.Module):
+        return _fail(f"{args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)")
+    model = model.float().eval()
+    try:
+        x = torch.rand(args.input_shape)
+        with torch.no_grad():
+            ref = model(x)
+    except Exception as exc:  # whatever the model raises on an input it does not take
+        shape, why = list(args.input_shape), error_summary(exc)
+        return _fail(f"--input-shape: the model does not run on a {shape} input ({why})")
+    try:
+        with atomic_path(args.out) as tmp:  # replaced only once exported and run
+            export_onnx(model, x, tmp, opset=args.opset, int4=not args.no_int4)
+            diff = float((run_onnx(tmp, x) - ref).abs().max())
+    except ValueError as exc:  # no quantized layer, an uninitialised quantizer, ...
+        return _fail(str(exc))
     print(f"wrote {args.out}; onnxruntime vs fake-quant model on a random input: max |diff| {diff:.3g}")
     return 0
+
+
+def _fail(message: str) -> int:
+    """One line on stderr, exit status 2."""
+    print(f"spark-ext export: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _export_demo(args: argparse.Namespace) -> int:
@@ -185,8 +200,10 @@ def _export_demo(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = args.out / "student.onnx"
     held = held_out_pairs(task, preset.eval_size, device=device)
-    export_onnx(student, held[0][1], onnx_path, opset=args.opset, int4=not args.no_int4)
-    torch.save(student, args.out / "student.pt")
+    with atomic_path(onnx_path) as tmp:
+        export_onnx(student, held[0][1], tmp, opset=args.opset, int4=not args.no_int4)
+    with atomic_path(args.out / "student.pt") as tmp:
+        torch.save(student, tmp)
 
     sessions = {}
     for name, level in (
@@ -226,8 +243,7 @@ def _export_demo(args: argparse.Namespace) -> int:
         "psnr_delta_onnx_unfused_vs_fake_quant": scores["onnx_unfused"]["psnr"] - fq,
         "wall_seconds": time.perf_counter() - t0,
     }
-    with open(args.out / "export_report.json", "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out / "export_report.json", result)
     print(f"wrote {onnx_path}, student.pt and export_report.json in {args.out}")
     return 0
 

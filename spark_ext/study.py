@@ -42,7 +42,19 @@ from typing import Any, Optional
 
 import torch
 
-from spark_ext.cli import positive_float, positive_int
+from spark_ext._validation import writable_dir_problem
+from spark_ext.atomic import atomic_path, write_json
+from spark_ext.cli import (
+    CommandParser,
+    core_count,
+    error_summary,
+    parse_device,
+    parse_names,
+    positive_float,
+    positive_int,
+    repeated,
+    seed_count,
+)
 from spark_ext.demo.presets import STUDENT_SCHEDULES
 from spark_ext.progress import progress
 from spark_ext.stats import mean_std, paired_difference
@@ -284,7 +296,8 @@ def save_plot(path: Path, summary: dict[str, Any]) -> None:
         ax.set_xlabel(f"PSNR - {res['best_kd']} (dB), paired, 95% t-interval")
         ax.set_title(f"{task} ({len(res['seeds'])} seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -304,7 +317,7 @@ def all_method_names(lambdas: Sequence[float]) -> list[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="spark-ext study",
         description="Paired-seed study of QAT, uniform KD, heuristic maps, balancers, DFD and SPARK variants "
         "(W4A4 students of the demo's network) on denoising and x2 SR; writes study.json and study.png.",
@@ -323,7 +336,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
-    p.add_argument("--seeds", type=positive_int, default=None, help="number of paired seeds (default: the preset's)")
+    p.add_argument("--seeds", type=seed_count, default=None, help="number of paired seeds (default: the preset's)")
     p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
@@ -337,7 +350,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         help="the students' lr schedule: cosine decay to 0, constant, or constant then a linear decay to 0 over "
         "the last quarter (default: the preset's)",
     )
-    p.add_argument("--workers", type=positive_int, default=None, help="parallel worker processes, 1 thread each")
+    p.add_argument(
+        "--workers", type=core_count, default=None, help="parallel worker processes, 1 thread each, at most the cores"
+    )
     p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
@@ -347,60 +362,81 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="keep the students of OUT/study.json (same budget) and train only the missing ones; "
-        "its methods join this run's",
+        "its methods join this run's (without it, an OUT that holds a study.json is refused)",
     )
     args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every check that needs more than argparse's types, before any work (``p.error``: one line, exit 2).
+
+    Normalises ``args`` (tasks and methods as lists, the device resolved) and sets ``args.previous_runs``
+    (the runs ``--resume`` keeps).
+    """
     if args.quick:
         args.preset = "quick"
     spec = PRESETS[args.preset]
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    bad = [t for t in args.tasks if t not in TASKS]
-    if bad or not args.tasks:
-        p.error(f"--tasks: unknown {bad or 'empty'}; choose from {','.join(TASKS)}")
     args.lambdas = args.lambdas or spec.lambdas
     names = all_method_names(args.lambdas)
-    if args.methods == "all":
-        args.methods = names
-    else:
-        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in args.methods if m not in names]
-        if bad or not args.methods:
-            p.error(f"--methods: unknown {bad or 'empty'}; choose from {','.join(names)}")
     try:
-        device = torch.device(
-            "cuda"
-            if args.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if args.device == "auto" else args.device)
-        )
-    except RuntimeError as exc:
+        args.tasks = parse_names(args.tasks, "--tasks", TASKS)
+        if repeated(names):
+            raise ValueError(f"--lambdas: {[n[3:] for n in repeated(names)]} given more than once")
+        args.methods = names if args.methods == "all" else parse_names(args.methods, "--methods", names)
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        device = parse_device(args.device, "the study")
+    except ValueError as exc:
         p.error(f"--device: {exc}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
     args.device = str(device)
     args.seeds = args.seeds or spec.seeds
     args.workers = args.workers or (1 if device.type == "cuda" else spec.workers)
-    if args.out.exists() and not args.out.is_dir():
-        p.error(f"--out {args.out} exists and is not a folder")
-    return args
+    why = writable_dir_problem(args.out, files=("study.json", "study.png"))
+    if why:
+        p.error(f"--out: {why}")
+    preset = study_preset(args)
+    from spark_ext.data import RestorationTask
+    from spark_ext.demo.teacher import teacher_problem
+
+    for task in args.tasks:
+        why = teacher_problem(RestorationTask(task), preset, args.cache_dir)
+        if why:
+            p.error(why)
+    report = args.out / "study.json"
+    if report.exists() and not args.resume:
+        p.error(f"--out: {report} exists; pass --resume to continue that study, or choose another --out")
+    try:
+        args.previous_runs = load_previous_runs(report, preset) if args.resume else []
+    except ValueError as exc:
+        p.error(f"--resume: {exc}")
+
+
+def study_preset(args: argparse.Namespace):
+    """The demo preset every student of the study trains with: the study preset's budget and the arguments'."""
+    from spark_ext.demo.presets import PRESETS as DEMO_PRESETS
+
+    spec = PRESETS[args.preset]
+    demo = DEMO_PRESETS[spec.demo_preset]
+    return dataclasses.replace(
+        demo,
+        student_steps=args.steps or spec.student_steps,
+        teacher_steps=args.teacher_steps or spec.teacher_steps,
+        student_lr=args.student_lr or spec.student_lr or demo.student_lr,
+        student_schedule=args.student_schedule or spec.student_schedule or demo.student_schedule,
+        seeds=tuple(range(args.seeds)),
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from spark_ext.demo.presets import PRESETS as DEMO_PRESETS
     from spark_ext.demo.scoring import model_outputs, score_outputs
 
     spec = PRESETS[args.preset]
-    preset = dataclasses.replace(
-        DEMO_PRESETS[spec.demo_preset],
-        student_steps=args.steps or spec.student_steps,
-        teacher_steps=args.teacher_steps or spec.teacher_steps,
-        student_lr=args.student_lr or spec.student_lr or DEMO_PRESETS[spec.demo_preset].student_lr,
-        student_schedule=args.student_schedule
-        or spec.student_schedule
-        or DEMO_PRESETS[spec.demo_preset].student_schedule,
-        seeds=tuple(range(args.seeds)),
-    )
-    rows = load_previous_runs(args.out / "study.json", preset) if args.resume else []  # before any work
+    preset = study_preset(args)
+    rows = args.previous_runs
     args.out.mkdir(parents=True, exist_ok=True)
     wall0 = time.perf_counter()
     torch.set_num_threads(1)
@@ -481,20 +517,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+RUN_NUMBERS = ("psnr", "ssim", "ms_per_step")
+
+
+def _run_problem(run: Any) -> Optional[str]:
+    """None if ``run`` is a student's row of ``study.json`` this version can summarise, else what is wrong."""
+    if not isinstance(run, dict):
+        return f"is a JSON {type(run).__name__}, not an object"
+    missing = [k for k in ("task", "method", "seed") + RUN_NUMBERS if k not in run]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    if run["task"] not in TASKS:
+        return f"has the unknown task {run['task']!r}"
+    method = run["method"]
+    if not isinstance(method, str) or not (method in METHODS or _is_kd_name(method)):
+        return f"has the unknown method {method!r} (this version knows kd@L, {', '.join(METHODS)})"
+    if isinstance(run["seed"], bool) or not isinstance(run["seed"], int):
+        return f"has the seed {run['seed']!r}, not an integer"
+    bad = [k for k in RUN_NUMBERS if isinstance(run[k], bool) or not isinstance(run[k], (int, float))]
+    return f"has a {bad[0]} that is not a number" if bad else None
+
+
+def _is_kd_name(method: str) -> bool:
+    """Whether ``method`` is ``kd@L`` with ``L`` a finite number > 0."""
+    if not method.startswith("kd@"):
+        return False
+    try:
+        positive_float(method[3:])
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
 def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
-    """The runs of an earlier ``study.json`` made with the same budget (``--resume``); [] if none."""
+    """The runs of an earlier ``study.json`` made with the same budget (``--resume``); [] if none.
+
+    Raises ValueError, one line naming the file, what is wrong and what to do, for a file that is not a
+    study's report (unreadable, truncated, not a JSON object, a run this version cannot use) or one made
+    with other settings.
+    """
     if not path.is_file():
         return []
-    with open(path) as f:
-        old = json.load(f)
-    if old.get("preset", {}).get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
-        print(
-            f"spark-ext study: error: --resume: {path} was made with other settings (steps, seeds, network); "
-            "use another --out",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return [r for r in old.get("runs", []) if r["seed"] in preset.seeds]
+    fix = "fix or remove it, or choose another --out"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read as a study's report ({error_summary(exc)}); {fix}") from None
+    if not isinstance(old, dict) or not isinstance(old.get("runs"), list):
+        raise ValueError(f"{path} is not a study's report (no 'runs' list in a JSON object); {fix}")
+    settings = old.get("preset")
+    if not isinstance(settings, dict) or settings.get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
+        raise ValueError(f"{path} was made with other settings (steps, seeds, network); use another --out")
+    for i, run in enumerate(old["runs"]):
+        why = _run_problem(run)
+        if why:
+            raise ValueError(f"{path}: run {i} {why}; {fix}")
+    return [r for r in old["runs"] if r["seed"] in preset.seeds]
 
 
 def write_report(args, argv, spec, preset, device, teachers, rows, wall, complete: bool) -> dict[str, Any]:
@@ -516,10 +594,7 @@ def write_report(args, argv, spec, preset, device, teachers, rows, wall, complet
         "complete": complete,
         "wall_seconds": wall,
     }
-    tmp = args.out / "study.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out / "study.json")
+    write_json(args.out / "study.json", report)
     return summary
 
 

@@ -204,3 +204,20 @@ def test_classify_cli_smoke(tmp_path):
     assert cli_main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report["accuracy"]) == {"qat", "kd", "ensemble"} and set(report["paired_vs_qat"]) == {"kd", "ensemble"}
+
+
+@pytest.mark.parametrize("command", ["classify", "daqakd"])
+def test_out_naming_a_folder_is_refused_before_training(command, tmp_path, monkeypatch, capsys):
+    # --out naming an existing folder passed the check, then every model trained and the write failed.
+    import spark_ext.classify
+    import spark_ext.daqakd_study
+
+    def trained(*args, **kwargs):
+        pytest.fail("trained before --out was checked")
+
+    for module in (spark_ext.classify, spark_ext.daqakd_study):
+        monkeypatch.setattr(module, "train_teacher", trained)
+    assert cli_main([command, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is a folder" in err[0]
+    assert list(tmp_path.iterdir()) == []

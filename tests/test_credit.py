@@ -203,3 +203,17 @@ def test_default_credit_signal_predicts_the_measured_held_out_effect():
         delta=0.5,
     )
     assert res["r"] > 3 * res["se"], res
+
+
+@pytest.mark.parametrize("seed", ["1000000000000000000000000", "-1"])
+def test_diagnose_credit_rejects_a_seed_out_of_range_in_one_line(seed, tmp_path, capsys):
+    # --seed 10**24 was an OverflowError traceback after the teacher loaded.
+    from spark_ext.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose-credit", "--seed", seed, "--cache-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"spark-ext diagnose-credit: error: argument --seed: expected an integer in [0, 4294967295], got {seed}"
+    ]

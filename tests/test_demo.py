@@ -125,14 +125,13 @@ def _no_work(*args, **kwargs):
 
 
 def _rejected(argv, capsys) -> str:
-    """The one-line error of a demo run rejected before any work (argparse: exit 2)."""
+    """The one line on stderr of a demo run rejected before any work (exit 2)."""
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert info.value.code == 2
-    err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and last.startswith("spark-ext demo: error: ")
-    return last
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spark-ext demo: error: "), lines
+    return lines[0]
 
 
 def test_bad_arguments_are_rejected(tmp_path, capsys):
@@ -191,3 +190,48 @@ def test_ptq_student_trains_even_when_the_teacher_is_frozen():
     n_quant = len(lsq_quantizers(student))
     assert len(opt.param_groups) == 1 + n_quant and n_quant > 0
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(student.parameters()))
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),  # truncated
+        lambda path: path.write_bytes(b"garbage" * 100),
+        lambda path: torch.save(["not", "a", "teacher"], path),
+        lambda path: torch.save({"key": "?", "weights": {}}, path),
+    ],
+    ids=["truncated", "garbage", "a-list", "no-state-dict"],
+)
+def test_an_unreadable_cached_teacher_is_retrained_with_a_warning(tmp_path, capsys, corrupt):
+    # A broken cache file made every later run die in torch.load, for good.
+    from spark_ext.data import RestorationTask
+
+    task, cpu, cache = RestorationTask("denoise"), torch.device("cpu"), tmp_path / "cache"
+    _, info = get_teacher(task, PRESETS["smoke"], cpu, cache, quiet=True)
+    (path,) = cache.glob("*.pt")
+    assert not info["cached"] and info["path"] == str(path)
+    corrupt(path)
+    capsys.readouterr()
+    _, info = get_teacher(task, PRESETS["smoke"], cpu, cache, quiet=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and err[0].startswith(f"warning: teacher cache {path} is unreadable") and "retraining" in err[0]
+    )
+    assert not info["cached"] and [p.name for p in cache.iterdir()] == [path.name]  # rewritten, no temporary left
+    _, info = get_teacher(task, PRESETS["smoke"], cpu, cache, quiet=True)
+    assert info["cached"] and capsys.readouterr().err == ""
+
+
+def test_an_eval_image_over_pils_pixel_limit_is_one_line(tmp_path, capsys, monkeypatch):
+    # PIL's DecompressionBombError was a traceback.
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(photos / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 1600 pixels: over twice the limit, a bomb to PIL
+    monkeypatch.setattr(cli, "get_teacher", _no_work)
+    line = _rejected(["--preset", "smoke", "--out", str(tmp_path / "out"), "--eval-images", str(photos)], capsys)
+    assert "argument --eval-images: cannot read image" in line and "huge.png" in line
+    assert not (tmp_path / "out").exists()

@@ -168,3 +168,27 @@ def test_diffkd_cli_smoke_and_bad_arguments(tmp_path, capsys):
 
     report = json.loads(out.read_text())
     assert set(report["psnr"]) == {"kd", "diffkd"} and "diffkd_diffusion" in report["last_step_log"]["diffkd"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--eval-size", "100000"], "--eval-size must be <= 300"),
+        (["--crop", "4096"], "--crop must be <= 172"),
+        (["--out", "{tmp}"], "is a folder"),
+    ],
+)
+def test_sizes_and_out_are_checked_before_the_teacher(argv, message, tmp_path, monkeypatch, capsys):
+    # These were ValueError / IsADirectoryError tracebacks, --crop's and --out's after training.
+    pytest.importorskip("skimage")
+    import spark_ext.demo.teacher
+    from spark_ext.cli import main
+
+    def trained(*args, **kwargs):
+        pytest.fail("the teacher was loaded before the arguments were checked")
+
+    monkeypatch.setattr(spark_ext.demo.teacher, "get_teacher", trained)
+    assert main(["diffkd"] + [a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []

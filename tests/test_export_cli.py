@@ -102,3 +102,57 @@ def test_demo_round_trip_smoke(tmp_path, capsys):
     assert abs(report["psnr_delta_onnx_unfused_vs_fake_quant"]) < 0.01
     assert abs(report["psnr_delta_onnx_fused_vs_fake_quant"]) < 0.1
     assert "dB vs fake-quant" in capsys.readouterr().out
+
+
+def _one_line_error(argv, capsys) -> str:
+    """The one line on stderr of an export that exits 2 (returned or raised)."""
+    try:
+        code = cli.main(["export"] + argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spark-ext export: error: "), lines
+    return lines[0]
+
+
+def test_bad_model_files_shapes_and_outputs_are_one_line(tmp_path, capsys):
+    # Each of these was a traceback with exit status 1.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+    quantize_model(model, w_bits=8, a_bits=8)
+    model(torch.rand(1, 3, 8, 8))
+    good = tmp_path / "student.pt"
+    torch.save(model, good)
+    truncated, garbage = tmp_path / "truncated.pt", tmp_path / "garbage.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    garbage.write_bytes(b"\x80\x04not a pickle at all")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    (tmp_path / "folder.onnx").mkdir()
+    out = str(tmp_path / "m.onnx")
+    for argv, flag, why in (
+        (["--model", str(truncated), "--out", out, "--input-shape", "1,3,8,8"], "--model", "cannot load"),
+        (["--model", str(garbage), "--out", out, "--input-shape", "1,3,8,8"], "--model", "cannot load"),
+        (["--model", str(good), "--out", out, "--input-shape", "1,4,8,8"], "--input-shape", "does not run on"),
+        (["--model", str(good), "--out", str(blocker / "m.onnx"), "--input-shape", "1,3,8,8"], "--out", "is a file"),
+        (["--model", str(good), "--out", str(tmp_path / "folder.onnx"), "--input-shape", "1,3,8,8"], "--out", "folder"),
+    ):
+        line = _one_line_error(argv, capsys)
+        assert flag in line and why in line, line
+    assert not (tmp_path / "m.onnx").exists() and list((tmp_path / "folder.onnx").iterdir()) == []
+
+
+def test_demo_with_an_unwritable_out_stops_before_training(tmp_path, capsys, monkeypatch):
+    # It was found only once the teacher and the student had trained.
+    import spark_ext.demo.teacher
+
+    def trained(*args, **kwargs):
+        pytest.fail("trained before --out was checked")
+
+    monkeypatch.setattr(spark_ext.demo.teacher, "get_teacher", trained)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    argv = ["--demo", "--preset", "smoke", "--out", str(blocker / "out"), "--cache-dir", str(tmp_path / "cache")]
+    line = _one_line_error(argv, capsys)
+    assert "--out" in line and "not a writable folder" in line
+    assert not (tmp_path / "cache").exists()

@@ -1,5 +1,6 @@
 """``spark-ext study``: argument checks before any work, paired statistics, and a tiny end-to-end run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -26,14 +27,99 @@ from spark_ext.demo.presets import PRESETS as DEMO_PRESETS  # noqa: E402
         (["--student-lr", "nan"], "--student-lr"),
         (["--student-schedule", "step"], "--student-schedule"),
         (["--device", "cuda:99"], "--device"),
+        (["--device", "meta"], "--device"),
+        (["--tasks", "denoise,denoise"], "--tasks"),
+        (["--methods", "qat,kd@1,qat"], "--methods"),
+        (["--lambdas", "1,2,1.0"], "--lambdas"),
     ],
 )
-def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, no_work, argv, message):
+    # --device meta failed deep inside the first student; --tasks denoise,denoise trained everything twice.
     with pytest.raises(SystemExit) as exc:
         study.main(argv + ["--out", str(tmp_path / "out")])
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    def started(*args, **kwargs):
+        pytest.fail("work started before the arguments were checked")
+
+    monkeypatch.setattr(study, "study_teacher", started)
+    monkeypatch.setattr(study, "run_job", started)
+
+
+def _rejected(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        study.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spark-ext study: error: "), err
+    return err[0]
+
+
+def test_out_under_a_file_is_refused_before_any_work(tmp_path, capsys, no_work):
+    # It was a NotADirectoryError traceback.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    assert "--out" in _rejected(["--out", str(blocker / "out")], capsys)
+    assert "--out" in _rejected(["--out", str(blocker)], capsys)
+    # the 'gpu' preset's network has no shipped teacher: it trains one, into --cache-dir
+    argv = ["--out", str(tmp_path / "out"), "--preset", "gpu", "--cache-dir", str(blocker)]
+    assert "--cache-dir" in _rejected(argv, capsys)
+    assert blocker.read_text() == "" and not (tmp_path / "out").exists()
+
+
+def test_an_existing_study_is_kept_without_resume(tmp_path, capsys, no_work):
+    # It was replaced, without a word, after the first student of the new run.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.json").write_text('{"runs": ["hours of results"]}')
+    line = _rejected(["--out", str(out), "--device", "cpu"], capsys)
+    assert "--resume" in line and "another --out" in line
+    assert (out / "study.json").read_text() == '{"runs": ["hours of results"]}'
+    assert [p.name for p in out.iterdir()] == ["study.json"]
+
+
+def _run(method="qat", seed=0, **changes):
+    row = {"task": "denoise", "method": method, "seed": seed, "psnr": 30.0, "ssim": 0.9, "ms_per_step": 1.0}
+    return {**row, **changes}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "cannot be read"),
+        ('{"runs": [{"task": "denoise", "met', "cannot be read"),
+        ("[1, 2]", "is not a study's report"),
+        ('"a string"', "is not a study's report"),
+        (b"\xff\xfe not utf-8", "cannot be read"),
+        ({"runs": [_run(method="magic")]}, "unknown method 'magic'"),
+        ({"runs": [_run(method="kd@-1")]}, "unknown method 'kd@-1'"),
+        ({"runs": [_run(task="deblur")]}, "unknown task 'deblur'"),
+        ({"runs": [_run(seed="0")]}, "not an integer"),
+        ({"runs": [_run(psnr=None)]}, "psnr that is not a number"),
+        ({"runs": [["not", "a", "run"]]}, "not an object"),
+        ({"runs": [{"task": "denoise"}]}, "has no method"),
+        ({"runs": "all of them"}, "is not a study's report"),
+    ],
+)
+def test_resume_from_a_bad_study_json_is_one_line_before_any_work(tmp_path, capsys, no_work, content, message):
+    # These were JSONDecodeError / AttributeError tracebacks, or a KeyError after the teachers had loaded.
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--device", "cpu", "--tasks", "denoise", "--cache-dir", str(tmp_path / "cache")]
+    if isinstance(content, dict):
+        preset = study.study_preset(study.parse_args(argv))
+        content = json.dumps({"preset": {"demo": dataclasses.asdict(preset)}, **content})
+    out.mkdir()
+    (out / "study.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = (out / "study.json").read_bytes()
+    line = _rejected(argv + ["--resume"], capsys)
+    assert "--resume" in line and str(out / "study.json") in line and message in line
+    assert (out / "study.json").read_bytes() == before
 
 
 def test_summary_picks_the_best_kd_and_pairs_by_seed():

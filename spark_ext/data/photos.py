@@ -111,7 +111,7 @@ def load_image_folder(directory: Union[str, Path]) -> list[tuple[str, torch.Tens
                 if im.mode not in ("L", "LA", "RGB", "RGBA", "P"):
                     raise ValueError(f"8-bit grey/RGB expected, got PIL mode {im.mode!r}")
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # a bomb: over PIL's pixel limit
             raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
         out.append((path.name, torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float().div_(255.0)))
     return out

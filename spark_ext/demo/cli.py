@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import os
 import sys
 import time
@@ -22,15 +21,18 @@ import torch.nn as nn
 
 import spark_ext
 from spark_ext._validation import writable_dir_problem
-from spark_ext.cli import positive_int
+from spark_ext.atomic import write_json
+from spark_ext.cli import CommandParser, core_count, parse_device, positive_int, seed_count
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RestorationTask, held_out_pairs, image_folder_pairs
 from spark_ext.demo.compare import Comparison, compare_methods
 from spark_ext.demo.figures import save_crops, save_curves, save_weight_map
 from spark_ext.demo.presets import DEFAULT_METHODS, METHODS, PRESETS, Preset
 from spark_ext.demo.report import build_report, summarize, table_note
-from spark_ext.demo.teacher import get_teacher
+from spark_ext.demo.teacher import get_teacher, teacher_problem
 from spark_ext.metrics import SSIM_WINDOW
 
+# The files a demo run writes in --out.
+OUT_FILES = ("results.json", "crops.png", "spark_weight_map.png", "curves.png")
 # The spark_ext ops a demo run calls; --backend must be available for each of them.
 DEMO_OPS = ("difficulty_signals", "fused_weighted_kd", "lsq_fake_quant")
 
@@ -41,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         f"{len(p.seeds)} seed(s)"
         for p in PRESETS.values()
     )
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="spark-ext demo",
         description=(
             "Train W4A4 students (PTQ, QAT, KD, SPARK, GoR, LMR; optionally DFD) of a small restoration "
@@ -85,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated list from ptq,{','.join(METHODS)} (default: %(default)s)",
     )
-    p.add_argument("--seeds", type=positive_int, default=None, help="number of student seeds (default: the preset's)")
+    p.add_argument("--seeds", type=seed_count, default=None, help="number of student seeds (default: the preset's)")
     p.add_argument("--steps", type=positive_int, default=None, help="student training steps (default: the preset's)")
     p.add_argument(
         "--teacher-steps",
@@ -111,35 +113,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="always train the teacher, do not cache it")
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=core_count,
         default=None,
-        help="CPU threads for torch (default: half the cores, at least 1; on a busy machine more "
+        help="CPU threads for torch, at most the cores (default: half the cores, at least 1; on a busy machine more "
         "threads than free cores make every op wait on the others)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
-
-
-def _parse_device(text: str) -> torch.device:
-    """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N'; raises ValueError saying what is wrong."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the demo runs on 'cpu' or 'cuda', got {text!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"{text!r} asked for, but CUDA is not available here (torch {torch.__version__}); use cpu or auto"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{text!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -159,7 +141,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"argument --methods: {repeated} given more than once (each method trains once per seed)")
     args.method_list = methods
     try:
-        args.torch_device = _parse_device(args.device)
+        args.torch_device = parse_device(args.device, "the demo")
     except ValueError as exc:
         p.error(f"argument --device: {exc}")
     like = torch.empty(1, device=args.torch_device)
@@ -178,13 +160,17 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         small = [name for name, _, y in args.eval_folder if min(y.shape[-2:]) < SSIM_WINDOW + 2 * task.scale]
         if small:
             p.error(f"argument --eval-images: images smaller than {SSIM_WINDOW + 2 * task.scale}px: {small}")
-    why = writable_dir_problem(args.out)
+    why = writable_dir_problem(args.out, files=OUT_FILES)
     if why:
         p.error(f"argument --out: {why}")
     if not args.no_cache:
         why = writable_dir_problem(args.cache_dir)
         if why:
             p.error(f"argument --cache-dir: {why}; pass --no-cache to train the teacher without caching it")
+    retrain = args.retrain_teacher or args.teacher_steps is not None
+    why = teacher_problem(RestorationTask(args.task), PRESETS[args.preset], None, retrain)  # the cache: above
+    if why:
+        p.error(why)
 
 
 def _resolve_backends(device: torch.device, backend: str) -> dict[str, str]:
@@ -309,8 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         wall_seconds=wall,
         extra=extra,
     )
-    with open(args.out / "results.json", "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.out / "results.json", report)
     print(f"wrote {', '.join(written)} in {args.out}")
     return 0
 

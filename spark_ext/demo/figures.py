@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import spark_ext
+from spark_ext.atomic import atomic_path
 from spark_ext.demo.presets import LABELS, Preset
 from spark_ext.demo.scoring import restore
 from spark_ext.distill import SparkDistiller
@@ -26,7 +27,8 @@ def _pyplot():
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     _pyplot().close(fig)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +15,15 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from spark_ext._validation import writable_dir_problem
+from spark_ext.atomic import atomic_path
+from spark_ext.cli import error_summary
 from spark_ext.data import TRAIN_PHOTOS, RandomCropBatches, RestorationTask
 from spark_ext.demo.presets import Preset
 from spark_ext.demo.training import cosine_schedule
 from spark_ext.distill import per_image_loss
 from spark_ext.models import PRETRAINED_TEACHERS, build_model, load_pretrained_teacher
+from spark_ext.models.pretrained import verify_pretrained_teacher
 from spark_ext.progress import progress
 
 TEACHER_FORMAT = "spark_ext-teacher-v2"  # v2: SR inputs from the MATLAB-style bicubic downscale
@@ -81,6 +85,42 @@ def uses_pretrained_teacher(task: RestorationTask, preset: Preset) -> bool:
     return same_task and (preset.width, preset.depth) == (spec.width, spec.depth)
 
 
+def teacher_problem(
+    task: RestorationTask, preset: Preset, cache_dir: Optional[Path], retrain: bool = False
+) -> Optional[str]:
+    """For the commands' checks before any work: None, or why :func:`get_teacher` (same arguments) cannot
+    give the teacher: the shipped one missing or not its recorded sha256, or, for a teacher it trains,
+    ``cache_dir`` not a writable folder (the message then starts with ``--cache-dir``)."""
+    if not retrain and uses_pretrained_teacher(task, preset):
+        try:
+            verify_pretrained_teacher(task.kind)
+        except (OSError, RuntimeError) as exc:
+            return str(exc)
+        return None
+    why = None if cache_dir is None else writable_dir_problem(cache_dir)
+    return None if why is None else f"--cache-dir: {why}"
+
+
+def _load_cached_teacher(
+    path: Path, key: str, task: RestorationTask, preset: Preset, device: torch.device
+) -> Optional[nn.Module]:
+    """The teacher cached at ``path`` for ``key``, or None: a file of another key (a digest collision), or
+    one that cannot be read (truncated, not a teacher, ...: a one-line warning). None makes the caller
+    retrain and rewrite the file."""
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(blob, dict) or "key" not in blob or "state_dict" not in blob:
+            raise ValueError("not a cached teacher (expected a dict with 'key' and 'state_dict')")
+        if blob["key"] != key:
+            return None
+        model = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device)
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # any unreadable file is a cache miss: torch.load raises many kinds
+        print(f"warning: teacher cache {path} is unreadable ({error_summary(exc)}); retraining it", file=sys.stderr)
+        return None
+    return model
+
+
 def get_teacher(
     task, preset, device, cache_dir: Optional[Path], quiet: bool, retrain: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -91,14 +131,12 @@ def get_teacher(
         model = load_pretrained_teacher(task.kind, device)
         print(f"teacher: shipped {task.kind} teacher ({spec.steps} steps, sha256 {spec.sha256[:12]}...)")
         return model, {"pretrained": True, "steps": spec.steps, "sha256": spec.sha256, "seconds": 0.0, "losses": []}
-    key = _teacher_key(task, preset)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key = json.dumps(_teacher_key(task, preset), sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir / f"{digest}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
-        blob = torch.load(path, map_location=device, weights_only=True)
-        if blob.get("key") == json.dumps(key, sort_keys=True):
-            model = build_model(task.kind, preset.width, depth=preset.depth, scale=task.scale).to(device)
-            model.load_state_dict(blob["state_dict"])
+        model = _load_cached_teacher(path, key, task, preset, device)
+        if model is not None:
             print(f"teacher: loaded from cache {path}")
             return model.eval(), {
                 "pretrained": False,
@@ -117,9 +155,8 @@ def get_teacher(
     )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"key": json.dumps(key, sort_keys=True), "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+        with atomic_path(path) as tmp:  # a concurrent or interrupted run never leaves half a file
+            torch.save({"key": key, "state_dict": model.state_dict()}, tmp)
         print(f"teacher: cached at {path}")
     return model.eval(), {
         "pretrained": False,

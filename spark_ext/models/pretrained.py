@@ -80,20 +80,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pretrained_teacher(
-    task: str, device: Union[str, torch.device] = "cpu", *, path: Optional[Union[str, Path]] = None
-) -> nn.Module:
-    """The shipped FP32 teacher for ``task`` (``"denoise"``: AWGN sigma 25/255; ``"sr"``: MATLAB-bicubic x2).
+def verify_pretrained_teacher(task: str, *, path: Optional[Union[str, Path]] = None) -> Path:
+    """The shipped teacher's weights file for ``task`` (or ``path``), checked against its recorded sha256.
 
-    Args:
-        task: ``"denoise"`` or ``"sr"``.
-        device: where to put the model.
-        path: load this file instead of the shipped one (it must still have the
-            recorded sha256: the check is the point).
-
-    Returns:
-        the network (:func:`~spark_ext.models.build_model`) in eval mode, float32,
-        with ``requires_grad`` off on every parameter (a teacher is frozen).
+    The commands call it while checking their arguments, so a broken install is reported before any work.
 
     Raises:
         FileNotFoundError: the weights file is missing (a broken install).
@@ -113,6 +103,30 @@ def load_pretrained_teacher(
             f"pretrained {task} teacher {file} has sha256 {actual}, expected {spec.sha256}: the file is corrupt "
             f"or not the shipped one; reinstall spark_ext or retrain (spark-ext demo --retrain-teacher)"
         )
+    return file
+
+
+def load_pretrained_teacher(
+    task: str, device: Union[str, torch.device] = "cpu", *, path: Optional[Union[str, Path]] = None
+) -> nn.Module:
+    """The shipped FP32 teacher for ``task`` (``"denoise"``: AWGN sigma 25/255; ``"sr"``: MATLAB-bicubic x2).
+
+    Args:
+        task: ``"denoise"`` or ``"sr"``.
+        device: where to put the model.
+        path: load this file instead of the shipped one (it must still have the
+            recorded sha256: the check is the point).
+
+    Returns:
+        the network (:func:`~spark_ext.models.build_model`) in eval mode, float32,
+        with ``requires_grad`` off on every parameter (a teacher is frozen).
+
+    Raises:
+        FileNotFoundError: the weights file is missing (a broken install).
+        RuntimeError: the file's sha256 differs from the recorded one.
+    """
+    file = verify_pretrained_teacher(task, path=path)
+    spec = PRETRAINED_TEACHERS[task]
     model = build_model(task, spec.width, depth=spec.depth, scale=spec.scale)
     model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     model.requires_grad_(False)
