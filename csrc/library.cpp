@@ -7,7 +7,7 @@
 // spark_ext/ops/<family>.py, defined at `import spark_ext`, because the
 // Triton ops share them and must exist without this library); each kernel
 // file registers its kernels for them with TORCH_LIBRARY_IMPL. Ops (all
-// differentiable through Python `register_autograd` in spark_ext/ops/<family>.py):
+// differentiable through the C++ Autograd kernels of autograd.cpp):
 //   fake_quantize_learnable / _backward       docs/spec.md §5a, torch-compatible   cpu/fake_quant_cpu.cpp, cuda/
 //   lsq_fake_quant / _backward                docs/spec.md §5b, LSQ / LSQ+          cpu/fake_quant_cpu.cpp, cuda/
 //   difficulty_signals / cell_kd / cell_kd_backward  docs/spec.md §2 (CPU only)    cpu/difficulty_cpu.cpp
