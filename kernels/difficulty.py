@@ -102,7 +102,9 @@ def _chan_merge(n, mean, m2, n_t, mean_t, m2_t):
     frac = tl.where(n_new > 0, n_t / tl.maximum(n_new, 1.0), 0.0)
     delta = mean_t - mean
     mean = mean + delta * frac
-    m2 = m2 + m2_t + delta * delta * n * frac
+    # delta * (delta * n * frac), not delta * delta * ...: for the first part (n = 0) a delta whose
+    # square overflows must add 0, not inf * 0 = NaN (a cell holding 1e25 has an inf variance).
+    m2 = m2 + m2_t + delta * (delta * n * frac)
     return n_new, mean, m2
 
 
@@ -317,10 +319,10 @@ def _difficulty_fwd_kernel(
                 frac = tl.where(n_new > 0, n_t / tl.maximum(n_new, 1.0), 0.0)
                 delta = mt_l - mean_l
                 mean_l = mean_l + delta * frac
-                m2_l = m2_l + m2t_l + delta * delta * n * frac
+                m2_l = m2_l + m2t_l + delta * (delta * n * frac)  # as _chan_merge: no inf * 0
                 delta = mt_g - mean_g
                 mean_g = mean_g + delta * frac
-                m2_g = m2_g + m2t_g + delta * delta * n * frac
+                m2_g = m2_g + m2t_g + delta * (delta * n * frac)  # as _chan_merge: no inf * 0
                 n = n_new
                 tile_e = tl.sum(tl.where(m, acc_e, 0.0), axis=1)
                 y_e = tile_e - c_e

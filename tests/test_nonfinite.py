@@ -87,7 +87,7 @@ def test_non_finite_pixel_matches_the_reference(backend, value, where):
     want = signals_and_grads("reference", s.double(), t.double(), y.double(), (3, 4))
     want = [want[0].float(), want[1].float(), want[2].float(), want[3].float()]
     for g, w in zip(got, want):
-        same_nonfinite_and_close(g, w, exact_kind=value != 1e25)
+        same_nonfinite_and_close(g, w)
     if where == "target":
         # The cells holding the value are not flat: their variances are not finite.
         assert not torch.isfinite(got[0][1, :2, 1, 0]).any() and not torch.isfinite(got[0][0, :2, 2, 3]).any()
