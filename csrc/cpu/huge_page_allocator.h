@@ -51,7 +51,7 @@ int64_t huge_page_cache_bytes();
 // Most bytes the cache holds.
 int64_t huge_page_cache_limit();
 
-// Sets the cache's limit (0: no caching), unmapping the least recently freed blocks beyond it; returns the previous one.
+// Sets the cache's limit (0: no caching), unmapping the least recently freed blocks beyond it; returns the old one.
 int64_t set_huge_page_cache_limit(int64_t bytes);
 
 // Unmaps every cached block (outputs in use are untouched); returns the bytes released.
