@@ -11,7 +11,10 @@ Each round times every (threads, case) in every mode, the modes' order rotating
 from round to round; a mode's first call in a round is not timed (in ``cache``
 mode it refills the cache, which switching modes emptied, as the first training
 step does). Reported per (threads, case, mode): p50, p90 and max over all timed
-calls. Outputs are checked bit for bit across the modes first; ``--rss`` also
+calls of the wall time, and of the process's CPU time (user + system, all its
+threads): on a busy machine the wall time also counts waiting for a core, while
+the CPU time still counts page faults and the kernel's compaction, which run in
+the faulting thread. Outputs are checked bit for bit across the modes first; ``--rss`` also
 runs each case 200 times per huge-page mode and prints the process's resident
 memory before and after, and the cache's size (a leak would grow RSS by the
 outputs' size per iteration; the cache by at most its limit).
@@ -68,13 +71,19 @@ def set_mode(mode: str, threshold: int, cache_limit: int) -> None:
     ops.set_huge_page_cache_limit(cache_limit if mode == "cache" else 0)  # 0 also unmaps what it held
 
 
-def timed_ms(fn, iters: int) -> list[float]:
+def timed_ms(fn, iters: int) -> list[tuple[float, float]]:
+    """(wall ms, process CPU ms) of each of ``iters`` calls."""
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()  # the output is freed here, as a training loop frees it
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(((time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3))
     return times
+
+
+def tail(values: list[float]) -> tuple[float, float, float]:
+    """(p50, p90, max)."""
+    return statistics.median(values), statistics.quantiles(values, n=10, method="inclusive")[8], max(values)
 
 
 def rss_mib() -> float:
@@ -155,11 +164,11 @@ def main(argv=None) -> int:
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     shape = "x".join(map(str, SHAPE))
     print(f"lsq_fake_quant {shape} fp32 per tensor; ms over {args.rounds * args.iters} calls per row")
-    print("threads | case | mode | p50 | p90 | max | p90/p50")
+    print("threads | case | mode | wall p50 | p90 | max | p90/p50 | cpu p50 | p90 | max | p90/p50")
     for (n, name, mode), t in times.items():
-        p50 = statistics.median(t)
-        p90 = statistics.quantiles(t, n=10, method="inclusive")[8]
-        print(f"{n} | {name} | {mode} | {p50:.2f} | {p90:.2f} | {max(t):.2f} | {p90 / p50:.2f}")
+        wall, cpu = tail([w for w, _ in t]), tail([c for _, c in t])
+        row = [f"{v:.2f}" for v in (*wall, wall[1] / wall[0], *cpu, cpu[1] / cpu[0])]
+        print(f"{n} | {name} | {mode} | " + " | ".join(row))
 
     if args.rss:
         for mode in ("cache", "no cache"):
