@@ -1,20 +1,32 @@
-"""A/B of the huge-page outputs of the C++ CPU kernels (csrc/cpu/huge_page_allocator.h), interleaved.
+"""Tail latency of the C++ CPU kernels' large outputs (csrc/cpu/huge_page_allocator.h), three ways, interleaved.
 
-Each round times every case with the huge-page path off (the default CPU
-allocator, as before it existed) and on (the library's threshold), in
-alternating order, at each thread count, in one process: the test-only op
-``spark_ext::set_huge_page_threshold`` switches it (``SPARK_EXT_HUGE_PAGES=0``
-does the same for a whole process). Per (case, mode) the median over rounds
-of each round's median iteration is kept. Outputs are checked bit for bit
-between the modes; ``--rss`` also runs each case 200 times with the path on
-and prints the process's resident memory before and after (a leak would
-grow it by the outputs' size per iteration).
+Modes, switched in one process by the library's ops (``set_huge_page_threshold``,
+``set_huge_page_cache_limit``):
 
-    python bench/ab_huge_pages.py                        # 1 and 2 threads, 5 rounds (~3 min idle)
-    python bench/ab_huge_pages.py --compiled --rss       # plus torch.compile(reference), plus the RSS check
-    python bench/ab_huge_pages.py --threads 1 --rounds 3 --only lsq
+- ``cache``: huge-page outputs, freed blocks kept for reuse (the default);
+- ``no cache``: huge-page outputs, every one a new mapping (limit 0);
+- ``off``: the default CPU allocator (threshold 0, as ``SPARK_EXT_HUGE_PAGES=0``).
 
-Not a bench_*.py: `spark-ext bench` does not run it, and it writes no JSON.
+Each round times every (threads, case) in every mode, the modes' order rotating
+from round to round; a mode's first call in a round is not timed (in ``cache``
+mode it refills the cache, which switching modes emptied, as the first training
+step does). Reported per (threads, case, mode): p50, p90 and max over all timed
+calls of the wall time, and of the process's CPU time (user + system, all its
+threads): on a busy machine the wall time also counts waiting for a core, while
+the CPU time still counts page faults and the kernel's compaction, which run in
+the faulting thread. Outputs are checked bit for bit across the modes first; ``--rss`` also
+runs each case 200 times per huge-page mode and prints the process's resident
+memory before and after, and the cache's size (a leak would grow RSS by the
+outputs' size per iteration; the cache by at most its limit).
+
+    python bench/ab_huge_pages.py                  # lsq fwd and bwd, 1 and 2 threads, 5 x 12 calls (~1 min idle)
+    python bench/ab_huge_pages.py --rss --rounds 10
+    python bench/ab_huge_pages.py --threads 1 --only fwd --threshold-mib 8
+
+Cases: ``fwd``, ``spark_ext.lsq_fake_quant`` on an 8x64x128x128 float32 tensor
+(32 MiB, per tensor, no grad: one 32 MiB output); ``bwd``, its backward op
+``lsq_fake_quant_backward`` (one 32 MiB ``dx``). Not a bench_*.py: `spark-ext
+bench` does not run it, and it writes no JSON.
 """
 
 from __future__ import annotations
@@ -22,43 +34,56 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_fake_quant  # noqa: E402
-import bench_lsq  # noqa: E402
-import bench_threads  # noqa: E402
+import spark_ext
+from spark_ext import _extension
 
-from spark_ext import _extension  # noqa: E402
-
-ACT = (8, 64, 128, 128)
-IMG = (16, 3, 256, 256)
+SHAPE = (8, 64, 128, 128)
+MODES = ("cache", "no cache", "off")
+BITS, QN, QP = 8, 128, 127  # signed 8-bit
 
 
 def cases():
-    """name -> (op, label, inputs, impls) for bench_threads.pass_callables."""
-    out = {}
-    for name, op in (("lsq", bench_lsq.OP), ("fake_quant", bench_fake_quant.OP)):
-        label, inputs, impls, _, _ = bench_threads.fake_quant_case(op, ACT, None)
-        out[name] = (op, label, inputs, impls)
-    label, inputs, impls, _, _ = bench_threads.difficulty_case(IMG)
-    out["difficulty"] = ("difficulty_signals", label, inputs, impls)
-    label, inputs, impls, _, _ = bench_threads.weighted_kd_case(IMG)
-    out["weighted_kd"] = ("fused_weighted_kd", label, inputs, impls)
-    return out
+    """name -> zero-argument callable returning the op's output(s)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen) * 2
+    dy = torch.randn(SHAPE, generator=gen)
+    step, offset = torch.tensor([0.2]), torch.tensor([0.01])
+    grad_factor = 1.0 / (x.numel() * QP) ** 0.5
+    ops = torch.ops.spark_ext
+
+    def fwd():
+        with torch.no_grad():
+            return spark_ext.lsq_fake_quant(x, step, offset, bits=BITS, signed=True, backend="cpp")
+
+    def bwd():
+        return ops.lsq_fake_quant_backward(dy, x, step, offset, None, QN, QP, grad_factor)
+
+    return {"fwd": fwd, "bwd": bwd}
 
 
-def median_ms(fn, iters: int) -> float:
+def set_mode(mode: str, threshold: int, cache_limit: int) -> None:
+    ops = torch.ops.spark_ext
+    ops.set_huge_page_threshold(0 if mode == "off" else threshold)
+    ops.set_huge_page_cache_limit(cache_limit if mode == "cache" else 0)  # 0 also unmaps what it held
+
+
+def timed_ms(fn, iters: int) -> list[tuple[float, float]]:
+    """(wall ms, process CPU ms) of each of ``iters`` calls."""
     times = []
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()  # the output is freed here, as a training loop frees it
+        times.append(((time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3))
+    return times
+
+
+def tail(values: list[float]) -> tuple[float, float, float]:
+    """(p50, p90, max)."""
+    return statistics.median(values), statistics.quantiles(values, n=10, method="inclusive")[8], max(values)
 
 
 def rss_mib() -> float:
@@ -67,105 +92,101 @@ def rss_mib() -> float:
 
 
 def flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in flat(o)] if isinstance(out, (tuple, list)) else []
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    parser.add_argument("--iters", type=int, default=7, help="iterations per round and mode (default 7)")
-    parser.add_argument("--only", default="", help="comma-separated cases: lsq, fake_quant, difficulty, weighted_kd")
-    parser.add_argument("--compiled", action="store_true", help="also time torch.compile(reference) (yardstick)")
-    parser.add_argument("--threshold-mib", type=float, default=None, help="'on' threshold (default: the library's)")
-    parser.add_argument("--rss", action="store_true", help="also run 200 iterations per case and report RSS")
+    parser.add_argument("--iters", type=int, default=12, help="timed calls per round and mode (default 12)")
+    parser.add_argument("--only", default="", help="comma-separated cases: fwd, bwd (default both)")
+    parser.add_argument(
+        "--threshold-mib", type=float, default=None, help="huge-page threshold (default: the library's)"
+    )
+    parser.add_argument("--rss", action="store_true", help="also run 200 iterations per case and mode and report RSS")
     args = parser.parse_args(argv)
+    _extension.load()
     all_cases = cases()
     only = [c for c in args.only.split(",") if c]
     unknown = [c for c in only if c not in all_cases]
-    if unknown or args.rounds < 1 or args.iters < 1:
-        parser.error(f"--only must name {', '.join(all_cases)}; --rounds/--iters >= 1 (got {unknown or args})")
+    if unknown:
+        parser.error(f"--only: cases are {', '.join(all_cases)}, got {', '.join(unknown)}")
+    if args.rounds < 1 or args.iters < 1:
+        parser.error(f"--rounds and --iters must be >= 1, got {args.rounds} and {args.iters}")
     try:
         counts = [int(n) for n in args.threads.split(",")]
     except ValueError:
         parser.error(f"--threads: comma-separated integers, got {args.threads!r}")
-    _extension.load()
+    if any(n < 1 for n in counts):
+        parser.error(f"--threads: counts must be >= 1, got {args.threads!r}")
     ops = torch.ops.spark_ext
-    on = ops.huge_page_threshold() if args.threshold_mib is None else max(int(args.threshold_mib * 2**20), 1)
-    if on == 0:
+    threshold = ops.huge_page_threshold() if args.threshold_mib is None else max(int(args.threshold_mib * 2**20), 1)
+    if threshold == 0:
         parser.error("the huge-page path is off (SPARK_EXT_HUGE_PAGES=0 or not Linux): nothing to compare")
-    print(f"library: {_extension.status()}\nhuge-page outputs: {_extension.huge_page_status()}")
-    print(f"threads {counts}, {args.rounds} rounds x {args.iters} iterations, load average {os.getloadavg()[0]:.2f}")
-    torch._dynamo.config.cache_size_limit = 64
+    cache_limit = ops.huge_page_cache_limit()
     names = only or list(all_cases)
-    fns = {}  # (threads, case, impl, pass) -> callable
+    print(f"library: {_extension.status()}\nhuge-page outputs: {_extension.huge_page_status()}")
+    print(f"huge-page cache: {_extension.huge_page_cache_status()}")
+    print(f"threads {counts}, {args.rounds} rounds x {args.iters} calls, load average {os.getloadavg()[0]:.2f}")
+
+    # bit for bit across the modes, and which path each mode took
     for n in counts:
         torch.set_num_threads(n)
         for name in names:
-            op, label, inputs, impls = all_cases[name]
-            chosen = {"ours": impls["ours"]}
-            if args.compiled:
-                chosen["compiled"] = torch.compile(impls["eager"], dynamic=False, options={"cpp.threads": n})
-            for impl, fn in chosen.items():
-                for pass_, call in bench_threads.pass_callables(op, fn, inputs).items():
-                    call()
-                    fns[(n, name, impl, pass_)] = call
-    # bit-for-bit: our outputs with the path off and on
-    for (n, name, impl, pass_), call in fns.items():
-        if impl != "ours":
-            continue
-        torch.set_num_threads(n)
-        ops.set_huge_page_threshold(0)
-        off_out = flat(call())
-        ops.set_huge_page_threshold(on)
-        ops.huge_page_allocations()
-        on_out = flat(call())
-        used = ops.huge_page_allocations()
-        same = all(torch.equal(a, b) for a, b in zip(off_out, on_out)) and len(off_out) == len(on_out)
-        print(f"bitwise t{n} {name} {pass_}: {'equal' if same else 'DIFFERENT'} ({used} huge-page outputs)")
-        if not same:
-            return 1
-    times = {key: {"off": [], "on": []} for key in fns}
-    # the copy-bandwidth yardstick of bench_threads.py: dst.copy_(src) of one activation, no allocation
-    src = torch.rand(ACT)
-    dst = torch.empty_like(src)
-    copy_ms = {n: [] for n in counts}
+            outs, used = {}, {}
+            for mode in MODES:
+                set_mode(mode, threshold, cache_limit)
+                ops.huge_page_allocations()
+                all_cases[name]()  # in cache mode the second call reuses the first one's block
+                outs[mode] = flat(all_cases[name]())
+                used[mode] = ops.huge_page_allocations()
+            same = all(
+                len(outs[m]) == len(outs["off"]) and all(torch.equal(a, b) for a, b in zip(outs[m], outs["off"]))
+                for m in MODES
+            )
+            paths = ", ".join(f"{m}: {used[m]}" for m in MODES)
+            print(f"bitwise t{n} {name}: {'equal' if same else 'DIFFERENT'} (huge-page outputs in 2 calls: {paths})")
+            if not same:
+                return 1
+
+    times = {(n, name, mode): [] for n in counts for name in names for mode in MODES}
     for r in range(args.rounds):
+        order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]
         for n in counts:
             torch.set_num_threads(n)
-            copy_ms[n].append(median_ms(lambda: dst.copy_(src), args.iters))
-        modes = ("off", "on") if r % 2 == 0 else ("on", "off")
-        for key, call in fns.items():
-            torch.set_num_threads(key[0])
-            for mode in modes:
-                ops.set_huge_page_threshold(0 if mode == "off" else on)
-                times[key][mode].append(median_ms(call, args.iters))
-    ops.set_huge_page_threshold(on)
+            for name in names:
+                for mode in order:
+                    set_mode(mode, threshold, cache_limit)
+                    all_cases[name]()  # untimed: see the module docstring
+                    times[(n, name, mode)] += timed_ms(all_cases[name], args.iters)
+    set_mode("cache", threshold, cache_limit)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    for n in counts:
-        print(f"dst.copy_(src) {'x'.join(map(str, ACT))} fp32, {n} thread(s): {statistics.median(copy_ms[n]):.2f} ms")
-    print("threads | case | impl | pass | off ms | on ms | off/on")
-    for (n, name, impl, pass_), t in times.items():
-        off, on_ms = statistics.median(t["off"]), statistics.median(t["on"])
-        note = "" if impl == "ours" else " (c10 allocator: the switch does not apply)"
-        if impl == "ours" and name in ("lsq", "fake_quant"):
-            moved = 2 if pass_ == "fwd" else 5  # tensors read or written: x, y; then x, dy, dx as well
-            note = f" ({moved / 2 * statistics.median(copy_ms[n]) / on_ms:.0%} of copy_ bandwidth when on)"
-        row = f"{n} | {name} {all_cases[name][1]} | {impl} | {pass_} | {off:.2f} | {on_ms:.2f} | {off / on_ms:.2f}x"
-        print(row + note)
+    shape = "x".join(map(str, SHAPE))
+    print(f"lsq_fake_quant {shape} fp32 per tensor; ms over {args.rounds * args.iters} calls per row")
+    print("threads | case | mode | wall p50 | p90 | max | p90/p50 | cpu p50 | p90 | max | p90/p50")
+    for (n, name, mode), t in times.items():
+        wall, cpu = tail([w for w, _ in t]), tail([c for _, c in t])
+        row = [f"{v:.2f}" for v in (*wall, wall[1] / wall[0], *cpu, cpu[1] / cpu[0])]
+        print(f"{n} | {name} | {mode} | " + " | ".join(row))
+
     if args.rss:
-        for (n, name, impl, pass_), call in fns.items():
-            if impl != "ours":
-                continue
-            torch.set_num_threads(n)
-            for _ in range(5):
-                call()
-            before = rss_mib()
-            for _ in range(200):
-                call()
-            print(f"rss t{n} {name} {pass_}: {before:.0f} MiB -> {rss_mib():.0f} MiB after 200 iterations")
+        for mode in ("cache", "no cache"):
+            set_mode(mode, threshold, cache_limit)
+            for n in counts:
+                torch.set_num_threads(n)
+                for name in names:
+                    for _ in range(5):
+                        all_cases[name]()
+                    before = rss_mib()
+                    for _ in range(200):
+                        all_cases[name]()
+                    held = ops.huge_page_cache_bytes() / 2**20
+                    print(
+                        f"rss {mode} t{n} {name}: {before:.0f} MiB -> {rss_mib():.0f} MiB after 200 calls "
+                        f"(cache holds {held:.0f} MiB)"
+                    )
+        set_mode("cache", threshold, cache_limit)
     return 0
 
 

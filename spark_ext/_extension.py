@@ -608,6 +608,60 @@ def huge_page_status(setting: Path = THP_SETTING) -> str:
     return f"requested for {limit}, but transparent_hugepage is '{mode}': 4 KiB pages (slower, not wrong)"
 
 
+def huge_page_cache_status() -> str:
+    """One line for ``spark-ext doctor``: what the cache of freed huge-page outputs holds, and its limit.
+
+    Reads the loaded library; says so when none is loaded (nothing is cached then).
+    """
+    if not _state["loaded"]:
+        return "empty (library not loaded)"
+    import torch
+
+    ops = torch.ops.spark_ext
+    try:
+        threshold, held, limit = ops.huge_page_threshold(), ops.huge_page_cache_bytes(), ops.huge_page_cache_limit()
+    except ValueError as exc:  # a bad SPARK_EXT_HUGE_PAGES or SPARK_EXT_HUGE_PAGE_CACHE_MIB
+        return f"error: {exc}"
+    except (AttributeError, RuntimeError) as exc:  # a library built before the cache existed
+        return f"unknown: the loaded library cannot say ({exc})"
+    if threshold == 0:
+        return f"unused (huge-page outputs off), limit {limit / 2**20:g} MiB"
+    if limit == 0:
+        return "off (limit 0: every large output is a new mapping)"
+    return f"holds {held / 2**20:g} MiB of freed outputs for reuse, limit {limit / 2**20:g} MiB"
+
+
+def empty_huge_page_cache() -> int:
+    """Unmap the freed huge-page outputs kept for reuse (as ``torch.cuda.empty_cache()`` on the GPU).
+
+    Outputs still in use are untouched; later large outputs map new memory (and
+    refill the cache). Returns the bytes released: 0 when the library is not
+    loaded, which then holds none.
+    """
+    if not _state["loaded"]:
+        return 0
+    import torch
+
+    return int(torch.ops.spark_ext.empty_huge_page_cache())
+
+
+def set_huge_page_cache_limit(nbytes: int) -> int:
+    """Set the most bytes of freed huge-page outputs kept for reuse; returns the previous limit.
+
+    0 turns the cache off. Lowering the limit unmaps the least recently freed
+    outputs beyond it at once. The initial limit is ``SPARK_EXT_HUGE_PAGE_CACHE_MIB``
+    MiB (default 1024). Loads the library (``RuntimeError`` if it cannot be).
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes must be an int, got {nbytes!r}")
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    load()
+    import torch
+
+    return int(torch.ops.spark_ext.set_huge_page_cache_limit(nbytes))
+
+
 # --------------------------------------------------------------------------
 # Helpers for the op modules' dispatch registrations
 # --------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def _doctor(_: argparse.Namespace) -> int:
         print(f"C++/CUDA library: {_extension.status()}")
         print(f"  CUDA kernels: {_extension.cuda_status()}")
         print(f"  huge-page outputs: {_extension.huge_page_status()}")
+        print(f"  huge-page cache: {_extension.huge_page_cache_status()}")
     except ImportError:
         print("C++/CUDA library: not part of this build")
     print(f"default backend: {spark_ext.get_default_backend()}")
