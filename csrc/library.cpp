@@ -16,6 +16,7 @@
 //   cpu_threads_used                          test-only: threads that ran CPU kernel tasks (here, cpu/parallel.h)
 //   huge_page_threshold                       outputs this large get huge pages (doctor)  cpu/huge_page_allocator.cpp
 //   set_huge_page_threshold / huge_page_allocations  test-only: change it / count huge-page outputs (same file)
+//   huge_page_cache_bytes / _limit, set_huge_page_cache_limit, empty_huge_page_cache  the freed-block cache (same file)
 // `axis = None` means per tensor. The backward ops return (dx, d_scale_or_step,
 // d_zero_point_or_offset), each in its parameter's dtype and shape; the LSQ
 // backward returns an offset gradient shaped like step even without an offset

@@ -7,11 +7,14 @@ Public API (see README.md and docs/spec.md):
 * :func:`lsq_fake_quant` — LSQ / LSQ+ fake quantization;
 * :func:`fake_quantize_learnable_per_tensor_affine`,
   :func:`fake_quantize_learnable_per_channel_affine` — drop-ins for torch's learnable fake quant;
-* backend selection: :func:`set_default_backend`, :func:`use_backend`.
+* backend selection: :func:`set_default_backend`, :func:`use_backend`;
+* the CPU kernels' cache of freed huge-page outputs: :func:`empty_huge_page_cache`,
+  :func:`set_huge_page_cache_limit` (as ``torch.cuda.empty_cache`` is for the GPU).
 """
 
 __version__ = "0.1.0"
 
+from ._extension import empty_huge_page_cache, set_huge_page_cache_limit  # noqa: E402
 from .ops import (  # noqa: E402
     BACKENDS,
     BackendUnavailableError,
@@ -35,6 +38,7 @@ __all__ = [
     "available_backends",
     "backend_for",
     "difficulty_signals",
+    "empty_huge_page_cache",
     "fake_quantize_learnable_per_channel_affine",
     "fake_quantize_learnable_per_tensor_affine",
     "fused_weighted_kd",
@@ -42,5 +46,6 @@ __all__ = [
     "lsq_fake_quant",
     "registered_backends",
     "set_default_backend",
+    "set_huge_page_cache_limit",
     "use_backend",
 ]
