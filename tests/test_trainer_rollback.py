@@ -235,3 +235,18 @@ def test_a_non_finite_held_out_batch_skips_only_the_policy_step():
             for key in ("policy", "policy_optimizer", "signal_scale"):
                 assert_same_state(after[key], before[key], key)
     assert all(torch.isfinite(p).all() for p in d.policy.parameters())
+
+
+def test_diffkd_does_not_step_on_overflowing_gradients():
+    # A GradScaler's overflow with a finite loss: only the student's optimiser is unscaled and skipped,
+    # DiffKD's Adam stepped on inf gradients and its modules went NaN for good.
+    d = distiller(mode="kd", diffkd_layer="bottleneck")
+    d.step(*batch(0))
+    before = copy.deepcopy(d.diffkd.state_dict())
+    loss, _ = d.compute_loss(*batch(1))
+    (loss * 3e38).backward()  # as an overflowing loss scale would
+    assert not all(torch.isfinite(p.grad).all() for p in d.diffkd.modules.parameters() if p.grad is not None)
+    d.optimizer.zero_grad()  # the scaler skips the student's step
+    d.after_optimizer_step()  # the caller does not say so
+    assert_same_state(d.diffkd.state_dict()["modules"], before["modules"])
+    assert all(v == v for v in d.step(*batch(2)).values())

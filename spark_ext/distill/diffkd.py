@@ -264,8 +264,12 @@ class DiffKD(DecoderFreeDistillation):
             self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self) -> None:
-        """One Adam step of the DiffKD modules (after the total loss's backward)."""
-        if self.optimizer is not None:
+        """One Adam step of the DiffKD modules (after the total loss's backward); none when a gradient is not
+        finite (fp16 gradients a GradScaler found overflowing: it unscales only the student's optimiser)."""
+        if self.optimizer is None:
+            return
+        grads = [p.grad for p in self.modules.parameters() if p.grad is not None]
+        if grads and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.optimizer.step()
 
     # ------------------------------------------------------------ checkpoint
