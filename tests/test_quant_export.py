@@ -225,4 +225,8 @@ def test_export_options_are_honoured_or_refused(tmp_path):
         proto = export_onnx(model, x, opset=18, int4=False, dynamic=dynamic)
         dims[dynamic] = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
     assert dims[False] == [1, 3, 8, 8]
+    with pytest.raises(TypeError, match="x must be a float tensor"):
+        run_onnx(proto, x.numpy())
+    with pytest.raises(TypeError, match="model_or_path must be an onnx.ModelProto or a path, got int"):
+        run_onnx(3, x)
     assert dims[True][1] == 3 and all(isinstance(d, str) for i, d in enumerate(dims[True]) if i != 1)

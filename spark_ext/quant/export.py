@@ -370,8 +370,17 @@ def _save_atomically(onnx, proto, path: str) -> None:
 
 
 def run_onnx(model_or_path, x: torch.Tensor, session=None) -> torch.Tensor:
-    """Run an exported model with onnxruntime on CPU: ``x`` float tensor -> float32 CPU tensor."""
+    """Run an exported model with onnxruntime on CPU: ``x`` float tensor -> float32 CPU tensor.
+
+    ``model_or_path``: an ``onnx.ModelProto`` or a path to a ``.onnx`` file (ignored when ``session``, an
+    ``onnxruntime.InferenceSession``, is given)."""
     ort = _need("onnxruntime")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a float tensor, got {x!r:.80}")
+    if session is None and not (
+        isinstance(model_or_path, (str, os.PathLike)) or hasattr(model_or_path, "SerializeToString")
+    ):
+        raise TypeError(f"model_or_path must be an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
     if session is None:
         data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
         session = ort.InferenceSession(
