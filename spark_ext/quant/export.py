@@ -5,7 +5,8 @@ Every quantized layer becomes, in the ONNX graph,
 * input activation: ``QuantizeLinear -> DequantizeLinear`` (per tensor, the
   learned step as scale, zero point 0; LSQ+ offsets as a float ``Sub`` before and
   ``Add`` after), preceded by a ``Clip`` only when the layer's integer range is
-  narrower than the integer type (e.g. 6 bits in int8, 2 or 3 bits in INT4);
+  narrower than the integer type (e.g. 6 bits in int8; 2 or 3 bits in INT4, where it is
+  written as ``Max``, ``Min``: onnxruntime's Clip-QuantizeLinear fusion fails on 4-bit types);
 * weight: an integer initializer (the weight's integer levels, computed here
   with the fake-quant's own float32 math) and a per-output-channel
   ``DequantizeLinear``;
@@ -205,6 +206,8 @@ def _to_int4(model_proto, int4_layers: dict[str, list[str]]) -> None:
     inits = {i.name: i for i in graph.initializer}
     to4 = {TensorProto.INT8: TensorProto.INT4, TensorProto.UINT8: TensorProto.UINT4}
     found: dict[str, set[str]] = {name: set() for name in int4_layers}
+    producer = {out: node for node in graph.node for out in node.output}
+    clips = set()  # the Clip nodes in front of retyped QuantizeLinear nodes
 
     def retype_input(node, index: int, tag: str) -> None:
         src = inits.get(node.input[index])
@@ -233,6 +236,8 @@ def _to_int4(model_proto, int4_layers: dict[str, list[str]]) -> None:
         tag = layer.replace(".", "_") + "_" + part
         if is_weight:
             retype_input(node, 0, tag)
+        elif node.op_type == "QuantizeLinear" and getattr(producer.get(node.input[0]), "op_type", "") == "Clip":
+            clips.add(node.input[0])
         if len(node.input) > 2:
             retype_input(node, 2, tag)
         found[layer].add(f"{part}:{node.op_type}")
@@ -247,12 +252,32 @@ def _to_int4(model_proto, int4_layers: dict[str, list[str]]) -> None:
                 f"export_onnx: int4: could not find the Q/DQ nodes of layer {layer!r} in the exported graph "
                 f"(found {sorted(found[layer])}, expected {sorted(want)}); export with int4=False"
             )
+    if clips:
+        _clips_as_max_min(graph, clips)
     # Drop the exporter's intermediate type annotations (now stale) and unused initializers.
     graph.ClearField("value_info")
     used = {i for n in graph.node for i in n.input}
     keep = [i for i in graph.initializer if i.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
+
+
+def _clips_as_max_min(graph, outputs: set[str]) -> None:
+    """Rewrite the ``Clip`` nodes producing ``outputs`` as ``Max`` then ``Min`` (the same values): onnxruntime's
+    Clip-QuantizeLinear fusion fails on an INT4 / UINT4 zero point, and torch's exporter writes Min / Max as Clip."""
+    from onnx import helper
+
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Clip" and node.output[0] in outputs:
+            x, lo, hi = node.input
+            low = f"{node.output[0]}__max"
+            nodes.append(helper.make_node("Max", [x, lo], [low], name=f"{node.name}_max"))
+            nodes.append(helper.make_node("Min", [low, hi], [node.output[0]], name=f"{node.name}_min"))
+        else:
+            nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
 
 
 def export_onnx(
