@@ -209,6 +209,8 @@ def test_export_options_are_honoured_or_refused(tmp_path):
         export_onnx(model, x, opset=99)
     with pytest.raises(TypeError, match="opset must be an int, got '21'"):
         export_onnx(model, x, opset="21")
+    with pytest.raises(ValueError, match=r"example_input of shape \(1, 4, 8, 8\) does not run through the model"):
+        export_onnx(model, torch.rand(1, 4, 8, 8))
     with pytest.raises(TypeError, match="dynamic must be a bool, got 'no'"):
         export_onnx(model, x, dynamic="no")
     with pytest.raises(TypeError, match="path must be a str, an os.PathLike or None, got int"):

@@ -309,7 +309,7 @@ def export_onnx(
     Raises:
         ValueError: no quantized layer, an uninitialised quantizer, more than 8 bits,
             a quantizer outside a quantized layer, an opset out of range, a ``path`` whose folder
-            does not exist.
+            does not exist, an ``example_input`` the model cannot take.
         TypeError: ``model`` is not an ``nn.Module``, ``example_input`` not a float tensor, ``opset``
             not an int, ``int4`` / ``dynamic`` not bools, ``path`` not a str / PathLike / None.
         ImportError: the ``[export]`` extra is missing.
@@ -353,6 +353,14 @@ def export_onnx(
     twin, int4_layers = _twin(model, int4)
     device = next(itertools.chain(twin.parameters(), twin.buffers())).device
     x = example_input.detach().float().to(device)
+    try:  # a clear error before torch.export's long one
+        with torch.no_grad():
+            twin(x)
+    except (RuntimeError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"example_input of shape {tuple(example_input.shape)} does not run through the model: {first_line}"
+        ) from exc
     dynamic_shapes = None
     if dynamic:
         auto = torch.export.Dim.AUTO
