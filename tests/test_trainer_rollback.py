@@ -203,6 +203,19 @@ def test_a_one_pass_held_out_iterator_that_runs_out_gives_a_clear_error():
     assert d.step(*batch(1))["step"] == 2
 
 
+def test_a_compute_loss_that_fails_draws_nothing_from_the_private_generators():
+    held = [batch(40), batch(41)]
+    cfg = dict(mode="spark", credit_every=1, diffkd_layer="bottleneck")  # DiffKD draws noise before the credit
+    failing = distiller(held_out=iter(held[:1]), **cfg)
+    clean = distiller(held_out=iter(held), **cfg)
+    assert failing.step(*batch(0)) == clean.step(*batch(0))
+    with pytest.raises(ValueError, match="held_out ran out of batches"):
+        failing.step(*batch(1))
+    failing.held_out, failing._held_out_pass = iter(held[1:]), None
+    assert failing.step(*batch(1)) == clean.step(*batch(1))
+    assert_same_state(failing.state_dict(), clean.state_dict())
+
+
 def test_a_re_iterable_held_out_source_is_cycled():
     held = [batch(40), batch(41)]
     cycled = credit_distiller(held)

@@ -509,7 +509,13 @@ class SparkDistiller:
             )
         teacher_out = self._teacher_output(inputs, student_out) if cfg.mode != "qat" else None
         with torch.autocast(student_out.device.type, enabled=False):
-            return self._loss(inputs, targets, student_out, teacher_out)
+            try:
+                return self._loss(inputs, targets, student_out, teacher_out)
+            except BaseException:
+                if not self._micro and self._window_generators is not None:  # this call began the window
+                    self._restore_generators(self._window_generators)
+                    self._window_generators = None
+                raise
 
     def _loss(self, inputs, targets, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
@@ -646,8 +652,9 @@ class SparkDistiller:
                 "after_optimizer_step() needs a compute_loss() call (with grad enabled) since the last one"
             )
         micro, self._micro = self._micro, []
+        generators, self._window_generators = self._window_generators, None
         if skipped or not self._all_finite([m[k] for m in micro for k in ("l_task", "l_kd", "loss")]):
-            self._restore_generators(self._window_generators)
+            self._restore_generators(generators)
             if self.dfd is not None:
                 self.dfd.discard()
             return {"skipped": torch.ones((), device=self.device)}
