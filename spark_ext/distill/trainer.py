@@ -654,7 +654,8 @@ class SparkDistiller:
         micro, self._micro = self._micro, []
         generators, self._window_generators = self._window_generators, None
         if skipped or not self._all_finite([m[k] for m in micro for k in ("l_task", "l_kd", "loss")]):
-            self._restore_generators(generators)
+            if generators is not None:
+                self._restore_generators(generators)
             if self.dfd is not None:
                 self.dfd.discard()
             return {"skipped": torch.ones((), device=self.device)}
