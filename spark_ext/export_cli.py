@@ -61,7 +61,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="--model: the .onnx file to write; --demo: an output folder")
     p.add_argument("--input-shape", type=_shape, help="--model: the example input's shape, e.g. 1,3,64,64")
     p.add_argument(
-        "--opset", type=int, default=21, help="ONNX opset, >= 13; 4-bit types need 21 (default: %(default)s)"
+        "--opset",
+        type=_int_in(18),
+        default=21,
+        help="ONNX opset, 18 to the installed onnx's newest; 4-bit types need 21 (default: %(default)s)",
     )
     p.add_argument("--no-int4", action="store_true", help="store 2..4-bit operands in int8/uint8 instead of INT4/UINT4")
     p.add_argument("--preset", choices=tuple(PRESETS), default="default", help="--demo: budget (default: %(default)s)")
@@ -84,8 +87,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     # Every check before any work.
-    if args.opset < 13:
-        p.error(f"--opset must be >= 13 (per-channel DequantizeLinear), got {args.opset}")
     if not args.no_int4 and args.opset < 21:
         p.error(f"--opset {args.opset} has no INT4/UINT4: use --opset 21 or --no-int4")
     if args.model is not None:
@@ -121,6 +122,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         except ImportError:
             extra = "demo" if module == "skimage" else "export"
             p.error(f"{module} is not installed: pip install 'spark_ext[{extra}]'")
+    import onnx
+
+    if args.opset > onnx.defs.onnx_opset_version():
+        p.error(f"--opset: expected at most {onnx.defs.onnx_opset_version()} (the installed onnx), got {args.opset}")
     return args
 
 

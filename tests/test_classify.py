@@ -94,6 +94,31 @@ def test_distiller_rejects_bad_input(teacher):
         d.step(torch.rand(2, 1, 8, 8), torch.zeros(3, dtype=torch.int64))
 
 
+def test_logit_distiller_skips_a_non_finite_batch_and_rolls_back_exactly(teacher):
+    # A batch holding inf made the GoR balancer and the student NaN for good; rolling back twice to one
+    # in-memory checkpoint diverged (the optimisers updated the checkpoint's tensors in place).
+    def make():
+        torch.manual_seed(0)
+        student = DigitsCNN(4)
+        return LogitDistiller(student, teacher, torch.optim.Adam(student.parameters(), lr=1e-2), balancer="gor")
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
+    poisoned = data[0][0].clone()
+    poisoned[1, 0, 2, 2] = float("inf")
+    a, b = make(), make()
+    for i, (x, y) in enumerate(data):
+        if i == 2:
+            log = a.step(poisoned, data[0][1])
+            assert log["skipped"] == 1.0 and log["step"] == 2
+        assert a.step(x, y) == b.step(x, y)
+    checkpoint = a.state_dict()
+    for _ in range(2):
+        a.load_state_dict(checkpoint)
+        logs = [a.step(x, y) for x, y in data]
+    assert logs == [b.step(x, y) for x, y in data]
+
+
 def test_cmi_and_fit_on_known_predictions():
     labels = torch.tensor([0, 0, 1, 1])
     onehot = F.one_hot(labels, 3).double()

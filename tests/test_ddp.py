@@ -6,6 +6,7 @@ balancer, the baseline (and, through DDP, the student) identical on both ranks.
 """
 
 import copy
+import datetime
 import os
 import socket
 
@@ -18,7 +19,8 @@ from spark_ext.distill import SparkDistiller
 from spark_ext.models import EncoderDecoderNet
 
 WORLD = 2
-STEPS = 3
+STEPS = 4
+POISONED = 1  # rank 0's batch holds inf at this step: every rank must skip it together
 
 
 def _free_port() -> int:
@@ -31,7 +33,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A short timeout: a rank waiting in a collective the other skipped fails instead of hanging.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         teacher = EncoderDecoderNet(width=4, depth=1)
@@ -61,6 +64,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             g = torch.Generator().manual_seed(100 * rank + step)  # different images per rank
             y = torch.rand(2, 3, 8, 8, generator=g)
             x = y + 0.1 * torch.randn(y.shape, generator=g)
+            if step == POISONED and rank == 0:
+                x[0, 0, 0, 0] = float("inf")
             logs.append(d.step(x, y))
             dc.step(x, y)
         torch.save(
@@ -72,6 +77,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 "student": student.state_dict(),
                 "baseline": d.updater.baseline,
                 "logs": logs,
+                "steps": (d.steps, dc.steps),
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -85,6 +91,9 @@ def test_policy_balancer_and_student_stay_identical_across_ranks(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     # The ranks saw different data: their local rewards / losses differ ...
     assert r0["logs"][0]["loss_task"] != r1["logs"][0]["loss_task"]
+    # Only rank 0's batch held inf, yet both ranks skipped that step (no collective waited for the other).
+    assert r0["logs"][POISONED]["skipped"] == r1["logs"][POISONED]["skipped"] == 1.0
+    assert r0["steps"] == r1["steps"] == (STEPS - 1, STEPS - 1)
     # ... yet everything shared is bitwise identical.
     for part in ("policy", "balancer", "student", "credit_policy", "credit_student"):
         for k, v in r0[part].items():

@@ -2,6 +2,7 @@
 step under gradient accumulation, and its checkpoints carry the distiller's state. Skipped without Lightning."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -83,3 +84,40 @@ def test_checkpoint_carries_the_distiller_state(tmp_path):
 def test_grad_clip_in_the_config_is_rejected():
     with pytest.raises(ValueError, match="gradient_clip_val"):
         module(mode="kd", grad_clip=1.0)
+
+
+def test_a_step_the_grad_scaler_skips_teaches_the_distiller_nothing(tmp_path):
+    # 16-mixed's GradScaler (here on CPU) skips the step of the batch holding inf; the distiller did learn
+    # from it (GoR and the credit policy went NaN, every later loss NaN).
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    loader = data(8)
+    x, y = loader.dataset.tensors
+    x[2, 0, 1, 1] = float("inf")  # the second batch
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)  # fp16 gradients of these losses do not overflow
+    m = module(mode="spark", policy_signal="credit", credit_every=1, balancer="gor")
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    t = trainer(tmp_path, max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=[Record()])
+    t.fit(m, loader)
+    assert t.global_step == 4 and m.distiller.steps == 3  # the skipped step is not counted
+    assert losses[1] != losses[1] and all(v == v for i, v in enumerate(losses) if i != 1)
+    assert all(torch.isfinite(p).all() for p in [*m.distiller.balancer.parameters(), *m.distiller.policy.parameters()])
+
+
+def test_a_step_skipped_for_overflowing_fp16_gradients_is_not_learnt_from(tmp_path):
+    # Finite losses, gradients that overflow fp16 at the initial scale: only the scaler knows.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    init_scale = 2.0**24
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    m = module(mode="kd", balancer="gor")
+    t = trainer(tmp_path, max_steps=8, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    t.fit(m, data(16))
+    skipped = round(math.log2(init_scale / scaler.get_scale()))  # each skip halves the scale
+    assert 1 <= skipped < 8
+    assert m.distiller.steps == 8 - skipped

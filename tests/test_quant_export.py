@@ -9,7 +9,7 @@ onnx = pytest.importorskip("onnx", reason="needs the [export] extra")
 ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
 pytest.importorskip("onnxscript", reason="needs the [export] extra")
 
-from spark_ext.quant import LSQQuantizer, quantize_model  # noqa: E402
+from spark_ext.quant import LSQQuantizer, QuantConv2d, quantize_model  # noqa: E402
 from spark_ext.quant.export import export_onnx, run_onnx  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
@@ -148,7 +148,7 @@ def test_export_errors():
         export_onnx(Net(), x)
     with pytest.raises(ValueError, match=r"int4=True needs opset >= 21 .* got opset=18"):
         export_onnx(model, x, opset=18)
-    with pytest.raises(ValueError, match="opset must be an int >= 13"):
+    with pytest.raises(ValueError, match="opset must be >= 18"):
         export_onnx(model, x, opset=11)
     with pytest.raises(TypeError, match="example_input must be a float tensor"):
         export_onnx(model, torch.ones(1, 3, 8, 8, dtype=torch.int64))
@@ -164,3 +164,76 @@ def test_export_errors():
     stray(x)
     with pytest.raises(ValueError, match=r"outside a quantized layer cannot be exported: \['0'\]"):
         export_onnx(stray, x)
+
+
+@pytest.mark.parametrize(
+    "bits, int4",
+    [(b, True) for b in (2, 3, 4)] + [(b, False) for b in range(2, 9)],
+    ids=lambda v: str(v) if not isinstance(v, bool) else ("int4" if v else "int8"),
+)
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_every_bit_width_matches_onnxruntime_beyond_the_learned_range(bits, int4, signed):
+    # 2- and 3-bit activations in INT4 lost their Clip: QuantizeLinear saturates to INT4's range, not the
+    # layer's, so inputs beyond the learned range came out whole steps away from the fake-quant model.
+    torch.manual_seed(bits)
+    identity = nn.Conv2d(3, 3, 1, bias=False)  # a node in front of the quantizer, as in a real network
+    nn.init.dirac_(identity.weight)
+    quantized = QuantConv2d(3, 4, 3, padding=1, w_bits=bits, a_bits=bits, a_signed=signed)
+    model = nn.Sequential(identity, quantized).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 8, 8) - (0.5 if signed else 0.0))  # learns a range of about +-0.5 / [0, 1]
+    quantizer = quantized.input_quantizer
+    qn, qp = quantizer.qrange
+    step = float(quantizer.step)
+    x = (qn + qp) * step * torch.randn(2, 3, 9, 7)
+    assert (x > qp * step).any() and (x < -qn * step).any(), "the input must leave the learned range both ways"
+    proto = export_onnx(model, torch.rand(1, 3, 8, 8), int4=int4)
+    type_bits = 4 if int4 and bits <= 4 else 8
+    ops = {n.op_type for n in proto.graph.node}
+    # In front of an INT4 / UINT4 QuantizeLinear the clip is Max, Min (onnxruntime fails on Clip there).
+    assert ({"Max", "Min"} <= ops if type_bits == 4 else "Clip" in ops) == (bits < type_bits)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(run_onnx(proto, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_export_options_are_honoured_or_refused(tmp_path):
+    model = quant_net(w_bits=8, a_bits=8)
+    x = torch.rand(1, 3, 8, 8)
+    newest = onnx.defs.onnx_opset_version()
+    # torch's exporter writes opset 18 and above: an older one came back silently as opset 18.
+    for opset in (13, 17):
+        with pytest.raises(ValueError, match=f"opset must be >= 18 .*got {opset}"):
+            export_onnx(model, x, opset=opset, int4=False)
+    with pytest.raises(ValueError, match=f"opset must be <= {newest} .*got 99"):
+        export_onnx(model, x, opset=99)
+    with pytest.raises(TypeError, match="opset must be an int, got '21'"):
+        export_onnx(model, x, opset="21")
+    with pytest.raises(ValueError, match=r"example_input of shape \(1, 4, 8, 8\) does not run through the model"):
+        export_onnx(model, torch.rand(1, 4, 8, 8))
+    with pytest.raises(TypeError, match="dynamic must be a bool, got 'no'"):
+        export_onnx(model, x, dynamic="no")
+    with pytest.raises(TypeError, match="path must be a str, an os.PathLike or None, got int"):
+        export_onnx(model, x, 3)
+    with pytest.raises(ValueError, match="path: the folder .*missing does not exist"):
+        export_onnx(model, x, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(ValueError, match="path must name a file"):
+        export_onnx(model, x, tmp_path)
+    for opset, int4 in ((18, False), (22, True)):
+        path = tmp_path / f"m{opset}.onnx"
+        path.write_text("an older file")
+        proto = export_onnx(model, x, path, opset=opset, int4=int4)
+        assert [o.version for o in proto.opset_import if o.domain == ""] == [opset]
+        assert onnx.load(path) == proto  # replaced whole, no temporary file left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m18.onnx", "m22.onnx"]
+    # dynamic=False: the example's shape is fixed in the graph; True: every dim but the channels is free.
+    dims = {}
+    for dynamic in (False, True):
+        proto = export_onnx(model, x, opset=18, int4=False, dynamic=dynamic)
+        dims[dynamic] = [d.dim_value or d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[False] == [1, 3, 8, 8]
+    with pytest.raises(TypeError, match="x must be a float tensor"):
+        run_onnx(proto, x.numpy())
+    with pytest.raises(TypeError, match="model_or_path must be an onnx.ModelProto or a path, got int"):
+        run_onnx(3, x)
+    assert dims[True][1] == 3 and all(isinstance(d, str) for i, d in enumerate(dims[True]) if i != 1)

@@ -218,6 +218,8 @@ class DiffKD(DecoderFreeDistillation):
 
         Also sets :attr:`aux_loss` (``L_ae + L_diff``) and the values of :meth:`stats`."""
         f_s = self.student_tap.take()
+        if f_s.dtype in (torch.float16, torch.bfloat16):  # under autocast: the float32 modules need float32
+            f_s = f_s.float()
         if (
             f_s.dim() != 4
             or teacher_features.dim() != 4
@@ -262,8 +264,12 @@ class DiffKD(DecoderFreeDistillation):
             self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_step(self) -> None:
-        """One Adam step of the DiffKD modules (after the total loss's backward)."""
-        if self.optimizer is not None:
+        """One Adam step of the DiffKD modules (after the total loss's backward); none when a gradient is not
+        finite (fp16 gradients a GradScaler found overflowing: it unscales only the student's optimiser)."""
+        if self.optimizer is None:
+            return
+        grads = [p.grad for p in self.modules.parameters() if p.grad is not None]
+        if grads and bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             self.optimizer.step()
 
     # ------------------------------------------------------------ checkpoint
@@ -279,8 +285,11 @@ class DiffKD(DecoderFreeDistillation):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`; applied at build time if the modules do not exist yet."""
+        """Restore :meth:`state_dict`; applied at build time if the modules do not exist yet. The empty
+        state (taken before the first step) makes the modules unbuilt again: the next step builds them
+        afresh from the seed, as in a new run."""
         if not state:
+            self.modules = self.optimizer = self.generator = self._pending_state = None
             return
         if self.modules is None:
             self._pending_state = state

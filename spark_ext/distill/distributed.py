@@ -10,7 +10,9 @@ that wrapper, so the distiller keeps them in sync itself:
   state — the update equals the mean of the per-rank REINFORCE / balancer
   gradients;
 * the REINFORCE baseline is updated with the all-reduced mean reward, so it is
-  the same number on every rank.
+  the same number on every rank;
+* whether a step is skipped (a non-finite loss on any rank) is decided on all
+  ranks together, so none waits in a collective that another skips.
 
 Every rank still samples its own actions (its generator is seeded with
 ``seed + rank``) and normalises advantages over its own batch.
@@ -74,6 +76,16 @@ def average_scalar(value: torch.Tensor, group: Optional[object] = None) -> torch
     out = value.detach().clone()
     dist.all_reduce(out, group=group)
     return out / n
+
+
+def all_ranks(flag: torch.Tensor, group: Optional[object] = None) -> bool:
+    """Whether the 0-D bool ``flag`` is True on every rank (one host sync; one all-reduce under DDP), so
+    that every rank takes the same branch before the collectives that follow it."""
+    if world_size(group) == 1:
+        return bool(flag)
+    value = flag.detach().to(torch.float32).reshape(1).clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value)
 
 
 def average_tensors(tensors: list[torch.Tensor], group: Optional[object] = None) -> None:

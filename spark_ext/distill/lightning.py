@@ -4,7 +4,8 @@ Lightning owns the loop (backward, ``accumulate_grad_batches``, ``precision="bf1
 ``"16-mixed"``, ``gradient_clip_val``, schedulers, DDP, checkpoints); the module plugs the
 distiller's two parts into it: ``training_step`` returns :meth:`SparkDistiller.compute_loss`'s loss,
 and ``optimizer_step`` calls :meth:`SparkDistiller.after_optimizer_step` after the real optimiser
-step (once per accumulation window). The distiller is built in ``on_fit_start``, once the student is
+step (once per accumulation window; with ``skipped=True`` when ``"16-mixed"``'s GradScaler skipped
+it, which it tells by the lowered scale). The distiller is built in ``on_fit_start``, once the student is
 on its device and the optimiser exists; its state (policy, balancer, generators, step count) is saved
 in and restored from Lightning's checkpoints under the key ``"spark_distiller"``.
 
@@ -105,8 +106,13 @@ class SparkLightningModule(pl.LightningModule):
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:
+        # "16-mixed": the GradScaler skips a step on inf/NaN gradients and then lowers its scale;
+        # the distiller must not learn from a step the student did not take.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         super().optimizer_step(*args, **kwargs)
-        logs = self.distiller.after_optimizer_step()
+        skipped = scale is not None and scaler.get_scale() < scale
+        logs = self.distiller.after_optimizer_step(skipped=skipped)
         if logs:
             self.log_dict({f"train/{k}": v for k, v in logs.items()})
 

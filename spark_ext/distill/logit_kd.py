@@ -118,7 +118,9 @@ class LogitDistiller:
         return outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """One step on ``inputs [B, ...]`` and integer ``labels [B]``."""
+        """One step on ``inputs [B, ...]`` and integer ``labels [B]``. A non-finite loss (a batch holding inf
+        or NaN) skips the step: nothing (student, optimisers, balancer, step count) changes, and the log has
+        ``skipped`` 1.0."""
         cfg = self.config
         check_tensor(inputs, "inputs")
         check_tensor(labels, "labels", ndim=1)
@@ -137,17 +139,21 @@ class LogitDistiller:
         else:
             l_kd = torch.zeros((), device=l_task.device)
         total = self.balancer(l_task, cfg.lambda_kd * l_kd)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.balancer_optimizer is not None:
-            self.balancer_optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
-        if self.balancer_optimizer is not None:
-            self.balancer_optimizer.step()
-        self.optimizer.step()
-        self.steps += 1
-        log = {"loss": total.detach(), "loss_task": l_task.detach(), "loss_kd": l_kd.detach(), **self.balancer.stats()}
+        log = {"loss": total.detach(), "loss_task": l_task.detach(), "loss_kd": l_kd.detach()}
+        if not bool(torch.isfinite(torch.stack(list(log.values()))).all()):
+            log["skipped"] = torch.ones((), device=total.device)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.balancer_optimizer is not None:
+                self.balancer_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+            if self.balancer_optimizer is not None:
+                self.balancer_optimizer.step()
+            self.optimizer.step()
+            self.steps += 1
+        log.update(self.balancer.stats())
         keys = list(log)
         out = dict(zip(keys, torch.stack([log[k].float().reshape(()) for k in keys]).tolist()))
         out["step"] = self.steps
@@ -167,6 +173,9 @@ class LogitDistiller:
         return _clone(state)
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; ``state`` is copied (the optimisers would otherwise keep its
+        tensors and update them in place), so one in-memory checkpoint can be restored any number of times."""
+        state = _clone(state)
         for key, mine in (("mode", self.config.mode), ("balancer_name", self.config.balancer)):
             if state[key] != mine:
                 raise ValueError(f"checkpoint {key} {state[key]!r} differs from this distiller's {mine!r}")

@@ -32,6 +32,13 @@ step count), from what every ``compute_loss`` since the last one recorded. Under
 ``torch.autocast`` the networks run in low precision, the losses, policy, credit and rewards in
 float32 (with a float32 no-grad forward of the student where the policy needs one).
 
+A skipped optimiser step (a GradScaler that found inf/NaN gradients) teaches the distiller
+nothing: ``after_optimizer_step(skipped=True)``, or any non-finite loss recorded since the last
+optimiser step, discards the window and leaves every distiller state (balancer, policy, their
+optimisers, running scales, baseline, generators, pending action, previous batch, step count) as
+if its batches never happened; :meth:`SparkDistiller.step` skips the optimiser step itself on a
+non-finite loss.
+
 The policy never receives gradient from ``L`` (its weights are detached).
 The student's train/eval mode is left as the caller set it; the reward
 forward runs in that same mode (the demo networks have no BatchNorm or
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -206,9 +213,12 @@ class SparkDistiller:
         config: a :class:`DistillConfig`; keyword ``overrides`` replace its fields.
         policy: optionally a pre-built :class:`SparkPolicy` (else one is built from the seed).
         process_group: DDP process group for the policy/balancer sync (default group).
-        held_out: an iterator of ``(inputs, targets)`` batches the student does not train on, for the
-            ``"credit"`` policy signal; None uses the previous step's training batch (a batch other
-            than the one being weighted).
+        held_out: ``(inputs, targets)`` batches the student does not train on, for the ``"credit"``
+            policy signal: a re-iterable source (a ``DataLoader``, a list) is cycled, restarted
+            whenever it runs out; a one-pass iterator (``iter(loader)``, a generator) makes
+            :meth:`compute_loss` raise a ``ValueError`` once exhausted. None uses the previous step's
+            training batch (a batch other than the one being weighted). Its position is not part of
+            :meth:`state_dict`.
 
     Use ``log = distiller.step(inputs, targets)`` in a loop; ``state_dict()``
     and ``load_state_dict()`` checkpoint everything the run needs to continue
@@ -224,7 +234,7 @@ class SparkDistiller:
         *,
         policy: Optional[SparkPolicy] = None,
         process_group: Optional[object] = None,
-        held_out: Optional[Iterator[tuple[torch.Tensor, torch.Tensor]]] = None,
+        held_out: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None,
         **overrides: Any,
     ):
         if not isinstance(student, nn.Module):
@@ -248,10 +258,14 @@ class SparkDistiller:
         self.generator: Optional[torch.Generator] = None
         self.policy_optimizer: Optional[torch.optim.Optimizer] = None
         self.signal_scale: Optional[RunningScale] = None
+        if held_out is not None and not isinstance(held_out, Iterable):
+            raise TypeError(f"held_out must be an iterable of (inputs, targets) batches, got {type(held_out).__name__}")
         self.held_out = held_out
+        self._held_out_pass: Optional[Iterator] = None  # the current pass over held_out
         self._previous_batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._pending: Optional[dict[str, Any]] = None  # "reinforce": an action waiting for its reward
         self._micro: list[dict[str, Any]] = []  # what compute_loss recorded since the last optimiser step
+        self._window_generators: Optional[dict[str, Any]] = None  # their states before the window's first batch
         if cfg.mode == "map":
             self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed + self.rank)
         if cfg.mode == "spark":
@@ -376,10 +390,7 @@ class SparkDistiller:
         """``"credit"``: score every cell (:func:`cell_credit`) at the parameters this step's gradient is
         taken at (so in :meth:`compute_loss`, before the optimiser moves them)."""
         cfg = self.config
-        if self.held_out is not None:
-            held = next(self.held_out)
-        else:
-            held = self._previous_batch
+        held = self._next_held_out() if self.held_out is not None else self._previous_batch
         # The wrapped module, not a DistributedDataParallel wrapper: a forward of the wrapper would
         # expect a backward that reduces gradients, and cell_credit only uses autograd.grad.
         plain = getattr(self.student, "module", self.student)
@@ -398,12 +409,61 @@ class SparkDistiller:
             process_group=self.group,
         )
 
+    def _next_held_out(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``held_out`` batch; a re-iterable source starts a new pass when one runs out."""
+        if self._held_out_pass is None:
+            self._held_out_pass = iter(self.held_out)
+        try:
+            held = next(self._held_out_pass)
+        except StopIteration:
+            if self._held_out_pass is self.held_out:  # iter(x) is x: a one-pass iterator
+                raise ValueError(
+                    "held_out ran out of batches: a one-pass iterator (iter(loader), a generator) is used once; "
+                    "pass a re-iterable source (the DataLoader itself, a list) to cycle it"
+                ) from None
+            self._held_out_pass = iter(self.held_out)
+            try:
+                held = next(self._held_out_pass)
+            except StopIteration:
+                raise ValueError("held_out yields no batches") from None
+        if not (isinstance(held, (tuple, list)) and len(held) == 2 and all(isinstance(t, torch.Tensor) for t in held)):
+            raise TypeError(f"held_out must yield (inputs, targets) pairs of tensors, got {type(held).__name__}")
+        return held[0], held[1]
+
+    def _generator_states(self) -> dict[str, Any]:
+        """The private generators' states: the policy's (or the map's), DiffKD's (or, while its modules are
+        not built, the state they will be built with)."""
+        states: dict[str, Any] = {"policy": None if self.generator is None else self.generator.get_state()}
+        if self.diffkd is not None:
+            d = self.diffkd
+            states["diffkd"] = d.generator.get_state() if d.generator is not None else d.state_dict()
+        return states
+
+    def _restore_generators(self, states: dict[str, Any]) -> None:
+        if states["policy"] is not None:
+            self.generator.set_state(states["policy"])
+        if self.diffkd is not None:
+            if isinstance(states["diffkd"], dict):  # built during the window: unbuilt again, as it was
+                self.diffkd.load_state_dict({})
+                self.diffkd.load_state_dict(states["diffkd"])
+            else:
+                self.diffkd.generator.set_state(states["diffkd"])
+
+    def _all_finite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every value of ``tensors`` is finite, on every DDP rank (one host sync)."""
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        return distributed.all_ranks(finite, self.group)
+
     def _credit_update(self, signals: torch.Tensor, credit: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``"credit"``: one policy step on ``-mean(w * credit)``."""
+        """``"credit"``: one policy step on ``-mean(w * credit)``; none on a non-finite credit (a held-out
+        batch holding inf): the policy, its optimiser and the running scale stay as they are."""
+        stats = {"credit": credit.mean(), "credit_pos": (credit > 0).float().mean()}
+        if not self._all_finite([credit]):
+            return stats
         alpha, beta = self.policy(signals)
         loss = credit_loss(self.config.w_bound * alpha / (alpha + beta), self.signal_scale.normalize(credit))
         self._policy_step(loss)
-        return {"credit": credit.mean(), "credit_pos": (credit > 0).float().mean(), "policy_loss": loss.detach()}
+        return {**stats, "policy_loss": loss.detach()}
 
     def _reinforce_update(self) -> dict[str, torch.Tensor]:
         """``"reinforce"``: the pending action's per-cell reward ``horizon`` steps later, one policy step."""
@@ -449,7 +509,13 @@ class SparkDistiller:
             )
         teacher_out = self._teacher_output(inputs, student_out) if cfg.mode != "qat" else None
         with torch.autocast(student_out.device.type, enabled=False):
-            return self._loss(inputs, targets, student_out, teacher_out)
+            try:
+                return self._loss(inputs, targets, student_out, teacher_out)
+            except BaseException:
+                if not self._micro and self._window_generators is not None:  # this call began the window
+                    self._restore_generators(self._window_generators)
+                    self._window_generators = None
+                raise
 
     def _loss(self, inputs, targets, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
@@ -464,10 +530,17 @@ class SparkDistiller:
         log: dict[str, torch.Tensor] = {}
         training = torch.is_grad_enabled()
         first = training and not self._micro  # the first micro-batch since the last optimiser step
+        if first:  # a skipped window rewinds them (after_optimizer_step)
+            self._window_generators = self._generator_states()
         spark = cfg.mode == "spark"
         policy_step = spark and training and self.steps % cfg.credit_every == 0
         paper_reward = spark and training and cfg.policy_signal == "paper" and self.steps % cfg.reward_every == 0
-        stash = policy_step and cfg.policy_signal == "reinforce" and self._pending is None
+        stash = (
+            policy_step
+            and cfg.policy_signal == "reinforce"
+            and self._pending is None
+            and not any("pending" in m for m in self._micro)
+        )
         credit_step = (
             policy_step
             and first
@@ -520,14 +593,15 @@ class SparkDistiller:
                 "targets": targets.detach(),
                 "l_task": l_task.detach(),
                 "l_kd": l_kd_scaled.detach(),
+                "loss": total.detach(),
             }
             if credit_step:
                 base = self._fp32_output(inputs, student_out)
                 record["credit"] = self._cell_credit(inputs, base, teacher_out, gate)
                 record["signals"] = signals
-            if stash:
+            if stash:  # becomes the pending action in after_optimizer_step, unless the step is skipped
                 base = self._fp32_output(inputs, student_out)
-                self._pending = {
+                record["pending"] = {
                     "inputs": inputs.detach(),
                     "targets": targets.detach(),
                     "signals": signals,
@@ -545,26 +619,56 @@ class SparkDistiller:
         log.update(loss=total.detach(), loss_task=l_task.detach(), loss_kd=l_kd.detach())
         return total, log
 
-    def after_optimizer_step(self) -> dict[str, torch.Tensor]:
+    def after_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
         """The distiller's own updates, once per optimiser step (after ``optimizer.step()``), from every
         :meth:`compute_loss` call since the last one: the balancer's Adam step (on the micro-batches' mean
         loss), the policy step (``"credit"``: from the first micro-batch's credit; ``"paper"``: one
         REINFORCE step on the rewards of every micro-batch's images, measured by a no-grad forward of the
         updated student; ``"reinforce"``: a pending action's reward when due) and the step count.
 
-        Returns detached 0-D tensors: with the ``"credit"`` signal, on credit steps, ``credit``,
-        ``credit_pos``, ``policy_loss``; with ``"paper"``, on reward steps, ``reward``, ``baseline``,
-        ``policy_loss``, ``entropy`` (``baseline`` every step); with ``"reinforce"``, on reward steps,
-        ``reward``, ``policy_loss``, ``entropy``; balancer scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``).
+        Args:
+            skipped: True when the optimiser did not step (a ``torch.amp.GradScaler`` found inf/NaN
+                gradients: ``scale = scaler.get_scale(); scaler.update(); skipped = scaler.get_scale() < scale``),
+                or to abandon the micro-batches recorded since the last optimiser step.
+
+        The window is skipped when ``skipped`` is True or when any recorded loss (task, KD, total) is
+        not finite (one host sync; under DDP decided on all ranks together): nothing is learnt from it,
+        and the balancer, the policy, their optimisers, the running scales and baseline, the private
+        generators, the pending action, the previous batch and the step count stay as they were before
+        its first :meth:`compute_loss`, as if its batches never happened (a ``held_out`` batch drawn for
+        it stays drawn). A non-finite credit (from a ``held_out`` batch holding inf) skips only the
+        policy step.
+
+        Returns detached 0-D tensors: ``skipped`` (1.0) alone on a skipped window; else, with the
+        ``"credit"`` signal, on credit steps, ``credit``, ``credit_pos``, ``policy_loss``; with
+        ``"paper"``, on reward steps, ``reward``, ``baseline``, ``policy_loss``, ``entropy`` (``baseline``
+        every step); with ``"reinforce"``, on reward steps, ``reward``, ``policy_loss``, ``entropy``;
+        balancer scalars (``gor_s1``, ``gor_s2`` / ``lmr_factor``).
         """
+        if not isinstance(skipped, bool):
+            raise TypeError(f"skipped must be a bool, got {skipped!r}")
         if not self._micro:
             raise RuntimeError(
                 "after_optimizer_step() needs a compute_loss() call (with grad enabled) since the last one"
             )
-        cfg = self.config
         micro, self._micro = self._micro, []
+        generators, self._window_generators = self._window_generators, None
+        if skipped or not self._all_finite([m[k] for m in micro for k in ("l_task", "l_kd", "loss")]):
+            if generators is not None:
+                self._restore_generators(generators)
+            if self.dfd is not None:
+                self.dfd.discard()
+            return {"skipped": torch.ones((), device=self.device)}
+        return self._learn(micro)
+
+    def _learn(self, micro: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """:meth:`after_optimizer_step`'s updates from the window's records ``micro``."""
+        cfg = self.config
         spark = cfg.mode == "spark"
         log: dict[str, torch.Tensor] = {}
+        stashed = [m["pending"] for m in micro if "pending" in m]
+        if stashed:
+            self._pending = stashed[0]
         if self.diffkd is not None:
             self.diffkd.optimizer_step()
         with torch.autocast(self.device.type, enabled=False):
@@ -600,22 +704,26 @@ class SparkDistiller:
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """One training step on ``(inputs, targets)``: :meth:`compute_loss`, backward, ``grad_clip``,
-        ``optimizer.step()``, :meth:`after_optimizer_step`.
+        ``optimizer.step()``, :meth:`after_optimizer_step`. A non-finite loss (a batch holding inf or NaN)
+        skips the backward and the optimiser step, as a GradScaler would, and the distiller learns
+        nothing from it (``skipped`` is 1.0 in the log, ``step`` unchanged).
 
         Args:
             inputs: the student's input batch (``[B, ...]``, B >= 1).
             targets: ground truth ``[B, C, H, W]`` shaped like the student's output.
 
         Returns:
-            The logs of both parts as Python floats (one host sync per step), and ``step``.
+            The logs of both parts as Python floats, and ``step``.
         """
         self.optimizer.zero_grad(set_to_none=True)
         loss, log = self.compute_loss(inputs, targets)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
-        self.optimizer.step()
-        log.update(self.after_optimizer_step())
+        finite = self._all_finite([loss.detach(), log["loss_task"], log["loss_kd"]])
+        if finite:
+            loss.backward()
+            if self.config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+        log.update(self.after_optimizer_step(skipped=not finite))
         keys = list(log)
         values = torch.stack([log[k].detach().float().reshape(()).to(loss.device) for k in keys]).tolist()
         out = dict(zip(keys, values))
@@ -703,9 +811,14 @@ class SparkDistiller:
         return _clone(state)
 
     def load_state_dict(self, state: dict, *, restore_global_rng: bool = True) -> None:
-        """Restore :meth:`state_dict`'s output into this distiller (same mode/balancer)."""
+        """Restore :meth:`state_dict`'s output into this distiller (same mode/balancer), exactly as a fresh
+        distiller resuming from it: micro-batches recorded by :meth:`compute_loss` since the last optimiser
+        step (an abandoned step) are dropped. ``held_out``'s position is not restored. ``state`` is not
+        modified by later training (the optimisers would otherwise keep its tensors and update them in place),
+        so one in-memory checkpoint can be restored any number of times."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"state format {state.get('format')!r} is not {STATE_FORMAT}")
+        state = _clone(state)
         for key, mine in (
             ("mode", self.config.mode),
             ("balancer_name", self.config.balancer),
@@ -733,6 +846,9 @@ class SparkDistiller:
         if self.diffkd is not None:
             self.diffkd.load_state_dict(state["diffkd"])
         self.steps = int(state["steps"])
+        self._micro, self._window_generators = [], None
+        if self.dfd is not None:
+            self.dfd.discard()
         if restore_global_rng:
             torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and torch.cuda.is_available():
