@@ -62,7 +62,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--input-shape", type=_shape, help="--model: the example input's shape, e.g. 1,3,64,64")
     p.add_argument(
         "--opset",
-        type=_int_in(18),
+        type=int_in(18),
         default=21,
         help="ONNX opset, 18 to the installed onnx's newest; 4-bit types need 21 (default: %(default)s)",
     )
