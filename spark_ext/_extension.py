@@ -367,6 +367,33 @@ def jit_target(torch_version: str) -> tuple[Path, str, bool]:
     return build_dir, f"spark_ext_C_{digest[:8]}", with_cuda
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an OS lock on ``build_dir`` for a build, and clear a lock file a killed build left there.
+
+    torch's ``cpp_extension.load`` marks a build in progress with a ``lock`` file
+    that a process killed mid-build never removes; every later build would then
+    wait for it forever. Builds of the same folder take this ``fcntl`` lock
+    first, which the OS releases when its holder dies, so a ``lock`` file found
+    while holding it is stale and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock file alone
+        yield
+        return
+    with open(build_dir / "spark_ext_build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                print(f"spark_ext: removing {stale}, left by a build that was stopped", file=sys.stderr, flush=True)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _jit_build(torch_version: str) -> Path:
     import torch  # noqa: F401  (cpp_extension needs it imported)
     from torch.utils import cpp_extension
@@ -385,7 +412,7 @@ def _jit_build(torch_version: str) -> Path:
     arch_value = current_arch_plan()[0] if with_cuda else None
     log = build_dir / "build-error.log"
     try:
-        with arch_list_env(arch_value):
+        with _build_lock(build_dir), arch_list_env(arch_value):
             cpp_extension.load(
                 name=name,
                 sources=sources,

@@ -368,3 +368,14 @@ def test_a_wrapper_nvcc_outside_the_toolkit_finds_the_toolkit(monkeypatch, tmp_p
     monkeypatch.setenv("CUDA_HOME", str(wrapper_home))  # the user's choice is kept
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
     assert _extension.use_cuda_toolkit("13.0") == wrapper_home
+
+
+def test_a_lock_file_left_by_a_killed_build_is_cleared(tmp_path, capsys):
+    # torch's cpp_extension waits forever on the "lock" file of a build that was killed.
+    (tmp_path / "lock").write_text("")
+    with _extension._build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert "left by a build that was stopped" in capsys.readouterr().err
+    with _extension._build_lock(tmp_path):  # nothing stale: nothing said
+        pass
+    assert capsys.readouterr().err == ""
