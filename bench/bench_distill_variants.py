@@ -43,7 +43,7 @@ from spark_ext.demo.training import make_ptq, student_optimizer  # noqa: E402
 from spark_ext.distill import DistillConfig, SparkDistiller  # noqa: E402
 from spark_ext.models import build_model  # noqa: E402
 
-SPARK = "spark (default, k16)"
+SPARK = "spark"  # the default SPARK (credit policy, credit every 16 steps)
 VARIANTS = {
     "qat": dict(mode="qat"),
     "qat_torch": dict(mode="qat"),  # + torch's fake quant (use_torch_fake_quant)
