@@ -36,8 +36,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// An autograd node owned the way this torch owns them (std::shared_ptr up to
-// torch 2.12, c10::intrusive_ptr since).
+// An autograd node owned the way this torch owns them (a std::shared_ptr in
+// older torch, a c10::intrusive_ptr in newer).
 template <class T, class... Args>
 auto make_node(Args&&... args) {
   using NodePtr = decltype(torch::autograd::Edge::function);
@@ -48,16 +48,23 @@ auto make_node(Args&&... args) {
   }
 }
 
+// Whether autograd has anything to record: as torch's generated kernels do, a call
+// that needs no graph skips the autograd Function (its node, saved tensors, wrapping).
+bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : inputs) {
+    if (t->defined() && t->requires_grad()) return true;
+  }
+  return false;
+}
+
 // The backward ops compute first derivatives only. Where autograd records a graph
 // through one (create_graph=True with inputs that require grad), its outputs get a
 // node that raises when reached, as torch's own not-implemented derivatives do:
 // the first gradient still works, a second one is refused instead of silently wrong.
 void record_no_second_derivative(const char* op, const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d,
                                  std::initializer_list<Tensor*> outputs) {
-  if (!at::GradMode::is_enabled()) return;
-  bool any = false;
-  for (const Tensor* t : {&a, &b, &c, &d}) any = any || (t->defined() && t->requires_grad());
-  if (!any) return;
+  if (!any_requires_grad({&a, &b, &c, &d})) return;
   auto node = make_node<torch::autograd::Error>(
       std::string("spark_ext: ") + op +
           " has no second derivative on the compiled backends (a gradient of its gradient was asked for: "
@@ -139,16 +146,6 @@ struct FakeQuantFunction : public torch::autograd::Function<FakeQuantFunction<Op
             Tensor()};
   }
 };
-
-// Whether autograd has anything to record: as torch's generated kernels do, a call
-// that needs no graph skips the autograd Function (its node, saved tensors, wrapping).
-bool any_requires_grad(std::initializer_list<const Tensor*> inputs) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const Tensor* t : inputs) {
-    if (t->defined() && t->requires_grad()) return true;
-  }
-  return false;
-}
 
 template <class Op>
 Tensor fake_quant_autograd(const Tensor& x, const Tensor& p0, const typename Op::P1& p1, std::optional<int64_t> axis,

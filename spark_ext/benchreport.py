@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._validation import writable_dir_problem
+from .cli import CommandParser
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -862,7 +863,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Op
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="spark-ext bench", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="spark-ext bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="files", nargs="+", type=Path, help="saved result JSONs to summarise")
     parser.add_argument("--only", nargs="+", default=[], help="benchmarks to run (e.g. difficulty lsq)")
     parser.add_argument("--quick", action="store_true", default=None, help="small sizes (default on CPU)")

@@ -1,4 +1,4 @@
-"""Every ``spark-ext`` command (bench aside) on bad input: exit 2, one line on stderr naming the argument,
+"""Every ``spark-ext`` command on bad input: exit 2, one line on stderr naming the argument,
 nothing written to its output folder, and no work started (the training entry points fail the test if
 called). Also the atomic results-file helper they write with."""
 
@@ -12,6 +12,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
+import spark_ext.benchreport  # noqa: E402
 import spark_ext.classify  # noqa: E402
 import spark_ext.daqakd_study  # noqa: E402
 import spark_ext.demo.cli  # noqa: E402
@@ -38,6 +39,7 @@ WORK = [
     (spark_ext.daqakd_study, "train_teacher"),
     (spark_ext.daqakd_study, "train_student"),
     (spark_ext.quant.export, "export_onnx"),
+    (spark_ext.benchreport, "_run_benchmarks"),
 ]
 
 
@@ -136,6 +138,12 @@ CASES = [
     ("export --model {model} --out {out}/m.onnx", "--input-shape"),
     ("export --model {tmp}/missing.pt --out {out}/m.onnx --input-shape 1,3,8,8", "--model"),
     ("export --model {model} --out {blocker}/m.onnx --input-shape 1,3,8,8", "--out"),
+    # bench
+    ("bench --out {blocker}/r", "--out"),
+    ("bench --out {out}/r --only nosuch", "--only"),
+    ("bench --out {out}/r --plot {blocker}/plots", "--plot"),
+    ("bench --out {out}/r --from {tmp}/missing.json", "--from"),
+    ("bench --out {out}/r --bogus", "--bogus"),
 ]
 
 
