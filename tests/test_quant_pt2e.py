@@ -8,11 +8,16 @@ from torch import nn
 
 pt2e = pytest.importorskip("torchao.quantization.pt2e", reason="needs the [torchao] extra")
 from torchao.quantization.pt2e import LearnableFakeQuantize as TorchaoLFQ  # noqa: E402
-from torchao.quantization.pt2e import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver  # noqa: E402
+from torchao.quantization.pt2e import (  # noqa: E402
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    enable_range_learning,  # noqa: E402  (torchao's own helper)
+)
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e  # noqa: E402
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer  # noqa: E402
 
-from spark_ext.quant.pt2e import PT2ELearnableFakeQuantize, enable_range_learning  # noqa: E402
+from spark_ext.quant import LearnableFakeQuantize as TorchAOEagerLFQ  # noqa: E402
+from spark_ext.quant.pt2e import PT2ELearnableFakeQuantize  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -85,7 +90,7 @@ def test_prepare_qat_pt2e_same_losses_as_torchao_and_convert(weight_scheme):
         prepared(base, PT2ELearnableFakeQuantize, weight_scheme, x),
     )
     fqs = [m for m in ours.modules() if isinstance(m, PT2ELearnableFakeQuantize)]
-    assert len(fqs) == 6 and not any(isinstance(m, TorchaoLFQ) for m in ours.modules())
+    assert len(fqs) == 6 and not any(type(m) is TorchaoLFQ for m in ours.modules())
     for m in (theirs, ours):
         m(x)  # observe: torchao creates its scale / zero point Parameters on the first forward
     opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (theirs, ours)]
@@ -129,6 +134,7 @@ def test_no_host_sync_flags_and_toggles():
     fq = PT2ELearnableFakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.uint8)
     theirs = TorchaoLFQ(MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.uint8)
     x = torch.rand(4, 5) * 3
+    assert fq.scale is None and fq.zero_point is None  # as torchao's, until the first forward
     assert torch.equal(fq(x), theirs(x))
     assert fq.scale.shape == (1,) and not fq.scale.requires_grad
     # In range-learning mode, once the flags were read, a forward does not index the flag buffers again
@@ -176,10 +182,12 @@ def test_per_channel_resizes_and_state_dict():
         ch_axis=0,
     )
     fq = cls()
-    param = fq.scale
     w = torch.randn(6, 3, 3, 3)
     fq(w)
-    assert fq.scale is param and fq.scale.shape == (6,)
+    param = fq.scale
+    assert fq.scale.shape == (6,)
+    fq(w)
+    assert fq.scale is param
     fresh = cls()
     fresh.load_state_dict(fq.state_dict())
     fresh.disable_observer(), fq.disable_observer()
@@ -190,6 +198,7 @@ def test_constructor_errors():
     obs = MovingAverageMinMaxObserver
     with pytest.raises(TypeError, match="quant_max must be an int, got 255.0"):
         PT2ELearnableFakeQuantize(obs, quant_max=255.0)
+    # ValueError (torchao's class asserts): a deliberate difference, docs/quantization.md.
     with pytest.raises(ValueError, match="need quant_min <= 0 <= quant_max and quant_min < quant_max, got quant_min=3"):
         PT2ELearnableFakeQuantize(obs, quant_min=3, quant_max=255)
     with pytest.raises(
@@ -198,3 +207,84 @@ def test_constructor_errors():
         PT2ELearnableFakeQuantize(obs, quant_min=0, quant_max=300, dtype=torch.uint8)
     with pytest.raises(TypeError, match="use_grad_scaling must be a bool"):
         PT2ELearnableFakeQuantize(obs, use_grad_scaling=1)
+
+
+def test_torchaos_enable_range_learning_switches_ours_on():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = prepared(Net(), PT2ELearnableFakeQuantize, torch.per_channel_symmetric, x)
+    model(x)
+    model.apply(enable_range_learning)  # torchao.quantization.pt2e's: an isinstance check on its class
+    fqs = [m for m in model.modules() if isinstance(m, PT2ELearnableFakeQuantize)]
+    assert len(fqs) == 6
+    assert all(int(m.learning_enabled) == 1 and int(m.observer_enabled) == 0 for m in fqs)
+    assert all(m.scale.requires_grad and m.zero_point.requires_grad for m in fqs)
+
+
+def test_sgd_momentum_driving_a_scale_negative_trains_like_torchao():
+    """torchao's module keeps training when an optimizer step drives a scale <= 0; ours clamps it to eps (as
+    torch.ao's module does) instead of raising, and matches torchao's losses while torchao's scales are > 0."""
+    torch.manual_seed(0)
+    base = Net()
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    theirs, ours = (
+        prepared(base, cls, torch.per_tensor_symmetric, x) for cls in (TorchaoLFQ, PT2ELearnableFakeQuantize)
+    )
+    for m in (theirs, ours):
+        m(x)
+        m.apply(enable_range_learning)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (theirs, ours)]
+
+    def scales(m):
+        return torch.cat([p.detach().flatten() for n, p in m.named_parameters() if n.endswith(".scale")])
+
+    matched_steps = 0
+    for _ in range(15):
+        theirs_positive = bool((scales(theirs) > 0).all())
+        losses = []
+        for m, opt in zip((theirs, ours), opts):
+            opt.zero_grad()
+            loss = (m(x) - target).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert torch.isfinite(losses[1])
+        if theirs_positive and matched_steps == _:
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+            matched_steps += 1
+    assert 3 <= matched_steps < 15  # the recipe drives one of torchao's scales negative after a few steps
+    assert (scales(theirs) < 0).any()
+    eps = torch.finfo(torch.float32).eps
+    ours(x)
+    assert (scales(ours) >= eps).all()
+
+
+def test_non_finite_scale_error_names_the_module_and_channel():
+    fq = PT2ELearnableFakeQuantize(
+        MovingAveragePerChannelMinMaxObserver,
+        quant_min=-127,
+        quant_max=127,
+        dtype=torch.int8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+    )
+    w = torch.randn(6, 3)
+    fq(w)
+    fq.enable_range_learning()
+    fq.scale.data[2] = float("nan")
+    with pytest.raises(ValueError, match=r"PT2ELearnableFakeQuantize .*scale of channel\(s\) \[2\] is not finite"):
+        fq(w)
+
+
+def test_torch_ao_class_in_a_pt2e_spec_is_a_clear_type_error():
+    spec = QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=TorchAOEagerLFQ.with_args(observer=MovingAverageMinMaxObserver),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(Net(), (x,)).module()
+    with pytest.raises(TypeError, match="use spark_ext.quant.pt2e.PT2ELearnableFakeQuantize"):
+        prepare_qat_pt2e(exported, ConvQuantizer(spec, spec))

@@ -35,11 +35,13 @@ Differences from torch's module (all where torch's would fail or sync):
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
+from torch.ao.quantization.observer import _PartialWrapper
 
 from .. import ops
 
@@ -87,6 +89,22 @@ def learnable_fake_quant(fq: nn.Module, X: torch.Tensor) -> torch.Tensor:
     return ops.fake_quantize_learnable_per_tensor_affine(
         X, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max, grad_factor, backend=fq.backend
     )
+
+
+class _NotAPT2EFakeQuantizeError(TypeError, AttributeError):
+    """A TypeError for the user; an AttributeError too, so ``hasattr`` / ``getattr(..., default)`` stay quiet."""
+
+
+class _EagerFactory(_PartialWrapper):
+    """``LearnableFakeQuantize.with_args(...)``: torch.ao's factory. A torchao PT2E ``QuantizationSpec`` reads
+    its ``__name__`` (torchao's own factories have one): that read explains which class PT2E needs."""
+
+    @property
+    def __name__(self):
+        raise _NotAPT2EFakeQuantizeError(
+            "spark_ext.quant.LearnableFakeQuantize is for torch.ao's eager QAT flow (QConfig, prepare_qat); "
+            "in a torchao PT2E QuantizationSpec use spark_ext.quant.pt2e.PT2ELearnableFakeQuantize"
+        )
 
 
 class LearnableFakeQuantize(FakeQuantizeBase):
@@ -176,6 +194,11 @@ class LearnableFakeQuantize(FakeQuantizeBase):
         # bitwidth = floor(log2(number of levels)), as torch computes it.
         self.bitwidth = (quant_max - quant_min + 1).bit_length() - 1
         self.register_buffer("eps", torch.tensor([torch.finfo(torch.float32).eps]))
+
+    @classmethod
+    def with_args(cls, **kwargs):
+        """torch.ao's ``with_args``, with a clear TypeError if the factory is put in a torchao PT2E spec."""
+        return _EagerFactory(partial(cls, **kwargs))
 
     # ------------------------------------------------------------ toggles
 

@@ -16,10 +16,19 @@ forward semantics, ``calculate_qparams``), and two differences:
   ``observer_enabled[0]`` and ``fake_quant_enabled[0]`` every forward: two host
   syncs per quantizer per step on a GPU).
 
-``scale`` / ``zero_point`` are Parameters from construction (shape ``[1]``,
-resized in place to the channel count on the first observed batch; torchao's
-start as ``None``), so an optimizer may be built before the first forward.
-As in torchao, they do not require grad until :meth:`enable_range_learning`.
+* a learnable scale an optimizer step drove below ``eps`` (or <= 0) is clamped
+  back to ``eps`` before the next forward, as torch.ao's ``_LearnableFakeQuantize``
+  does and as ``calculate_qparams`` / ``convert_pt2e`` do in both classes
+  (torchao's forward computes with the negative scale, a mirrored grid that
+  its own ``convert_pt2e`` then replaces by ``eps``).
+
+It subclasses torchao's class, so torchao's helpers
+(``model.apply(torchao.quantization.pt2e.enable_range_learning)``) and
+``isinstance`` checks see it. As in torchao, ``scale`` / ``zero_point`` are
+``None`` until the first forward creates them (per channel: one per channel),
+and they require grad only after :meth:`enable_range_learning`. Bad
+``quant_min`` / ``quant_max`` raise ``ValueError`` / ``TypeError`` (torchao's
+raise ``AssertionError``, which ``python -O`` strips).
 
 Use (needs the ``[torchao]`` extra)::
 
@@ -40,8 +49,8 @@ import torch
 from torch import nn
 
 try:
-    from torchao.quantization.pt2e import FakeQuantizeBase
-    from torchao.quantization.pt2e import LearnableFakeQuantize as _TorchaoLearnableFakeQuantize
+    from torchao.quantization.pt2e import FakeQuantizeBase, disable_range_learning, enable_range_learning
+    from torchao.quantization.pt2e import LearnableFakeQuantize as TorchaoLearnableFakeQuantize
     from torchao.quantization.pt2e.utils import to_underlying_dtype
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -53,7 +62,7 @@ from .fake_quantize import learnable_fake_quant, read_flag
 __all__ = ["PT2ELearnableFakeQuantize", "disable_range_learning", "enable_range_learning"]
 
 
-class PT2ELearnableFakeQuantize(FakeQuantizeBase):
+class PT2ELearnableFakeQuantize(TorchaoLearnableFakeQuantize):
     """Learnable-scale fake quantize for torchao PT2E QAT, computed with spark_ext's ops.
 
     Args (as ``torchao.quantization.pt2e.LearnableFakeQuantize``):
@@ -78,8 +87,8 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
     differentiable w.r.t. X, scale and zero_point.
     """
 
-    scale: nn.Parameter
-    zero_point: nn.Parameter
+    scale: Optional[nn.Parameter]
+    zero_point: Optional[nn.Parameter]
 
     def __init__(
         self,
@@ -90,7 +99,8 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
         backend: Optional[str] = None,
         **observer_kwargs,
     ) -> None:
-        super().__init__()
+        # torchao's __init__ is skipped: its checks are asserts; everything else it sets is set here.
+        FakeQuantizeBase.__init__(self)
         for value, name in ((quant_min, "quant_min"), (quant_max, "quant_max")):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
@@ -118,34 +128,13 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
         self.qscheme = self.activation_post_process.qscheme
         self.ch_axis = getattr(self.activation_post_process, "ch_axis", -1)
         self.is_dynamic = False
-        self.scale = nn.Parameter(torch.ones(1), requires_grad=False)
-        self.zero_point = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.scale = None  # created by the first forward (or a loaded state dict), as in torchao
+        self.zero_point = None
         self.register_buffer("learning_enabled", torch.tensor([0], dtype=torch.uint8))
         self.register_buffer("eps", torch.tensor([torch.finfo(torch.float32).eps]))
         self._initialized = False
 
-    # ------------------------------------------------------------ toggles (torchao's)
-
-    def enable_range_learning(self) -> None:
-        """Learn scale / zero_point by backprop; stop the observer."""
-        self.learning_enabled[0] = 1
-        self.disable_observer()
-        self.scale.requires_grad = True
-        self.zero_point.requires_grad = True
-
-    def disable_range_learning(self) -> None:
-        self.learning_enabled[0] = 0
-        self.scale.requires_grad = False
-        self.zero_point.requires_grad = False
-
-    def enable_observer(self, enabled: bool = True) -> None:
-        """Observer on (which also stops range learning, as in torchao) or off."""
-        self.observer_enabled[0] = 1 if enabled else 0
-        if enabled:
-            self.disable_range_learning()
-
-    def disable_observer(self) -> None:
-        self.enable_observer(False)
+    # The toggles (enable_range_learning, enable_observer, enable_fake_quant, ...) are torchao's.
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scale, zero_point)`` for ``convert_pt2e``: scale clamped to >= eps, zero point rounded, clamped, int64."""
@@ -161,47 +150,50 @@ class PT2ELearnableFakeQuantize(FakeQuantizeBase):
 
     # ------------------------------------------------------------ forward
 
-    def _copy_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        for param, value in ((self.scale, scale), (self.zero_point, zero_point)):
-            value = value.detach().to(device=param.device, dtype=torch.float32).reshape(-1)
-            if value.shape != param.shape:  # first batch of a per-channel quantizer: keep the Parameter object
-                param.data = torch.empty(value.shape, dtype=param.dtype, device=param.device)
-            param.data.copy_(value)
-        self._initialized = True
-
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if not self._initialized or read_flag(self, "observer_enabled"):
             self.activation_post_process(X.detach())
-            self._copy_qparams(*self.activation_post_process.calculate_qparams())
+            scale, zero_point = self.activation_post_process.calculate_qparams()
+            self._initialize_or_update_qparams(scale.to(torch.float32), zero_point)
+        else:
+            # An optimizer step may have driven a learnt scale <= 0: back to eps, as torch.ao's module does.
+            # Through .data (no autograd version bump); a tensor bound, so no host sync.
+            self.scale.data.clamp_(min=self.eps)
         if not read_flag(self, "fake_quant_enabled"):
             return X
-        return learnable_fake_quant(self, X)
+        try:
+            return learnable_fake_quant(self, X)
+        except ValueError as exc:  # a NaN / inf scale (CPU; on a GPU the op asserts on the device)
+            if not str(exc).startswith("scale must be finite"):
+                raise
+            bad = (~torch.isfinite(self.scale.detach())).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{type(self).__name__} (qscheme={self.qscheme}, ch_axis={self.ch_axis}): scale of channel(s) "
+                f"{bad[:4]}{' ...' if len(bad) > 4 else ''} is not finite "
+                f"({self.scale.detach().flatten()[bad[0]].item()}): the training diverged"
+            ) from None
 
     # -------------------------------------------------------- state dicts
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # Take the incoming per-channel size; a loaded state counts as observed.
+        # Create (before the first forward) or resize (per channel) scale / zero_point to the incoming
+        # shape, keeping existing Parameter objects; a loaded state counts as observed.
         for name in ("scale", "zero_point"):
             incoming = state_dict.get(prefix + name)
             param = getattr(self, name)
-            if isinstance(incoming, torch.Tensor) and incoming.dim() == 1 and incoming.shape != param.shape:
+            if not isinstance(incoming, torch.Tensor):
+                continue
+            if param is None:
+                device = self.eps.device
+                setattr(self, name, nn.Parameter(torch.empty(incoming.shape, device=device), requires_grad=False))
+            elif incoming.dim() == 1 and incoming.shape != param.shape:
                 param.data = torch.empty(incoming.shape, dtype=param.dtype, device=param.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if prefix + "scale" in state_dict:
+        if self.scale is not None and prefix + "scale" in state_dict:
+            learning = bool(self.learning_enabled[0] == 1)
+            self.scale.requires_grad = self.zero_point.requires_grad = learning
             self._initialized = True
-
-
-def enable_range_learning(module: nn.Module) -> None:
-    """``model.apply(enable_range_learning)``: for spark_ext's and torchao's learnable PT2E fake quantizers."""
-    if isinstance(module, (PT2ELearnableFakeQuantize, _TorchaoLearnableFakeQuantize)):
-        module.enable_range_learning()
-
-
-def disable_range_learning(module: nn.Module) -> None:
-    """``model.apply(disable_range_learning)``: for spark_ext's and torchao's learnable PT2E fake quantizers."""
-    if isinstance(module, (PT2ELearnableFakeQuantize, _TorchaoLearnableFakeQuantize)):
-        module.disable_range_learning()
