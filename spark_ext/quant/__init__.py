@@ -10,6 +10,8 @@
 * :func:`calibrate` — PTQ: set every step from data by min-max or MSE search.
 * :class:`LearnableFakeQuantize` — drop-in for ``torch.ao.quantization._LearnableFakeQuantize``
   running spark_ext's fused learnable fake-quant ops.
+* :func:`qat_qconfig` — a torch.ao ``QConfig`` of those (bit widths, per-channel / per-tensor weights,
+  signed / unsigned activations) for ``prepare_qat``.
 * :func:`export_onnx` / :func:`run_onnx` — the QAT model as ONNX QuantizeLinear / DequantizeLinear
   (``[export]`` extra), run with onnxruntime.
 * ``spark_ext.quant.pt2e.PT2ELearnableFakeQuantize`` — for torchao's PT2E QAT flow
@@ -28,6 +30,7 @@ from .convert import QuantEntry, QuantReport, quantize_model
 from .export import export_onnx, run_onnx
 from .fake_quantize import LearnableFakeQuantize
 from .layers import QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
+from .qconfig import qat_qconfig
 from .quantizer import LSQQuantizer
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "QuantReport",
     "calibrate",
     "export_onnx",
+    "qat_qconfig",
     "quantize_model",
     "run_onnx",
 ]
