@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import qat_models  # noqa: E402
 
-from spark_ext.quant import LearnableFakeQuantize  # noqa: E402
+from spark_ext.quant import LearnableFakeQuantize, qat_qconfig  # noqa: E402
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -52,23 +52,6 @@ with warnings.catch_warnings():
 
 FAKE_QUANTS = {"ours": LearnableFakeQuantize, "torch": _LearnableFakeQuantize}
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
-
-
-def qconfig(cls) -> tq.QConfig:
-    """quint8 per-tensor activations, qint8 symmetric per-channel weights, LSQ grad scaling, with ``cls``."""
-    act = cls.with_args(
-        observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, use_grad_scaling=True
-    )
-    weight = cls.with_args(
-        observer=tq.MovingAveragePerChannelMinMaxObserver,
-        quant_min=-128,
-        quant_max=127,
-        dtype=torch.qint8,
-        qscheme=torch.per_channel_symmetric,
-        ch_axis=0,
-        use_grad_scaling=True,
-    )
-    return tq.QConfig(activation=act, weight=weight)
 
 
 def size_weight_qparams(model: nn.Module) -> int:
@@ -99,7 +82,8 @@ def build(name: str, impl: str, source: str, batch: int, px: int, device: torch.
     model, where = qat_models.build(name, source)
     model.train()
     model.fuse_model(is_qat=True)
-    model.qconfig = qconfig(FAKE_QUANTS[impl])
+    # quint8 per-tensor activations, qint8 symmetric per-channel weights, LSQ grad scaling.
+    model.qconfig = qat_qconfig(fake_quant=FAKE_QUANTS[impl])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tq.prepare_qat(model, inplace=True)

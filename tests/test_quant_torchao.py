@@ -12,7 +12,7 @@ with warnings.catch_warnings():
     import torch.ao.quantization as tq
     from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 
-from spark_ext.quant import LearnableFakeQuantize
+from spark_ext.quant import LearnableFakeQuantize, qat_qconfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -227,7 +227,9 @@ def test_per_channel_without_channel_len_sizes_lazily():
 
 
 def test_convert_after_qat():
-    model = prepared(Net(), LearnableFakeQuantize, grad_scaling=True)
+    model = Net().train()
+    model.qconfig = qat_qconfig(grad_scaling=True)  # per-channel weights sized on the first batch
+    tq.prepare_qat(model, inplace=True)
     model(torch.randn(2, 3, 6, 6))
     quantized = tq.convert(model.eval())
     assert quantized(torch.randn(2, 3, 6, 6)).shape == (2, 5)
