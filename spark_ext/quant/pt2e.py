@@ -6,7 +6,7 @@ constructors whose class derives from ``torchao.quantization.pt2e.FakeQuantizeBa
 and ``convert_pt2e`` only turns such modules into quantize / dequantize nodes.
 This class is that kind of module, with the API of torchao's
 ``torchao.quantization.pt2e.LearnableFakeQuantize`` (same constructor, toggles,
-forward semantics, ``calculate_qparams``), and two differences:
+forward semantics, ``calculate_qparams``), and three differences:
 
 * the fake quantization runs :func:`spark_ext.fake_quantize_learnable_per_tensor_affine`
   / :func:`spark_ext.fake_quantize_learnable_per_channel_affine` (fused
@@ -14,8 +14,7 @@ forward semantics, ``calculate_qparams``), and two differences:
 * the ``observer_enabled`` / ``fake_quant_enabled`` flag buffers are read from
   the device only after they were written (torchao's module reads
   ``observer_enabled[0]`` and ``fake_quant_enabled[0]`` every forward: two host
-  syncs per quantizer per step on a GPU).
-
+  syncs per quantizer per step on a GPU);
 * a learnable scale an optimizer step drove below ``eps`` (or <= 0) is clamped
   back to ``eps`` before the next forward, as torch.ao's ``_LearnableFakeQuantize``
   does and as ``calculate_qparams`` / ``convert_pt2e`` do in both classes
@@ -24,7 +23,8 @@ forward semantics, ``calculate_qparams``), and two differences:
 
 It subclasses torchao's class, so torchao's helpers
 (``model.apply(torchao.quantization.pt2e.enable_range_learning)``) and
-``isinstance`` checks see it. As in torchao, ``scale`` / ``zero_point`` are
+``isinstance`` checks see it (:mod:`spark_ext.quant.pt2e` re-exports
+``enable_range_learning`` / ``disable_range_learning``). As in torchao, ``scale`` / ``zero_point`` are
 ``None`` until the first forward creates them (per channel: one per channel),
 and they require grad only after :meth:`enable_range_learning`. Bad
 ``quant_min`` / ``quant_max`` raise ``ValueError`` / ``TypeError`` (torchao's
