@@ -288,3 +288,52 @@ def test_torch_ao_class_in_a_pt2e_spec_is_a_clear_type_error():
     exported = torch.export.export(Net(), (x,)).module()
     with pytest.raises(TypeError, match="use spark_ext.quant.pt2e.PT2ELearnableFakeQuantize"):
         prepare_qat_pt2e(exported, ConvQuantizer(spec, spec))
+
+
+def test_x86_inductor_quantizer_recipe_with_torchaos_helper():
+    """torchao's recipe: X86InductorQuantizer(is_qat=True) with the learnable class in its specs, torchao's
+    enable_range_learning, SGD + momentum, convert_pt2e: ours switches on and trains as torchao's."""
+    import dataclasses
+
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    default = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+
+    def config(cls):
+        def swap(spec, observer):
+            ctr = cls.with_args(observer=observer, use_grad_scaling=True)
+            return dataclasses.replace(spec, observer_or_fake_quant_ctr=ctr)
+
+        return dataclasses.replace(
+            default,
+            input_activation=swap(default.input_activation, MovingAverageMinMaxObserver),
+            weight=swap(default.weight, MovingAveragePerChannelMinMaxObserver),
+        )
+
+    torch.manual_seed(0)
+    base = Net()
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    models = []
+    for cls in (TorchaoLFQ, PT2ELearnableFakeQuantize):
+        exported = torch.export.export(copy.deepcopy(base), (x,)).module()
+        model = prepare_qat_pt2e(exported, xiq.X86InductorQuantizer().set_global(config(cls)))
+        model(x)
+        model.apply(enable_range_learning)
+        fqs = [m for m in model.modules() if isinstance(m, cls)]
+        assert len(fqs) == 4 and all(int(m.learning_enabled) == 1 and m.scale.requires_grad for m in fqs)
+        models.append(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            loss = (m(x) - target).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    theirs_scales = [p for n, p in models[0].named_parameters() if n.endswith(".scale")]
+    assert len(theirs_scales) == 4 and all((p > 0).all() for p in theirs_scales)  # a recipe torchao trains sanely
+    converted = convert_pt2e(models[1])
+    assert not any(isinstance(m, PT2ELearnableFakeQuantize) for m in converted.modules())
+    assert converted(x).shape == x.shape
