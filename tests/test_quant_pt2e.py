@@ -272,8 +272,17 @@ def test_non_finite_scale_error_names_the_module_and_channel():
     fq(w)
     fq.enable_range_learning()
     fq.scale.data[2] = float("nan")
-    with pytest.raises(ValueError, match=r"PT2ELearnableFakeQuantize .*scale of channel\(s\) \[2\] is not finite"):
+    with pytest.raises(ValueError, match=r"PT2ELearnableFakeQuantize .*: scale of channel\(s\) \[2\] is nan"):
         fq(w)
+    fq.scale.data[2] = float("inf")
+    with pytest.raises(ValueError, match=r"ch_axis=0\): scale of channel\(s\) \[2\] is inf"):
+        fq(w)
+    act = PT2ELearnableFakeQuantize(MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.uint8)
+    act(w)
+    act.enable_range_learning()
+    act.zero_point.data[0] = float("nan")
+    with pytest.raises(ValueError, match=r"per_tensor_affine, ch_axis=-1\): zero_point of channel\(s\) \[0\] is nan"):
+        act(w)
 
 
 def test_torch_ao_class_in_a_pt2e_spec_is_a_clear_type_error():

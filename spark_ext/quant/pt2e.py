@@ -163,14 +163,17 @@ class PT2ELearnableFakeQuantize(TorchaoLearnableFakeQuantize):
             return X
         try:
             return learnable_fake_quant(self, X)
-        except ValueError as exc:  # a NaN / inf scale (CPU; on a GPU the op asserts on the device)
-            if not str(exc).startswith("scale must be finite"):
+        except ValueError as exc:  # a NaN / inf scale or a NaN zero point (CPU; a GPU asserts on the device)
+            name = str(exc).split(" ", 1)[0]
+            if name not in ("scale", "zero_point"):
                 raise
-            bad = (~torch.isfinite(self.scale.detach())).nonzero().flatten().tolist()
+            values = getattr(self, name).detach().flatten()
+            bad = (~torch.isfinite(values) if name == "scale" else torch.isnan(values)).nonzero().flatten().tolist()
+            if not bad:
+                raise
             raise ValueError(
-                f"{type(self).__name__} (qscheme={self.qscheme}, ch_axis={self.ch_axis}): scale of channel(s) "
-                f"{bad[:4]}{' ...' if len(bad) > 4 else ''} is not finite "
-                f"({self.scale.detach().flatten()[bad[0]].item()}): the training diverged"
+                f"{type(self).__name__} (qscheme={self.qscheme}, ch_axis={self.ch_axis}): {name} of channel(s) "
+                f"{bad[:4]}{' ...' if len(bad) > 4 else ''} is {values[bad[0]].item()}: the training diverged"
             ) from None
 
     # -------------------------------------------------------- state dicts
