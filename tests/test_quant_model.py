@@ -490,3 +490,27 @@ def test_layers_that_cannot_be_swapped_are_reported():
         quantize_model(nn.Sequential(StdConv2d(3, 3, 1)))
     with pytest.raises(ValueError, match=r"model is itself an nn.Conv2d \(a SameForwardConv\).*QuantConv2d.from_float"):
         quantize_model(SameForwardConv(3, 3, 1))
+
+
+class FrozenMeanShift(nn.Conv2d):
+    """basicsr's MeanShift: the parent's forward, frozen weights (a fixed transform)."""
+
+    def __init__(self, mean=(0.4, 0.45, 0.5)):
+        super().__init__(3, 3, 1)
+        self.weight.data.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.bias.data.copy_(-torch.tensor(mean))
+        self.requires_grad_(False)
+
+
+def test_subclass_with_frozen_weights_is_left_float_and_reported():
+    model = nn.Sequential(FrozenMeanShift(), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    report = quantize_model(model, first_last_bits=8)
+    assert type(model[0]) is FrozenMeanShift
+    assert list(report)[0] == (
+        "0",
+        "FrozenMeanShift",
+        None,
+        None,
+        "subclass FrozenMeanShift has frozen weights (a fixed transform): left float",
+    )
+    assert str(report).endswith("2 layer(s) quantized, 1 left float")

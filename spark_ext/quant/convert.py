@@ -11,8 +11,9 @@ Subclasses: one that keeps its parent's ``forward`` (and, for convs,
 ``_conv_forward``) computes what its parent computes and is quantized like it
 (the quantized layer is a plain ``QuantConv2d`` etc.: the subclass's own
 methods and attributes are not kept). One that overrides either (timm's
-``StdConv2d`` standardises its weight, a ``MeanShift`` is a fixed transform)
-is left float and listed in the report with the reason, as are an
+``StdConv2d`` standardises its weight), or whose weights are all frozen
+(basicsr's ``MeanShift``: a fixed transform), is left float and listed in the
+report with the reason, as are an
 uninitialised lazy layer and ``nn.MultiheadAttention``'s ``out_proj`` (the
 attention reads its weight and never calls its forward). Layers left float
 for these reasons do not count as the first / last layer.
@@ -81,6 +82,9 @@ def _left_float_reason(module: nn.Module, float_type: type) -> Optional[str]:
     method = overridden_forward(type(module), float_type)
     if method is not None:
         return f"subclass {type(module).__qualname__} overrides {method}: left float"
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        # basicsr's MeanShift: a subclass with frozen weights is a fixed transform, not a layer to train.
+        return f"subclass {type(module).__qualname__} has frozen weights (a fixed transform): left float"
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return f"uninitialised {type(module).__qualname__}: left float (run a forward first)"
     if isinstance(module, NonDynamicallyQuantizableLinear):
