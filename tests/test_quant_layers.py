@@ -150,14 +150,22 @@ def test_partial_quantization():
 
 
 def test_layer_errors():
-    with pytest.raises(TypeError, match=r"QuantConv2d.from_float expects an nn.Conv2d \(exactly"):
+    with pytest.raises(TypeError, match=r"QuantConv2d.from_float expects an nn.Conv2d or a subclass that keeps"):
         QuantConv2d.from_float(nn.Linear(2, 2))
 
-    class MyConv(nn.Conv2d):
-        pass
+    class OwnForwardConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
 
-    with pytest.raises(TypeError, match="got .*MyConv"):
-        QuantConv2d.from_float(MyConv(2, 2, 1))
+    class OwnConvForward(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight - weight.mean(), bias)
+
+    for layer_type in (OwnForwardConv, OwnConvForward):
+        with pytest.raises(TypeError, match=f"got .*{layer_type.__name__}"):
+            QuantConv2d.from_float(layer_type(2, 2, 1))
+    with pytest.raises(ValueError, match="uninitialised LazyConv2d: run a forward first"):
+        QuantConv2d.from_float(nn.LazyConv2d(2, 1))
     with pytest.raises(TypeError, match="QuantLinear.from_float expects an nn.Linear"):
         QuantLinear.from_float(QuantLinear(2, 2))
     with pytest.raises(ValueError, match="w_bits and a_bits are both None"):

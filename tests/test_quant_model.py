@@ -381,3 +381,136 @@ def test_calibrate_covers_conv1d_and_conv_transpose(method):
         rows = model.up.weight.detach().movedim(1, 0).reshape(4, -1)
         expected = torch.maximum(-rows.amin(1) / 8, rows.amax(1) / 7)  # signed 4-bit: Qn = 8, Qp = 7
         torch.testing.assert_close(up.step.detach(), expected, rtol=1e-6, atol=0)
+
+
+class SameForwardConv(nn.Conv2d):
+    """A Conv2d subclass with the parent's forward (only a helper method added)."""
+
+    def fan_in(self):
+        return self.weight[0].numel()
+
+
+class StdConv2d(nn.Conv2d):
+    """As timm's StdConv2d: standardises the weight per output channel, then convolves."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MeanShift(nn.Conv2d):
+    """A fixed 1x1 conv that subtracts the RGB mean (no trainable parameters), with its own forward."""
+
+    def __init__(self, mean=(0.4, 0.45, 0.5)):
+        super().__init__(3, 3, 1)
+        self.weight.data.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.bias.data.copy_(-torch.tensor(mean))
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def test_subclass_keeping_forward_is_quantized_like_its_parent():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SameForwardConv(8, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    body = model[1]
+    plain = nn.Conv2d(8, 8, 3, padding=1)
+    plain.load_state_dict(body.state_dict())
+    reference = QuantConv2d.from_float(plain, 4, 4)
+    report = quantize_model(model)
+    assert type(model[1]) is QuantConv2d and model[1].weight is body.weight
+    assert report[1] == ("1", "SameForwardConv", 4, 4, "")
+    assert str(report).endswith("3 layer(s) quantized, 0 left float")
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(model[1](x), reference(x))
+    # Trains like a QuantConv2d: the weight step gets a gradient and moves.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = model[1].weight_quantizer.step.detach().clone()
+    model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+    assert model[1].weight_quantizer.step.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(model[1].weight_quantizer.step, step)
+
+
+def test_subclass_overriding_forward_is_left_float_and_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(MeanShift(), StdConv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    x = torch.randn(1, 3, 6, 6)
+    expected = model(x)
+    report = quantize_model(model, first_last_bits=8)
+    assert type(model[0]) is MeanShift and type(model[1]) is StdConv2d
+    assert list(report) == [
+        ("0", "MeanShift", None, None, "subclass MeanShift overrides forward: left float"),
+        ("1", "StdConv2d", None, None, "subclass StdConv2d overrides forward: left float"),
+        ("2", "Conv2d", 8, 8, "first"),  # the first layer that can be quantized
+        ("3", "Conv2d", 8, 8, "last"),
+    ]
+    table = str(report)
+    assert "subclass StdConv2d overrides forward: left float" in table
+    assert table.endswith("2 layer(s) quantized, 2 left float")
+    assert len(report.skipped) == 2
+    with torch.no_grad():
+        model[2].weight_quantizer.enabled = model[2].input_quantizer.enabled = False
+        model[3].weight_quantizer.enabled = model[3].input_quantizer.enabled = False
+    torch.testing.assert_close(model(x), expected)  # the float subclasses still compute their own forward
+
+
+def test_layers_that_cannot_be_swapped_are_reported():
+    class ConvForwardOverride(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, weight.flip(-1), bias)
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lazy = nn.LazyConv2d(4, 1)
+            self.odd = ConvForwardOverride(4, 4, 1)
+            self.proj = nn.Linear(8, 8)
+
+    report = quantize_model(Attention(), first_last_bits=None)
+    assert [(e.name, e.w_bits, e.note) for e in report] == [
+        ("attn.out_proj", None, "nn.MultiheadAttention's out_proj (its forward is never called): left float"),
+        ("lazy", None, "uninitialised LazyConv2d: left float (run a forward first)"),
+        (
+            "odd",
+            None,
+            "subclass test_layers_that_cannot_be_swapped_are_reported.<locals>.ConvForwardOverride "
+            "overrides _conv_forward: left float",
+        ),
+        ("proj", 4, "first; last"),
+    ]
+    assert str(report).endswith("1 layer(s) quantized, 3 left float")
+    with pytest.raises(
+        ValueError,
+        match=r"nothing to quantize: Sequential has no .* submodule \(left float: subclass "
+        r"StdConv2d overrides forward: left float\)",
+    ):
+        quantize_model(nn.Sequential(StdConv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match=r"model is itself an nn.Conv2d \(a SameForwardConv\).*QuantConv2d.from_float"):
+        quantize_model(SameForwardConv(3, 3, 1))
+
+
+class FrozenMeanShift(nn.Conv2d):
+    """basicsr's MeanShift: the parent's forward, frozen weights (a fixed transform)."""
+
+    def __init__(self, mean=(0.4, 0.45, 0.5)):
+        super().__init__(3, 3, 1)
+        self.weight.data.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.bias.data.copy_(-torch.tensor(mean))
+        self.requires_grad_(False)
+
+
+def test_subclass_with_frozen_weights_is_left_float_and_reported():
+    model = nn.Sequential(FrozenMeanShift(), nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1))
+    report = quantize_model(model, first_last_bits=8)
+    assert type(model[0]) is FrozenMeanShift
+    assert list(report)[0] == (
+        "0",
+        "FrozenMeanShift",
+        None,
+        None,
+        "subclass FrozenMeanShift has frozen weights (a fixed transform): left float",
+    )
+    assert str(report).endswith("2 layer(s) quantized, 1 left float")

@@ -1,15 +1,25 @@
 """``quantize_model``: swap a model's convolutions and ``nn.Linear`` for LSQ-quantized layers.
 
-Which layers: every module whose type is exactly ``nn.Conv1d``,
-``nn.Conv2d``, ``nn.ConvTranspose2d`` or ``nn.Linear`` (subclasses are left
-alone because they may override ``forward``), at any depth, found through ``named_modules()`` — i.e. in
+Which layers: every ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ConvTranspose2d`` or
+``nn.Linear``, at any depth, found through ``named_modules()`` — i.e. in
 *module registration order* (the order the attributes were assigned in
 ``__init__``), which for the usual ``head -> body -> tail`` restoration nets
 is also the execution order. Layers referenced only through plain Python
 attributes or lists (not registered submodules) are not seen.
 
+Subclasses: one that keeps its parent's ``forward`` (and, for convs,
+``_conv_forward``) computes what its parent computes and is quantized like it
+(the quantized layer is a plain ``QuantConv2d`` etc.: the subclass's own
+methods and attributes are not kept). One that overrides either (timm's
+``StdConv2d`` standardises its weight), or whose weights are all frozen
+(basicsr's ``MeanShift``: a fixed transform), is left float and listed in the
+report with the reason, as are an
+uninitialised lazy layer and ``nn.MultiheadAttention``'s ``out_proj`` (the
+attention reads its weight and never calls its forward). Layers left float
+for these reasons do not count as the first / last layer.
+
 First / last layer: the first and the last of those layers in registration
-order, counting skipped ones, get ``first_last_bits`` for weights and input
+order, counting ``skip``-ped ones, get ``first_last_bits`` for weights and input
 activations (LSQ's convention: the layer that reads the image and the one
 that writes the output stay at 8 bits). If the registration order of a model
 differs from its execution order, name the layers to keep float with ``skip``
@@ -36,9 +46,18 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .._validation import check_bits
-from .layers import QUANT_LAYERS, QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
+from .layers import (
+    QUANT_LAYERS,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+    overridden_forward,
+)
 
 _SWAPS: dict[type, type] = {
     nn.Conv1d: QuantConv1d,
@@ -47,6 +66,30 @@ _SWAPS: dict[type, type] = {
     nn.Linear: QuantLinear,
 }
 _KINDS = "nn.Conv1d / nn.Conv2d / nn.ConvTranspose2d / nn.Linear"
+
+
+def _float_type(module: nn.Module) -> Optional[type]:
+    """The supported float class ``module`` is or subclasses; ``None`` for other modules and quantized layers."""
+    if isinstance(module, QUANT_LAYERS):
+        return None
+    return next((t for t in _SWAPS if isinstance(module, t)), None)
+
+
+def _left_float_reason(module: nn.Module, float_type: type) -> Optional[str]:
+    """Why a candidate of ``float_type`` cannot be swapped for its quantized layer, or ``None``."""
+    if type(module) is float_type:
+        return None
+    method = overridden_forward(type(module), float_type)
+    if method is not None:
+        return f"subclass {type(module).__qualname__} overrides {method}: left float"
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        # basicsr's MeanShift: a subclass with frozen weights is a fixed transform, not a layer to train.
+        return f"subclass {type(module).__qualname__} has frozen weights (a fixed transform): left float"
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return f"uninitialised {type(module).__qualname__}: left float (run a forward first)"
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        return "nn.MultiheadAttention's out_proj (its forward is never called): left float"
+    return None
 
 
 class QuantEntry(NamedTuple):
@@ -213,10 +256,11 @@ def quantize_model(
     overrides = _check_layer_bits(layer_bits)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {inplace!r}")
-    if type(model) in _SWAPS:
+    model_type = _float_type(model)
+    if model_type is not None:
         raise ValueError(
-            f"model is itself an nn.{type(model).__name__}; quantize_model swaps submodules. Use "
-            f"{_SWAPS[type(model)].__name__}.from_float(layer) for a single layer"
+            f"model is itself an nn.{model_type.__name__} (a {type(model).__qualname__}); quantize_model swaps "
+            f"submodules. Use {_SWAPS[model_type].__name__}.from_float(layer) for a single layer"
         )
     if not inplace:
         model = copy.deepcopy(model)
@@ -225,19 +269,29 @@ def quantize_model(
     # module appears once, under its first name, with its other names as aliases.
     names: dict[int, list[str]] = {}
     layers: dict[int, nn.Module] = {}
+    float_types: dict[int, type] = {}
+    float_reasons: dict[int, str] = {}  # candidates that stay float whatever the options
     already = 0
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in _SWAPS:
+        float_type = _float_type(module)
+        if float_type is not None:
             names.setdefault(id(module), []).append(name)
             layers[id(module)] = module
+            float_types[id(module)] = float_type
+            reason = _left_float_reason(module, float_type)
+            if reason is not None:
+                float_reasons[id(module)] = reason
         elif isinstance(module, QUANT_LAYERS):
             already += 1
-    if not layers:
+    order = list(layers)
+    convertible = [k for k in order if k not in float_reasons]
+    if not convertible:
         extra = f" ({already} layer(s) are already quantized)" if already else ""
+        if float_reasons:
+            extra += f" (left float: {'; '.join(sorted(set(float_reasons.values())))})"
         raise ValueError(f"nothing to quantize: {type(model).__name__} has no {_KINDS} submodule{extra}")
 
-    order = list(layers)
-    first, last = order[0], order[-1]
+    first, last = convertible[0], convertible[-1]
     unused = [p for p in patterns if not any(_matches(names[k], p) for k in order)]
     if unused:
         warnings.warn(f"quantize_model: skip pattern(s) {unused} matched no {_KINDS}", UserWarning, stacklevel=2)
@@ -257,6 +311,9 @@ def quantize_model(
         if len(aliases) > 1:
             notes.append("shared: " + ", ".join(aliases[1:]))
         kind = type(layer).__name__
+        if key in float_reasons:
+            entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join([float_reasons[key]] + notes)))
+            continue
         if any(_matches(aliases, p) for p in patterns):
             entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["skipped"] + notes)))
             continue
@@ -272,13 +329,15 @@ def quantize_model(
             if wb is None and ab is None:  # e.g. {"a_bits": None} on a weight-float model
                 entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["left float"] + notes)))
                 continue
-        replacement[key] = _SWAPS[type(layer)].from_float(
+        replacement[key] = _SWAPS[float_types[key]].from_float(
             layer, wb, ab, a_signed=a_signed, a_learn_offset=a_learn_offset, grad_scale=grad_scale, backend=backend
         )
         entries.append(QuantEntry(aliases[0], kind, wb, ab, "; ".join(notes)))
 
     if not replacement:
-        raise ValueError(f"nothing to quantize: skip={list(patterns)} left all {len(order)} candidate layer(s) float")
+        raise ValueError(
+            f"nothing to quantize: skip={list(patterns)} left all {len(convertible)} candidate layer(s) float"
+        )
 
     # Swap in every parent that registers a converted layer, under every name.
     for parent in list(model.modules()):

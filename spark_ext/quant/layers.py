@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .._validation import check_bits
 from .quantizer import LSQQuantizer
@@ -36,6 +37,18 @@ _HOOK_DICTS = (
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
 )
+
+
+def overridden_forward(layer_type: type, float_type: type) -> Optional[str]:
+    """The forward method (``"forward"`` or a conv's ``"_conv_forward"``) that ``layer_type`` redefines.
+
+    ``None`` when ``layer_type`` (a subclass of ``float_type``) computes with
+    ``float_type``'s own methods, i.e. it can be quantized like ``float_type``.
+    """
+    for method in ("forward", "_conv_forward"):
+        if getattr(layer_type, method, None) is not getattr(float_type, method, None):
+            return method
+    return None
 
 
 class _QuantMixin:
@@ -114,10 +127,17 @@ class _QuantMixin:
 
     @classmethod
     def _check_float(cls, layer: nn.Module) -> None:
-        if type(layer) is not cls._FLOAT:
+        # A subclass that keeps the float forward computes what the float layer
+        # computes, so the quantized layer replaces it; one with its own forward
+        # (weight standardisation, a fixed transform) would be silently changed.
+        if not isinstance(layer, cls._FLOAT) or overridden_forward(type(layer), cls._FLOAT) is not None:
             raise TypeError(
-                f"{cls.__name__}.from_float expects an nn.{cls._FLOAT.__name__} (exactly; subclasses may "
-                f"have their own forward), got {type(layer).__module__}.{type(layer).__qualname__}"
+                f"{cls.__name__}.from_float expects an nn.{cls._FLOAT.__name__} or a subclass that keeps its "
+                f"forward, got {type(layer).__module__}.{type(layer).__qualname__}"
+            )
+        if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
+            raise ValueError(
+                f"{cls.__name__}.from_float got an uninitialised {type(layer).__qualname__}: run a forward first"
             )
 
     def _adopt(self, layer: nn.Module) -> None:
