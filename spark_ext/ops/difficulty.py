@@ -116,44 +116,40 @@ def _cell_kd_backward_triton(grad, student, teacher, kd_loss, need_student, need
 _cell_kd_backward_triton.register_fake(_fake_cell_kd_backward)
 
 
-def _register_cell_kd_autograd(signals_op: str, cell_kd_op: str, backward_op: str) -> None:
-    """Autograd of a backend's ``(signals, cell_kd)`` and ``cell_kd`` ops through its ``backward_op``.
-
-    The forward ops take ``(S, T, Y, gh, gw, kd_loss)`` and ``(S, T, gh, gw,
-    kd_loss)``; ``backward_op(G, S, T, kd_loss, need_s, need_t) -> (dS, dT)``.
-    """
-
-    def cell_kd_grads(ctx, grad_cell_kd):
-        student, teacher = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if grad_cell_kd is None or not (need_s or need_t):
-            return None, None
-        ds, dt = getattr(torch.ops.spark_ext, backward_op)(grad_cell_kd, student, teacher, ctx.kd_loss, need_s, need_t)
-        return (ds if need_s else None), (dt if need_t else None)
-
-    def setup_signals(ctx, inputs, output):
-        student, teacher, _target, _gh, _gw, kd_loss = inputs
-        ctx.save_for_backward(student, teacher)
-        ctx.kd_loss = kd_loss
-        # docs/spec.md §2: the signals carry no gradient (as in the reference).
-        ctx.mark_non_differentiable(output[0])
-
-    def backward_signals(ctx, _grad_signals, grad_cell_kd):
-        return (*cell_kd_grads(ctx, grad_cell_kd), None, None, None, None)
-
-    def setup_cell_kd(ctx, inputs, output):
-        student, teacher, _gh, _gw, kd_loss = inputs
-        ctx.save_for_backward(student, teacher)
-        ctx.kd_loss = kd_loss
-
-    def backward_cell_kd(ctx, grad_cell_kd):
-        return (*cell_kd_grads(ctx, grad_cell_kd), None, None, None)
-
-    torch.library.register_autograd(f"spark_ext::{signals_op}", backward_signals, setup_context=setup_signals)
-    torch.library.register_autograd(f"spark_ext::{cell_kd_op}", backward_cell_kd, setup_context=setup_cell_kd)
+# Autograd of the Triton ops through their fused backward op (the compiled ops' is csrc/autograd.cpp's).
+def _cell_kd_grads(ctx, grad_cell_kd):
+    student, teacher = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_cell_kd is None or not (need_s or need_t):
+        return None, None
+    ds, dt = _cell_kd_backward_triton(grad_cell_kd, student, teacher, ctx.kd_loss, need_s, need_t)
+    return (ds if need_s else None), (dt if need_t else None)
 
 
-_register_cell_kd_autograd("difficulty_signals_triton", "cell_kd_triton", "cell_kd_backward_triton")
+def _setup_signals(ctx, inputs, output):
+    student, teacher, _target, _gh, _gw, kd_loss = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.kd_loss = kd_loss
+    # docs/spec.md §2: the signals carry no gradient (as in the reference).
+    ctx.mark_non_differentiable(output[0])
+
+
+def _backward_signals(ctx, _grad_signals, grad_cell_kd):
+    return (*_cell_kd_grads(ctx, grad_cell_kd), None, None, None, None)
+
+
+def _setup_cell_kd(ctx, inputs, output):
+    student, teacher, _gh, _gw, kd_loss = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.kd_loss = kd_loss
+
+
+def _backward_cell_kd(ctx, grad_cell_kd):
+    return (*_cell_kd_grads(ctx, grad_cell_kd), None, None, None)
+
+
+_difficulty_signals_triton.register_autograd(_backward_signals, setup_context=_setup_signals)
+_cell_kd_triton.register_autograd(_backward_cell_kd, setup_context=_setup_cell_kd)
 
 
 def cell_kd_triton(student: torch.Tensor, teacher: torch.Tensor, grid: tuple[int, int], kd_loss: str) -> torch.Tensor:

@@ -111,29 +111,26 @@ def _fused_weighted_kd_backward_triton(
 _fused_weighted_kd_backward_triton.register_fake(_fake_weighted_backward)
 
 
-def _register_weighted_autograd(forward_op: str, backward_op: str) -> None:
-    """Autograd of a backend's ``forward_op(S, T, weight, kd_loss, reduction)`` through its ``backward_op``."""
-
-    def setup_context(ctx, inputs, output):
-        student, teacher, weight, kd_loss, reduction = inputs
-        ctx.save_for_backward(student, teacher, weight)
-        ctx.kd_loss, ctx.reduction = kd_loss, reduction
-
-    def backward(ctx, grad):
-        student, teacher, weight = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_w = weight is not None and ctx.needs_input_grad[2]
-        if not (need_s or need_t or need_w):
-            return None, None, None, None, None
-        ds, dt, dw = getattr(torch.ops.spark_ext, backward_op)(
-            grad, student, teacher, weight, ctx.kd_loss, ctx.reduction, need_s, need_t, need_w
-        )
-        return (ds if need_s else None), (dt if need_t else None), (dw if need_w else None), None, None
-
-    torch.library.register_autograd(f"spark_ext::{forward_op}", backward, setup_context=setup_context)
+def _setup_weighted(ctx, inputs, output):
+    student, teacher, weight, kd_loss, reduction = inputs
+    ctx.save_for_backward(student, teacher, weight)
+    ctx.kd_loss, ctx.reduction = kd_loss, reduction
 
 
-_register_weighted_autograd("fused_weighted_kd_triton", "fused_weighted_kd_backward_triton")
+def _backward_weighted(ctx, grad):
+    """The Triton op's gradients through its fused backward op (the compiled op's are csrc/autograd.cpp's)."""
+    student, teacher, weight = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_w = weight is not None and ctx.needs_input_grad[2]
+    if not (need_s or need_t or need_w):
+        return None, None, None, None, None
+    ds, dt, dw = _fused_weighted_kd_backward_triton(
+        grad, student, teacher, weight, ctx.kd_loss, ctx.reduction, need_s, need_t, need_w
+    )
+    return (ds if need_s else None), (dt if need_t else None), (dw if need_w else None), None, None
+
+
+_fused_weighted_kd_triton.register_autograd(_backward_weighted, setup_context=_setup_weighted)
 
 
 def _backend(cell_kd_fn, weighted_op: str):
