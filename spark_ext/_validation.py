@@ -256,3 +256,11 @@ def writable_file_problem(path: Path) -> Optional[str]:
         return f"folder {path.parent} does not exist"
     why = _probe_folder(path.parent)
     return None if why is None else f"{path} cannot be written ({path.parent}: {why})"
+
+
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """``exc`` as one short line for a command's error message: its type and the first line of its text."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from spark_ext import benchreport, cli
+from spark_ext import cli
+from spark_ext.commands import bench as benchreport
 
 
 def _rows():

@@ -13,8 +13,8 @@ from spark_ext.distill import AUGMENTATIONS, LogitDistiller, accuracy, cmi_and_f
 from spark_ext.models import DigitsCNN
 
 pytest.importorskip("sklearn", reason="the digits data needs scikit-learn (demo extra)")
-from spark_ext.classify import batches, train_teacher  # noqa: E402
 from spark_ext.data.digits import load_digits_split  # noqa: E402
+from spark_ext.demo.digits import batches, train_teacher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +234,13 @@ def test_classify_cli_smoke(tmp_path):
 @pytest.mark.parametrize("command", ["classify", "daqakd"])
 def test_out_naming_a_folder_is_refused_before_training(command, tmp_path, monkeypatch, capsys):
     # --out naming an existing folder passed the check, then every model trained and the write failed.
-    import spark_ext.classify
-    import spark_ext.daqakd_study
+    import spark_ext.commands.classify
+    import spark_ext.commands.daqakd
 
     def trained(*args, **kwargs):
         pytest.fail("trained before --out was checked")
 
-    for module in (spark_ext.classify, spark_ext.daqakd_study):
+    for module in (spark_ext.commands.classify, spark_ext.commands.daqakd):
         monkeypatch.setattr(module, "train_teacher", trained)
     assert cli_main([command, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

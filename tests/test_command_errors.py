@@ -12,15 +12,15 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
-import spark_ext.benchreport  # noqa: E402
-import spark_ext.classify  # noqa: E402
-import spark_ext.daqakd_study  # noqa: E402
-import spark_ext.demo.cli  # noqa: E402
+import spark_ext.commands.bench  # noqa: E402
+import spark_ext.commands.classify  # noqa: E402
+import spark_ext.commands.daqakd  # noqa: E402
+import spark_ext.commands.demo  # noqa: E402
+import spark_ext.commands.study  # noqa: E402
 import spark_ext.demo.teacher  # noqa: E402
 import spark_ext.demo.training  # noqa: E402
 import spark_ext.models.pretrained  # noqa: E402
 import spark_ext.quant.export  # noqa: E402
-import spark_ext.study  # noqa: E402
 from spark_ext.atomic import atomic_path, write_json  # noqa: E402
 from spark_ext.cli import main  # noqa: E402
 
@@ -28,18 +28,18 @@ from spark_ext.cli import main  # noqa: E402
 WORK = [
     (spark_ext.demo.teacher, "get_teacher"),
     (spark_ext.demo.teacher, "train_teacher"),
-    (spark_ext.demo.cli, "get_teacher"),
-    (spark_ext.demo.cli, "compare_methods"),
+    (spark_ext.commands.demo, "get_teacher"),
+    (spark_ext.commands.demo, "compare_methods"),
     (spark_ext.demo.training, "train_student"),
     (spark_ext.demo.training, "make_ptq"),
-    (spark_ext.study, "study_teacher"),
-    (spark_ext.study, "run_job"),
-    (spark_ext.classify, "train_teacher"),
-    (spark_ext.classify, "train_student"),
-    (spark_ext.daqakd_study, "train_teacher"),
-    (spark_ext.daqakd_study, "train_student"),
+    (spark_ext.commands.study, "study_teacher"),
+    (spark_ext.commands.study, "run_job"),
+    (spark_ext.commands.classify, "train_teacher"),
+    (spark_ext.commands.classify, "train_student"),
+    (spark_ext.commands.daqakd, "train_teacher"),
+    (spark_ext.commands.daqakd, "train_student"),
     (spark_ext.quant.export, "export_onnx"),
-    (spark_ext.benchreport, "_run_benchmarks"),
+    (spark_ext.commands.bench, "_run_benchmarks"),
 ]
 
 

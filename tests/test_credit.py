@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spark_ext
-from spark_ext.diagnose_credit import credit_correlation
+from spark_ext.commands.diagnose_credit import credit_correlation
 from spark_ext.distill import DistillConfig, SparkDistiller
 from spark_ext.distill.credit import cell_credit, kd_output_gradient, virtual_step
 from spark_ext.models import EncoderDecoderNet

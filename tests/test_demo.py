@@ -10,7 +10,7 @@ pytest.importorskip("skimage")
 pytest.importorskip("matplotlib")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
-from spark_ext.demo import cli  # noqa: E402
+from spark_ext.commands import demo as cli  # noqa: E402
 from spark_ext.demo.presets import PRESETS  # noqa: E402
 from spark_ext.demo.teacher import get_teacher, uses_pretrained_teacher  # noqa: E402
 from spark_ext.demo.training import lsq_quantizers, make_ptq, student_optimizer  # noqa: E402

@@ -147,7 +147,7 @@ def test_diffkd_cli_smoke_and_bad_arguments(tmp_path, capsys):
     argv = [
         "diffkd",
         "--seeds",
-        "0",
+        "1",
         "--teacher-steps",
         "2",
         "--steps",

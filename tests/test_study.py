@@ -10,7 +10,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("scipy")
 pytest.importorskip("spark_ext.quant", reason="spark_ext.quant (QAT toolkit) is not available yet")
 
-from spark_ext import study  # noqa: E402
+from spark_ext.commands import study  # noqa: E402
 from spark_ext.demo.presets import PRESETS as DEMO_PRESETS  # noqa: E402
 
 

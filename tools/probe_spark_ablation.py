@@ -37,13 +37,13 @@ def main(argv=None) -> int:
     except ValueError:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
 
+    from spark_ext.commands.study import PRESETS as STUDY_PRESETS
+    from spark_ext.commands.study import _setup
     from spark_ext.demo.presets import PRESETS
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
     from spark_ext.distill import SparkDistiller, balancers
     from spark_ext.stats import paired_difference, summarize, summary_line
-    from spark_ext.study import PRESETS as STUDY_PRESETS
-    from spark_ext.study import _setup
 
     torch.set_num_threads(1)
     device = torch.device("cpu")

@@ -36,5 +36,6 @@ Modules, one per purpose: :mod:`~spark_ext.demo.presets` (budgets, methods, labe
 :mod:`~spark_ext.demo.scoring` (PSNR / SSIM of a model's outputs),
 :mod:`~spark_ext.demo.compare` (every method per seed from one teacher),
 :mod:`~spark_ext.demo.figures` (the three PNGs), :mod:`~spark_ext.demo.report` (table, results.json)
-and :mod:`~spark_ext.demo.cli` (arguments and ``main``).
+and :mod:`~spark_ext.demo.digits` (the digit classifiers of ``spark-ext classify`` and ``daqakd``).
+The ``spark-ext demo`` command itself is :mod:`spark_ext.commands.demo`.
 """

@@ -2,6 +2,6 @@
 
 import sys
 
-from spark_ext.demo.cli import main
+from spark_ext.cli import main
 
-sys.exit(main())
+sys.exit(main(["demo", *sys.argv[1:]]))

@@ -15,9 +15,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from spark_ext._validation import writable_dir_problem
+from spark_ext._validation import error_summary, writable_dir_problem
 from spark_ext.atomic import atomic_path
-from spark_ext.cli import error_summary
 from spark_ext.data import TRAIN_PHOTOS, RandomCropBatches, RestorationTask
 from spark_ext.demo.presets import Preset
 from spark_ext.demo.training import cosine_schedule

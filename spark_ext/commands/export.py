@@ -31,7 +31,7 @@ from typing import Optional
 
 from spark_ext._validation import writable_dir_problem, writable_file_problem
 from spark_ext.atomic import atomic_path, write_json
-from spark_ext.cli import CommandParser, core_count, error_summary, int_in
+from spark_ext.commands._args import CommandParser, core_count, error_summary, int_in
 
 DEMO_FILES = ("student.onnx", "student.pt", "export_report.json")  # what --demo writes in --out
 

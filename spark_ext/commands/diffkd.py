@@ -24,8 +24,7 @@ import torch
 
 from spark_ext._validation import writable_dir_problem, writable_file_problem
 from spark_ext.atomic import write_json
-from spark_ext.classify import environment, parse_seeds
-from spark_ext.cli import CommandParser, parse_names
+from spark_ext.commands._args import CommandParser, add_seeds_argument, environment, parse_names
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS
 from spark_ext.progress import progress
 from spark_ext.stats import paired_difference, summarize, summary_line
@@ -49,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = CommandParser(
         prog="spark-ext diffkd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--seeds", default="0,1,2")
+    add_seeds_argument(p, "0,1,2", "student seeds, paired across methods")
     p.add_argument("--methods", default="kd,dfd,diffkd", help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--teacher-steps", type=int, default=600)
@@ -63,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     try:
-        seeds = parse_seeds(args.seeds)
+        seeds = list(args.seeds)
         methods = parse_names(args.methods, "--methods", tuple(METHODS))
         for name in ("width", "teacher_steps", "steps", "batch"):
             if getattr(args, name) < 1:

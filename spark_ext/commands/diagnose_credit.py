@@ -34,11 +34,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .cli import CommandParser, parse_names, positive_int, seed_int
-from .distill.credit import cell_credit
-from .distill.losses import per_image_loss
-from .ops import difficulty_signals
-from .reference import cell_sum, kd_elementwise
+from spark_ext.commands._args import CommandParser, parse_names, positive_int, seed_int
+from spark_ext.distill.credit import cell_credit
+from spark_ext.distill.losses import per_image_loss
+from spark_ext.ops import difficulty_signals
+from spark_ext.reference import cell_sum, kd_elementwise
 
 SIGNALS = ("credit", "reinforce", "paper")
 
@@ -186,9 +186,9 @@ def credit_correlation(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .demo.presets import PRESETS
-    from .demo.teacher import get_teacher, teacher_problem
-    from .demo.training import make_ptq, student_optimizer
+    from spark_ext.demo.presets import PRESETS
+    from spark_ext.demo.teacher import get_teacher, teacher_problem
+    from spark_ext.demo.training import make_ptq, student_optimizer
 
     p = CommandParser(
         prog="spark-ext diagnose-credit",
@@ -215,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--draws must be >= 4, got {args.draws}")
     import dataclasses
 
-    from .data import RandomCropBatches, RestorationTask
+    from spark_ext.data import RandomCropBatches, RestorationTask
 
     preset = PRESETS[args.preset]
     if args.teacher_steps:

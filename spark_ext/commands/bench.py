@@ -71,10 +71,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from ._validation import writable_dir_problem
-from .cli import CommandParser
+from spark_ext._validation import writable_dir_problem
+from spark_ext.commands._args import CommandParser
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DIR = REPO_ROOT / "bench"
 PEERS = ("eager", "compiled", "torch")
 MEMORY_BOUND_FACTOR = 4  # working set >= this x last-level cache: the bytes come from memory

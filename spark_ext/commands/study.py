@@ -44,8 +44,9 @@ import torch
 
 from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import atomic_path, write_json
-from spark_ext.cli import (
+from spark_ext.commands._args import (
     CommandParser,
+    add_seeds_argument,
     core_count,
     error_summary,
     parse_device,
@@ -53,7 +54,6 @@ from spark_ext.cli import (
     positive_float,
     positive_int,
     repeated,
-    seed_count,
 )
 from spark_ext.demo.presets import STUDENT_SCHEDULES
 from spark_ext.progress import progress
@@ -305,7 +305,7 @@ def save_plot(path: Path, summary: dict[str, Any]) -> None:
 
 
 def _lambdas(text: str) -> tuple[float, ...]:
-    """``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)``: one or more finite numbers > 0 (:func:`~spark_ext.cli.positive_float`)."""
+    """``"0.5,1,2"`` -> ``(0.5, 1.0, 2.0)``: one or more finite numbers > 0 (see ``positive_float``)."""
     values = tuple(positive_float(v) for v in text.split(",") if v.strip())
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
@@ -336,7 +336,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
     p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
-    p.add_argument("--seeds", type=seed_count, default=None, help="number of paired seeds (default: the preset's)")
+    add_seeds_argument(p, None)
     p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
     p.add_argument("--lambdas", type=_lambdas, default=None, help="uniform-KD lambda grid, e.g. 0.5,1,2")
@@ -392,7 +392,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except ValueError as exc:
         p.error(f"--device: {exc}")
     args.device = str(device)
-    args.seeds = args.seeds or spec.seeds
+    args.seeds = args.seeds or tuple(range(spec.seeds))
     args.workers = args.workers or (1 if device.type == "cuda" else spec.workers)
     why = writable_dir_problem(args.out, files=("study.json", "study.png"))
     if why:
@@ -426,7 +426,7 @@ def study_preset(args: argparse.Namespace):
         teacher_steps=args.teacher_steps or spec.teacher_steps,
         student_lr=args.student_lr or spec.student_lr or demo.student_lr,
         student_schedule=args.student_schedule or spec.student_schedule or demo.student_schedule,
-        seeds=tuple(range(args.seeds)),
+        seeds=args.seeds,
     )
 
 

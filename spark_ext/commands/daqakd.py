@@ -22,15 +22,9 @@ from collections.abc import Sequence
 from typing import Optional
 
 from spark_ext.atomic import write_json
-from spark_ext.classify import (
-    check_common,
-    common_arguments,
-    environment,
-    train_student,
-    train_teacher,
-)
-from spark_ext.cli import CommandParser
+from spark_ext.commands._args import CommandParser, add_digits_arguments, check_digits_arguments, environment
 from spark_ext.data.digits import load_digits_split
+from spark_ext.demo.digits import batches, train_student, train_teacher
 from spark_ext.distill import AUGMENTATIONS, accuracy, score_augmentations
 from spark_ext.stats import paired_difference, summarize
 
@@ -41,7 +35,6 @@ def rank_student(teacher, data, args):
     """The W4A4 student used for ranking: ``--rank-student-steps`` of KD without augmentation."""
     import torch
 
-    from spark_ext.classify import batches
     from spark_ext.distill import LogitDistiller
     from spark_ext.models import DigitsCNN
     from spark_ext.quant import quantize_model
@@ -61,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = CommandParser(
         prog="spark-ext daqakd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    common_arguments(parser)
+    add_digits_arguments(parser)
     parser.add_argument(
         "--candidates",
         default="shift,noise,cutout,rotate,hflip,invert",
@@ -78,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rank-student-steps", type=int, default=100)
     args = parser.parse_args(argv)
     try:
-        seeds = check_common(args)
+        seeds = check_digits_arguments(args)
         candidates = [c for c in args.candidates.split(",") if c]
         bad = [c for c in candidates if c not in AUGMENTATIONS or c == "none"]
         if bad or len(candidates) < 2 or len(set(candidates)) != len(candidates):

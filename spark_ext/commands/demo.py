@@ -22,7 +22,7 @@ import torch.nn as nn
 import spark_ext
 from spark_ext._validation import writable_dir_problem
 from spark_ext.atomic import write_json
-from spark_ext.cli import CommandParser, core_count, parse_device, positive_int, seed_count
+from spark_ext.commands._args import CommandParser, add_seeds_argument, core_count, parse_device, positive_int
 from spark_ext.data import HELD_OUT_PHOTOS, TRAIN_PHOTOS, RestorationTask, held_out_pairs, image_folder_pairs
 from spark_ext.demo.compare import Comparison, compare_methods
 from spark_ext.demo.figures import save_crops, save_curves, save_weight_map
@@ -87,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         default=",".join(DEFAULT_METHODS),
         help=f"comma-separated list from ptq,{','.join(METHODS)} (default: %(default)s)",
     )
-    p.add_argument("--seeds", type=seed_count, default=None, help="number of student seeds (default: the preset's)")
+    add_seeds_argument(p, None, "student seeds")
     p.add_argument("--steps", type=positive_int, default=None, help="student training steps (default: the preset's)")
     p.add_argument(
         "--teacher-steps",
@@ -193,7 +193,7 @@ def _preset(args: argparse.Namespace) -> Preset:
     if args.teacher_steps is not None:
         replace["teacher_steps"] = args.teacher_steps
     if args.seeds is not None:
-        replace["seeds"] = tuple(range(args.seeds))
+        replace["seeds"] = args.seeds
     return dataclasses.replace(PRESETS[args.preset], **replace)
 
 
