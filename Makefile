@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # C++/CUDA library: built ahead of time by the editable install below (torch
 # present, no build isolation); rebuilt when its sources change.
-CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
+CSRC := $(wildcard spark_ext/csrc/*.cpp spark_ext/csrc/*.h spark_ext/csrc/cpu/*.cpp spark_ext/csrc/cpu/*.h spark_ext/csrc/cuda/*.cu)
 export MAX_JOBS ?= 2
 
 .PHONY: venv lint test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
@@ -18,8 +18,8 @@ $(PY):
 # The build needs (numpy too: torch warns "Failed to initialize NumPy" without it)
 # go in before the build, which runs without isolation against this torch.
 # CUDA torch: CUDA kernels for TORCH_CUDA_ARCH_LIST, else the visible GPU, else
-# the default list in spark_ext/_extension.py (DEFAULT_CUDA_ARCH_LIST).
-$(STAMP): $(PY) pyproject.toml setup.py spark_ext/_extension.py $(CSRC)
+# the default list in spark_ext/_build.py (DEFAULT_CUDA_ARCH_LIST).
+$(STAMP): $(PY) pyproject.toml setup.py spark_ext/_build.py $(CSRC)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja pybind11
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export,test-metrics,lightning]"
 	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); \
@@ -28,7 +28,7 @@ $(STAMP): $(PY) pyproject.toml setup.py spark_ext/_extension.py $(CSRC)
 
 venv: $(STAMP)
 
-# nvcc compile-only check of csrc/cuda (no GPU needed; skipped without nvcc).
+# nvcc compile-only check of spark_ext/csrc/cuda (no GPU needed; skipped without nvcc).
 cuda-compile-check: $(STAMP)
 	PYTHON=$(PY) bash .ci/cuda_compile_check.sh
 

@@ -1,4 +1,4 @@
-"""Packaging: maps ``kernels/`` to ``spark_ext.kernels`` and ships ``csrc/`` as ``spark_ext/csrc``.
+"""Packaging: the package with its C++/CUDA sources (``spark_ext/csrc``) and the shipped teacher weights.
 
 The C++/CUDA library (``torch.ops.spark_ext.*``, see spark_ext/_extension.py):
 
@@ -7,7 +7,7 @@ The C++/CUDA library (``torch.ops.spark_ext.*``, see spark_ext/_extension.py):
   torch version and source hash it was built from. CUDA kernels are included
   when this torch has CUDA and an nvcc of its major version is found, for
   ``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs, else the default list
-  of ``spark_ext/_extension.py`` (no GPU visible). A skipped CUDA build or a
+  of ``spark_ext/_build.py`` (no GPU visible). A skipped CUDA build or a
   failed build says why in one line.
 * ``pip install .`` with build isolation (no torch in the build environment),
   or ``SPARK_EXT_NO_AOT=1``: nothing is compiled now; the library is built
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _build_config():
-    """spark_ext/_extension.py (standard library only at import): source lists and flags."""
-    spec = importlib.util.spec_from_file_location("_spark_ext_build_config", ROOT / "spark_ext" / "_extension.py")
+    """spark_ext/_build.py (standard library only at import): source lists and flags."""
+    spec = importlib.util.spec_from_file_location("_spark_ext_build_config", ROOT / "spark_ext" / "_build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,7 +55,7 @@ def _aot_extension():
     else:
         print(f"spark_ext: building the C++ library without CUDA kernels: {no_cuda}", file=sys.stderr)
     cflags, nvcc_flags = cfg.compile_flags(torch.__version__, with_cuda)
-    sources = [f"csrc/{s}" for s in cfg.CPU_SOURCES + (cfg.CUDA_SOURCES if with_cuda else ())]
+    sources = [f"spark_ext/csrc/{s}" for s in cfg.CPU_SOURCES + (cfg.CUDA_SOURCES if with_cuda else ())]
     factory = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = factory(
         name=f"spark_ext.{cfg.AOT_NAME}",
@@ -67,7 +67,7 @@ def _aot_extension():
         "torch": torch.__version__,
         "cuda": with_cuda,
         "cuda_archs": archs if with_cuda else f"none: {no_cuda}",
-        "sources": cfg.sources_hash(ROOT / "csrc"),
+        "sources": cfg.sources_hash(ROOT / "spark_ext" / "csrc"),
     }
 
     class BuildWithInfo(cpp_extension.BuildExtension):
@@ -89,10 +89,9 @@ def _aot_extension():
 ext_modules, cmdclass = _aot_extension()
 
 setup(
-    packages=find_packages(include=["spark_ext", "spark_ext.*"]) + ["spark_ext.kernels", "spark_ext.csrc"],
-    package_dir={"spark_ext.kernels": "kernels", "spark_ext.csrc": "csrc"},
+    packages=find_packages(include=["spark_ext", "spark_ext.*"]),
     package_data={
-        "spark_ext.csrc": ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"],
+        "spark_ext": ["csrc/*.cpp", "csrc/*.h", "csrc/cpu/*.cpp", "csrc/cpu/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh"],
         "spark_ext.models": ["weights/*.pt"],
     },
     ext_modules=ext_modules,

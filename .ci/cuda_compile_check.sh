@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources (csrc/cuda/*.cu) with nvcc, so a CUDA
+# Compile-only check of the CUDA sources (spark_ext/csrc/cuda/*.cu) with nvcc, so a CUDA
 # build error fails CI even on machines without a GPU.
 #
 # torch's CPU wheel ships no CUDA headers (c10/cuda, ...), so the include/
@@ -65,11 +65,11 @@ PY
   rmdir "$CACHE.partial"
 fi
 
-# The same nvcc flags the real build uses (spark_ext/_extension.py), plus
+# The same nvcc flags the real build uses (spark_ext/_build.py), plus
 # what torch.utils.cpp_extension adds for CUDA sources.
 read -r -a FLAGS <<<"$("$PYTHON" - "$VERSION" <<'PY'
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("cfg", "spark_ext/_extension.py")
+spec = importlib.util.spec_from_file_location("cfg", "spark_ext/_build.py")
 cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(cfg)
 print(" ".join(cfg.compile_flags(sys.argv[1], True)[1]))
 PY
@@ -77,11 +77,11 @@ PY
 INC=$CACHE/include
 PYINC=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 status=0
-for cu in csrc/cuda/*.cu; do
+for cu in spark_ext/csrc/cuda/*.cu; do
   t0=$(date +%s)
   if ! "$NVCC" -c "$cu" -o /dev/null -std=c++20 \
       -gencode "arch=compute_$ARCH,code=sm_$ARCH" \
-      -I "$INC" -I "$INC/torch/csrc/api/include" -I "$PYINC" -I csrc \
+      -I "$INC" -I "$INC/torch/csrc/api/include" -I "$PYINC" -I spark_ext/csrc \
       -DTORCH_EXTENSION_NAME=spark_ext_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1 \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
       -D__CUDA_NO_HALF2_OPERATORS__ -Xcompiler -fPIC -Werror all-warnings "${FLAGS[@]}"; then

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from spark_ext.distill import DiffKD, SparkDistiller
-from spark_ext.distill.diffkd import ddpm_alpha_bar
+from spark_ext.distill.baselines.diffkd import ddpm_alpha_bar
 from spark_ext.models import EncoderDecoderNet
 
 

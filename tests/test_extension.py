@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import spark_ext
-from spark_ext import _extension
+from spark_ext import _build, _extension
 from spark_ext.ops import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,11 +191,11 @@ def test_setup_py_needs_no_torch():
 
 
 def test_shipped_sources_cover_the_build():
-    src = _extension.source_dir()
+    src = _build.source_dir()
     assert src is not None
-    for rel in _extension.CPU_SOURCES + _extension.CUDA_SOURCES + _extension.HEADERS:
+    for rel in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.HEADERS:
         assert (src / rel).is_file(), rel
-    assert _extension.version_define("2.14.0a0+git1234") == "-DSPARK_EXT_TORCH_VERSION=2.14.0a0+git1234"
+    assert _build.version_define("2.14.0a0+git1234") == "-DSPARK_EXT_TORCH_VERSION=2.14.0a0+git1234"
 
 
 @pytest.mark.slow
@@ -224,52 +224,52 @@ NVCC13 = {"7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "10.3", "11.0
 
 
 def test_arch_plan_prefers_the_users_list_then_the_visible_gpus_then_the_default():
-    assert _extension.cuda_arch_plan("8.6", [(9, 0)], NVCC13) == (None, "TORCH_CUDA_ARCH_LIST=8.6")
-    value, why = _extension.cuda_arch_plan(None, [(9, 0)], NVCC13)
+    assert _build.cuda_arch_plan("8.6", [(9, 0)], NVCC13) == (None, "TORCH_CUDA_ARCH_LIST=8.6")
+    value, why = _build.cuda_arch_plan(None, [(9, 0)], NVCC13)
     assert value is None and "9.0" in why and "visible GPU" in why  # torch builds for the visible device
-    value, why = _extension.cuda_arch_plan(None, [(9, 0), (8, 0), (9, 0)], None)
+    value, why = _build.cuda_arch_plan(None, [(9, 0), (8, 0), (9, 0)], None)
     assert value is None and "8.0;9.0" in why
     for unset in (None, "", "  "):  # no GPU visible: torch alone would index an empty list
-        value, why = _extension.cuda_arch_plan(unset, [], NVCC13)
-        assert value == _extension.DEFAULT_CUDA_ARCH_LIST and "no GPU visible" in why
-    assert _extension.cuda_arch_plan(None, [], None)[0] == _extension.DEFAULT_CUDA_ARCH_LIST
+        value, why = _build.cuda_arch_plan(unset, [], NVCC13)
+        assert value == _build.DEFAULT_CUDA_ARCH_LIST and "no GPU visible" in why
+    assert _build.cuda_arch_plan(None, [], None)[0] == _build.DEFAULT_CUDA_ARCH_LIST
 
 
 def test_default_arch_list_drops_what_nvcc_lacks_and_keeps_ptx():
-    value, why = _extension.cuda_arch_plan(None, [], {"8.0", "8.6", "9.0", "10.0"})
+    value, why = _build.cuda_arch_plan(None, [], {"8.0", "8.6", "9.0", "10.0"})
     assert value == "8.0;9.0+PTX" and "less what this nvcc lacks" in why
-    assert _extension.cuda_arch_plan(None, [], {"7.5", "8.0"})[0] == "7.5;8.0+PTX"
-    assert _extension.cuda_arch_plan(None, [], {"10.0", "12.0"})[0] == "12.0+PTX"
-    assert {a.split("+")[0] for a in _extension.DEFAULT_CUDA_ARCH_LIST.split(";")} <= NVCC13
+    assert _build.cuda_arch_plan(None, [], {"7.5", "8.0"})[0] == "7.5;8.0+PTX"
+    assert _build.cuda_arch_plan(None, [], {"10.0", "12.0"})[0] == "12.0+PTX"
+    assert {a.split("+")[0] for a in _build.DEFAULT_CUDA_ARCH_LIST.split(";")} <= NVCC13
 
 
 def test_torch_accepts_the_default_arch_list():
     """The list, put in TORCH_CUDA_ARCH_LIST, is what torch turns into -gencode flags (no GPU queried)."""
     from torch.utils import cpp_extension
 
-    with _extension.arch_list_env(_extension.DEFAULT_CUDA_ARCH_LIST):
+    with _build.arch_list_env(_build.DEFAULT_CUDA_ARCH_LIST):
         flags = cpp_extension._get_cuda_arch_flags()
     assert "-gencode=arch=compute_75,code=sm_75" in flags and "-gencode=arch=compute_90,code=compute_90" in flags
 
 
 def test_arch_list_env_sets_and_restores(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    with _extension.arch_list_env("8.0"):
+    with _build.arch_list_env("8.0"):
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
     assert "TORCH_CUDA_ARCH_LIST" not in os.environ
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
-    with _extension.arch_list_env("8.0"):
+    with _build.arch_list_env("8.0"):
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
-    with _extension.arch_list_env(None):
+    with _build.arch_list_env(None):
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
 
 
 def test_current_arch_plan_without_a_gpu_uses_the_default(monkeypatch):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(_extension, "nvcc_archs", lambda: NVCC13)
-    assert _extension.current_arch_plan()[0] == _extension.DEFAULT_CUDA_ARCH_LIST
+    monkeypatch.setattr(_build, "nvcc_archs", lambda: NVCC13)
+    assert _extension.current_arch_plan()[0] == _build.DEFAULT_CUDA_ARCH_LIST
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
     assert _extension.current_arch_plan() == (None, "TORCH_CUDA_ARCH_LIST=8.9")
 
@@ -279,16 +279,16 @@ def test_cuda_skip_reasons_say_why_and_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "has no CUDA" in _extension.cuda_build_possible()
     monkeypatch.setattr(torch.version, "cuda", "12.8")
-    monkeypatch.setattr(_extension, "_nvcc", lambda: None)
+    monkeypatch.setattr(_build, "_nvcc", lambda: None)
     assert "nvcc not found" in _extension.cuda_build_possible() and "CUDA_HOME" in _extension.cuda_build_possible()
-    monkeypatch.setattr(_extension, "_nvcc", lambda: Path("/usr/local/cuda/bin/nvcc"))
-    monkeypatch.setattr(_extension, "use_cuda_toolkit", lambda version: Path("/opt/no-toolkit"))
+    monkeypatch.setattr(_build, "_nvcc", lambda: Path("/usr/local/cuda/bin/nvcc"))
+    monkeypatch.setattr(_build, "use_cuda_toolkit", lambda version: Path("/opt/no-toolkit"))
     assert "no libcudart.so in the CUDA toolkit at /opt/no-toolkit" in _extension.cuda_build_possible()
-    monkeypatch.setattr(_extension, "_has_cudart", lambda home: True)
-    monkeypatch.setattr(_extension, "_nvcc_output", lambda *a: "Cuda compilation tools, release 13.0, V13.0.88")
+    monkeypatch.setattr(_build, "_has_cudart", lambda home: True)
+    monkeypatch.setattr(_build, "_nvcc_output", lambda *a: "Cuda compilation tools, release 13.0, V13.0.88")
     why = _extension.cuda_build_possible()
     assert "nvcc is CUDA 13.0" in why and "CUDA 12.8" in why and "CUDA_HOME" in why
-    monkeypatch.setattr(_extension, "_nvcc_output", lambda *a: "Cuda compilation tools, release 12.9, V12.9.1")
+    monkeypatch.setattr(_build, "_nvcc_output", lambda *a: "Cuda compilation tools, release 12.9, V12.9.1")
     assert _extension.cuda_build_possible() is None
     monkeypatch.setenv("SPARK_EXT_NO_CUDA", "1")
     assert _extension.cuda_build_possible() == "SPARK_EXT_NO_CUDA is set"
@@ -300,12 +300,12 @@ def test_build_failure_is_one_line_with_the_first_compiler_error(tmp_path):
         "csrc/library.cpp:12:5: error: 'foo' was not declared in this scope\n   12 |     foo();\n"
         "csrc/library.cpp:13:5: error: second\nninja: build stopped: subcommand failed.\n"
     )
-    line = _extension.build_failure(RuntimeError(output), tmp_path / "build-error.log", with_cuda=True)
+    line = _build.build_failure(RuntimeError(output), tmp_path / "build-error.log", with_cuda=True)
     assert "\n" not in line
     assert line.startswith("build failed: csrc/library.cpp:12:5: error: 'foo' was not declared")
     assert str(tmp_path / "build-error.log") in line and "SPARK_EXT_NO_CUDA=1" in line and "reference" in line
     # what issue 10 met: an exception from inside torch's build tooling, now named, with advice
-    line = _extension.build_failure(IndexError("list index out of range"), None, with_cuda=False)
+    line = _build.build_failure(IndexError("list index out of range"), None, with_cuda=False)
     assert line.startswith("build failed: IndexError: list index out of range (") and "\n" not in line
     assert "SPARK_EXT_VERBOSE_BUILD=1" in line and "SPARK_EXT_NO_CUDA" not in line
 
@@ -362,12 +362,12 @@ def test_a_wrapper_nvcc_outside_the_toolkit_finds_the_toolkit(monkeypatch, tmp_p
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
-    monkeypatch.setattr(_extension.shutil, "which", lambda name: str(toolkit / "bin" / "nvcc"))
-    assert _extension.use_cuda_toolkit("13.0") == toolkit
+    monkeypatch.setattr(_build.shutil, "which", lambda name: str(toolkit / "bin" / "nvcc"))
+    assert _build.use_cuda_toolkit("13.0") == toolkit
     assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
     monkeypatch.setenv("CUDA_HOME", str(wrapper_home))  # the user's choice is kept
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
-    assert _extension.use_cuda_toolkit("13.0") == wrapper_home
+    assert _build.use_cuda_toolkit("13.0") == wrapper_home
 
 
 def test_a_lock_file_left_by_a_killed_build_is_cleared(tmp_path, capsys):

@@ -1,23 +1,30 @@
-"""SPARK training system: policy, REINFORCE, balancers, DFD and the distiller.
+"""SPARK's training system, and the KD methods it is compared with.
 
-* :class:`SparkDistiller` / :class:`DistillConfig` — a training step for QAT,
+SPARK's core, one module each:
+
+* :class:`SparkDistiller` / :class:`DistillConfig` (``trainer``) — a training step for QAT,
   uniform KD and SPARK students, usable inside any training loop;
-* :class:`SparkPolicy` — the per-cell Beta policy (docs/spec.md §4);
-* :class:`ReinforceUpdater` — its REINFORCE update with an EMA baseline;
-* :func:`make_balancer`, :class:`GoRBalancer`, :class:`LMRBalancer` — docs/spec.md §6;
-* :class:`DecoderFreeDistillation` — feature KD at a named bottleneck (docs/spec.md §6);
+* :class:`SparkPolicy` (``policy``) — the per-cell Beta policy (docs/spec.md §4);
+* ``credit`` — the held-out credit the default policy learns from;
+* :class:`ReinforceUpdater` (``reinforce``) — the REINFORCE alternative with an EMA baseline;
+* :func:`make_balancer`, :class:`GoRBalancer`, :class:`LMRBalancer` (``balancers``) — docs/spec.md §6;
+* ``losses`` (reconstruction losses), ``distributed`` (DDP synchronisation);
 * ``spark_ext.distill.lightning.SparkLightningModule`` — SPARK in PyTorch Lightning (the
   ``[lightning]`` extra; not imported here).
+
+The compared methods live in :mod:`spark_ext.distill.baselines` (re-exported here): logit KD for
+classifiers (:class:`LogitDistiller`), DFD (:class:`DecoderFreeDistillation`), :class:`DiffKD` and
+DA-QAKD's augmentation ranking (:func:`score_augmentations`).
 
 See ``docs/spark.md`` for the choices made where the spec is silent and for
 how the policy and balancer stay in sync under DDP.
 """
 
 from .balancers import BALANCERS, Balancer, GoRBalancer, LMRBalancer, NoBalancer, make_balancer
-from .daqakd import AUGMENTATIONS, AugmentationScore, cmi_and_fit, get_augmentation, score_augmentations
-from .dfd import DecoderFreeDistillation, FeatureTap, find_module
-from .diffkd import DiffKD
-from .logit_kd import LOGIT_MODES, LogitDistillConfig, LogitDistiller, accuracy, logit_kd_loss
+from .baselines.daqakd import AUGMENTATIONS, AugmentationScore, cmi_and_fit, get_augmentation, score_augmentations
+from .baselines.dfd import DecoderFreeDistillation, FeatureTap, find_module
+from .baselines.diffkd import DiffKD
+from .baselines.logit_kd import LOGIT_MODES, LogitDistillConfig, LogitDistiller, accuracy, logit_kd_loss
 from .losses import REC_LOSSES, per_image_loss
 from .policy import PolicySample, SparkPolicy, standardize_features
 from .reinforce import ReinforceUpdater, normalize_advantage, reinforce_loss

@@ -60,9 +60,9 @@ from ..ops import BACKENDS, difficulty_signals, fused_weighted_kd
 from ..reference import cell_sum, expand_cells, kd_elementwise
 from . import distributed
 from .balancers import BALANCERS, make_balancer
+from .baselines.dfd import DecoderFreeDistillation
+from .baselines.diffkd import DiffKD
 from .credit import RunningScale, cell_credit, credit_loss
-from .dfd import DecoderFreeDistillation
-from .diffkd import DiffKD
 from .losses import REC_LOSSES, per_image_loss
 from .policy import ACTION_EPS, SparkPolicy
 from .reinforce import ReinforceUpdater

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validation import check_int, check_real, check_tensor
+from ..._validation import check_int, check_real, check_tensor
 
 Augmentation = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validation import check_choice, check_real, check_tensor
-from .balancers import BALANCERS, make_balancer
-from .trainer import _as_teacher_list, _clone
+from ..._validation import check_choice, check_real, check_tensor
+from ..balancers import BALANCERS, make_balancer
+from ..trainer import _as_teacher_list, _clone
 
 LOGIT_MODES = ("qat", "kd")
 

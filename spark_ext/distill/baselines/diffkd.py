@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .._validation import check_int, check_real
-from ..ops import fused_weighted_kd
+from ..._validation import check_int, check_real
+from ...ops import fused_weighted_kd
 from .dfd import DecoderFreeDistillation
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..ops import fused_weighted_kd
+from ...ops import fused_weighted_kd
 
 
 def find_module(model: nn.Module, name: str, role: str = "model") -> nn.Module:
