@@ -34,7 +34,7 @@ import bench_lsq  # noqa: E402
 import spark_ext  # noqa: E402
 from spark_ext import reference  # noqa: E402
 
-OP = "fake_quant"  # the op family's one name: ops/fake_quant.py, tests/test_fake_quant.py, this file
+OP = "fake_quant"  # the op family's one name: ops/fake_quant.py, tests/ops/test_fake_quant.py, this file
 BITS, SIGNED = bench_lsq.BITS, bench_lsq.SIGNED
 
 

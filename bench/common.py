@@ -54,7 +54,7 @@ from typing import Optional
 
 import torch
 
-from spark_ext import benchreport
+from spark_ext.commands import bench as benchreport
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PERCENTILES = (20, 50, 80)

@@ -161,7 +161,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         pytest_stage(
             "cuda-tests",
             "every cuda-marked test (graph capture in its own stage)",
-            ["-m", "cuda", "tests", "--ignore=tests/test_cuda_graphs.py"],
+            ["-m", "cuda", "tests", "--ignore=tests/ops/test_cuda_graphs.py"],
             scratch,
             min(8, jobs),
             90,
@@ -171,7 +171,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         pytest_stage(
             "properties",
             "hypothesis properties: Triton and LSQ kernels on CUDA vs the reference",
-            ["tests/test_properties.py"],
+            ["tests/ops/test_properties.py"],
             scratch,
             min(4, jobs),
             25,
@@ -181,7 +181,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         pytest_stage(
             "cuda-graphs",
             "CUDA-graph capture and replay of every fast op",
-            ["tests/test_cuda_graphs.py"],
+            ["tests/ops/test_cuda_graphs.py"],
             scratch,
             1,
             20,
@@ -251,7 +251,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         pytest_stage(
             "rest",
             "the rest of the suite (not cuda-marked), slow tests included",
-            ["-m", "not cuda", "tests", "--ignore=tests/test_properties.py"],
+            ["-m", "not cuda", "tests", "--ignore=tests/ops/test_properties.py"],
             scratch,
             jobs,
             150,

@@ -1,9 +1,9 @@
 """Helpers shared by the backend tests of ``difficulty_signals`` and ``fused_weighted_kd``.
 
-Used by tests/test_difficulty.py and tests/test_weighted_kd.py
+Used by tests/ops/test_difficulty.py and tests/ops/test_weighted_kd.py
 (the checks every backend passes, parametrised over the backend) and by the
-backend-specific tests/test_difficulty_triton.py and tests/test_weighted_kd_triton.py
-(Triton) and tests/test_difficulty_cpp.py and tests/test_weighted_kd_cpp.py
+backend-specific tests/ops/test_difficulty_triton.py and tests/ops/test_weighted_kd_triton.py
+(Triton) and tests/ops/test_difficulty_cpp.py and tests/ops/test_weighted_kd_cpp.py
 (C++). The oracle is :mod:`spark_ext.reference` run in float64 on the
 same input values. Tolerances:
 

@@ -4,7 +4,7 @@ The kernels are in csrc/cpu/difficulty_cpu.cpp (ops
 ``spark_ext::difficulty_signals``, ``cell_kd``, ``cell_kd_backward``).
 The checks every backend passes (forward and gradients against the reference
 over shapes, grids, layouts and dtypes; opcheck; torch.compile) run for this
-backend in tests/test_difficulty.py; here: raw-op outputs,
+backend in tests/ops/test_difficulty.py; here: raw-op outputs,
 determinism across thread counts, empty batches, dispatch.
 """
 

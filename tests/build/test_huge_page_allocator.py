@@ -173,7 +173,7 @@ def _child(code: str, value: str, **more_env: str) -> subprocess.CompletedProces
         env["SPARK_EXT_NO_JIT"] = "1"
     return subprocess.run(
         [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         env=env,
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ import pytest
 from spark_ext import _extension
 from spark_ext.ops import _dispatch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CALLS = {
     "difficulty_signals": "spark_ext.difficulty_signals(a, a * 0.5, a * 0.25, (2, 2), backend=BACKEND)",

@@ -6,11 +6,11 @@ importable) and ``cpp`` (the C++ CPU kernels of csrc/cpu/difficulty_cpu.cpp;
 skipped when the C++ library is unavailable). The test id starts with the
 backend. Backend-specific checks (Triton launch configurations, bfloat16
 rounding, sm_90 compilation; C++ thread-count determinism, empty batches;
-dispatch rules) are in tests/test_difficulty_triton.py and tests/test_difficulty_cpp.py.
+dispatch rules) are in tests/ops/test_difficulty_triton.py and tests/ops/test_difficulty_cpp.py.
 
 The oracle is :func:`spark_ext.reference.difficulty_signals` run in float64
 on the same input values (the reference itself is checked against explicit
-loops in tests/test_reference.py). Tolerances (tests/kd_helpers.py):
+loops in tests/ops/test_reference.py). Tolerances (tests/kd_helpers.py):
 
 * signals: docs/spec.md §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd`` and gradients: twice the error the reference makes in the

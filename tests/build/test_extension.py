@@ -16,7 +16,7 @@ import spark_ext
 from spark_ext import _build, _extension
 from spark_ext.ops import _dispatch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def python(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

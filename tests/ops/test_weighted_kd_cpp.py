@@ -4,7 +4,7 @@ Kernels in csrc/cpu/weighted_kd_cpu.cpp (``spark_ext::fused_weighted_kd`` /
 ``fused_weighted_kd_backward``; grid weights through ``spark_ext::cell_kd``).
 The checks every backend passes (loss and gradients against the reference over
 weight shapes, layouts and dtypes; opcheck; torch.compile) run for this
-backend in tests/test_weighted_kd.py; here: raw-op outputs,
+backend in tests/ops/test_weighted_kd.py; here: raw-op outputs,
 determinism across thread counts, empty inputs, dispatch.
 """
 

@@ -2,7 +2,7 @@
 
 The checks every backend passes (forward and gradients against the reference
 over shapes, grids, layouts and dtypes; opcheck; torch.compile) run for this
-backend in tests/test_difficulty.py; here: launch configurations,
+backend in tests/ops/test_difficulty.py; here: launch configurations,
 determinism, 64-bit offsets, bfloat16 rounding, dispatch, the sm_90
 ahead-of-time compile, and the CUDA tests.
 
@@ -10,7 +10,7 @@ Without a GPU every kernel runs under Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), so shapes stay small. The oracle is
 :func:`spark_ext.reference.difficulty_signals` run in float64 on the same
 input values (the reference itself is checked against explicit loops in
-tests/test_reference.py). Tolerances:
+tests/ops/test_reference.py). Tolerances:
 
 * signals: docs/spec.md §2's 1e-4 relative + 1e-6 absolute;
 * ``cell_kd`` and gradients: twice the error the reference makes in the

@@ -7,7 +7,7 @@ without a GPU, conftest; skipped when triton is not importable) and ``cpp``
 skipped when the C++ library is unavailable). The test id starts with the
 backend. Backend-specific checks (Triton launch configurations; C++
 thread-count determinism, empty inputs, raw-op outputs, dispatch) are in
-tests/test_weighted_kd_triton.py and tests/test_weighted_kd_cpp.py.
+tests/ops/test_weighted_kd_triton.py and tests/ops/test_weighted_kd_cpp.py.
 
 The oracle is :func:`spark_ext.reference.fused_weighted_kd` and its autograd
 gradients, in float64 on the same input values; the tolerance is twice the

@@ -105,7 +105,7 @@ def test_fake_quant_errors():
         spark_ext.fake_quantize_learnable_per_tensor_affine(x, torch.ones(2), z, -8, 7)
     with pytest.raises(ValueError, match="scale must be finite and > 0"):
         spark_ext.fake_quantize_learnable_per_tensor_affine(x, torch.tensor([0.0]), z, -8, 7)
-    # An integer zero point is accepted, like torch (tests/test_fake_quant.py); a bool one is not.
+    # An integer zero point is accepted, like torch (tests/ops/test_fake_quant.py); a bool one is not.
     with pytest.raises(TypeError, match="zero_point must have a floating dtype or an integer dtype"):
         spark_ext.fake_quantize_learnable_per_tensor_affine(x, s, torch.tensor([False]), -8, 7)
     with pytest.raises(TypeError, match="scale must have a floating dtype, got torch.int64"):

@@ -2,14 +2,14 @@
 
 The checks every backend passes (loss and gradients against the reference
 over weight shapes, reductions, layouts and dtypes; opcheck; torch.compile)
-run for this backend in tests/test_weighted_kd.py; here: GPU-like
+run for this backend in tests/ops/test_weighted_kd.py; here: GPU-like
 launch configurations and determinism under the interpreter, and the CUDA
 tests. Runs under Triton's interpreter without a GPU (conftest), so shapes
 are small. The oracle is :func:`spark_ext.reference.fused_weighted_kd` and its
 autograd gradients, in float64 on the same input values; the tolerance is
 twice the error the reference makes in the input's own dtype (vs float64)
 plus four ulps of the output dtype at the result's scale. bfloat16 runs under
-the interpreter as well (see tests/test_difficulty_triton.py's docstring for why that
+the interpreter as well (see tests/ops/test_difficulty_triton.py's docstring for why that
 is meaningful: the kernels round bfloat16 to nearest-even by hand).
 """
 
