@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CSRC := $(wildcard spark_ext/csrc/*.cpp spark_ext/csrc/*.h spark_ext/csrc/cpu/*.cpp spark_ext/csrc/cpu/*.h spark_ext/csrc/cuda/*.cu)
 export MAX_JOBS ?= 2
 
-.PHONY: venv lint test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
+.PHONY: venv lint docs-build docs test demo bench bench-cpu doctor clean cuda-compile-check gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(PY):
 # the default list in spark_ext/_build.py (DEFAULT_CUDA_ARCH_LIST).
 $(STAMP): $(PY) pyproject.toml setup.py spark_ext/_build.py $(CSRC)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" numpy setuptools wheel ninja pybind11
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export,test-metrics,lightning]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,demo,torchao,export,test-metrics,lightning,docs]"
 	SPARK_EXT_NO_JIT=1 $(PY) -c "from spark_ext import _extension as e; e.load(); \
 	    print('C++ library:', e.status()); print('CUDA kernels:', e.cuda_status())"
 	touch $(STAMP)
@@ -36,7 +36,16 @@ cuda-compile-check: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
-test: $(STAMP) lint cuda-compile-check
+# The documentation site, built as the CI builds it: --strict turns a broken link, a missing page or an
+# unresolved API reference into a failure. Output in build/site (ignored).
+docs-build: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
+
+# Serve the documentation site at http://127.0.0.1:8000, rebuilt on every edit.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+test: $(STAMP) lint cuda-compile-check docs-build
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
