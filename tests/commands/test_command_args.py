@@ -1,9 +1,11 @@
 """The arguments every ``spark-ext`` command shares: one meaning of ``--seeds`` everywhere."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
+import spark_ext
 from spark_ext.cli import COMMANDS, main
 from spark_ext.commands._args import MAX_SEED, MAX_SEEDS, seeds
 
@@ -56,3 +58,36 @@ def test_router_knows_every_command_module():
     for name in COMMANDS:
         module = importlib.import_module("spark_ext.commands." + name.replace("-", "_"))
         assert callable(module.main), name
+
+
+def _imported_modules(path):
+    """Every module ``path`` imports (absolute names; relative imports resolved against its package)."""
+    import ast
+
+    package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+PACKAGE = Path(spark_ext.__file__).resolve().parent
+COMMAND_MODULES = {f"spark_ext.commands.{name.replace('-', '_')}" for name in COMMANDS}
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_router_imports_a_command(path):
+    # the library never reaches up into a program, and no command imports another one
+    this = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if this == "spark_ext.cli":
+        return
+    commands = (_imported_modules(path) & COMMAND_MODULES) - {this}
+    assert not commands, f"{this} imports the command module(s) {sorted(commands)}"
