@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of every op as the FIRST thing a process does (issue 10, defect 2).
+"""torch.compile(fullgraph=True) of every op as the FIRST thing a process does.
 
 In a fresh process the C++ library is not loaded yet; the backend check that
 loads it used to run inside the traced code and stop Dynamo ("Unsupported

@@ -217,7 +217,7 @@ def test_jit_build_from_scratch(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Build configuration: CUDA architectures, skip reasons, one-line failures (issue 10)
+# Build configuration: CUDA architectures, skip reasons, one-line failures
 # --------------------------------------------------------------------------
 
 NVCC13 = {"7.5", "8.0", "8.6", "8.7", "8.8", "8.9", "9.0", "10.0", "10.3", "11.0", "12.0", "12.1"}
@@ -304,7 +304,7 @@ def test_build_failure_is_one_line_with_the_first_compiler_error(tmp_path):
     assert "\n" not in line
     assert line.startswith("build failed: csrc/library.cpp:12:5: error: 'foo' was not declared")
     assert str(tmp_path / "build-error.log") in line and "SPARK_EXT_NO_CUDA=1" in line and "reference" in line
-    # what issue 10 met: an exception from inside torch's build tooling, now named, with advice
+    # what a user met: an exception from inside torch's build tooling, now named, with advice
     line = _build.build_failure(IndexError("list index out of range"), None, with_cuda=False)
     assert line.startswith("build failed: IndexError: list index out of range (") and "\n" not in line
     assert "SPARK_EXT_VERBOSE_BUILD=1" in line and "SPARK_EXT_NO_CUDA" not in line

@@ -200,14 +200,14 @@ def test_plots_one_panel_row_per_op_and_the_step_benchmark(tmp_path, capsys):
             "pass": "step",
             "impl": "ratio",
             "ms": 20 / 19,
-            "target": "<= 1, issue 15: SPARK for free",
+            "target": "<= 1, SPARK for free",
         },
     ]
     steps_path = tmp_path / "e2e-test.json"
     steps_path.write_text(json.dumps({"benchmark": "e2e", "env": {"device": "test"}, "rows": steps}))
     assert benchreport.main(["--from", str(ops_path), str(steps_path), "--plot", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
-    assert "spark_vs_qat_torch: 1.053" in out and "(target <= 1, issue 15: SPARK for free)" in out
+    assert "spark_vs_qat_torch: 1.053" in out and "(target <= 1, SPARK for free)" in out
     for name in ("lsq-test.png", "e2e-test.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:4] == b"\x89PNG", name

@@ -4,7 +4,7 @@ Autocast casts the inputs of listed ops (matmul, einsum, ...) to float16 /
 bfloat16. Our ops must not inherit that: ``difficulty_signals`` returns
 float32 signals and ``cell_kd``, ``fused_weighted_kd`` a float32 loss, and
 the fake-quantization ops x's dtype, whatever the autocast state, on every
-backend (issue 10, defect 6: the reference's ``cell_kd`` came back in
+backend (the reference's ``cell_kd`` came back in
 bfloat16). Runs on CPU autocast (bfloat16 and float16); the CUDA variant is
 marked ``cuda``.
 """

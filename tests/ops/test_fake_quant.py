@@ -250,7 +250,7 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
-# ------------------------------------- scale gradient rounding (issue 10, 3)
+# ------------------------------------- scale gradient rounding
 
 
 def per_element_scale_terms(backend, x, scale, zp, qmin, qmax, dy, device="cpu"):
@@ -265,7 +265,7 @@ def per_element_scale_terms(backend, x, scale, zp, qmin, qmax, dy, device="cpu")
 def test_scale_gradient_rounds_like_torch(backend, bits):
     # ATen forms (xq - zp) * scale - x with one rounding (an FMA). At 16 bits that
     # difference is a few ulps of x, so rounding the product first changed the
-    # per-channel scale gradient by up to 15 % (issue 10, defect 3). One element per
+    # per-channel scale gradient by up to 15 %. One element per
     # channel makes every channel's gradient a single term: bitwise comparable.
     qmax = 2 ** (bits - 1) - 1
     x = torch.randn(4096, 1) * 0.05
@@ -307,7 +307,7 @@ def test_per_tensor_scale_gradient_terms_round_like_torch(backend, bits):
 @pytest.mark.parametrize("axis", [None, 1])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_integer_zero_point_is_accepted_like_torch(backend, axis, dtype):
-    # torch (and its own tests of these ops) accept an integer zero point (issue 10, defect 12).
+    # torch (and its own tests of these ops) accept an integer zero point.
     x = torch.randn(3, 4, 5) * 2
     n = 1 if axis is None else 4
     scale, zp = torch.rand(n) * 0.3 + 0.05, torch.randint(-3, 4, (n,))
@@ -325,7 +325,7 @@ def test_integer_zero_point_is_accepted_like_torch(backend, axis, dtype):
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_nan_zero_point_is_rejected_inf_is_clamped_like_torch(backend, axis):
-    # torch rejects a NaN zero point; an infinite one is clamped to the range (issue 10, defect 7).
+    # torch rejects a NaN zero point; an infinite one is clamped to the range.
     x = torch.randn(3, 4)
     n = 1 if axis is None else 3
     scale = torch.full((n,), 0.1)

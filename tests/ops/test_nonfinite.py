@@ -1,4 +1,4 @@
-"""Non-finite and degenerate inputs give the same answer on every backend (issue 10).
+"""Non-finite and degenerate inputs give the same answer on every backend.
 
 NaN, inf and values whose squares overflow float32 must propagate to the
 outputs they touch, and only to those: a cell holding one NaN pixel is NaN
@@ -47,7 +47,7 @@ def signals_and_grads(backend, s, t, y, grid, kind="l1"):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_zero_channels_return_like_the_reference(backend):
-    # Triton used to read each cell's shift from the empty target: SIGSEGV (issue 10, defect 1).
+    # Triton used to read each cell's shift from the empty target: SIGSEGV.
     s, t, y = (torch.rand(2, 0, 4, 4) for _ in range(3))
     signals, cell_kd = spark_ext.difficulty_signals(s, t, y, (2, 2), backend=backend)
     assert signals.shape == (2, 4, 2, 2) and signals.dtype == torch.float32
@@ -58,7 +58,7 @@ def test_zero_channels_return_like_the_reference(backend):
 
 @pytest.mark.parametrize("where", ["student", "target"])
 def test_reference_confines_a_nan_pixel_to_its_cells(where):
-    # One-hot sums spread NaN * 0 = NaN to every cell of the image (issue 10, defect 5).
+    # One-hot sums spread NaN * 0 = NaN to every cell of the image.
     s, t, y = (torch.rand(2, 3, 8, 8) for _ in range(3))
     {"student": s, "target": y}[where][0, 1, 1, 1] = float("nan")  # cell (0, 0) of a 2x2 grid, with its neighbours
     signals, cell_kd = spark_ext.difficulty_signals(s, t, y, (2, 2), backend="reference")
@@ -78,7 +78,7 @@ def test_reference_confines_a_nan_pixel_to_its_cells(where):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e25])
 @pytest.mark.parametrize("where", ["student", "teacher", "target"])
 def test_non_finite_pixel_matches_the_reference(backend, value, where):
-    # Triton reported a cell holding 1e25, inf or NaN as flat: variances 0 (issue 10, defect 4).
+    # Triton reported a cell holding 1e25, inf or NaN as flat: variances 0.
     s, t, y = (torch.rand(2, 3, 9, 10) for _ in range(3))
     images = {"student": s, "teacher": t, "target": y}
     images[where][1, 2, 4, 0] = value  # on a cell border of a 3x4 grid, at the image's left edge
@@ -134,7 +134,7 @@ def test_weighted_kd_non_finite_gradients_match_the_reference(backend, wshape, k
 @pytest.mark.parametrize("wshape", [(1, 1, 5, 6), (5, 6), (1, 3, 5, 6), (1, 1, 2, 3)])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_empty_batch_gives_zero_gradients(backend, wshape, reduction):
-    # Triton gave a NaN weight gradient for B = 0 with "mean" (issue 10, defect 8).
+    # Triton gave a NaN weight gradient for B = 0 with "mean".
     s, t, w = torch.rand(0, 3, 5, 6), torch.rand(0, 3, 5, 6), torch.rand(wshape)
     loss, ds, dt, dw = wkd_and_grads(backend, s, t, w, "l1", reduction)
     want = wkd_and_grads("reference", s, t, w, "l1", reduction)[0]
