@@ -28,7 +28,7 @@ reads these to print ratios and draw plots)::
 and ``ms_p80`` show the spread (a machine shared with other jobs widens it).
 ``gbps`` and ``copy_fraction`` derive from the median; whether a case's bytes
 really come from memory (not from the last-level cache) is judged when the
-results are read (:mod:`spark_ext.benchreport`), from ``bytes`` and the
+results are read (:mod:`spark_ext.benchmarks.report`), from ``bytes`` and the
 ``llc_bytes`` that :func:`environment` records.
 
 ``impl`` names: ``ours`` = spark_ext's fast backend, ``eager`` = the
@@ -54,9 +54,9 @@ from typing import Optional
 
 import torch
 
-from spark_ext import benchreport
+import spark_ext
+from spark_ext.benchmarks import report
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PERCENTILES = (20, 50, 80)
 
 
@@ -134,8 +134,11 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device | str) -> Op
 
 
 def _commit() -> str:
+    """The source tree's git commit; "unknown" for an installed package (not inside its own checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return "unknown"
     try:
-        root = Path(__file__).resolve().parent.parent
         return subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -152,9 +155,10 @@ def environment(device: torch.device | str) -> dict:
     except ImportError:
         triton_version = None
     return {
-        "device": benchreport.device_name(device),
-        # what decides whether a case's bandwidth is reported (spark_ext.benchreport.memory_bound)
-        "llc_bytes": benchreport.last_level_cache_bytes(device),
+        "device": report.device_name(device),
+        # what decides whether a case's bandwidth is reported (spark_ext.benchmarks.report.memory_bound)
+        "llc_bytes": report.last_level_cache_bytes(device),
+        "spark_ext": spark_ext.__version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
@@ -175,7 +179,7 @@ def save_results(
 ) -> Path:
     """Write ``{"benchmark": name, "env": ..., "rows": rows}`` (and ``"config"``: the run's settings, when
     given) to ``<out_dir>/<name>-<device>-<stamp>.json``, through a temporary name renamed into place."""
-    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir = Path(out_dir) if out_dir is not None else report.DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -310,7 +314,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def arg_parser(description: str, *, threads: bool = False) -> argparse.ArgumentParser:
-    """The options every ``bench_*.py`` script shares (``spark-ext bench`` passes ``--quick`` and ``--out``).
+    """The options every ``bench_<name>`` module shares (``spark-ext bench`` passes ``--quick`` and ``--out``).
 
     ``threads=True`` adds the CPU thread-scaling options (``--threads``, ``--repeats``).
     """
@@ -318,7 +322,9 @@ def arg_parser(description: str, *, threads: bool = False) -> argparse.ArgumentP
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few reps (CPU smoke run)")
     parser.add_argument("--headline", action="store_true", help="HBM-bound headline cases only (make gpu-check)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result JSON")
+    parser.add_argument(
+        "--out", type=Path, default=report.DEFAULT_OUT, help="folder for the result JSON (default ./spark-ext-bench)"
+    )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default per script)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile peer")
     if threads:

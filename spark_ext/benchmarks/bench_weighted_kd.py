@@ -10,27 +10,24 @@ grad), ``fwd+bwd``. Peers in the same run: ``eager`` = the reference,
 minimum each pass must move: forward reads S, T (and a per-pixel weight);
 backward reads S, T (and the weight) and writes dS.
 
-    python bench/bench_weighted_kd.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
-    python bench/bench_weighted_kd.py --device cpu    # CPU: our C++ kernels vs the peers
-    python bench/bench_weighted_kd.py --quick         # CPU smoke run
-    python bench/bench_weighted_kd.py --headline      # GPU: only 16x3x1024^2 fp32 (make gpu-check)
-    TRITON_INTERPRET=1 python bench/bench_weighted_kd.py --quick   # CPU, ours = the Triton kernels, interpreted
+    python -m spark_ext.benchmarks.bench_weighted_kd                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
+    python -m spark_ext.benchmarks.bench_weighted_kd --device cpu    # CPU: our C++ kernels vs the peers
+    python -m spark_ext.benchmarks.bench_weighted_kd --quick         # CPU smoke run
+    python -m spark_ext.benchmarks.bench_weighted_kd --headline      # GPU: only 16x3x1024^2 fp32 (make gpu-check)
+    TRITON_INTERPRET=1 python -m spark_ext.benchmarks.bench_weighted_kd --quick  # ours: Triton, interpreted
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bench_difficulty import DTYPES, reset_compiler  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import reference  # noqa: E402
+import spark_ext
+from spark_ext import reference
+from spark_ext.benchmarks import common
+from spark_ext.benchmarks.bench_difficulty import DTYPES, reset_compiler
 
 
 def bench_case(rows, shape, dtype_name, weight_kind, kd_loss, device, ours_name, with_compiled, reps):

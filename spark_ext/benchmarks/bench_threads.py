@@ -24,13 +24,13 @@ The machine may be shared: every (thread count, implementation) timing is
 repeated ``--repeats`` times, interleaved (round r times everything before
 round r + 1 starts), and the median is kept; the load average before and
 after is recorded. One JSON per op and thread count goes to
-``bench/results/threads-<op>-t<N>-cpu-<stamp>.json``; the summary printed
+``--out`` (default ``./spark-ext-bench/``) as ``threads-<op>-t<N>-cpu-<stamp>.json``; the summary printed
 at the end (speed-up 1 -> N threads, ratios, copy fraction, the issue's
 targets met or missed) is the README's CPU table.
 
-    python bench/bench_threads.py                  # estimated 4-6 min on an idle 2-core machine
-    python bench/bench_threads.py --quick          # small sizes, smoke run
-    python bench/bench_threads.py --threads 1,2,4 --repeats 5
+    python -m spark_ext.benchmarks.bench_threads                  # estimated 4-6 min on an idle 2-core machine
+    python -m spark_ext.benchmarks.bench_threads --quick          # small sizes, smoke run
+    python -m spark_ext.benchmarks.bench_threads --threads 1,2,4 --repeats 5
 """
 
 from __future__ import annotations
@@ -38,17 +38,12 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_fake_quant  # noqa: E402
-import bench_lsq  # noqa: E402
-import common  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import _extension, reference  # noqa: E402
+import spark_ext
+from spark_ext import _extension, reference
+from spark_ext.benchmarks import bench_fake_quant, bench_lsq, common
 
 LARGE_BYTES = 32 * 2**20  # "large tensors" for the copy-bandwidth target: >= 32 MiB per input
 

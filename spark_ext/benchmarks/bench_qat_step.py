@@ -1,7 +1,7 @@
 """One torch.ao QAT training step of ResNet-18 and MobileNetV2: our LearnableFakeQuantize vs torch's.
 
 Each model (torchvision's quantizable one when torchvision imports, else the
-same model from bench/qat_models.py; the case says which) is fused
+same model from spark_ext.benchmarks.qat_models; the case says which) is fused
 (``fuse_model(is_qat=True)``) and prepared with ``torch.ao.quantization.prepare_qat``
 under a QConfig whose fake quants are either ``spark_ext.quant.LearnableFakeQuantize``
 (``impl: "ours"``) or ``torch.ao.quantization._LearnableFakeQuantize``
@@ -21,9 +21,9 @@ ours is faster).
 
 Cases: CPU batch 1 and 8 at 64 px, at 1 and 2 threads; CUDA batch 32 at 224 px.
 
-    python bench/bench_qat_step.py                       # CPU: 2 models x 2 batches x 2 thread counts
-    python bench/bench_qat_step.py --quick               # batch 1 at 64 px, 1 thread, 3 samples
-    python bench/bench_qat_step.py --device cuda --models resnet18   # the GPU check's case
+    python -m spark_ext.benchmarks.bench_qat_step                       # CPU: 2 models x 2 batches x 2 thread counts
+    python -m spark_ext.benchmarks.bench_qat_step --quick               # batch 1 at 64 px, 1 thread, 3 samples
+    python -m spark_ext.benchmarks.bench_qat_step --device cuda --models resnet18   # the GPU check's case
 """
 
 from __future__ import annotations
@@ -33,17 +33,13 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import qat_models  # noqa: E402
-
-from spark_ext.quant import LearnableFakeQuantize, qat_qconfig  # noqa: E402
+from spark_ext.benchmarks import common, qat_models
+from spark_ext.quant import LearnableFakeQuantize, qat_qconfig
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

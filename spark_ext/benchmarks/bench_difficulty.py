@@ -16,25 +16,22 @@ forward reads S, T, Y and writes the per-cell outputs; the backward reads S,
 T and the per-cell gradient and writes dS), so GB/s and the fraction of a
 device copy measured in the same run compare like with like.
 
-    python bench/bench_difficulty.py                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
-    python bench/bench_difficulty.py --device cpu    # CPU: our C++ kernels vs the reference peers
-    python bench/bench_difficulty.py --quick         # CPU smoke run
-    python bench/bench_difficulty.py --headline      # GPU: only 16x3x1024^2 fp32 and bf16 (make gpu-check)
-    TRITON_INTERPRET=1 python bench/bench_difficulty.py --quick   # CPU, ours = the Triton kernels, interpreted
+    python -m spark_ext.benchmarks.bench_difficulty                 # GPU: 8x3x128^2 .. 16x3x1024^2, fp32 and bf16
+    python -m spark_ext.benchmarks.bench_difficulty --device cpu    # CPU: our C++ kernels vs the reference peers
+    python -m spark_ext.benchmarks.bench_difficulty --quick         # CPU smoke run
+    python -m spark_ext.benchmarks.bench_difficulty --headline      # GPU: 16x3x1024^2 fp32, bf16 (gpu-check)
+    TRITON_INTERPRET=1 python -m spark_ext.benchmarks.bench_difficulty --quick  # ours: Triton, interpreted
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import reference  # noqa: E402
+import spark_ext
+from spark_ext import reference
+from spark_ext.benchmarks import common
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -16,23 +16,20 @@ for a random upstream gradient, graph built once), ``fwd+bwd``; bytes as in
 ``bench_lsq.py`` (whose case runner this uses): the forward reads x and
 writes y, the backward reads x and dy and writes dx.
 
-    python bench/bench_fake_quant.py            # CPU or GPU sizes for the device
-    python bench/bench_fake_quant.py --quick    # small sizes, few reps
-    python bench/bench_fake_quant.py --headline # GPU: one activation and one weight layout (make gpu-check)
+    python -m spark_ext.benchmarks.bench_fake_quant            # CPU or GPU sizes for the device
+    python -m spark_ext.benchmarks.bench_fake_quant --quick    # small sizes, few reps
+    python -m spark_ext.benchmarks.bench_fake_quant --headline # GPU: one activation, one weight layout (gpu-check)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_lsq  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import reference  # noqa: E402
+import spark_ext
+from spark_ext import reference
+from spark_ext.benchmarks import bench_lsq
 
 OP = "fake_quant"  # the op family's one name: ops/fake_quant.py, tests/test_fake_quant.py, this file
 BITS, SIGNED = bench_lsq.BITS, bench_lsq.SIGNED

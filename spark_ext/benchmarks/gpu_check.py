@@ -9,7 +9,7 @@ note), and its limit is cut to the budget left; the last stage's expected time
 is kept back for it, and the stages end 10 s before the budget.
 
 Everything streams to the output folder (``GPU_CHECK_OUT``; default
-``bench/results/gpu-check-<UTC stamp>/``) as it happens, so a run killed at
+``spark-ext-bench/gpu-check-<UTC stamp>/`` in the checkout) as it happens, so a run killed at
 any point leaves what finished before it:
 
 * ``gpu-check.log``  every stage's output, line by line (capped at 15 MiB);
@@ -43,13 +43,16 @@ Environment (checked before anything runs; a bad value exits 2):
   device. ``GPU_CHECK_DRY_RUN_HANG`` / ``_FAIL`` (comma lists of stages) make
   stand-ins hang or fail. Default output: a temporary folder.
 
-    GPU_CHECK_OUT=$OUT make gpu-check                 # on the GPU machine
-    python3 bench/gpu_check.py --plan                 # print the plan and exit
-    GPU_CHECK_DRY_RUN=1 python3 bench/gpu_check.py    # CPU rehearsal, ~5 s
+    GPU_CHECK_OUT=$OUT make gpu-check                              # on the GPU machine
+    python -m spark_ext.benchmarks.gpu_check --plan                # print the plan and exit
+    GPU_CHECK_DRY_RUN=1 python -m spark_ext.benchmarks.gpu_check   # CPU rehearsal, ~5 s
 
+Run from the checkout's root (it builds, tests and benchmarks that checkout).
 Standard library only: it must start on a bare machine before anything is
-installed. Exit status: 0 when every stage that ran passed, 1 otherwise, 2 on a
-bad setting, 143 when terminated.
+installed (as a module of the package it also imports ``spark_ext`` and so
+torch, which that machine has; nothing of the C++ library is loaded).
+Exit status: 0 when every stage that ran passed, 1 otherwise, 2 on a bad
+setting, 143 when terminated.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 PY = sys.executable
 
 LOG, SUMMARY, TMP = "gpu-check.log", "summary.json", "partial.tmp"
@@ -129,7 +132,7 @@ def bench_stage(bench, what, args, scratch, expected_s, limit_s):
     return Stage(
         f"bench-{bench.replace('_', '-')}",
         what,
-        [PY, f"bench/bench_{bench}.py", "--headline", "--out", str(folder)] + args,
+        [PY, "-m", f"spark_ext.benchmarks.bench_{bench}", "--headline", "--out", str(folder)] + args,
         expected_s,
         limit_s,
         "bench",
@@ -144,7 +147,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         Stage(
             "build",
             "pip install -e . (C++/CUDA library for this GPU's arch only)",
-            [PY, "bench/gpu_check.py", "--build"],
+            [PY, "-m", "spark_ext.benchmarks.gpu_check", "--build"],
             100,
             240,
             "build",
@@ -198,7 +201,7 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
         ),
         bench_stage(
             "qat_step",
-            "a torch.ao QAT step of ResNet-18 (bench/qat_models.py), batch 32, 224 px: our vs torch's fake quant",
+            "a torch.ao QAT step of ResNet-18 (benchmarks.qat_models), batch 32, 224 px: our vs torch's fake quant",
             ["--models", "resnet18", "--source", "bench"],
             scratch,
             45,
@@ -238,7 +241,8 @@ def plan(scratch: Path, out: Path, jobs: int) -> list[Stage]:
                 "--print-limit",
                 "20",
                 PY,
-                "bench/sanitize_kernels.py",
+                "-m",
+                "spark_ext.benchmarks.sanitize_kernels",
                 "--short",
             ],
             45,
@@ -327,7 +331,7 @@ def write_atomic(out: Path, name: str, data: bytes) -> None:
 def source_digest() -> dict:
     """Which code ran: the git commit where there is one, and a digest of the sources (the device copy has no .git)."""
     h = hashlib.sha256()
-    for top in ("spark_ext", "kernels", "csrc", "bench", "tests"):
+    for top in ("spark_ext", "kernels", "csrc", "tests"):
         for path in sorted((ROOT / top).rglob("*")):
             if path.is_file() and path.suffix in (".py", ".cpp", ".h", ".cu", ".cuh", ".sh"):
                 h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -647,7 +651,7 @@ def main(argv=None) -> int:
     elif cfg["dry_run"]:
         out = Path(tempfile.mkdtemp(prefix="gpu-check-dry-run-"))
     else:
-        out = ROOT / "bench" / "results" / f"gpu-check-{stamp}"
+        out = ROOT / "spark-ext-bench" / f"gpu-check-{stamp}"
     if args.plan:
         print_plan(plan(Path("<scratch>"), out, cfg["jobs"]), cfg)
         return 0
@@ -699,7 +703,7 @@ def run(cfg: dict, out: Path, scratch: Path, stages: Optional[list[Stage]] = Non
     log = Log(out / LOG)
     foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
     summary = {
-        "tool": "bench/gpu_check.py",
+        "tool": "spark_ext.benchmarks.gpu_check",
         "status": "running",
         "dry_run": cfg["dry_run"],
         "budget_s": cfg["budget_s"],

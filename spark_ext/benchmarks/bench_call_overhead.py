@@ -47,15 +47,15 @@ sample per implementation per round: a batch of calls sized to take about
 ``--sample-ms``, wall time divided by the calls (on CUDA synchronised before
 and after the batch, so a sample is the throughput of back-to-back calls,
 kernels included). Reported per row: p50 (= ``ms``), p90 and max over the
-samples, p20 / p80 (the schema of bench/common.py), and at the median
+samples, p20 / p80 (the schema of common.py), and at the median
 ``over_torch`` = this row / the torch row and ``over_floor`` = this row / the
 floor. Rounds: as many as fit ``--group-s`` seconds, between 5 and
 ``--rounds`` (3 and 7 with ``--quick``).
 
-    python bench/bench_call_overhead.py                  # CPU, 1 thread: under about 2 minutes
-    python bench/bench_call_overhead.py --quick          # tiny and small only, few rounds: under 30 s
-    python bench/bench_call_overhead.py --device cuda    # CUDA backends, CUDA modules
-    python bench/bench_call_overhead.py --threads 2
+    python -m spark_ext.benchmarks.bench_call_overhead                  # CPU, 1 thread: under about 2 minutes
+    python -m spark_ext.benchmarks.bench_call_overhead --quick          # tiny and small only, few rounds: under 30 s
+    python -m spark_ext.benchmarks.bench_call_overhead --device cuda    # CUDA backends, CUDA modules
+    python -m spark_ext.benchmarks.bench_call_overhead --threads 2
 """
 
 from __future__ import annotations
@@ -68,18 +68,15 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import reference  # noqa: E402
-from spark_ext.quant import LearnableFakeQuantize, LSQQuantizer, QuantConv2d, QuantLinear  # noqa: E402
+import spark_ext
+from spark_ext import reference
+from spark_ext.benchmarks import common
+from spark_ext.quant import LearnableFakeQuantize, LSQQuantizer, QuantConv2d, QuantLinear
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

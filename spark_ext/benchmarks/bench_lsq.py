@@ -19,23 +19,20 @@ Peak extra memory is reported on CUDA. The case runner here is shared with
 ``bench_fake_quant.py`` (docs/spec.md §5a, the torch drop-ins), which times the
 same layouts.
 
-    python bench/bench_lsq.py            # CPU or GPU sizes for the device
-    python bench/bench_lsq.py --quick    # small sizes, few reps
-    python bench/bench_lsq.py --headline # GPU: one activation and one weight layout (make gpu-check)
+    python -m spark_ext.benchmarks.bench_lsq            # CPU or GPU sizes for the device
+    python -m spark_ext.benchmarks.bench_lsq --quick    # small sizes, few reps
+    python -m spark_ext.benchmarks.bench_lsq --headline # GPU: one activation and one weight layout (make gpu-check)
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import _extension, reference  # noqa: E402
+import spark_ext
+from spark_ext import _extension, reference
+from spark_ext.benchmarks import common
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BITS, SIGNED = 4, True

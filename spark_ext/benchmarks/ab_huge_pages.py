@@ -19,13 +19,13 @@ runs each case 200 times per huge-page mode and prints the process's resident
 memory before and after, and the cache's size (a leak would grow RSS by the
 outputs' size per iteration; the cache by at most its limit).
 
-    python bench/ab_huge_pages.py                  # lsq fwd and bwd, 1 and 2 threads, 5 x 12 calls (~1 min idle)
-    python bench/ab_huge_pages.py --rss --rounds 10
-    python bench/ab_huge_pages.py --threads 1 --only fwd --threshold-mib 8
+    python -m spark_ext.benchmarks.ab_huge_pages   # lsq fwd and bwd, 1 and 2 threads, 5 x 12 calls (~1 min idle)
+    python -m spark_ext.benchmarks.ab_huge_pages --rss --rounds 10
+    python -m spark_ext.benchmarks.ab_huge_pages --threads 1 --only fwd --threshold-mib 8
 
 Cases: ``fwd``, ``spark_ext.lsq_fake_quant`` on an 8x64x128x128 float32 tensor
 (32 MiB, per tensor, no grad: one 32 MiB output); ``bwd``, its backward op
-``lsq_fake_quant_backward`` (one 32 MiB ``dx``). Not a bench_*.py: `spark-ext
+``lsq_fake_quant_backward`` (one 32 MiB ``dx``). Not a ``bench_<name>`` module: `spark-ext
 bench` does not run it, and it writes no JSON.
 """
 

@@ -33,9 +33,9 @@ SPARK-ours / QAT-ours. Reported per variant: median step time with p20 /
 p80, peak memory, and (CUDA) the share of the step's GPU time spent inside
 ``spark_ext::`` ops (torch.profiler).
 
-    python bench/bench_e2e.py                # GPU: batch 16, 48 channels, 192x192 crops
-    python bench/bench_e2e.py --quick        # CPU smoke run: tiny sizes
-    python bench/bench_e2e.py --headline --no-compiled   # GPU sizes, 10 reps, no compiled variant (make gpu-check)
+    python -m spark_ext.benchmarks.bench_e2e                # GPU: batch 16, 48 channels, 192x192 crops
+    python -m spark_ext.benchmarks.bench_e2e --quick        # CPU smoke run: tiny sizes
+    python -m spark_ext.benchmarks.bench_e2e --headline --no-compiled   # GPU sizes, 10 reps (make gpu-check)
 """
 
 from __future__ import annotations
@@ -45,20 +45,17 @@ import copy
 import sys
 import time
 import types
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-import spark_ext  # noqa: E402
-from spark_ext import reference  # noqa: E402
-from spark_ext.distill import SparkDistiller  # noqa: E402
-from spark_ext.models import build_model  # noqa: E402
-from spark_ext.ops import _dispatch  # noqa: E402
-from spark_ext.quant import LSQQuantizer, quantize_model  # noqa: E402
-from spark_ext.reference import LSQ_MIN_STEP  # noqa: E402
+import spark_ext
+from spark_ext import reference
+from spark_ext.benchmarks import common
+from spark_ext.distill import SparkDistiller
+from spark_ext.models import build_model
+from spark_ext.ops import _dispatch
+from spark_ext.quant import LSQQuantizer, quantize_model
+from spark_ext.reference import LSQ_MIN_STEP
 
 
 @contextlib.contextmanager

@@ -4,8 +4,8 @@ Odd shapes and non-contiguous/channels_last inputs on purpose: masked tails
 and stride arithmetic are where out-of-bounds accesses hide. Exits non-zero
 if any op raises (a backend that is not registered is reported and skipped).
 
-    compute-sanitizer --tool memcheck python bench/sanitize_kernels.py           # every case
-    compute-sanitizer --tool memcheck python bench/sanitize_kernels.py --short   # one odd case per kernel path
+    compute-sanitizer --tool memcheck python -m spark_ext.benchmarks.sanitize_kernels          # every case
+    compute-sanitizer --tool memcheck python -m spark_ext.benchmarks.sanitize_kernels --short  # one case per path
 """
 
 import sys

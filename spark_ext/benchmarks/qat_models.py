@@ -184,4 +184,4 @@ def build(name: str, source: str = "auto", num_classes: int = 1000) -> tuple[nn.
                 raise ImportError("torchvision's quantizable models cannot be imported here") from None
         else:
             return getattr(tvq, name)(weights=None, quantize=False, num_classes=num_classes), "torchvision"
-    return MODELS[name](num_classes), "bench/qat_models.py"
+    return MODELS[name](num_classes), "spark_ext.benchmarks.qat_models"

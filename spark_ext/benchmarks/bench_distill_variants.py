@@ -18,9 +18,9 @@ The JSON (``distill_variants-<device>-<stamp>.json``) has one row per variant (`
 p90 / max and ``ms_min``) and ratio rows (``impl: "ratio"``): every variant over ``kd``, and
 ``spark_over_qat_torch`` / ``spark_over_qat`` / ``qat_over_qat_torch`` at the minimum.
 
-    python bench/bench_distill_variants.py [--task denoise|sr] [--reps 3] [--window 32] [--device cpu|cuda]
-    python bench/bench_distill_variants.py --quick      # SPARK, kd, qat, qat_torch; 2 windows of 16 steps
-    python bench/bench_distill_variants.py --headline   # the same four, 3 windows of 32 (make gpu-check)
+    python -m spark_ext.benchmarks.bench_distill_variants [--task denoise|sr] [--reps 3] [--window 32]
+    python -m spark_ext.benchmarks.bench_distill_variants --quick     # SPARK, kd, qat, qat_torch; 2 x 16 steps
+    python -m spark_ext.benchmarks.bench_distill_variants --headline  # the same four, 3 x 32 steps (gpu-check)
 """
 
 from __future__ import annotations
@@ -29,19 +29,16 @@ import copy
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from bench_e2e import use_torch_fake_quant  # noqa: E402
-
-from spark_ext.data import RandomCropBatches, RestorationTask  # noqa: E402
-from spark_ext.demo.presets import PRESETS  # noqa: E402
-from spark_ext.demo.training import make_ptq, student_optimizer  # noqa: E402
-from spark_ext.distill import DistillConfig, SparkDistiller  # noqa: E402
-from spark_ext.models import build_model  # noqa: E402
+from spark_ext.benchmarks import common
+from spark_ext.benchmarks.bench_e2e import use_torch_fake_quant
+from spark_ext.data import RandomCropBatches, RestorationTask
+from spark_ext.demo.presets import PRESETS
+from spark_ext.demo.training import make_ptq, student_optimizer
+from spark_ext.distill import DistillConfig, SparkDistiller
+from spark_ext.models import build_model
 
 SPARK = "spark"  # the default SPARK (credit policy, credit every 16 steps)
 VARIANTS = {
