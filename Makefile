@@ -46,7 +46,7 @@ bench: $(STAMP)
 	$(PY) -m spark_ext.cli bench
 
 # CPU thread scaling of the C++ kernels at 1, 2 and all threads (estimated 4-6 min on an idle
-# 2-core machine): JSON per op and thread count in spark-ext-bench/ (the ones kept go to
+# 2-core machine): JSON per op and thread count in ./spark-ext-bench (the ones kept go to
 # docs/benchmarks/), README table printed.
 bench-cpu: $(STAMP)
 	$(PY) -m spark_ext.benchmarks.bench_threads
