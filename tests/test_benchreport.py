@@ -116,7 +116,7 @@ def test_without_matplotlib_a_run_writes_json_only_and_plot_is_refused(tmp_path,
 @pytest.mark.slow  # one real benchmark with --quick: minutes on a shared 2-core machine
 def test_runs_an_installed_benchmark_module_from_any_folder(tmp_path):
     """`spark-ext bench` after a regular install: the benchmark runs as a module of the installed package
-    (`python -m spark_ext.benchmarks.bench_<op>`) from a folder that has no bench/ and no source tree, and
+    (`python -m spark_ext.benchmarks.bench_<op>`) from a folder that has no bench folder and no source tree, and
     the JSON and its plot land in the default output folder there."""
     bench_command_line = [sys.executable, "-m", "spark_ext.cli", "bench", "--quick", "--only", "lsq"]
     env = {**os.environ, "PYTHONPATH": ""}  # nothing but the installed package

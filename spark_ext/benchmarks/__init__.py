@@ -3,7 +3,7 @@
 Each ``bench_<name>`` module times our op against its peers and saves one JSON (the row schema of
 :mod:`~spark_ext.benchmarks.common`); an op's kernel, reference, test and benchmark share its name.
 Every one runs as ``python -m spark_ext.benchmarks.bench_<name> [--quick | --headline] [--out DIR]``
-(default ``--out``: ``./spark-ext-bench/``):
+(default ``--out``: ``./spark-ext-bench``):
 
 * ``bench_difficulty``        ``difficulty_signals``: the SPARK path, fwd / bwd / fwd+bwd
 * ``bench_weighted_kd``       ``fused_weighted_kd``

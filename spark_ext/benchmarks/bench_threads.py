@@ -24,7 +24,7 @@ The machine may be shared: every (thread count, implementation) timing is
 repeated ``--repeats`` times, interleaved (round r times everything before
 round r + 1 starts), and the median is kept; the load average before and
 after is recorded. One JSON per op and thread count goes to
-``--out`` (default ``./spark-ext-bench/``) as ``threads-<op>-t<N>-cpu-<stamp>.json``; the summary printed
+``--out`` (default ``./spark-ext-bench``) as ``threads-<op>-t<N>-cpu-<stamp>.json``; the summary printed
 at the end (speed-up 1 -> N threads, ratios, copy fraction, the issue's
 targets met or missed) is the README's CPU table.
 

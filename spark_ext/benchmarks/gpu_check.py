@@ -9,7 +9,7 @@ note), and its limit is cut to the budget left; the last stage's expected time
 is kept back for it, and the stages end 10 s before the budget.
 
 Everything streams to the output folder (``GPU_CHECK_OUT``; default
-``spark-ext-bench/gpu-check-<UTC stamp>/`` in the checkout) as it happens, so a run killed at
+``gpu-check-<UTC stamp>`` in the checkout's ``spark-ext-bench``) as it happens, so a run killed at
 any point leaves what finished before it:
 
 * ``gpu-check.log``  every stage's output, line by line (capped at 15 MiB);

@@ -2,7 +2,7 @@
 
 Usage::
 
-    spark-ext bench                          # every benchmark (``--quick`` on CPU) -> ./spark-ext-bench/
+    spark-ext bench                          # every benchmark (``--quick`` on CPU) -> ./spark-ext-bench
     spark-ext bench --only difficulty lsq    # a subset
     spark-ext bench --out DIR --plot PLOTS   # JSON to DIR, plots to PLOTS (default DIR/plots)
     spark-ext bench --from docs/benchmarks/*.json --plot plots/
