@@ -55,18 +55,19 @@ bench: $(STAMP)
 	$(PY) -m spark_ext.cli bench
 
 # CPU thread scaling of the C++ kernels at 1, 2 and all threads (estimated 4-6 min on an idle
-# 2-core machine): JSON per op and thread count in bench/results/, README table printed.
+# 2-core machine): JSON per op and thread count in ./spark-ext-bench (the ones kept go to
+# docs/benchmarks/), README table printed.
 bench-cpu: $(STAMP)
-	$(PY) bench/bench_threads.py
+	$(PY) -m spark_ext.benchmarks.bench_threads
 
 doctor: $(STAMP)
 	$(PY) -m spark_ext.cli doctor
 
 # On the GPU machine, no venv (the system torch is the one to test): build, tests, benchmarks, memcheck
-# within GPU_CHECK_BUDGET_S (default 480 s), results streamed to GPU_CHECK_OUT. See bench/gpu_check.py;
-# GPU_CHECK_DRY_RUN=1 rehearses it on any machine.
+# within GPU_CHECK_BUDGET_S (default 480 s), results streamed to GPU_CHECK_OUT. See
+# spark_ext/benchmarks/gpu_check.py; GPU_CHECK_DRY_RUN=1 rehearses it on any machine.
 gpu-check:
-	$(PYTHON) bench/gpu_check.py
+	$(PYTHON) -m spark_ext.benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info spark_ext/_C*.so spark_ext/_C_build.json

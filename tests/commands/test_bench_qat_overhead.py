@@ -1,22 +1,11 @@
-"""The QAT-step and call-overhead benchmarks' parts: hand-built models, like-for-like set-up, timing rows.
-
-bench/ is not a package: its scripts are loaded from their files, as the scripts import each other.
-"""
+"""The QAT-step and call-overhead benchmarks' parts: hand-built models, like-for-like set-up, timing rows."""
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import bench_call_overhead  # noqa: E402
-import bench_distill_variants  # noqa: E402
-import bench_qat_step  # noqa: E402
-import qat_models  # noqa: E402
+from spark_ext.benchmarks import bench_call_overhead, bench_distill_variants, bench_qat_step, qat_models
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -27,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 )
 def test_hand_built_models_match_torchvision_and_prepare_for_qat(name, params, fake_quants):
     model, where = qat_models.build(name, "bench")
-    assert where == "bench/qat_models.py"
+    assert where == "spark_ext.benchmarks.qat_models"
     assert sum(p.numel() for p in model.parameters()) == params  # torchvision's published counts
     step, _, n_fq = bench_qat_step.build(name, "ours", "bench", 2, 64, torch.device("cpu"))
     assert n_fq == fake_quants

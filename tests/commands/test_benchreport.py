@@ -1,11 +1,16 @@
-"""`spark-ext bench` report and plots, and `spark-ext doctor`, on synthetic results."""
+"""`spark-ext bench` (running the installed benchmarks) and its report and plots on synthetic results;
+`spark-ext doctor`."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from spark_ext import cli
-from spark_ext.commands import bench as benchreport
+from spark_ext.benchmarks import report
+from spark_ext.commands import bench as bench_command
 
 
 def _rows():
@@ -30,7 +35,7 @@ def _rows():
 def test_summary_reports_peer_over_ours(tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"benchmark": "difficulty", "env": {"device": "test"}, "rows": _rows()}))
-    (line,) = benchreport.summarise(benchreport.load([path])[0])
+    (line,) = report.summarise(report.load([path])[0])
     assert line["x_eager"] == pytest.approx(6.0) and line["x_compiled"] == pytest.approx(2.5)
     assert "x_torch" not in line and line["peak_MiB"] == pytest.approx(1.0)
     assert cli.main(["bench", "--from", str(path), "--plot", str(tmp_path / "plots")]) == 0
@@ -44,7 +49,7 @@ def test_load_rejects_foreign_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a spark_ext benchmark result"):
-        benchreport.load([path])
+        report.load([path])
 
 
 def test_doctor_lists_every_op(capsys):
@@ -55,27 +60,80 @@ def test_doctor_lists_every_op(capsys):
         assert op in out
 
 
+def _benchmarks_package(tmp_path, monkeypatch, modules: dict) -> None:
+    """Make ``spark-ext bench`` run the ``bench_<name>`` modules of a package ``fakebench`` in ``tmp_path``
+    (``modules``: file name -> source), here and in the processes it starts, from ``tmp_path`` as cwd."""
+    package = tmp_path / "fakebench"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, source in modules.items():
+        (package / name).write_text(source)
+    for name in [m for m in sys.modules if m.split(".")[0] == "fakebench"]:  # another test's
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setattr(bench_command, "BENCHMARKS_PACKAGE", "fakebench")
+    monkeypatch.chdir(tmp_path)
+
+
+def _writer(*results: str) -> str:
+    """A benchmark module that writes the given result files (``ok``: a good one; ``bad``: rows null)."""
+    contents = {"ok": {"benchmark": "ok", "env": {}, "rows": _rows()}, "bad": {"benchmark": "bad", "rows": None}}
+    lines = [
+        "import json, sys, pathlib",
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True, exist_ok=True)",
+    ]
+    lines += [f"(out / '{name}.json').write_text(json.dumps({contents[name]!r}))" for name in results]
+    return "\n".join(lines) + "\n"
+
+
 def test_a_failing_benchmark_fails_the_run_after_the_report(tmp_path, monkeypatch, capsys):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    writer = (
-        "import json, sys, pathlib\n"
-        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
-        f"(out / 'ok.json').write_text(json.dumps({{'benchmark': 'ok', 'env': {{}}, 'rows': {_rows()!r}}}))\n"
+    broken = "raise SystemExit(3)\n"
+    _benchmarks_package(
+        tmp_path, monkeypatch, {"bench_ok.py": _writer("ok"), "bench_broken.py": broken, "common.py": ""}
     )
-    (bench / "bench_ok.py").write_text(writer)
-    (bench / "bench_broken.py").write_text("raise SystemExit(3)\n")
-    monkeypatch.setattr(benchreport, "BENCH_DIR", bench)
-    monkeypatch.setattr(benchreport, "REPO_ROOT", tmp_path)
-    assert benchreport.main(["--out", str(tmp_path / "results")]) == 1
+    assert bench_command.benchmark_names() == ["broken", "ok"]  # bench_<name> modules only
+    assert bench_command.main(["--out", str(tmp_path / "results")]) == 1
     captured = capsys.readouterr()
     assert "== ok" in captured.out and "difficulty_signals" in captured.out  # the good one is reported
-    assert "1 benchmark(s) failed: bench_broken.py" in captured.err
+    assert "1 benchmark(s) failed: fakebench.bench_broken" in captured.err
+    assert (tmp_path / "results" / "plots" / "ok.png").read_bytes()[:4] == b"\x89PNG"  # plots: OUT/plots
+
+
+def test_without_matplotlib_a_run_writes_json_only_and_plot_is_refused(tmp_path, monkeypatch, capsys):
+    _benchmarks_package(tmp_path, monkeypatch, {"bench_ok.py": _writer("ok")})
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert bench_command.main(["--out", "results"]) == 0  # relative to the current folder
+    err = capsys.readouterr().err
+    assert "JSON only: plots need matplotlib, which is not installed: pip install 'spark_ext[demo]'" in err
+    assert (tmp_path / "results" / "ok.json").is_file() and not (tmp_path / "results" / "plots").exists()
+    line = _rejected(["--from", str(tmp_path / "results" / "ok.json"), "--plot", "plots"], capsys)
+    assert line.endswith(
+        "argument --plot: plots need matplotlib, which is not installed: pip install 'spark_ext[demo]'"
+    )
+
+
+@pytest.mark.slow  # one real benchmark with --quick: minutes on a shared 2-core machine
+def test_runs_an_installed_benchmark_module_from_any_folder(tmp_path):
+    """`spark-ext bench` after a regular install: the benchmark runs as a module of the installed package
+    (`python -m spark_ext.benchmarks.bench_<op>`) from a folder that has no bench folder and no source tree, and
+    the JSON and its plot land in the default output folder there."""
+    bench_command_line = [sys.executable, "-m", "spark_ext.cli", "bench", "--quick", "--only", "lsq"]
+    env = {**os.environ, "PYTHONPATH": ""}  # nothing but the installed package
+    result = subprocess.run(bench_command_line, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "-m spark_ext.benchmarks.bench_lsq --out spark-ext-bench --quick" in result.stdout
+    (json_path,) = (tmp_path / "spark-ext-bench").glob("lsq-cpu-*.json")
+    (run,) = report.load([json_path])
+    assert {row["op"] for row in run["rows"]} == {"lsq_fake_quant"} and run["env"]["spark_ext"]
+    png = tmp_path / "spark-ext-bench" / "plots" / f"{json_path.stem}.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert f"plot: {png.relative_to(tmp_path)}" in result.stdout
 
 
 def _rejected(argv, capsys) -> str:
     with pytest.raises(SystemExit) as info:
-        benchreport.main(argv)
+        bench_command.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -84,7 +142,7 @@ def _rejected(argv, capsys) -> str:
 
 def test_arguments_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
     # Issue 10, defect 10: `--from missing.json` ended in a FileNotFoundError traceback.
-    monkeypatch.setattr(benchreport, "_run_benchmarks", lambda *a: pytest.fail("benchmarks ran before the checks"))
+    monkeypatch.setattr(bench_command, "_run_benchmarks", lambda *a: pytest.fail("benchmarks ran before the checks"))
     good = tmp_path / "run.json"
     good.write_text(json.dumps({"benchmark": "difficulty", "env": {}, "rows": _rows()}))
     bad_json, foreign, blocker = tmp_path / "bad.json", tmp_path / "foreign.json", tmp_path / "a_file"
@@ -135,16 +193,16 @@ def test_bandwidth_only_where_the_working_set_is_four_times_the_last_level_cache
         _row("large", "ours", 8.0, 4 * llc, frac=0.85),
         _row("large", "torch", 24.0, 4 * llc),
     ]
-    lines = {ln["case"]: ln for ln in benchreport.summarise(_run(rows, llc))}
+    lines = {ln["case"]: ln for ln in report.summarise(_run(rows, llc))}
     assert lines["small"]["memory_bound"] is False and lines["large"]["memory_bound"] is True
     assert lines["large"]["x_torch"] == pytest.approx(3.0)
-    benchreport._print_table(list(lines.values()))
+    report._print_table(list(lines.values()))
     table = capsys.readouterr().out.splitlines()
     assert "in cache" in next(t for t in table if t.startswith("lsq_fake_quant  small"))
     assert "0.85" in next(t for t in table if t.startswith("lsq_fake_quant  large"))
     # No cache size recorded and the run's device is not this machine's: the fraction is shown as unknown.
-    (unknown, _) = benchreport.summarise(_run(rows, None, device="some other machine"))
-    assert unknown["memory_bound"] is None and benchreport._bandwidth_cell(unknown) == "26.00?"
+    (unknown, _) = report.summarise(_run(rows, None, device="some other machine"))
+    assert unknown["memory_bound"] is None and report._bandwidth_cell(unknown) == "26.00?"
 
 
 def test_percentiles_give_the_speedup_spread():
@@ -153,7 +211,7 @@ def test_percentiles_give_the_speedup_spread():
         _row("c", "eager", 10.0, 100, spread=1.0),
         _row("c", "compiled", 4.0, 100),
     ]  # an older result without percentiles: no spread
-    (line,) = benchreport.summarise(_run(rows))
+    (line,) = report.summarise(_run(rows))
     assert line["x_eager"] == pytest.approx(5.0)
     assert line["x_eager_range"] == pytest.approx((9.0 / 2.5, 11.0 / 1.5))
     assert line["x_compiled"] == pytest.approx(2.0) and "x_compiled_range" not in line
@@ -170,13 +228,13 @@ def test_last_level_cache_from_sysfs_and_lscpu(tmp_path):
         (tmp_path / name).mkdir()
         for field, value in (("level", level), ("type", kind), ("size", size)):
             (tmp_path / name / field).write_text(f"{value}\n")
-    assert benchreport._sysfs_llc_bytes(tmp_path) == 300 * 2**20
-    assert benchreport._sysfs_llc_bytes(tmp_path / "missing") is None
+    assert report._sysfs_llc_bytes(tmp_path) == 300 * 2**20
+    assert report._sysfs_llc_bytes(tmp_path / "missing") is None
     lscpu = "L1d cache:  96 KiB (2 instances)\nL2 cache:   4 MiB (2 instances)\nL3 cache:   64 MiB (2 instances)\n"
-    assert benchreport._lscpu_llc_bytes(lscpu) == 32 * 2**20
-    assert benchreport._lscpu_llc_bytes("L2 cache: 1 MiB\n") == 2**20
-    assert benchreport._lscpu_llc_bytes("nothing here") is None
-    llc = benchreport.last_level_cache_bytes("cpu")  # this machine: a size, or None where nothing says it
+    assert report._lscpu_llc_bytes(lscpu) == 32 * 2**20
+    assert report._lscpu_llc_bytes("L2 cache: 1 MiB\n") == 2**20
+    assert report._lscpu_llc_bytes("nothing here") is None
+    llc = report.last_level_cache_bytes("cpu")  # this machine: a size, or None where nothing says it
     assert llc is None or llc >= 2**16
 
 
@@ -205,7 +263,7 @@ def test_plots_one_panel_row_per_op_and_the_step_benchmark(tmp_path, capsys):
     ]
     steps_path = tmp_path / "e2e-test.json"
     steps_path.write_text(json.dumps({"benchmark": "e2e", "env": {"device": "test"}, "rows": steps}))
-    assert benchreport.main(["--from", str(ops_path), str(steps_path), "--plot", str(tmp_path / "plots")]) == 0
+    assert bench_command.main(["--from", str(ops_path), str(steps_path), "--plot", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     assert "spark_vs_qat_torch: 1.053" in out and "(target <= 1, SPARK for free)" in out
     for name in ("lsq-test.png", "e2e-test.png"):
@@ -214,9 +272,9 @@ def test_plots_one_panel_row_per_op_and_the_step_benchmark(tmp_path, capsys):
 
 
 def test_case_labels_drop_the_words_every_case_shares():
-    labels, shared = benchreport.short_cases(["2x3x32x32 fp32 grid8x8 l1", "2x3x32x32 bf16 grid8x8 l1"])
+    labels, shared = report.short_cases(["2x3x32x32 fp32 grid8x8 l1", "2x3x32x32 bf16 grid8x8 l1"])
     assert labels == ["fp32", "bf16"] and shared == "2x3x32x32 grid8x8 l1"
-    labels, _ = benchreport.short_cases(["act 16x64x64x64 channels_last per-channel axis1 bf16"])
+    labels, _ = report.short_cases(["act 16x64x64x64 channels_last per-channel axis1 bf16"])
     assert labels == ["act 16x64x64x64 NHWC per-ch ax1 bf16"]
 
 
@@ -247,18 +305,8 @@ def test_a_malformed_result_file_exits_2_naming_it(tmp_path, capsys, content, me
 
 
 def test_a_malformed_result_written_by_a_benchmark_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    writer = (
-        "import json, sys, pathlib\n"
-        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True, exist_ok=True)\n"
-        f"(out / 'ok.json').write_text(json.dumps({{'benchmark': 'ok', 'env': {{}}, 'rows': {_rows()!r}}}))\n"
-        "(out / 'bad.json').write_text(json.dumps({'benchmark': 'bad', 'rows': None}))\n"
-    )
-    (bench / "bench_two.py").write_text(writer)
-    monkeypatch.setattr(benchreport, "BENCH_DIR", bench)
-    monkeypatch.setattr(benchreport, "REPO_ROOT", tmp_path)
-    assert benchreport.main(["--out", str(tmp_path / "results")]) == 1
+    _benchmarks_package(tmp_path, monkeypatch, {"bench_two.py": _writer("ok", "bad")})
+    assert bench_command.main(["--out", str(tmp_path / "results")]) == 1
     captured = capsys.readouterr()
     assert "== ok" in captured.out and "== bad" not in captured.out
     warning = next(line for line in captured.err.splitlines() if line.startswith("spark-ext bench: skipping"))
@@ -304,7 +352,7 @@ def test_call_overhead_and_qat_step_sections(tmp_path, capsys):
     steps.append({"op": "qat_step_ours_over_torch", "case": case, "pass": "step", "impl": "ratio", "ms": 0.5})
     qat = tmp_path / "qat_step-cpu-test.json"
     qat.write_text(json.dumps({"benchmark": "qat_step", "env": {"device": "test"}, "rows": steps}))
-    assert benchreport.main(["--from", str(overhead), str(qat), "--plot", str(tmp_path / "plots")]) == 0
+    assert bench_command.main(["--from", str(overhead), str(qat), "--plot", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     ours = next(line for line in out.splitlines() if line.startswith("lsq_fake_quant") and " ours " in line)
     # p50 / p90 / max in µs, then ours / torch and ours / floor at the median

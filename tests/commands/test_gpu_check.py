@@ -1,4 +1,4 @@
-"""``make gpu-check`` (bench/gpu_check.py) rehearsed on CPU: budget, skipping, time limits, streaming, limits.
+"""``make gpu-check`` (spark_ext.benchmarks.gpu_check) rehearsed on CPU: budget, skipping, time limits, streaming.
 
 The device gives one command of at most 8 minutes and returns only the files in
 one folder (at most 8, 16 MiB each, no deeper than OUT/a/b/file, names of
@@ -8,7 +8,6 @@ sleeping each stage's expected time, scaled down) and small hand-made plans
 in-process, with real subprocesses and process-group kills. A few seconds.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -20,21 +19,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "gpu_check.py"
+from spark_ext.benchmarks import gpu_check
+
+# run as make gpu-check runs it
+COMMAND = [sys.executable, "-m", "spark_ext.benchmarks.gpu_check"]
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups and sh: POSIX only")
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load()
 
 
 def check_output_folder(out: Path) -> list[Path]:
@@ -52,7 +42,7 @@ def check_output_folder(out: Path) -> list[Path]:
 def run_script(tmp_path, **env):
     out = tmp_path / "out"
     full_env = {**os.environ, "GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_OUT": str(out), **env}
-    result = subprocess.run([sys.executable, str(SCRIPT)], env=full_env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(COMMAND, env=full_env, capture_output=True, text=True, timeout=60)
     return result, out
 
 
@@ -156,7 +146,7 @@ def test_bad_settings_exit_2_before_anything_runs(tmp_path):
 
 def test_plan_prints_every_stage():
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--plan"],
+        [*COMMAND, "--plan"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -249,7 +239,7 @@ def test_a_run_killed_midway_keeps_what_finished(tmp_path):
         "GPU_CHECK_STAGES": "bench-fake-quant,bench-lsq",
         "GPU_CHECK_DRY_RUN_HANG": "bench-lsq",
     }
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(COMMAND, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
     running = None
     try:
         deadline = time.monotonic() + 30
@@ -292,7 +282,7 @@ def test_sigterm_ends_the_stage_and_marks_the_run_interrupted(tmp_path):
         "GPU_CHECK_DRY_RUN_SCALE": "0.002",
         "GPU_CHECK_DRY_RUN_HANG": "build",
     }
-    proc = subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(COMMAND, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     pid = None
     while time.monotonic() < deadline and pid is None:
@@ -384,7 +374,7 @@ def test_the_qat_and_overhead_stages_fit_the_480_s_budget(tmp_path):
     stages = {s.name: s for s in gpu_check.plan(tmp_path, tmp_path, 16)}
     assert "--models resnet18 --source bench" in " ".join(stages["bench-qat-step"].command)  # no torchvision there
     plan = subprocess.run(
-        [sys.executable, str(SCRIPT), "--plan"],
+        [*COMMAND, "--plan"],
         capture_output=True,
         text=True,
         timeout=30,
