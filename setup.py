@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -89,11 +89,9 @@ def _aot_extension():
 ext_modules, cmdclass = _aot_extension()
 
 setup(
-    packages=find_packages(include=["spark_ext", "spark_ext.*"]),
-    package_data={
-        "spark_ext": ["csrc/*.cpp", "csrc/*.h", "csrc/cpu/*.cpp", "csrc/cpu/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh"],
-        "spark_ext.models": ["weights/*.pt"],
-    },
+    # namespace packages: the source and weight folders (no __init__.py) ship as package data
+    packages=find_namespace_packages(include=["spark_ext", "spark_ext.*"], exclude=["*.__pycache__"]),
+    package_data={"": ["*.cpp", "*.h", "*.cu", "*.cuh", "*.pt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
