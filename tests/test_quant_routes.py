@@ -1,0 +1,151 @@
+"""The three QAT routes to onnxruntime, end to end on torchvision-style ResNet-18 and MobileNetV2.
+
+The models are the hand-built copies of torchvision's quantizable ``resnet18`` / ``mobilenet_v2`` in
+bench/qat_models.py (torchvision's wheel does not import next to this torch), at 10 classes on 32x32
+inputs. Each is trained a step through one route, exported, and run by onnxruntime with its graph
+optimisations off (each node as the ONNX spec defines it) and on (QDQ groups fused into integer
+kernels, which requantize with their own rounding).
+
+Tolerance: onnxruntime without graph optimisations computes the model's grid points, but its float
+rounding differs (convolution order; in torch.ao's route the BN folded into the weight and bias where
+the QAT module divides and normalises), so a value within ~1e-6 of a rounding boundary can land on
+the neighbouring level, and in these 20-50-layer nets such one-level flips reach the output: the
+bound is 5e-2 of the largest output of the PyTorch model (measured up to 1.4e-2; 1e-6 without a
+flip). The fused run (onnxruntime's default) is printed, not bounded: its integer kernels requantize
+with their own rounding (and, on CPUs without VNNI, saturate u8 x s8 products in int16), one-level
+differences that compound through the depth (measured 0.01-0.65 of the largest output).
+"""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="needs the [export] extra")
+ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
+pytest.importorskip("onnxscript", reason="needs the [export] extra")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from qat_models import MobileNetV2, ResNet18  # noqa: E402
+
+from spark_ext.quant import (  # noqa: E402
+    LearnableFakeQuantize,
+    export_onnx,
+    export_prepared_onnx,
+    export_pt2e_onnx,
+    qat_qconfig,
+    quantize_model,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
+
+MODELS = {"resnet18": ResNet18, "mobilenet_v2": MobileNetV2}
+UNFUSED_TOL = 5e-2
+
+
+def _data():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 32, 32), torch.randn(2, 10)
+
+
+def _train(model, x, target, steps=1):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+
+
+def _onnxruntime(proto, x, fused):
+    options = ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _check(proto, x, ref):
+    ops = [n.op_type for n in proto.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("QuantizeLinear") >= 5
+    scale = float(ref.abs().max())
+    unfused = float((_onnxruntime(proto, x, fused=False) - ref).abs().max())
+    fused_out = _onnxruntime(proto, x, fused=True)
+    fused = float((fused_out - ref).abs().max())
+    mean = float((fused_out - ref).abs().mean()) / float(ref.abs().mean())
+    print(
+        f"max |diff| / max |ref|: unfused {unfused / scale:.3g}, fused {fused / scale:.3g}; fused mean rel {mean:.3g}"
+    )
+    assert unfused <= UNFUSED_TOL * scale and torch.isfinite(fused_out).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_quantize_model_route(name):
+    x, target = _data()
+    model = MODELS[name](num_classes=10)
+    report = quantize_model(model, w_bits=8, a_bits=8)
+    assert report.bn_folds and all(f.folded for f in report.bn_folds)  # every conv -> BN pair, blocks too
+    _train(model, x, target)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    _check(export_onnx(model, x), x, ref)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torch_ao_prepare_qat_route(name):
+    from torch.ao.quantization import disable_observer, prepare_qat
+
+    x, target = _data()
+    model = MODELS[name](num_classes=10).train()
+    model.fuse_model(is_qat=True)
+    model.qconfig = qat_qconfig(activation_bits=8, weight_bits=8)
+    prepare_qat(model, inplace=True)
+    with torch.no_grad():
+        model(x)  # the observers set the first scales
+    model.apply(lambda m: m.enable_param_learning() if isinstance(m, LearnableFakeQuantize) else None)
+    _train(model, x, target)
+    model.eval().apply(disable_observer)
+    with torch.no_grad():
+        ref = model(x)
+    _check(export_prepared_onnx(model, x), x, ref)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pt2e_route(name):
+    pytest.importorskip("torchao.quantization.pt2e", reason="needs the [torchao] extra")
+    from torchao.quantization.pt2e import (
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        enable_range_learning,
+        move_exported_model_to_eval,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from spark_ext.quant.pt2e import PT2ELearnableFakeQuantize
+
+    default = xiq.get_default_x86_inductor_quantization_config(is_qat=True)
+
+    def ours(spec, observer):
+        ctr = PT2ELearnableFakeQuantize.with_args(observer=observer, use_grad_scaling=True)
+        return dataclasses.replace(spec, observer_or_fake_quant_ctr=ctr)
+
+    config = dataclasses.replace(
+        default,
+        input_activation=ours(default.input_activation, MovingAverageMinMaxObserver),
+        weight=ours(default.weight, MovingAveragePerChannelMinMaxObserver),
+    )
+    x, target = _data()
+    exported = torch.export.export(MODELS[name](num_classes=10), (x,)).module()
+    model = prepare_qat_pt2e(exported, xiq.X86InductorQuantizer().set_global(config))
+    with torch.no_grad():
+        model(x)
+    model.apply(enable_range_learning)
+    _train(model, x, target)
+    converted = convert_pt2e(model)
+    move_exported_model_to_eval(converted)
+    with torch.no_grad():
+        ref = converted(x)
+    _check(export_pt2e_onnx(converted, x), x, ref)
