@@ -12,8 +12,9 @@ the QAT module divides and normalises), so a value within ~1e-6 of a rounding bo
 the neighbouring level, and in these 20-50-layer nets such one-level flips reach the output: the
 bound is 5e-2 of the largest output of the PyTorch model (measured up to 1.4e-2; 1e-6 without a
 flip). The fused run (onnxruntime's default) is printed, not bounded: its integer kernels requantize
-with their own rounding (and, on CPUs without VNNI, saturate u8 x s8 products in int16), one-level
-differences that compound through the depth (measured 0.01-0.65 of the largest output).
+with their own rounding, one-level differences that compound through the depth (measured 0.01-0.65
+of the largest output; the large figure where LSQ's first-batch steps are coarse and the random
+net's outputs small).
 """
 
 import copy
