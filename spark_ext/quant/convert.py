@@ -47,7 +47,8 @@ The pairs are found
    tracing the model with ``torch.fx``: the conv and the BN are each called
    once, the BN's only input is the conv's output, and nothing else uses that
    output. A model ``torch.fx`` cannot trace (data-dependent control flow)
-   gets rule 1 only.
+   gets rule 1 only. The trace runs (forward hooks included, on proxies)
+   only when a ``BatchNorm2d`` is left that rule 1 does not pair.
 
 A found pair is left unfolded, and the report says why, when the conv stays
 float (``skip``, the subclass rules, ``layer_bits``), either module is
@@ -249,6 +250,9 @@ def _conv_bn_candidates(model: nn.Module) -> dict[int, nn.Module]:
             for conv, bn in zip(children, children[1:]):
                 if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
                     pairs[id(conv)] = bn
+    paired = {id(bn) for bn in pairs.values()}
+    if all(id(m) in paired for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        return pairs  # nothing left to find: no trace (it would run the model's forward hooks on proxies)
     try:  # rule 2: the traced graph
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
