@@ -166,3 +166,24 @@ def test_shared_bn_is_not_folded():
     model = nn.Sequential(conv, bn, nn.Sequential(bn))  # the BN registered twice
     report = quantize_model(model, w_bits=8, a_bits=8)
     assert report.bn_folds[0].folded is False and "several names" in report.bn_folds[0].why
+
+
+def test_a_model_without_unpaired_bn_is_not_traced():
+    """The trace runs the model's forward (and its hooks) on proxies: only when rule 2 can find something."""
+    calls = []
+
+    class Counting(nn.Module):
+        def __init__(self, bn: bool):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) if bn else nn.Conv2d(3, 4, 3)
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4) if bn == "block" else nn.Identity()
+
+        def forward(self, x):
+            calls.append(type(x).__name__)
+            return self.bn(self.conv(self.body(x)))
+
+    for bn in (False, True):  # no BN; only Sequential pairs
+        quantize_model(Counting(bn))
+    assert calls == []
+    report = quantize_model(Counting("block"))
+    assert calls == ["Proxy"] and [f.bn for f in report.bn_folds] == ["body.1", "bn"]
