@@ -198,13 +198,16 @@ def returns_a_dict():
 
 def _factory_files(tmp_path):
     """A user script with a model class, and the state dicts of its two trained models (an input through each)."""
+    import importlib.util
+
     script = tmp_path / "user_models.py"
     script.write_text(FACTORY_SCRIPT)
-    from spark_ext.export_cli import _load_factory
-
+    spec = importlib.util.spec_from_file_location("user_models_for_training", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     states = {}
     for fn in ("build", "build_prepared"):
-        model = _load_factory(f"{script}:{fn}")()
+        model = getattr(module, fn)()
         model(torch.rand(2, 3, 8, 8))  # initialises the quantizers / sets the observed scales
         states[fn] = tmp_path / f"{fn}.pth"
         torch.save(model.state_dict(), states[fn])

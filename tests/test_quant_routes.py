@@ -29,8 +29,11 @@ onnx = pytest.importorskip("onnx", reason="needs the [export] extra")
 ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
 pytest.importorskip("onnxscript", reason="needs the [export] extra")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from qat_models import MobileNetV2, ResNet18  # noqa: E402
+try:  # the benchmarks' models: an installed package, or bench/ beside tests/ in a checkout
+    from spark_ext.benchmarks.qat_models import MobileNetV2, ResNet18
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from qat_models import MobileNetV2, ResNet18  # noqa: E402
 
 from spark_ext.quant import (  # noqa: E402
     LearnableFakeQuantize,
