@@ -1,12 +1,22 @@
 """``spark-ext export``: write a QAT model as ONNX (QuantizeLinear / DequantizeLinear) and check it.
 
-Two modes:
+Three modes:
 
 * ``spark-ext export --model student.pt --input-shape 1,3,64,64 --out student.onnx``: a
   whole model saved with ``torch.save(model)`` (a pickle: load only files you trust),
-  whose quantized layers are initialised, is exported and run once with
+  whose quantizers are initialised, is exported and run once with
   onnxruntime on a random input; the largest output difference to the
-  fake-quantized model is printed.
+  fake-quantized model (in eval mode) is printed. A model with ``quantize_model`` layers
+  goes through :func:`~spark_ext.quant.export_onnx`, a torch.ao ``prepare_qat`` model
+  through :func:`~spark_ext.quant.export_prepared_onnx` (its observers switched off;
+  int8 / uint8 codes, ``--no-int4`` or not).
+* ``spark-ext export --model-factory pkg.module:build --state-dict student.pth ...``
+  (or ``--model-factory path/to/script.py:build``, the script loaded from that file, so
+  a class it defines works): ``build()`` returns the model with the trained model's
+  structure (e.g. the float net after ``quantize_model`` with the training's options),
+  the state dict (``torch.save(model.state_dict())``, loaded with ``weights_only=True``)
+  fills it, then as ``--model``. The module, the function, its result and the state
+  dict's keys are all checked before the export.
 * ``spark-ext export --demo --out DIR``: the demo's round trip on real photos. It
   trains (or loads from the cache) the demo's FP32 teacher, quantizes a copy to
   W{bits}A{bits}, calibrates and trains it (QAT, the demo's data and budget),
@@ -57,9 +67,17 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=Path, help="a model saved with torch.save(model) (pickle: trusted files only)")
+    src.add_argument(
+        "--model-factory",
+        metavar="MODULE:FN",
+        help="pkg.module:fn or path/to/script.py:fn, a function that builds the model --state-dict fills",
+    )
     src.add_argument("--demo", action="store_true", help="the demo's round trip: train a student, export, PSNR")
     p.add_argument("--out", type=Path, required=True, help="--model: the .onnx file to write; --demo: an output folder")
-    p.add_argument("--input-shape", type=_shape, help="--model: the example input's shape, e.g. 1,3,64,64")
+    p.add_argument("--state-dict", type=Path, help="--model-factory: the model's state dict (torch.save(state_dict))")
+    p.add_argument(
+        "--input-shape", type=_shape, help="--model / --model-factory: the example input's shape, e.g. 1,3,64,64"
+    )
     p.add_argument(
         "--opset",
         type=int_in(18),
@@ -89,13 +107,21 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     # Every check before any work.
     if not args.no_int4 and args.opset < 21:
         p.error(f"--opset {args.opset} has no INT4/UINT4: use --opset 21 or --no-int4")
-    if args.model is not None:
+    if args.model_factory is None and args.state_dict is not None:
+        p.error("--state-dict is only for --model-factory")
+    if args.model is not None or args.model_factory is not None:
+        flag = "--model" if args.model is not None else "--model-factory"
         if args.input_shape is None:
-            p.error("--model needs --input-shape (e.g. 1,3,64,64)")
-        if not args.model.is_file():
+            p.error(f"{flag} needs --input-shape (e.g. 1,3,64,64)")
+        if args.model is not None and not args.model.is_file():
             p.error(f"--model: no such file: {args.model}")
+        if args.model_factory is not None:
+            if args.state_dict is None:
+                p.error("--model-factory needs --state-dict (the trained model's state dict)")
+            if not args.state_dict.is_file():
+                p.error(f"--state-dict: no such file: {args.state_dict}")
         if args.out.suffix != ".onnx":
-            p.error(f"--out must name a .onnx file with --model, got {args.out}")
+            p.error(f"--out must name a .onnx file with {flag}, got {args.out}")
         why = writable_file_problem(args.out)
         if why:
             p.error(f"--out: {why}")
@@ -103,7 +129,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         if demo_only:
             p.error(f"--{demo_only[0].replace('_', '-')} is only for --demo")
     elif args.input_shape is not None:
-        p.error("--input-shape is only for --model (--demo uses the held-out photos)")
+        p.error("--input-shape is only for --model / --model-factory (--demo uses the held-out photos)")
     if args.demo:
         if args.out.exists() and not args.out.is_dir():
             p.error(f"--out must be a folder with --demo, got the file {args.out}")
@@ -126,32 +152,142 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
     if args.opset > onnx.defs.onnx_opset_version():
         p.error(f"--opset: expected at most {onnx.defs.onnx_opset_version()} (the installed onnx), got {args.opset}")
+    args.built_model = None
+    if args.model_factory is not None:
+        try:
+            args.built_model = build_from_factory(args.model_factory, args.state_dict)
+        except ValueError as exc:
+            p.error(str(exc))
     return args
+
+
+def _load_factory(spec: str):
+    """The function ``spec`` names (``pkg.module:fn`` or ``path/to/script.py:fn``); ValueError naming the flag."""
+    import importlib
+    import importlib.util
+
+    from spark_ext.cli import error_summary
+
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise ValueError(f"--model-factory: expected pkg.module:fn or path/to/script.py:fn, got {spec!r}")
+    if where.endswith(".py") or os.sep in where or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"--model-factory: no such file: {where}")
+        module_name = f"_spark_ext_factory_{path.stem}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module  # classes defined in the script pickle and repr by this name
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:  # whatever the user's script raises on import
+            del sys.modules[module_name]
+            raise ValueError(f"--model-factory: importing {where} failed ({error_summary(exc)})") from None
+    else:
+        if os.getcwd() not in sys.path:  # as `python -m` does: the current folder's packages import
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"--model-factory: no module named {exc.name or where!r}") from None
+        except Exception as exc:  # whatever the module raises on import
+            raise ValueError(f"--model-factory: importing {where} failed ({error_summary(exc)})") from None
+    if not hasattr(module, name):
+        raise ValueError(f"--model-factory: {where} has no function {name!r}")
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise ValueError(f"--model-factory: {where}:{name} is not callable (a {type(fn).__name__})")
+    return fn
+
+
+def _short(keys: list[str], limit: int = 5) -> str:
+    more = f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def build_from_factory(spec: str, state_dict_path: Path):
+    """``fn()`` of ``--model-factory`` with ``--state-dict`` loaded (strict); ValueError naming the flag."""
+    from collections.abc import Mapping
+
+    import torch
+
+    from spark_ext.cli import error_summary
+
+    fn = _load_factory(spec)
+    try:
+        model = fn()
+    except Exception as exc:  # whatever the user's function raises
+        raise ValueError(f"--model-factory: {spec}() raised {error_summary(exc)}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model-factory: {spec}() returned a {type(model).__name__}, not an nn.Module")
+    try:
+        state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, a pickle of objects weights_only refuses, ...
+        raise ValueError(
+            f"--state-dict: cannot load {state_dict_path} ({error_summary(exc)}); expected "
+            "torch.save(model.state_dict())"
+        ) from None
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"--state-dict: {state_dict_path} is not a state dict (a mapping of names to tensors)")
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = [
+            f"missing {_short(missing)}" if missing else "",
+            f"unexpected {_short(unexpected)}" if unexpected else "",
+        ]
+        raise ValueError(
+            f"--state-dict: its keys do not match the model of --model-factory: {'; '.join(p for p in parts if p)}"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # shape mismatches
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"--state-dict: does not fit the model of --model-factory: {lines[-1]}") from None
+    return model
 
 
 def _export_model(args: argparse.Namespace) -> int:
     import torch
+    from torch.ao.quantization import FakeQuantizeBase, disable_observer
 
-    from spark_ext.quant.export import export_onnx, run_onnx
+    from spark_ext.quant.export import export_onnx, export_prepared_onnx, run_onnx
+    from spark_ext.quant.layers import QUANT_LAYERS
 
-    try:
-        model = torch.load(args.model, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: torch.load / pickle raise many kinds
-        why = error_summary(exc)
-        return _fail(f"--model: cannot load {args.model} ({why}); expected a model saved with torch.save(model)")
-    if not isinstance(model, torch.nn.Module):
-        return _fail(f"{args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)")
+    if args.built_model is not None:
+        model, flag = args.built_model, "--model-factory"
+    else:
+        flag = "--model"
+        try:
+            model = torch.load(args.model, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a truncated or foreign file: torch.load / pickle raise many kinds
+            why = error_summary(exc)
+            return _fail(f"--model: cannot load {args.model} ({why}); expected a model saved with torch.save(model)")
+        if not isinstance(model, torch.nn.Module):
+            return _fail(f"{args.model} holds a {type(model).__name__}, not a model saved with torch.save(model)")
     model = model.float().eval()
+    # Route: spark_ext's layers, else a torch.ao prepare_qat model (observers off: fixed scales).
+    prepared = not any(isinstance(m, QUANT_LAYERS) for m in model.modules()) and any(
+        isinstance(m, FakeQuantizeBase) for m in model.modules()
+    )
+    if prepared:
+        model.apply(disable_observer)
     try:
         x = torch.rand(args.input_shape)
         with torch.no_grad():
             ref = model(x)
     except Exception as exc:  # whatever the model raises on an input it does not take
         shape, why = list(args.input_shape), error_summary(exc)
-        return _fail(f"--input-shape: the model does not run on a {shape} input ({why})")
+        return _fail(f"--input-shape: the model of {flag} does not run on a {shape} input ({why})")
     try:
         with atomic_path(args.out) as tmp:  # replaced only once exported and run
-            export_onnx(model, x, tmp, opset=args.opset, int4=not args.no_int4)
+            if prepared:
+                export_prepared_onnx(model, x, tmp, opset=args.opset)
+            else:
+                export_onnx(model, x, tmp, opset=args.opset, int4=not args.no_int4)
             diff = float((run_onnx(tmp, x) - ref).abs().max())
     except ValueError as exc:  # no quantized layer, an uninitialised quantizer, ...
         return _fail(str(exc))

@@ -231,7 +231,7 @@ def calibrate(
                     _select_mse(q, q.running_min, q.running_max, errors[id(q)], ratios)
 
         for layer in weight_layers:
-            q, w = layer.weight_quantizer, layer.weight
+            q, w = layer.weight_quantizer, layer.weight_to_quantize().detach()  # BN-scaled in QuantConvBn2d
             axis = q._axis_for(w)
             lo, hi = channel_rows(w, axis).aminmax(dim=1)
             if method == "minmax":

@@ -34,6 +34,29 @@ match (the first matching pattern, in the mapping's order, wins). Precedence:
 Shared modules: a layer object registered under several names is converted
 once; every place that referenced it gets the same quantized layer, so it
 stays shared. It is skipped when any of its names matches ``skip``.
+
+Conv-BN folding (``fold_bn=True``, the default): an ``nn.Conv2d`` whose output
+goes only to an ``nn.BatchNorm2d`` becomes one :class:`QuantConvBn2d` that
+holds the BN (trained as torch.ao's fused ``ConvBn2d``; exported with the BN
+in the conv's weight and bias), and the BN's place becomes an ``nn.Identity``.
+The pairs are found
+
+1. in an ``nn.Sequential`` (or a subclass that keeps its forward): the conv
+   directly followed by the BN;
+2. anywhere else (torchvision's ``conv1`` -> ``bn1`` in a block's forward) by
+   tracing the model with ``torch.fx``: the conv and the BN are each called
+   once, the BN's only input is the conv's output, and nothing else uses that
+   output. A model ``torch.fx`` cannot trace (data-dependent control flow)
+   gets rule 1 only. The trace runs (forward hooks included, on proxies)
+   only when a ``BatchNorm2d`` is left that rule 1 does not pair.
+
+A found pair is left unfolded, and the report says why, when the conv stays
+float (``skip``, the subclass rules, ``layer_bits``), either module is
+registered under several names, or the BN cannot be folded (no running
+statistics, a subclass with its own forward, another channel count). The
+report's ``bn_folds`` lists every pair found. State-dict keys of a folded BN
+move under the conv (``features.0.1.weight`` -> ``features.0.0.bn.weight``),
+as with torch.ao's ``fuse_modules``.
 """
 
 from __future__ import annotations
@@ -45,6 +68,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Union
 
+import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -54,10 +78,13 @@ from .layers import (
     QUANT_LAYERS,
     QuantConv1d,
     QuantConv2d,
+    QuantConvBn2d,
     QuantConvTranspose2d,
     QuantLinear,
+    foldable_bn_problem,
     overridden_forward,
 )
+from .quantizer import LSQQuantizer
 
 _SWAPS: dict[type, type] = {
     nn.Conv1d: QuantConv1d,
@@ -102,17 +129,27 @@ class QuantEntry(NamedTuple):
     note: str = ""
 
 
+class BNFold(NamedTuple):
+    """A conv followed by a BatchNorm2d: ``folded`` into one :class:`QuantConvBn2d`, or not and ``why``."""
+
+    conv: str
+    bn: str
+    folded: bool
+    why: str = ""
+
+
 @dataclass
 class QuantReport:
     """What :func:`quantize_model` did: one :class:`QuantEntry` per candidate layer, in order.
 
     ``model`` is the quantized model (the input model itself when
     ``inplace=True``). Iterating, ``len`` and indexing go over ``entries``;
-    ``str(report)`` is a table.
+    ``str(report)`` is a table. ``bn_folds``: every conv-BN pair found (empty with ``fold_bn=False``).
     """
 
     entries: list[QuantEntry]
     model: nn.Module = field(repr=False)
+    bn_folds: list[BNFold] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[QuantEntry]:
         return iter(self.entries)
@@ -147,6 +184,9 @@ class QuantReport:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"{len(self.quantized)} layer(s) quantized, {len(self.skipped)} left float")
+        if self.bn_folds:
+            folded = sum(f.folded for f in self.bn_folds)
+            lines.append(f"{folded} conv-BN pair(s) folded, {len(self.bn_folds) - folded} not folded")
         return "\n".join(lines)
 
 
@@ -194,6 +234,48 @@ def _check_layer_bits(layer_bits: object) -> dict[str, dict[str, Optional[int]]]
     return out
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with quantized layers and quantizers as leaves (their forward reads data)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*QUANT_LAYERS, LSQQuantizer)) or super().is_leaf_module(m, qualname)
+
+
+def _conv_bn_candidates(model: nn.Module) -> dict[int, nn.Module]:
+    """``{id(conv): bn}`` for every ``nn.Conv2d`` whose output only a ``nn.BatchNorm2d`` reads (module docstring)."""
+    pairs: dict[int, nn.Module] = {}
+    for seq in model.modules():  # rule 1: Sequential neighbours
+        if isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward:
+            children = list(seq)
+            for conv, bn in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    pairs[id(conv)] = bn
+    paired = {id(bn) for bn in pairs.values()}
+    if all(id(m) in paired for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        return pairs  # nothing left to find: no trace (it would run the model's forward hooks on proxies)
+    try:  # rule 2: the traced graph
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any model code may fail on proxies: rule 1 only
+        return pairs
+    modules = dict(model.named_modules())
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    count: dict[str, int] = {}
+    for n in calls:
+        count[n.target] = count.get(n.target, 0) + 1
+    for n in calls:
+        conv = modules.get(n.target)
+        users = list(n.users)
+        if not isinstance(conv, nn.Conv2d) or count[n.target] != 1 or len(users) != 1:
+            continue
+        (user,) = users
+        bn = modules.get(user.target) if user.op == "call_module" else None
+        if isinstance(bn, nn.BatchNorm2d) and count[user.target] == 1 and user.args == (n,) and not user.kwargs:
+            pairs[id(conv)] = bn
+    return pairs
+
+
 def _matches(names: Sequence[str], pattern: str) -> bool:
     return any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in names)
 
@@ -211,6 +293,7 @@ def quantize_model(
     grad_scale: Union[str, float, None] = "lsq",
     backend: Optional[str] = None,
     layer_bits: Optional[Mapping[str, Union[int, Mapping[str, Optional[int]]]]] = None,
+    fold_bn: bool = True,
 ) -> QuantReport:
     """Replace every ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.ConvTranspose2d`` / ``nn.Linear`` of ``model`` by
     :class:`QuantConv1d` / :class:`QuantConv2d` / :class:`QuantConvTranspose2d` / :class:`QuantLinear`.
@@ -233,6 +316,9 @@ def quantize_model(
             "a_bits": None}}`` (an omitted key keeps the default). The first
             matching pattern wins; it overrides ``first_last_bits``. A pattern
             that matches no candidate layer only warns.
+        fold_bn: fold each ``nn.Conv2d`` -> ``nn.BatchNorm2d`` pair into one
+            :class:`QuantConvBn2d` (the module docstring's rule); ``False``
+            quantizes the conv alone and leaves the BN as it is.
 
     Returns:
         A :class:`QuantReport`; ``report.model`` is the converted model.
@@ -254,8 +340,9 @@ def quantize_model(
     first_last_bits = check_bits(first_last_bits, "first_last_bits", allow_none=True)
     patterns = _check_skip(skip)
     overrides = _check_layer_bits(layer_bits)
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    for value, name in ((inplace, "inplace"), (fold_bn, "fold_bn")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
     model_type = _float_type(model)
     if model_type is not None:
         raise ValueError(
@@ -291,6 +378,12 @@ def quantize_model(
             extra += f" (left float: {'; '.join(sorted(set(float_reasons.values())))})"
         raise ValueError(f"nothing to quantize: {type(model).__name__} has no {_KINDS} submodule{extra}")
 
+    bn_of = _conv_bn_candidates(model) if fold_bn else {}
+    registrations: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.BatchNorm2d):
+            registrations.setdefault(id(module), []).append(name)
+
     first, last = convertible[0], convertible[-1]
     unused = [p for p in patterns if not any(_matches(names[k], p) for k in order)]
     if unused:
@@ -301,6 +394,8 @@ def quantize_model(
 
     entries: list[QuantEntry] = []
     replacement: dict[int, nn.Module] = {}
+    bn_folds: list[BNFold] = []
+    options = dict(a_signed=a_signed, a_learn_offset=a_learn_offset, grad_scale=grad_scale, backend=backend)
     for key in order:
         layer, aliases = layers[key], names[key]
         notes = []
@@ -310,28 +405,43 @@ def quantize_model(
             notes.append("last")
         if len(aliases) > 1:
             notes.append("shared: " + ", ".join(aliases[1:]))
+        float_reason, wb, ab = float_reasons.get(key), w_bits, a_bits
+        if float_reason is None and any(_matches(aliases, p) for p in patterns):
+            float_reason = "skipped"
+        if float_reason is None:
+            if first_last_bits is not None and key in (first, last):
+                wb = None if w_bits is None else first_last_bits
+                ab = None if a_bits is None else first_last_bits
+            pattern = next((p for p in overrides if _matches(aliases, p)), None)
+            if pattern is not None:
+                wb = overrides[pattern].get("w_bits", wb)
+                ab = overrides[pattern].get("a_bits", ab)
+                notes.append(f"layer_bits {pattern!r}")
+                if wb is None and ab is None:  # e.g. {"a_bits": None} on a weight-float model
+                    float_reason = "left float"
+
+        bn = bn_of.get(key)
+        fold = False
+        if bn is not None:
+            bn_name = registrations[id(bn)][0]
+            why = "the conv is left float" if float_reason is not None else foldable_bn_problem(bn, layer.out_channels)
+            if why is None and len(registrations[id(bn)]) > 1:
+                why = "the BatchNorm2d is registered under several names"
+            if why is None and len(aliases) > 1:
+                why = "the conv is registered under several names"
+            fold = why is None
+            bn_folds.append(BNFold(aliases[0], bn_name, fold, why or ""))
+            notes.append(f"bn folded: {bn_name}" if fold else f"bn {bn_name} not folded: {why}")
+
         kind = type(layer).__name__
-        if key in float_reasons:
-            entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join([float_reasons[key]] + notes)))
+        if float_reason is not None:
+            entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join([float_reason] + notes)))
             continue
-        if any(_matches(aliases, p) for p in patterns):
-            entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["skipped"] + notes)))
-            continue
-        wb, ab = w_bits, a_bits
-        if first_last_bits is not None and key in (first, last):
-            wb = None if w_bits is None else first_last_bits
-            ab = None if a_bits is None else first_last_bits
-        pattern = next((p for p in overrides if _matches(aliases, p)), None)
-        if pattern is not None:
-            wb = overrides[pattern].get("w_bits", wb)
-            ab = overrides[pattern].get("a_bits", ab)
-            notes.append(f"layer_bits {pattern!r}")
-            if wb is None and ab is None:  # e.g. {"a_bits": None} on a weight-float model
-                entries.append(QuantEntry(aliases[0], kind, None, None, "; ".join(["left float"] + notes)))
-                continue
-        replacement[key] = _SWAPS[float_types[key]].from_float(
-            layer, wb, ab, a_signed=a_signed, a_learn_offset=a_learn_offset, grad_scale=grad_scale, backend=backend
-        )
+        if fold:
+            replacement[key] = QuantConvBn2d.from_conv_bn(layer, bn, wb, ab, **options)
+            replacement[id(bn)] = nn.Identity()
+        else:
+            replacement[key] = _SWAPS[float_types[key]].from_float(layer, wb, ab, **options)
         entries.append(QuantEntry(aliases[0], kind, wb, ab, "; ".join(notes)))
 
     if not replacement:
@@ -344,4 +454,4 @@ def quantize_model(
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in replacement:
                 parent._modules[child_name] = replacement[id(child)]
-    return QuantReport(entries, model)
+    return QuantReport(entries, model, bn_folds)

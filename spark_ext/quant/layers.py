@@ -107,6 +107,10 @@ class _QuantMixin:
         # The mixin comes first in the MRO: super() is the float layer's repr.
         return f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}"
 
+    def weight_to_quantize(self) -> torch.Tensor:
+        """The tensor the weight quantizer sees: ``weight`` (scaled by the BN factor in :class:`QuantConvBn2d`)."""
+        return self.weight
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward uses it: fake-quantized when the weight quantizer is enabled.
 
@@ -115,15 +119,16 @@ class _QuantMixin:
         """
         wq = self.weight_quantizer
         if wq is None or not wq.enabled:
-            return self.weight
-        return wq.fake_quant(self.weight)
+            return self.weight_to_quantize()
+        return wq.fake_quant(self.weight_to_quantize())
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def _weight_for_forward(self) -> torch.Tensor:
         # Through the module call so that observe / hooks on the quantizer apply.
-        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        w = self.weight_to_quantize()
+        return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
     @classmethod
     def _check_float(cls, layer: nn.Module) -> None:
@@ -389,6 +394,146 @@ class QuantLinear(_QuantMixin, nn.Linear):
     @classmethod
     def _layer_args(cls, layer: nn.Linear) -> dict:
         return dict(in_features=layer.in_features, out_features=layer.out_features, bias=layer.bias is not None)
+
+
+def foldable_bn_problem(bn: nn.Module, out_channels: int) -> Optional[str]:
+    """Why ``bn`` cannot be folded into a conv with ``out_channels`` outputs, or ``None`` when it can."""
+    if not isinstance(bn, nn.BatchNorm2d) or type(bn).forward is not nn.BatchNorm2d.forward:
+        return f"{type(bn).__qualname__} is not an nn.BatchNorm2d (or a subclass that keeps its forward)"
+    if bn.running_mean is None or bn.running_var is None:
+        return "the BatchNorm2d has no running statistics (track_running_stats=False)"
+    if bn.num_features != out_channels:
+        return f"the BatchNorm2d has {bn.num_features} features, the conv {out_channels} output channels"
+    return None
+
+
+class QuantConvBn2d(QuantConv2d):
+    """A ``Conv2d`` followed by a ``BatchNorm2d``, trained with the BN folded into the quantized weight.
+
+    The arithmetic of torch.ao's fused ``ConvBn2d`` QAT module (its approximate forward), with
+    LSQ quantizers. Per output channel ``c``, with the BN's running statistics,
+
+        s[c] = bn.weight[c] / sqrt(bn.running_var[c] + bn.eps)
+        y = bn(conv(fq_a(x), fq_w(weight * s)) / s + bias)
+
+    ``bn`` is the float ``nn.BatchNorm2d`` (the model's own module after
+    :meth:`from_conv_bn`). In training ``bn`` normalises with the batch's
+    statistics, which the division by ``s`` hands it unscaled, and updates its
+    running statistics; in eval (or after :meth:`freeze_bn_stats`) it uses the
+    running ones, so ``y = conv(fq_a(x), fq_w(weight * s)) + (bias - running_mean) * s
+    + bn.bias``: a conv whose quantized weight already holds the BN, which is
+    what :func:`~spark_ext.quant.export_onnx` writes (no BatchNormalization node). The
+    weight quantizer sees ``weight * s`` (per channel, so its steps follow the BN scale).
+
+    A channel whose ``s`` is 0 (``bn.weight`` zero: the zero-initialised last BN of a
+    residual block) is computed with ``s = 1`` in the weight and the division; its output
+    is ``bn.bias`` either way (torch.ao's module divides by zero there and returns NaN).
+
+    Constructor: ``nn.Conv2d``'s arguments and the keyword-only options of
+    :class:`QuantConv2d`, then ``eps`` / ``momentum`` of a new ``bn``. Forward: ``x [B, C_in, H, W]``
+    -> ``[B, C_out, H', W']`` in x's dtype, differentiable w.r.t. x, weight, bias, the BN's
+    affine parameters and the steps. State dict: the conv's keys, the quantizers' and ``bn.*``.
+    """
+
+    def __init__(self, *args, eps: float = 1e-5, momentum: Optional[float] = 0.1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bn = nn.BatchNorm2d(self.out_channels, eps, momentum, device=self.weight.device, dtype=self.weight.dtype)
+        self.bn_frozen = False
+
+    @classmethod
+    def from_conv_bn(
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, w_bits: Optional[int] = 4, a_bits: Optional[int] = 4, **kwargs
+    ) -> QuantConvBn2d:
+        """The quantized, BN-folding layer of ``conv`` followed by ``bn``.
+
+        Shares ``conv``'s weight and bias and holds ``bn`` itself (its parameters and running
+        statistics keep training); ``kwargs`` as in :meth:`QuantConv2d.from_float`.
+        """
+        problem = foldable_bn_problem(bn, conv.out_channels) if isinstance(conv, nn.Conv2d) else None
+        if problem is not None:
+            raise ValueError(f"{cls.__name__}.from_conv_bn: {problem}")
+        q = cls.from_float(conv, w_bits, a_bits, **kwargs)
+        q.bn = bn
+        return q
+
+    def bn_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, s_used)``, both ``[C_out]``: the BN factor ``bn.weight / sqrt(running_var + eps)`` and the
+        factor the forward scales the weight by (``s`` with zeros replaced by 1). Differentiable w.r.t.
+        ``bn.weight``."""
+        bn = self.bn
+        gamma = torch.ones_like(bn.running_var) if bn.weight is None else bn.weight
+        s = gamma / torch.sqrt(bn.running_var + bn.eps)
+        return s, torch.where(s == 0, torch.ones_like(s), s)
+
+    def folded_bias(self) -> torch.Tensor:
+        """``(bias - running_mean) * s + bn.bias``, ``[C_out]``: the bias of the conv with the BN folded in."""
+        bn = self.bn
+        s, _ = self.bn_scale()
+        bias = bn.running_mean.neg() if self.bias is None else self.bias - bn.running_mean
+        return bias * s + (0.0 if bn.bias is None else bn.bias)
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        _, s_used = self.bn_scale()
+        return self.weight * s_used.reshape(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, s_used = self.bn_scale()
+        y = self._conv_forward(self._quantize_input(x), self._weight_for_forward(), None)
+        if not self.bn.training:
+            # Running statistics: the folded conv itself (the same function, in the exported graph's
+            # arithmetic, so the model and its ONNX export round alike). s / s_used is 1, or 0 where s is.
+            return y * (s / s_used).reshape(-1, 1, 1) + self.folded_bias().reshape(-1, 1, 1)
+        y = y / s_used.reshape(-1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.reshape(-1, 1, 1)
+        return self.bn(y)
+
+    def freeze_bn_stats(self) -> QuantConvBn2d:
+        """Stop updating the BN's running statistics and normalise with them, also in training mode."""
+        self.bn_frozen = True
+        self.bn.train(False)
+        return self
+
+    def update_bn_stats(self) -> QuantConvBn2d:
+        """Undo :meth:`freeze_bn_stats`: in training mode the BN uses and updates batch statistics again."""
+        self.bn_frozen = False
+        self.bn.train(self.training)
+        return self
+
+    def train(self, mode: bool = True) -> QuantConvBn2d:
+        super().train(mode)
+        if self.bn_frozen:  # model.train() must not unfreeze the statistics
+            self.bn.train(False)
+        return self
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", bn_frozen=True" if self.bn_frozen else "")
+
+    def to_float(self) -> nn.Conv2d:
+        """A float ``nn.Conv2d`` (with a bias) computing the eval-mode layer without input quantization: the
+        fake-quantized BN-scaled weight times ``s / s_used`` (0 on zero-``s`` channels) and :meth:`folded_bias`."""
+        args = dict(self._layer_args(self), bias=True)
+        layer = nn.Conv2d(**args, device="meta", dtype=self.weight.dtype)
+        with torch.no_grad():
+            s, s_used = self.bn_scale()
+            w = self.quantized_weight() * (s / s_used).reshape(-1, 1, 1, 1)
+            layer.weight = nn.Parameter(w.detach().clone(), requires_grad=self.weight.requires_grad)
+            layer.bias = nn.Parameter(self.folded_bias().detach().clone())
+        layer.train(self.training)
+        return layer
+
+
+def freeze_bn_stats(module: nn.Module) -> None:
+    """``model.apply(freeze_bn_stats)``: freeze the BN statistics of every :class:`QuantConvBn2d`
+    (torch.ao's ``torch.ao.nn.intrinsic.qat.freeze_bn_stats`` for these layers)."""
+    if isinstance(module, QuantConvBn2d):
+        module.freeze_bn_stats()
+
+
+def update_bn_stats(module: nn.Module) -> None:
+    """``model.apply(update_bn_stats)``: undo :func:`freeze_bn_stats`."""
+    if isinstance(module, QuantConvBn2d):
+        module.update_bn_stats()
 
 
 # Every quantized layer class (isinstance checks in calibrate / export).

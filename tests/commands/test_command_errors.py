@@ -138,6 +138,24 @@ CASES = [
     ("export --model {model} --out {out}/m.onnx", "--input-shape"),
     ("export --model {tmp}/missing.pt --out {out}/m.onnx --input-shape 1,3,8,8", "--model"),
     ("export --model {model} --out {blocker}/m.onnx --input-shape 1,3,8,8", "--out"),
+    (
+        "export --model-factory no_such_module:build --state-dict {model} --out {out}/m.onnx --input-shape 1,3",
+        "--model-factory",
+    ),
+    (
+        "export --model-factory {tmp}/missing.py:build --state-dict {model} --out {out}/m.onnx --input-shape 1,3",
+        "--model-factory",
+    ),
+    ("export --model-factory json:nope --state-dict {model} --out {out}/m.onnx --input-shape 1,3", "--model-factory"),
+    (
+        "export --model-factory json:decoder --state-dict {model} --out {out}/m.onnx --input-shape 1,3",
+        "--model-factory",
+    ),
+    (
+        "export --model-factory json:dumps --state-dict {tmp}/missing.pth --out {out}/m.onnx --input-shape 1,3",
+        "--state-dict",
+    ),
+    ("export --model {model} --state-dict {model} --out {out}/m.onnx --input-shape 1,3", "--state-dict"),
     # bench
     ("bench --out {blocker}/r", "--out"),
     ("bench --out {out}/r --only nosuch", "--only"),

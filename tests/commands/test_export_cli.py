@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::U
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--out", "o"], "one of the arguments --model --demo is required"),
+        (["--out", "o"], "one of the arguments --model --model-factory --demo is required"),
         (["--demo"], "the following arguments are required: --out"),
         (["--demo", "--out", "o", "--bits", "9"], "--bits: expected an integer in [2, 8], got 9"),
         (["--demo", "--out", "o", "--bits", "x"], "--bits: expected an integer in [2, 8], got 'x'"),
@@ -158,3 +158,110 @@ def test_demo_with_an_unwritable_out_stops_before_training(tmp_path, capsys, mon
     line = _one_line_error(argv, capsys)
     assert "--out" in line and "not a writable folder" in line
     assert not (tmp_path / "cache").exists()
+
+
+FACTORY_SCRIPT = """
+import torch
+from torch import nn
+from spark_ext.quant import quantize_model, qat_qconfig
+
+
+class Net(nn.Module):  # defined in the script: a pickled whole model could not be loaded without it
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.tail = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.tail(self.body(x))
+
+
+def build():
+    model = Net()
+    quantize_model(model, w_bits=8, a_bits=8)
+    return model
+
+
+def build_prepared():
+    model = Net().train()
+    model.qconfig = qat_qconfig()
+    return torch.ao.quantization.prepare_qat(model)
+
+
+not_a_function = 3
+
+
+def returns_a_dict():
+    return {}
+"""
+
+
+def _factory_files(tmp_path):
+    """A user script with a model class, and the state dicts of its two trained models (an input through each)."""
+    import importlib.util
+
+    script = tmp_path / "user_models.py"
+    script.write_text(FACTORY_SCRIPT)
+    spec = importlib.util.spec_from_file_location("user_models_for_training", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    states = {}
+    for fn in ("build", "build_prepared"):
+        model = getattr(module, fn)()
+        model(torch.rand(2, 3, 8, 8))  # initialises the quantizers / sets the observed scales
+        states[fn] = tmp_path / f"{fn}.pth"
+        torch.save(model.state_dict(), states[fn])
+    return script, states
+
+
+def test_export_from_a_factory_and_a_state_dict(tmp_path, capsys, monkeypatch):
+    script, states = _factory_files(tmp_path)
+    out = tmp_path / "m.onnx"
+    shape = ["--input-shape", "1,3,8,8", "--out", str(out)]
+    for fn in ("build", "build_prepared"):  # quantize_model layers; a torch.ao prepare_qat model
+        argv = ["export", "--model-factory", f"{script}:{fn}", "--state-dict", str(states[fn])] + shape
+        assert cli.main(argv) == 0
+        assert out.is_file() and "onnxruntime vs fake-quant model" in capsys.readouterr().out
+        out.unlink()
+    # The same script as an importable module.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["export", "--model-factory", "user_models:build", "--state-dict", str(states["build"])] + shape
+    assert cli.main(argv) == 0 and out.is_file()
+
+
+def test_factory_and_state_dict_errors_are_one_line_before_work(tmp_path, capsys, monkeypatch):
+    script, states = _factory_files(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    state = torch.load(states["build"])
+    extra = tmp_path / "extra.pth"
+    torch.save({**state, "head.weight": torch.zeros(1)}, extra)
+    short = tmp_path / "short.pth"
+    torch.save({k: v for k, v in state.items() if k != "tail.bias"}, short)
+    resized = tmp_path / "resized.pth"
+    torch.save({**state, "tail.bias": torch.zeros(5)}, resized)
+    (tmp_path / "list.pth").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pth")
+    good = str(states["build"])
+    out = ["--input-shape", "1,3,8,8", "--out", str(tmp_path / "m.onnx")]
+    for factory, state_dict, message in (
+        ("no_such_module:build", good, "--model-factory: no module named 'no_such_module'"),
+        (f"{tmp_path}/missing.py:build", good, "--model-factory: no such file:"),
+        ("user_models:nope", good, "--model-factory: user_models has no function 'nope'"),
+        (f"{script}:not_a_function", good, "is not callable (a int)"),
+        ("user_models:returns_a_dict", good, "returned a dict, not an nn.Module"),
+        ("user_models", good, "--model-factory: expected pkg.module:fn"),
+        ("user_models:build", str(extra), "--state-dict: its keys do not match the model of --model-factory: "),
+        ("user_models:build", str(short), "missing tail.bias"),
+        ("user_models:build", str(resized), "--state-dict: does not fit the model of --model-factory: size mismatch"),
+        ("user_models:build", str(tmp_path / "list.pth"), "--state-dict: " + str(tmp_path / "list.pth")),
+        ("user_models:build", str(tmp_path / "nope.pth"), "--state-dict: no such file"),
+    ):
+        line = _one_line_error(["--model-factory", factory, "--state-dict", state_dict] + out, capsys)
+        assert message in line, line
+    line = _one_line_error(["--model-factory", "user_models:build", "--state-dict", str(extra)] + out, capsys)
+    assert "unexpected head.weight" in line
+    line = _one_line_error(["--model-factory", "user_models:build"] + out, capsys)
+    assert "--model-factory needs --state-dict" in line
+    line = _one_line_error(["--demo", "--out", str(tmp_path / "run"), "--state-dict", good], capsys)
+    assert "--state-dict is only for --model-factory" in line
+    assert not (tmp_path / "m.onnx").exists()

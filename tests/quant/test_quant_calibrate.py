@@ -173,7 +173,7 @@ def test_modes_restored_and_batch_formats():
     model = cnn()
     quantize_model(model)
     model.train()
-    bn = model[1]
+    bn = model[0].bn  # folded into the conv by quantize_model
     stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
     model[3].input_quantizer.enabled = False  # a user setting that calibrate must keep
     data = [(torch.randn(2, 3, 6, 6), torch.zeros(2)) for _ in range(3)]  # (input, target) pairs

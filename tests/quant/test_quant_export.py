@@ -144,7 +144,7 @@ def test_onnxruntime_matches_fake_quant(tmp_path, kw, int4):
 def test_export_errors():
     model = quant_net(w_bits=8, a_bits=8)
     x = torch.rand(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="has no quantized layer; convert it with quantize_model first"):
+    with pytest.raises(ValueError, match=r"has no quantized layer; convert it with quantize_model \(export_onnx\)"):
         export_onnx(Net(), x)
     with pytest.raises(ValueError, match=r"int4=True needs opset >= 21 .* got opset=18"):
         export_onnx(model, x, opset=18)
