@@ -166,8 +166,6 @@ def _load_factory(spec: str):
     import importlib
     import importlib.util
 
-    from spark_ext.cli import error_summary
-
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
         raise ValueError(f"--model-factory: expected pkg.module:fn or path/to/script.py:fn, got {spec!r}")
@@ -211,8 +209,6 @@ def build_from_factory(spec: str, state_dict_path: Path):
     from collections.abc import Mapping
 
     import torch
-
-    from spark_ext.cli import error_summary
 
     fn = _load_factory(spec)
     try:

@@ -1,7 +1,7 @@
 """The three QAT routes to onnxruntime, end to end on torchvision-style ResNet-18 and MobileNetV2.
 
 The models are the hand-built copies of torchvision's quantizable ``resnet18`` / ``mobilenet_v2`` in
-bench/qat_models.py (torchvision's wheel does not import next to this torch), at 10 classes on 32x32
+spark_ext/benchmarks/qat_models.py (torchvision's wheel does not import next to this torch), at 10 classes on 32x32
 inputs. Each is trained a step through one route, exported, and run by onnxruntime with its graph
 optimisations off (each node as the ONNX spec defines it) and on (QDQ groups fused into integer
 kernels, which requantize with their own rounding).
@@ -19,8 +19,6 @@ net's outputs small).
 
 import copy
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,12 +27,7 @@ onnx = pytest.importorskip("onnx", reason="needs the [export] extra")
 ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
 pytest.importorskip("onnxscript", reason="needs the [export] extra")
 
-try:  # the benchmarks' models: an installed package, or bench/ beside tests/ in a checkout
-    from spark_ext.benchmarks.qat_models import MobileNetV2, ResNet18
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from qat_models import MobileNetV2, ResNet18  # noqa: E402
-
+from spark_ext.benchmarks.qat_models import MobileNetV2, ResNet18  # noqa: E402
 from spark_ext.quant import (  # noqa: E402
     LearnableFakeQuantize,
     export_onnx,
