@@ -13,6 +13,9 @@ a GPU). Writes ``study.json`` and ``study.png``. With ``--eval-images DIR`` ever
 scored on the photos in DIR (whole photos, degraded like the held-out set), with the same statistics
 against the same references.
 
+Workers are processes of one thread each: on a CPU the preset's number; with ``--device cuda``
+:data:`WORKERS_PER_GPU` per visible GPU by default, spread round-robin over them (``cuda:0, cuda:1, ...``).
+
 Methods (``--methods``; default all):
 
 * ``qat``: L1 only. ``kd@L``: uniform KD at ``lambda_kd = L`` for each ``L`` in ``--lambdas``.
@@ -102,23 +105,49 @@ class StudyPreset:
     teacher_steps: int
     seeds: int
     lambdas: tuple[float, ...]
-    workers: int
+    workers: int  # on a CPU; on CUDA the default is default_workers()
     student_lr: Optional[float] = None  # None: the demo preset's
     student_schedule: Optional[str] = None  # spark_ext.demo.presets.STUDENT_SCHEDULES; None: the demo preset's
+    methods: Optional[tuple[str, ...]] = None  # --methods' default; None: all
 
+
+# gpu-lease's sizing (docs/spark.md, "The study on GPUs"): the assumed wall time of one step of a worker sharing
+# an H100 with 3 others (about 660 ops a step x 20 us: each tiny kernel's ~5 us of GPU time, serialised over the
+# 4 workers; their host-side dispatch overlaps), against 50-70 ms (denoising) and 14-18 ms (SR) on one core of
+# the 2-core CPU.
+GPU_STEP_MS = 13
+GPU_LEASE_STEPS = 3000
 
 PRESETS = {
     # Every preset trains the students with Adam at 3e-3, "warmup_then_linear" (a linear warm-up from 0.15 x lr
     # over the first half, constant, linear to 0 over the last quarter): the best uniform-KD setting measured
     # at 200 steps (denoising) and at 500 steps (denoising and SR); docs/spark.md, "The students' optimiser
     # comes first". The demo's former Adam 1e-3 with cosine decay cost uniform KD 0.4 dB on denoising at 500.
-    # 2-core CPU, about 15 minutes once the teachers are cached (210 students over 2 workers).
+    # 2-core CPU, about 17 minutes once the teachers are cached (230 students over 2 workers).
     "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
     # the demo's default budget on a CPU (about 75 minutes on 2 cores for every method).
     "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
     # a GPU: the demo's "full" network and crops (not measured by the project yet; the optimiser is not
     # probed at 5000 steps or on this network).
     "gpu": StudyPreset("gpu", "full", 5000, 20000, 5, (0.25, 0.5, 1.0, 2.0), 1, 3e-3, "warmup_then_linear"),
+    # One leased H100 for about 7 minutes: 36 students (6 methods x 2 tasks x 3 seeds) of the demo's default
+    # network (the shipped teachers: nothing to train first), WORKERS_PER_GPU workers on the GPU, so 9 students
+    # per worker. Estimated, not measured (docs/spark.md, "The study on GPUs"): these networks' steps are bound
+    # by kernel launches on a GPU (600-715 ops a step, counted on the CPU), about GPU_STEP_MS per step per worker
+    # with 4 workers sharing the GPU; 9 x GPU_LEASE_STEPS x GPU_STEP_MS = 351 s, plus about 90 s of start-up,
+    # PTQ calibration and scoring, is about 7.3 minutes. The optimiser is not probed at this budget.
+    "gpu-lease": StudyPreset(
+        "gpu-lease",
+        "default",
+        GPU_LEASE_STEPS,
+        6000,
+        3,
+        (1.0,),
+        2,
+        3e-3,
+        "warmup_then_linear",
+        ("qat", "kd@1", "spark", "spark_placement", "kd_growth", "gor"),
+    ),
 }
 
 
@@ -144,6 +173,49 @@ def study_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool):
 
 
 _CACHE: dict[tuple, Any] = {}
+# Several students share a GPU: one step of these small networks is mostly kernel-launch and host work, so
+# one process leaves the GPU idle most of the time (docs/spark.md, "The study on GPUs"). A student of the
+# demo's networks holds well under 1 GiB of GPU memory.
+WORKERS_PER_GPU = 4
+_WORKER_DEVICE: Optional[str] = None  # a pool worker's device (worker_devices), set by _take_device
+
+
+def default_workers(device: str, cpu_workers: int) -> int:
+    """``--workers``' default: ``cpu_workers`` (the preset's) on a CPU; on CUDA :data:`WORKERS_PER_GPU` per
+    device used (every visible device for ``"cuda"``, one for ``"cuda:N"``), at most one per CPU core."""
+    if not device.startswith("cuda"):
+        return cpu_workers
+    gpus = torch.cuda.device_count() if device == "cuda" else 1
+    return max(1, min(WORKERS_PER_GPU * gpus, os.cpu_count() or 1))
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The device of each of ``workers`` worker processes: ``"cuda"`` spreads them round-robin over every
+    visible CUDA device (``cuda:0, cuda:1, ..., cuda:0, ...``); any other device is every worker's."""
+    if device != "cuda":
+        return [device] * workers
+    count = torch.cuda.device_count()
+    return [f"cuda:{i % count}" for i in range(workers)]
+
+
+def _take_device(devices) -> None:
+    """Pool initializer: this worker process takes its device from the queue ``devices`` (one per worker)."""
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get(timeout=60)
+
+
+def worker_pool(devices: Sequence[str]):
+    """A pool of ``len(devices)`` spawned worker processes, worker ``k`` on ``devices[k]`` (its jobs run there)."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    for device in devices:
+        queue.put(device)
+    return concurrent.futures.ProcessPoolExecutor(
+        len(devices), mp_context=ctx, initializer=_take_device, initargs=(queue,)
+    )
 
 
 def _setup(task_name: str, preset, device, cache_dir, quiet):
@@ -174,7 +246,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from spark_ext.demo.training import make_ptq, train_student
 
     torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
+    device = torch.device(_WORKER_DEVICE or job["device"])
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels launched on the current device's stream see this one
     preset = job["preset"]
     task, teacher, _, held = _setup(job["task"], preset, device, job["cache_dir"], True)
     base_key = ("ptq", job["task"], job["seed"])
@@ -218,6 +292,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "task": job["task"],
         "method": job["method"],
         "seed": job["seed"],
+        "device": str(device),
         "psnr": result["psnr"],
         "ssim": result["ssim"],
         "seconds": seconds,
@@ -377,7 +452,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="budget (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
-    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
+    p.add_argument(
+        "--methods", default=None, help="comma-separated method names, or 'all' (default: the preset's, else all)"
+    )
     p.add_argument("--seeds", type=seed_count, default=None, help="number of paired seeds (default: the preset's)")
     p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
@@ -394,7 +471,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "constant_then_linear's course; default: the preset's)",
     )
     p.add_argument(
-        "--workers", type=core_count, default=None, help="parallel worker processes, 1 thread each, at most the cores"
+        "--workers",
+        type=core_count,
+        default=None,
+        help="parallel worker processes, 1 thread each, at most the cores (default: the preset's on a CPU; on "
+        f"--device cuda {WORKERS_PER_GPU} per visible GPU, spread round-robin over them; on cuda:N {WORKERS_PER_GPU})",
     )
     p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
     p.add_argument(
@@ -435,7 +516,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.tasks = parse_names(args.tasks, "--tasks", TASKS)
         if repeated(names):
             raise ValueError(f"--lambdas: {[n[3:] for n in repeated(names)]} given more than once")
-        args.methods = names if args.methods == "all" else parse_names(args.methods, "--methods", names)
+        methods = args.methods or (",".join(spec.methods) if spec.methods else "all")
+        args.methods = names if methods == "all" else parse_names(methods, "--methods", names)
     except ValueError as exc:
         p.error(str(exc))
     try:
@@ -444,7 +526,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device: {exc}")
     args.device = str(device)
     args.seeds = args.seeds or spec.seeds
-    args.workers = args.workers or (1 if device.type == "cuda" else spec.workers)
+    args.workers = args.workers or default_workers(args.device, spec.workers)
     why = writable_dir_problem(args.out, files=("study.json", "study.png"))
     if why:
         p.error(f"--out: {why}")
@@ -569,11 +651,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in jobs:
             finished(run_job(job))
     else:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        with worker_pool(worker_devices(args.device, args.workers)) as pool:
             for row in pool.map(run_job, jobs):
                 finished(row)
     bar.close()
@@ -660,7 +738,11 @@ def write_report(args, argv, spec, preset, device, teachers, rows, wall, complet
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device)
-        + ("" if device.type != "cpu" else f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"),
+        + (
+            f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"
+            if device.type == "cpu"
+            else f" ({args.workers} workers: {', '.join(worker_devices(args.device, args.workers))})"
+        ),
         "command": "spark-ext study " + " ".join(sys.argv[2:] if argv is None else argv),
         "preset": {"study": dataclasses.asdict(spec), "demo": dataclasses.asdict(preset)},
         "teachers": teachers,

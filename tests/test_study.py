@@ -332,3 +332,49 @@ def test_eval_images_score_every_student_with_the_same_paired_statistics(tmp_pat
     other = _photos(tmp_path / "other", [44])
     line = _rejected(argv + ["--resume", "--eval-images", str(other)], capsys)
     assert "--resume" in line and "other --eval-images photos" in line
+
+
+def test_cuda_workers_spread_round_robin_over_every_visible_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 16)
+    assert study.worker_devices("cuda", 7) == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert study.worker_devices("cuda:2", 2) == ["cuda:2", "cuda:2"]
+    assert study.worker_devices("cpu", 2) == ["cpu", "cpu"]
+    assert study.default_workers("cuda", 2) == 3 * study.WORKERS_PER_GPU
+    assert study.default_workers("cuda:1", 2) == study.WORKERS_PER_GPU
+    assert study.default_workers("cpu", 2) == 2
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 6)
+    assert study.default_workers("cuda", 2) == 6  # one worker per core at most
+
+
+def _worker_device(_):
+    import os
+    import time
+
+    time.sleep(0.2)  # long enough for every worker to take jobs
+    return os.getpid(), study._WORKER_DEVICE
+
+
+def test_each_pool_worker_keeps_the_device_it_was_given():
+    from collections import Counter
+
+    devices = ["cuda:0", "cuda:1", "cuda:0"]  # names only: _worker_device touches no device
+    with study.worker_pool(devices) as pool:
+        seen = list(pool.map(_worker_device, range(12)))
+    by_worker = {}
+    for pid, device in seen:
+        by_worker.setdefault(pid, set()).add(device)
+    assert all(len(d) == 1 for d in by_worker.values())  # a worker's jobs all run on its device
+    taken = Counter(d.pop() for d in by_worker.values())
+    assert taken and not taken - Counter(devices)  # each worker took its own entry of the list
+
+
+def test_a_preset_names_its_methods_and_the_gpu_lease_preset_is_the_short_gpu_matrix(tmp_path, no_work):
+    args = study.parse_args(["--preset", "gpu-lease", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert args.methods == ["qat", "kd@1", "spark", "spark_placement", "kd_growth", "gor"]
+    assert args.tasks == ["denoise", "sr"] and args.seeds == 3
+    assert study.study_preset(args).student_schedule == "warmup_then_linear"
+    args = study.parse_args(["--preset", "gpu-lease", "--methods", "all", "--out", str(tmp_path / "out")])
+    assert args.methods == study.all_method_names((1.0,))
