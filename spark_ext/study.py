@@ -443,11 +443,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             f"{s.name}: {s.student_steps} student steps, student lr "
             f"{'of the demo preset' if s.student_lr is None else f'{s.student_lr:g} {s.student_schedule}'}, "
             f"{s.seeds} seeds, lambdas {list(s.lambdas)}, "
-            f"demo preset {s.demo_preset!r}, {s.workers} worker(s)"
+            f"demo preset {s.demo_preset!r}, {s.workers} worker(s) on a CPU"
+            + (f", methods {','.join(s.methods)}" if s.methods else "")
             for s in PRESETS.values()
         )
-        + ". --quick = --preset quick. Methods: qat, kd@L (one per --lambdas), "
-        + ", ".join(m for m in METHODS if m != "qat"),
+        + f". On CUDA {WORKERS_PER_GPU} workers per GPU. --quick = --preset quick. Methods: qat, kd@L (one per "
+        "--lambdas), " + ", ".join(m for m in METHODS if m != "qat"),
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="budget (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
