@@ -125,7 +125,8 @@ PRESETS = {
     # comes first". The demo's former Adam 1e-3 with cosine decay cost uniform KD 0.4 dB on denoising at 500.
     # 2-core CPU, about 17 minutes once the teachers are cached (230 students over 2 workers).
     "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
-    # the demo's default budget on a CPU (about 75 minutes on 2 cores for every method).
+    # the demo's default budget on a CPU: about 75 minutes on 2 cores for every method (100 students of 11 methods
+    # took 31 minutes on the shared 2-core CPU; docs/spark.md, "The `cpu` study").
     "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
     # a GPU: the demo's "full" network and crops (not measured by the project yet; the optimiser is not
     # probed at 5000 steps or on this network).
