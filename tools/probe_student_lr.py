@@ -1,17 +1,17 @@
-"""Probe the students' optimiser at ``spark-ext study --quick``'s budget: lr, schedule, and GoR's loss scale.
+"""Probe the students' optimiser at a study budget (``--steps``, default 200): lr, schedule, GoR's loss scale.
 
-Trains the study's W4A4 students (the demo's ``train_student``, 200 steps, the shipped teacher, the
+Trains the study's W4A4 students (the demo's ``train_student``, ``--steps`` steps, the shipped teacher, the
 study's per-seed PTQ start and data) for a list of variants on paired seeds and prints each
 variant's mean held-out PSNR and its paired difference to the first variant. A variant is
 ``METHOD[@lrF][@SCHEDULE][@ramp]``:
 
 * ``METHOD``: ``qat``, ``kd`` (uniform KD, lambda 1), ``gor`` (KD with the GoR balancer),
   ``spark`` (SPARK's default), ``spark_gor`` (SPARK's map with the GoR balancer);
-* ``@lrF``: the students' Adam lr times ``F`` (the demo's lr is 1e-3);
-* ``@SCHEDULE``: ``constant`` or ``constant_then_linear`` instead of the demo's ``cosine``
-  (:func:`spark_ext.demo.training.student_schedule`), or ``warmup``: a linear warm-up from 0.15 x lr to
-  lr over the first half of the run, then constant, then linear to 0 over the last quarter (probe only:
-  patches ``student_schedule`` in this process);
+* ``@lrF``: the students' Adam lr is ``F`` x 1e-3 (default 1e-3);
+* ``@SCHEDULE``: one of :data:`spark_ext.demo.presets.STUDENT_SCHEDULES` instead of ``cosine``
+  (:func:`spark_ext.demo.training.student_schedule`); ``warmup`` is short for ``warmup_then_linear``
+  (a linear warm-up from 0.15 x lr to lr over the first half of the run, then constant, then linear to
+  0 over the last quarter);
 * ``@ramp``: the total loss multiplied by ``0.5 exp(0.01 t)`` at step ``t``, a *fixed* schedule equal
   to what GoR's two log-scales do at this budget (both fall by Adam's lr 1e-2 per step, so GoR's
   weights stay equal to each other and grow together). With Adam, a growing loss scale is not a
@@ -20,6 +20,7 @@ variant's mean held-out PSNR and its paired difference to the first variant. A v
   (Implemented by patching the ``"none"`` balancer's forward in this process: a probe, not an API.)
 
     python tools/probe_student_lr.py --task denoise --seeds 0,1,2 --variants kd,kd@lr2,gor@lr2,kd@lr2@ramp
+    python tools/probe_student_lr.py --task sr --steps 500 --variants kd,kd@lr2@warmup,kd@lr3@warmup,kd@lr4@warmup
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ def parse_variant(text: str) -> tuple[str, float, str, bool]:
     for option in options:
         if option == "ramp":
             ramp = True
-        elif option in STUDENT_SCHEDULES or option == "warmup":
+        elif option in STUDENT_SCHEDULES:
             schedule = option
+        elif option == "warmup":
+            schedule = "warmup_then_linear"
         elif option.startswith("lr") and option[2:].replace(".", "", 1).isdigit() and float(option[2:]) > 0:
             lr_factor = float(option[2:])
         else:
@@ -75,8 +78,6 @@ def main(argv=None) -> int:
     if args.steps < 1:
         p.error("--steps must be >= 1")
 
-    from spark_ext.commands.study import _setup
-    from spark_ext.demo import training
     from spark_ext.demo.presets import PRESETS
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
@@ -85,16 +86,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
-    base_preset = dataclasses.replace(PRESETS["default"], student_steps=args.steps)
+    base_preset = dataclasses.replace(PRESETS["default"], student_steps=args.steps, student_lr=1e-3)
     task, teacher, _, held = _setup(args.task, base_preset, device, None, True)
-    plain_sum, plain_schedule = balancers.NoBalancer.forward, training.student_schedule
-
-    def warmup_schedule(optimizer, steps, kind, start=0.15):
-        def factor(i):
-            warm = min(1.0, start + (1 - start) * i / (0.5 * steps))
-            return min(warm, max(0.0, (steps - i) / (0.25 * steps)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    plain_sum = balancers.NoBalancer.forward
 
     psnr: dict[str, list[float]] = {v: [] for v in variants}
     try:
@@ -111,11 +105,8 @@ def main(argv=None) -> int:
                     return scale * (l_task + l_kd)
 
                 balancers.NoBalancer.forward = total
-                training.student_schedule = warmup_schedule if schedule == "warmup" else plain_schedule
                 preset = dataclasses.replace(
-                    base_preset,
-                    student_lr=base_preset.student_lr * lr_factor,
-                    student_schedule="constant_then_linear" if schedule == "warmup" else schedule,
+                    base_preset, student_lr=base_preset.student_lr * lr_factor, student_schedule=schedule
                 )
                 student, *_ = train_student(
                     method, base, teacher, task, preset, seed, device, True, overrides=VARIANT_METHODS[method]
@@ -123,7 +114,7 @@ def main(argv=None) -> int:
                 psnr[name].append(score_outputs(model_outputs(student, held), held, task)["psnr"])
                 print(f"seed {seed} {name:<22} {psnr[name][-1]:.4f}", flush=True)
     finally:
-        balancers.NoBalancer.forward, training.student_schedule = plain_sum, plain_schedule
+        balancers.NoBalancer.forward = plain_sum
     reference = next(iter(variants))
     print(f"\n{args.task}, {args.steps} steps, seeds {seeds}; paired difference to {reference} (mean, 95 % t-interval)")
     for name, values in psnr.items():

@@ -9,7 +9,12 @@ over seeds, the paired PSNR difference to QAT and to uniform KD at its best
 held-out photos, so the KD reference is, if anything, favoured) with a 95 %
 t-interval over seeds, and the training cost per step relative to uniform KD
 at ``lambda_kd = 1`` (CPU time of each one-thread worker on a CPU, wall time on
-a GPU). Writes ``study.json`` and ``study.png``.
+a GPU). Writes ``study.json`` and ``study.png``. With ``--eval-images DIR`` every student is also
+scored on the photos in DIR (whole photos, degraded like the held-out set), with the same statistics
+against the same references.
+
+Workers are processes of one thread each: on a CPU the preset's number; with ``--device cuda``
+:data:`WORKERS_PER_GPU` per visible GPU by default, spread round-robin over them (``cuda:0, cuda:1, ...``).
 
 Methods (``--methods``; default all):
 
@@ -24,6 +29,12 @@ Methods (``--methods``; default all):
 * ``spark_paper``: docs/spec.md §4's REINFORCE as written. ``spark_reinforce``: the repaired REINFORCE.
 * ``spark``: SPARK's default (the first-order credit policy, docs/spark.md).
 * ``spark_gor``: SPARK's default map with the GoR balancer between the task and KD terms.
+* ``spark_placement``: SPARK's default map renormalised to mean 1 per image before it weights KD
+  (``policy_map="placement"``): where SPARK puts KD, without changing how much.
+* ``kd_growth``: uniform KD with the total loss multiplied by ``s_t = (L_task + w_t L_kd) / (L_task + L_kd)``,
+  ``w_t`` the batch mean of a default SPARK policy learning alongside on this student
+  (``policy_map="scale"``): the growth of the loss's size that SPARK's map causes, without its extra KD
+  or its placement (``tools/probe_spark_ablation.py``'s ``kd_scaled``, with the policy on the same run).
 """
 
 from __future__ import annotations
@@ -78,6 +89,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "spark_paper": {"mode": "spark", "policy_signal": "paper"},
     "spark_reinforce": {"mode": "spark", "policy_signal": "reinforce"},
     "spark": {"mode": "spark"},
+    "spark_placement": {"mode": "spark", "policy_map": "placement"},
+    "kd_growth": {"mode": "spark", "policy_map": "scale"},
 }
 TASKS = ("denoise", "sr")
 
@@ -92,21 +105,50 @@ class StudyPreset:
     teacher_steps: int
     seeds: int
     lambdas: tuple[float, ...]
-    workers: int
+    workers: int  # on a CPU; on CUDA the default is default_workers()
     student_lr: Optional[float] = None  # None: the demo preset's
     student_schedule: Optional[str] = None  # spark_ext.demo.presets.STUDENT_SCHEDULES; None: the demo preset's
+    methods: Optional[tuple[str, ...]] = None  # --methods' default; None: all
 
+
+# gpu-lease's sizing (docs/spark.md, "The study on GPUs"): the assumed wall time of one step of a worker sharing
+# an H100 with 3 others (about 660 ops a step x 20 us: each tiny kernel's ~5 us of GPU time, serialised over the
+# 4 workers; their host-side dispatch overlaps), against 50-70 ms (denoising) and 14-18 ms (SR) on one core of
+# the 2-core CPU.
+GPU_STEP_MS = 13
+GPU_LEASE_STEPS = 3000
 
 PRESETS = {
-    # 2-core CPU, about 15 minutes once the teachers are cached (210 students over 2 workers). The students'
-    # optimiser is the one that suits uniform KD at 200 steps: Adam at 2e-3, constant then a linear decay
-    # over the last quarter (docs/spark.md, "The students' optimiser"; the demo's cosine-decayed 1e-3 cost
-    # denoising KD 0.5 dB here).
-    "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0, 2.0), 2, 2e-3, "constant_then_linear"),
-    # the demo's default budget on a CPU (hours on 2 cores; the students' optimiser not tuned for it).
-    "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2),
-    # a GPU: the demo's "full" network and crops (not measured by the project yet).
-    "gpu": StudyPreset("gpu", "full", 5000, 20000, 5, (0.25, 0.5, 1.0, 2.0), 1),
+    # Every preset trains the students with Adam at 3e-3, "warmup_then_linear" (a linear warm-up from 0.15 x lr
+    # over the first half, constant, linear to 0 over the last quarter): the best uniform-KD setting measured
+    # at 200 steps (denoising) and at 500 steps (denoising and SR); docs/spark.md, "The students' optimiser
+    # comes first". The demo's former Adam 1e-3 with cosine decay cost uniform KD 0.4 dB on denoising at 500.
+    # 2-core CPU, about 17 minutes once the teachers are cached (230 students over 2 workers).
+    "quick": StudyPreset("quick", "default", 200, 6000, 5, (0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
+    # the demo's default budget on a CPU: about 75 minutes on 2 cores for every method (100 students of 11 methods
+    # took 31 minutes on the shared 2-core CPU; docs/spark.md, "The `cpu` study").
+    "cpu": StudyPreset("cpu", "default", 500, 6000, 5, (0.25, 0.5, 1.0, 2.0), 2, 3e-3, "warmup_then_linear"),
+    # a GPU: the demo's "full" network and crops (not measured by the project yet; the optimiser is not
+    # probed at 5000 steps or on this network).
+    "gpu": StudyPreset("gpu", "full", 5000, 20000, 5, (0.25, 0.5, 1.0, 2.0), 1, 3e-3, "warmup_then_linear"),
+    # One leased H100 for about 7 minutes: 36 students (6 methods x 2 tasks x 3 seeds) of the demo's default
+    # network (the shipped teachers: nothing to train first), WORKERS_PER_GPU workers on the GPU, so 9 students
+    # per worker. Estimated, not measured (docs/spark.md, "The study on GPUs"): these networks' steps are bound
+    # by kernel launches on a GPU (600-715 ops a step, counted on the CPU), about GPU_STEP_MS per step per worker
+    # with 4 workers sharing the GPU; 9 x GPU_LEASE_STEPS x GPU_STEP_MS = 351 s, plus about 90 s of start-up,
+    # PTQ calibration and scoring, is about 7.3 minutes. The optimiser is not probed at this budget.
+    "gpu-lease": StudyPreset(
+        "gpu-lease",
+        "default",
+        GPU_LEASE_STEPS,
+        6000,
+        3,
+        (1.0,),
+        2,
+        3e-3,
+        "warmup_then_linear",
+        ("qat", "kd@1", "spark", "spark_placement", "kd_growth", "gor"),
+    ),
 }
 
 
@@ -132,6 +174,49 @@ def study_teacher(task, preset, device, cache_dir: Optional[Path], quiet: bool):
 
 
 _CACHE: dict[tuple, Any] = {}
+# Several students share a GPU: one step of these small networks is mostly kernel-launch and host work, so
+# one process leaves the GPU idle most of the time (docs/spark.md, "The study on GPUs"). A student of the
+# demo's networks holds well under 1 GiB of GPU memory.
+WORKERS_PER_GPU = 4
+_WORKER_DEVICE: Optional[str] = None  # a pool worker's device (worker_devices), set by _take_device
+
+
+def default_workers(device: str, cpu_workers: int) -> int:
+    """``--workers``' default: ``cpu_workers`` (the preset's) on a CPU; on CUDA :data:`WORKERS_PER_GPU` per
+    device used (every visible device for ``"cuda"``, one for ``"cuda:N"``), at most one per CPU core."""
+    if not device.startswith("cuda"):
+        return cpu_workers
+    gpus = torch.cuda.device_count() if device == "cuda" else 1
+    return max(1, min(WORKERS_PER_GPU * gpus, os.cpu_count() or 1))
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The device of each of ``workers`` worker processes: ``"cuda"`` spreads them round-robin over every
+    visible CUDA device (``cuda:0, cuda:1, ..., cuda:0, ...``); any other device is every worker's."""
+    if device != "cuda":
+        return [device] * workers
+    count = torch.cuda.device_count()
+    return [f"cuda:{i % count}" for i in range(workers)]
+
+
+def _take_device(devices) -> None:
+    """Pool initializer: this worker process takes its device from the queue ``devices`` (one per worker)."""
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = devices.get(timeout=60)
+
+
+def worker_pool(devices: Sequence[str]):
+    """A pool of ``len(devices)`` spawned worker processes, worker ``k`` on ``devices[k]`` (its jobs run there)."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    for device in devices:
+        queue.put(device)
+    return concurrent.futures.ProcessPoolExecutor(
+        len(devices), mp_context=ctx, initializer=_take_device, initargs=(queue,)
+    )
 
 
 def _setup(task_name: str, preset, device, cache_dir, quiet):
@@ -146,13 +231,25 @@ def _setup(task_name: str, preset, device, cache_dir, quiet):
     return _CACHE[key]
 
 
+def _eval_pairs(task_name: str, directory: Path, device) -> list:
+    """The ``--eval-images`` pairs of one task (:func:`spark_ext.data.image_folder_pairs`, whole photos), cached."""
+    from spark_ext.data import RestorationTask, image_folder_pairs
+
+    key = ("eval", task_name, str(directory), str(device))
+    if key not in _CACHE:
+        _CACHE[key] = image_folder_pairs(RestorationTask(task_name), directory, device=device)
+    return _CACHE[key]
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train and score one (task, method, seed): the unit of work of a worker process."""
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
 
     torch.set_num_threads(job["threads"])
-    device = torch.device(job["device"])
+    device = torch.device(_WORKER_DEVICE or job["device"])
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # kernels launched on the current device's stream see this one
     preset = job["preset"]
     task, teacher, _, held = _setup(job["task"], preset, device, job["cache_dir"], True)
     base_key = ("ptq", job["task"], job["seed"])
@@ -173,6 +270,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     )
     result = score_outputs(model_outputs(student, held), held, task)
     extra = {}
+    if job.get("eval_images") is not None:
+        pairs = _eval_pairs(job["task"], job["eval_images"], device)
+        scores = score_outputs(model_outputs(student, pairs), pairs, task)
+        extra.update(eval_psnr=scores["psnr"], eval_ssim=scores["ssim"])
     if distiller.policy is not None:
         from spark_ext.ops import difficulty_signals
 
@@ -192,6 +293,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "task": job["task"],
         "method": job["method"],
         "seed": job["seed"],
+        "device": str(device),
         "psnr": result["psnr"],
         "ssim": result["ssim"],
         "seconds": seconds,
@@ -212,7 +314,11 @@ def iter_batches(task, preset, device):
 
 def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequence[str]) -> dict[str, Any]:
     """Per task: per method mean ± std over its seeds, paired differences (over the seeds both have)
-    to QAT and to the best uniform KD (best mean PSNR over the seeds every ``kd@`` run has), cost."""
+    to QAT and to the best uniform KD (best mean PSNR over the seeds every ``kd@`` run has), cost.
+
+    Runs scored on ``--eval-images`` (``eval_psnr``, ``eval_ssim``) get the same statistics under
+    ``eval_``-prefixed keys, against the same references (the best KD chosen on the held-out photos).
+    """
     out: dict[str, Any] = {}
     for task in tasks:
         by = {m: {r["seed"]: r for r in rows if r["task"] == task and r["method"] == m} for m in methods}
@@ -238,12 +344,18 @@ def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequenc
                 "cost_vs_kd": ms / ref_ms if ref_ms else None,
                 "per_seed": {str(s): per_seed[s] for s in seeds},
             }
-            for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
-                common = [s for s in seeds if ref in by and s in by[ref]]
-                if ref is not None and m != ref and common:
-                    entry[key] = paired_difference(
-                        [per_seed[s]["psnr"] for s in common], [by[ref][s]["psnr"] for s in common]
-                    )
+            if all("eval_psnr" in per_seed[s] for s in seeds):
+                for key in ("eval_psnr", "eval_ssim"):
+                    entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([per_seed[s][key] for s in seeds])
+            for prefix in ("", "eval_"):
+                for key, ref in (("vs_qat", "qat"), ("vs_best_kd", best_kd)):
+                    metric = prefix + "psnr"
+                    common = [s for s in seeds if ref in by and s in by[ref] and metric in by[ref][s]]
+                    common = [s for s in common if metric in per_seed[s]]
+                    if ref is not None and m != ref and common:
+                        entry[prefix + key] = paired_difference(
+                            [per_seed[s][metric] for s in common], [by[ref][s][metric] for s in common]
+                        )
             table[m] = entry
         all_seeds = sorted(set().union(*(set(v) for v in by.values()))) if by else []
         out[task] = {"seeds": all_seeds, "best_kd": best_kd, "methods": table}
@@ -251,24 +363,30 @@ def summarise(rows: list[dict[str, Any]], tasks: Sequence[str], methods: Sequenc
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as text: per task, the held-out photos' table, then the ``--eval-images`` one if scored."""
     lines = []
     for task, res in summary.items():
-        lines.append(f"\n{task}: seeds {res['seeds']}, best uniform KD = {res['best_kd']} (n = paired seeds)")
-        lines.append(
-            f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}"
-        )
-        order = sorted(res["methods"].items(), key=lambda kv: -kv[1]["psnr_mean"])
-        for m, e in order:
-
-            def ci(key, e=e):
-                d = e.get(key)
-                return f"{d['mean']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}] {d['wins']}/{d['n']}" if d else "-"
-
-            cost = f"{e['cost_vs_kd']:.2f}x" if e["cost_vs_kd"] else "-"
+        for prefix, photos in (("", "held-out photos"), ("eval_", "--eval-images")):
+            scored = {m: e for m, e in res["methods"].items() if f"{prefix}psnr_mean" in e}
+            if not scored:
+                continue
             lines.append(
-                f"{m:<17} {e['psnr_mean']:>9.3f} ± {e['psnr_std']:.3f} "
-                f"{ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}"
+                f"\n{task}, {photos}: seeds {res['seeds']}, best uniform KD = {res['best_kd']} (n = paired seeds)"
             )
+            lines.append(
+                f"{'method':<17} {'PSNR (dB)':>17} {'vs QAT [95% CI]':>28} {'vs best KD [95% CI]':>28} {'cost':>6}"
+            )
+            for m, e in sorted(scored.items(), key=lambda kv, k=f"{prefix}psnr_mean": -kv[1][k]):
+
+                def ci(key, e=e, prefix=prefix):
+                    d = e.get(prefix + key)
+                    return f"{d['mean']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}] {d['wins']}/{d['n']}" if d else "-"
+
+                cost = f"{e['cost_vs_kd']:.2f}x" if e["cost_vs_kd"] else "-"
+                lines.append(
+                    f"{m:<17} {e[prefix + 'psnr_mean']:>9.3f} ± {e[prefix + 'psnr_std']:.3f} "
+                    f"{ci('vs_qat'):>28} {ci('vs_best_kd'):>28} {cost:>6}"
+                )
     return "\n".join(lines)
 
 
@@ -326,16 +444,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
             f"{s.name}: {s.student_steps} student steps, student lr "
             f"{'of the demo preset' if s.student_lr is None else f'{s.student_lr:g} {s.student_schedule}'}, "
             f"{s.seeds} seeds, lambdas {list(s.lambdas)}, "
-            f"demo preset {s.demo_preset!r}, {s.workers} worker(s)"
+            f"demo preset {s.demo_preset!r}, {s.workers} worker(s) on a CPU"
+            + (f", methods {','.join(s.methods)}" if s.methods else "")
             for s in PRESETS.values()
         )
-        + ". --quick = --preset quick. Methods: qat, kd@L (one per --lambdas), "
-        + ", ".join(m for m in METHODS if m != "qat"),
+        + f". On CUDA {WORKERS_PER_GPU} workers per GPU. --quick = --preset quick. Methods: qat, kd@L (one per "
+        "--lambdas), " + ", ".join(m for m in METHODS if m != "qat"),
     )
     p.add_argument("--preset", choices=tuple(PRESETS), default="quick", help="budget (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
     p.add_argument("--tasks", default="denoise,sr", help="comma-separated from denoise,sr (default: %(default)s)")
-    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (default)")
+    p.add_argument(
+        "--methods", default=None, help="comma-separated method names, or 'all' (default: the preset's, else all)"
+    )
     add_seeds_argument(p, None)
     p.add_argument("--steps", type=positive_int, default=None, help="student steps (default: the preset's)")
     p.add_argument("--teacher-steps", type=positive_int, default=None, help="teacher steps (default: the preset's)")
@@ -347,13 +468,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "--student-schedule",
         choices=STUDENT_SCHEDULES,
         default=None,
-        help="the students' lr schedule: cosine decay to 0, constant, or constant then a linear decay to 0 over "
-        "the last quarter (default: the preset's)",
+        help="the students' lr schedule: cosine decay to 0, constant, constant then a linear decay to 0 over "
+        "the last quarter, or warmup_then_linear (a linear warm-up from 0.15 x lr over the first half, then "
+        "constant_then_linear's course; default: the preset's)",
     )
     p.add_argument(
-        "--workers", type=core_count, default=None, help="parallel worker processes, 1 thread each, at most the cores"
+        "--workers",
+        type=core_count,
+        default=None,
+        help="parallel worker processes, 1 thread each, at most the cores (default: the preset's on a CPU; on "
+        f"--device cuda {WORKERS_PER_GPU} per visible GPU, spread round-robin over them; on cuda:N {WORKERS_PER_GPU})",
     )
     p.add_argument("--out", type=Path, default=Path("study_out"), help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--eval-images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also score every student on the PNG/JPEG photos in DIR (whole photos, degraded like the held-out "
+        "set), with the same paired statistics",
+    )
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spark_ext" / "teachers"
     p.add_argument("--cache-dir", type=Path, default=default_cache, help="teacher cache (default %(default)s)")
@@ -384,7 +518,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         args.tasks = parse_names(args.tasks, "--tasks", TASKS)
         if repeated(names):
             raise ValueError(f"--lambdas: {[n[3:] for n in repeated(names)]} given more than once")
-        args.methods = names if args.methods == "all" else parse_names(args.methods, "--methods", names)
+        methods = args.methods or (",".join(spec.methods) if spec.methods else "all")
+        args.methods = names if methods == "all" else parse_names(methods, "--methods", names)
     except ValueError as exc:
         p.error(str(exc))
     try:
@@ -393,13 +528,25 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--device: {exc}")
     args.device = str(device)
     args.seeds = args.seeds or tuple(range(spec.seeds))
-    args.workers = args.workers or (1 if device.type == "cuda" else spec.workers)
+    args.workers = args.workers or default_workers(args.device, spec.workers)
     why = writable_dir_problem(args.out, files=("study.json", "study.png"))
     if why:
         p.error(f"--out: {why}")
     preset = study_preset(args)
     from spark_ext.data import RestorationTask
     from spark_ext.demo.teacher import teacher_problem
+    from spark_ext.metrics import SSIM_WINDOW
+
+    if args.eval_images is not None:  # every photo must decode, for every task, before any work
+        for task in args.tasks:
+            smallest = SSIM_WINDOW + 2 * RestorationTask(task).scale
+            try:
+                pairs = _eval_pairs(task, args.eval_images, "cpu")
+            except ValueError as exc:
+                p.error(f"--eval-images: {exc}")
+            small = [name for name, _, y in pairs if min(y.shape[-2:]) < smallest]
+            if small:
+                p.error(f"--eval-images: images smaller than {smallest}px for {task}: {small}")
 
     for task in args.tasks:
         why = teacher_problem(RestorationTask(task), preset, args.cache_dir)
@@ -409,9 +556,17 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if report.exists() and not args.resume:
         p.error(f"--out: {report} exists; pass --resume to continue that study, or choose another --out")
     try:
-        args.previous_runs = load_previous_runs(report, preset) if args.resume else []
+        args.previous_runs = load_previous_runs(report, preset, eval_photos(args)) if args.resume else []
     except ValueError as exc:
         p.error(f"--resume: {exc}")
+
+
+def eval_photos(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    """What ``study.json`` records of ``--eval-images`` (None without it): the folder and its photos' names."""
+    if args.eval_images is None:
+        return None
+    names = [name for name, _, _ in _eval_pairs(args.tasks[0], args.eval_images, "cpu")]
+    return {"dir": str(args.eval_images), "photos": names}
 
 
 def study_preset(args: argparse.Namespace):
@@ -482,6 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "device": args.device,
                         "threads": 1,
                         "cache_dir": args.cache_dir,
+                        "eval_images": args.eval_images,
                     }
                 )
     bar = progress(desc="study", total=len(jobs), quiet=args.quiet)
@@ -497,11 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for job in jobs:
             finished(run_job(job))
     else:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=ctx) as pool:
+        with worker_pool(worker_devices(args.device, args.workers)) as pool:
             for row in pool.map(run_job, jobs):
                 finished(row)
     bar.close()
@@ -549,8 +701,9 @@ def _is_kd_name(method: str) -> bool:
     return True
 
 
-def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
-    """The runs of an earlier ``study.json`` made with the same budget (``--resume``); [] if none.
+def load_previous_runs(path: Path, preset, eval_images: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """The runs of an earlier ``study.json`` made with the same budget and ``--eval-images`` photos
+    (``eval_images``: :func:`eval_photos`) (``--resume``); [] if none.
 
     Raises ValueError, one line naming the file, what is wrong and what to do, for a file that is not a
     study's report (unreadable, truncated, not a JSON object, a run this version cannot use) or one made
@@ -568,6 +721,9 @@ def load_previous_runs(path: Path, preset) -> list[dict[str, Any]]:
     settings = old.get("preset")
     if not isinstance(settings, dict) or settings.get("demo") != json.loads(json.dumps(dataclasses.asdict(preset))):
         raise ValueError(f"{path} was made with other settings (steps, seeds, network); use another --out")
+    if old.get("eval_images") != eval_images:
+        other = old.get("eval_images")
+        raise ValueError(f"{path} was scored on other --eval-images photos ({other}); use another --out")
     for i, run in enumerate(old["runs"]):
         why = _run_problem(run)
         if why:
@@ -584,10 +740,15 @@ def write_report(args, argv, spec, preset, device, teachers, rows, wall, complet
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device)
-        + ("" if device.type != "cpu" else f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"),
+        + (
+            f" ({os.cpu_count()} cores, {args.workers} workers x 1 thread)"
+            if device.type == "cpu"
+            else f" ({args.workers} workers: {', '.join(worker_devices(args.device, args.workers))})"
+        ),
         "command": "spark-ext study " + " ".join(sys.argv[2:] if argv is None else argv),
         "preset": {"study": dataclasses.asdict(spec), "demo": dataclasses.asdict(preset)},
         "teachers": teachers,
+        "eval_images": eval_photos(args),
         "methods": args.methods,
         "tasks": summary,
         "runs": rows,

@@ -27,20 +27,37 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim
     )
 
 
+WARMUP_START = 0.15  # "warmup_then_linear": the lr factor at step 0
+
+
 def student_schedule(
     optimizer: torch.optim.Optimizer, steps: int, kind: str
 ) -> Optional[torch.optim.lr_scheduler.LambdaLR]:
-    """The students' lr over ``steps`` (``Preset.student_schedule``): ``"cosine"`` (:func:`cosine_schedule`),
-    ``"constant"`` (None: no scheduler), or ``"constant_then_linear"`` (constant for the first 75 % of the
-    run, then a linear decay to 0 at ``steps``: the high lr's progress, with the last quarter averaging out
-    its noise)."""
+    """The students' lr over ``steps`` (``Preset.student_schedule``), as a factor of each group's initial lr:
+
+    * ``"cosine"``: :func:`cosine_schedule`;
+    * ``"constant"``: None (no scheduler);
+    * ``"constant_then_linear"``: 1 for the first 75 % of the run, then a linear decay to 0 at ``steps``
+      (the high lr's progress, with the last quarter averaging out its noise);
+    * ``"warmup_then_linear"``: a linear warm-up from ``WARMUP_START`` (0.15) at step 0 to 1 at
+      ``steps / 2``, 1 until ``0.75 steps``, then the same linear decay to 0 at ``steps``. Adam's steps
+      grow over the first half, as a growing loss scale makes them grow (docs/spark.md, "The students'
+      optimiser comes first"); uniform KD's best schedule of those measured.
+    """
     check_choice(kind, "student_schedule", STUDENT_SCHEDULES)
     if kind == "cosine":
         return cosine_schedule(optimizer, steps)
     if kind == "constant":
         return None
-    tail = 0.25 * max(steps, 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, max(0.0, (steps - i) / tail)))
+    steps = max(steps, 1)
+    warmup = 0.5 * steps if kind == "warmup_then_linear" else 0.0
+    tail = 0.25 * steps
+
+    def factor(i: int) -> float:
+        rise = 1.0 if warmup == 0 else WARMUP_START + (1.0 - WARMUP_START) * i / warmup
+        return max(0.0, min(1.0, rise, (steps - i) / tail))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def lsq_quantizers(model: nn.Module) -> list[nn.Module]:

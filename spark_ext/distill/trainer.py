@@ -71,6 +71,7 @@ MODES = ("qat", "kd", "spark", "map")
 POLICY_SIGNALS = ("credit", "reinforce", "paper")
 KD_GATES = ("none", "teacher")
 MAP_SIGNALS = ("lap_var", "pix_var", "recon_err", "kd_gap", "teacher_adv", "random")
+POLICY_MAPS = ("weights", "placement", "scale")
 STATE_FORMAT = 2
 
 
@@ -87,6 +88,14 @@ class DistillConfig:
     credit_every: credit (or reward) period in steps; the policy's map is used every step.
     w_bound: upper bound of the weights in ``"credit"``/``"reinforce"`` (weights in ``(0, w_bound)``,
         the policy can change the total amount of KD).
+    policy_map: how ``"spark"``'s map (``"credit"`` or ``"reinforce"``) enters the student's loss; the
+        policy learns the same way whichever it is. ``"weights"`` (default): it weights KD per cell.
+        ``"placement"``: divided by its mean over each image's cells first, so it moves KD between
+        cells but does not change its amount (the map's placement alone). ``"scale"``: KD is uniform
+        and the student's total loss is multiplied by ``s = (L_rec + mean(w) * lambda_kd * KD) /
+        (L_rec + lambda_kd * KD)`` (detached; ``mean(w)`` over the batch): the growth of the loss's
+        size that the map's amount of KD causes, without more KD relative to ``L_rec`` and without
+        placement (an optimiser effect with Adam, docs/spark.md).
     horizon: steps between a ``"reinforce"`` action and its reward.
     policy_steps: the run's length, for annealing the policy lr (cosine) and the entropy bonus
         (linear to 0); None = constant.
@@ -118,6 +127,7 @@ class DistillConfig:
     policy_signal: str = "credit"
     credit_every: int = 16
     w_bound: float = 2.0
+    policy_map: str = "weights"
     horizon: int = 4
     policy_steps: Optional[int] = None
     kd_gate: str = "none"
@@ -147,6 +157,12 @@ class DistillConfig:
         check_choice(self.policy_signal, "policy_signal", POLICY_SIGNALS)
         check_choice(self.kd_gate, "kd_gate", KD_GATES)
         check_choice(self.map_signal, "map_signal", MAP_SIGNALS)
+        check_choice(self.policy_map, "policy_map", POLICY_MAPS)
+        if self.policy_map != "weights" and (self.mode != "spark" or self.policy_signal == "paper"):
+            raise ValueError(
+                f"policy_map {self.policy_map!r} needs mode 'spark' with policy_signal 'credit' or 'reinforce' "
+                f"(got mode {self.mode!r}, policy_signal {self.policy_signal!r}; 'paper''s map has mean 1 already)"
+            )
         for name in ("credit_every", "horizon"):
             if check_int(getattr(self, name), name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -365,6 +381,13 @@ class SparkDistiller:
             return self.policy.weight_map(sample.action), sample
         return cfg.w_bound * sample.action.detach(), sample
 
+    def _applied_map(self, weight: torch.Tensor) -> torch.Tensor:
+        """``policy_map="placement"``: ``weight [B, 1, Gh, Gw]`` divided by its mean over each image's cells
+        (mean 1 per image); else ``weight`` itself. The policy's maps are detached, so this is too."""
+        if self.config.policy_map != "placement":
+            return weight
+        return weight / weight.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+
     def _cell_rec_error(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_pixel = kd_elementwise(output.detach().float() - targets.float(), self.config.rec_loss).sum(1)
         return cell_sum(per_pixel, self.config.grid)[:, None]
@@ -493,7 +516,8 @@ class SparkDistiller:
         :meth:`after_optimizer_step` once. Under ``torch.no_grad`` (validation) nothing is recorded.
 
         ``logs``: detached 0-D tensors (no host sync): ``loss``, ``loss_task``, ``loss_kd`` (before
-        ``lambda_kd``); in ``"spark"`` and ``"map"`` modes ``w_mean``, ``w_std``, ``w_min``, ``w_max``;
+        ``lambda_kd``); in ``"spark"`` and ``"map"`` modes ``w_mean``, ``w_std``, ``w_min``, ``w_max`` (of the
+        map the KD term is weighted by; with ``policy_map="scale"``, of the policy's map, plus ``loss_scale``);
         with ``kd_gate="teacher"``, ``gate_frac``.
         """
         cfg = self.config
@@ -559,9 +583,12 @@ class SparkDistiller:
                     weight = self._fixed_map(signals, out, teacher_out, targets)
                 else:
                     weight, sample = self._policy_map(signals, paper_reward)
+                    weight = self._applied_map(weight)
                 log.update(
                     w_mean=weight.mean(), w_std=weight.std(unbiased=False), w_min=weight.min(), w_max=weight.max()
                 )
+                if cfg.policy_map == "scale":  # uniform KD; the map's mean scales the total below
+                    map_mean, weight = weight.mean(), torch.ones_like(weight)
             if cfg.kd_gate == "teacher":
                 with torch.no_grad():
                     gate = ((teacher_out - targets).abs() < (out.detach() - targets).abs()).to(out.dtype)
@@ -581,6 +608,12 @@ class SparkDistiller:
         # after_optimizer_step from the recorded losses, untouched by the caller's loss scaling.
         frozen = {name: p.detach() for name, p in self.balancer.named_parameters()}
         total = torch.func.functional_call(self.balancer, frozen, (l_task, l_kd_scaled))
+        if cfg.policy_map == "scale" and cfg.mode == "spark":
+            with torch.no_grad():
+                plain = l_task + l_kd_scaled
+                scale = torch.where(plain > 0, (l_task + map_mean * l_kd_scaled) / plain, torch.ones_like(plain))
+            total = scale * total
+            log["loss_scale"] = scale
         if self.diffkd is not None:  # DiffKD's own losses; its parameters learn in after_optimizer_step
             if first:
                 self.diffkd.zero_grad()
@@ -754,7 +787,9 @@ class SparkDistiller:
     @torch.no_grad()
     def policy_weight_map(self, signals: torch.Tensor, *, mean: bool = True) -> torch.Tensor:
         """The map the student would train on for ``signals [B, 4, Gh, Gw]`` (``mean=True``: from
-        the Beta means, deterministic; else one draw from a throwaway copy of the generator)."""
+        the Beta means, deterministic; else one draw from a throwaway copy of the generator); with
+        ``policy_map="placement"`` renormalised to mean 1 per image, with ``"scale"`` the map whose
+        mean scales the loss."""
         cfg = self.config
         if cfg.policy_signal == "credit" or mean:
             alpha, beta = self.policy(signals)
@@ -763,7 +798,7 @@ class SparkDistiller:
             g = torch.Generator(device=self.device)
             g.set_state(self.generator.get_state())
             a = self.policy.sample(signals, g).action
-        return self.policy.weight_map(a) if cfg.policy_signal == "paper" else cfg.w_bound * a
+        return self.policy.weight_map(a) if cfg.policy_signal == "paper" else self._applied_map(cfg.w_bound * a)
 
     # ------------------------------------------------------------ checkpoint
 

@@ -31,6 +31,7 @@ from spark_ext.demo.presets import PRESETS as DEMO_PRESETS  # noqa: E402
         (["--tasks", "denoise,denoise"], "--tasks"),
         (["--methods", "qat,kd@1,qat"], "--methods"),
         (["--lambdas", "1,2,1.0"], "--lambdas"),
+        (["--eval-images", "/nonexistent/photos"], "--eval-images"),
     ],
 )
 def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, no_work, argv, message):
@@ -218,7 +219,7 @@ def test_resume_trains_only_the_missing_students(tmp_path, monkeypatch, capsys):
         assert exc.value.code == 2 and "other settings" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "constant", "constant_then_linear"])
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "constant_then_linear", "warmup_then_linear"])
 def test_student_schedule_sets_the_lr_over_the_run(schedule):
     import dataclasses
 
@@ -259,3 +260,121 @@ def test_constant_then_linear_holds_three_quarters_then_decays_to_zero():
     assert student_schedule(opt, 200, "constant") is None
     with pytest.raises(ValueError, match="student_schedule"):
         student_schedule(opt, 200, "step")
+
+
+def test_warmup_then_linear_rises_from_0_15_over_half_holds_then_decays_to_zero():
+    import torch
+
+    from spark_ext.demo.training import student_schedule
+
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(()))], lr=4e-3)
+    sched = student_schedule(opt, 200, "warmup_then_linear")
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.15 * 4e-3)
+    assert lrs[50] == pytest.approx((0.15 + 0.85 * 0.5) * 4e-3)  # linear over the first half
+    assert all(a < b for a, b in zip(lrs[:100], lrs[1:101]))
+    assert lrs[100] == lrs[150] == 4e-3
+    assert lrs[175] == pytest.approx(2e-3) and lrs[199] == pytest.approx(4e-3 / 50)
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
+def _photos(folder, sizes):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k, size in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(folder / f"p{k}.png")
+    return folder
+
+
+def test_eval_images_that_cannot_be_scored_exit_2_before_any_work(tmp_path, capsys, no_work):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    small = _photos(tmp_path / "small", [40, 8])
+    for folder, message in ((empty, "has no"), (small, "images smaller than")):
+        line = _rejected(["--eval-images", str(folder), "--out", str(tmp_path / "out")], capsys)
+        assert "--eval-images" in line and message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_images_score_every_student_with_the_same_paired_statistics(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(study.PRESETS, "quick", study.StudyPreset("quick", "smoke", 2, 3, 2, (1.0,), 1))
+    photos = _photos(tmp_path / "photos", [40, 48])
+    out = tmp_path / "out"
+    argv = ["--quick", "--tasks", "denoise,sr", "--methods", "qat,kd@1,spark,spark_placement,kd_growth"]
+    argv += ["--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--device", "cpu"]
+    assert study.main(argv + ["--eval-images", str(photos)]) == 0
+    report = json.loads((out / "study.json").read_text())
+    assert report["eval_images"] == {"dir": str(photos), "photos": ["p0.png", "p1.png"]}
+    for task in ("denoise", "sr"):
+        methods = report["tasks"][task]["methods"]
+        for name, entry in methods.items():
+            runs = [r for r in report["runs"] if r["task"] == task and r["method"] == name]
+            assert entry["eval_psnr_mean"] == pytest.approx(sum(r["eval_psnr"] for r in runs) / 2)
+            assert entry["eval_psnr_mean"] != pytest.approx(entry["psnr_mean"])  # other photos
+        pairs = [(r["eval_psnr"], r["seed"]) for r in report["runs"] if r["task"] == task]
+        by = {(r["method"], r["seed"]): r["eval_psnr"] for r in report["runs"] if r["task"] == task}
+        assert len(pairs) == 10
+        d = methods["kd_growth"]["eval_vs_qat"]
+        assert d["n"] == 2 and d["mean"] == pytest.approx(
+            sum(by[("kd_growth", s)] - by[("qat", s)] for s in (0, 1)) / 2
+        )
+        assert "eval_vs_best_kd" in methods["spark_placement"]
+    table = capsys.readouterr().out
+    assert "denoise, --eval-images" in table and "sr, held-out photos" in table
+    # --resume must score the same photos: another folder is refused before any work.
+    other = _photos(tmp_path / "other", [44])
+    line = _rejected(argv + ["--resume", "--eval-images", str(other)], capsys)
+    assert "--resume" in line and "other --eval-images photos" in line
+
+
+def test_cuda_workers_spread_round_robin_over_every_visible_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 16)
+    assert study.worker_devices("cuda", 7) == ["cuda:0", "cuda:1", "cuda:2", "cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert study.worker_devices("cuda:2", 2) == ["cuda:2", "cuda:2"]
+    assert study.worker_devices("cpu", 2) == ["cpu", "cpu"]
+    assert study.default_workers("cuda", 2) == 3 * study.WORKERS_PER_GPU
+    assert study.default_workers("cuda:1", 2) == study.WORKERS_PER_GPU
+    assert study.default_workers("cpu", 2) == 2
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 6)
+    assert study.default_workers("cuda", 2) == 6  # one worker per core at most
+
+
+def _worker_device(_):
+    import os
+    import time
+
+    time.sleep(0.2)  # long enough for every worker to take jobs
+    return os.getpid(), study._WORKER_DEVICE
+
+
+def test_each_pool_worker_keeps_the_device_it_was_given():
+    from collections import Counter
+
+    devices = ["cuda:0", "cuda:1", "cuda:0"]  # names only: _worker_device touches no device
+    with study.worker_pool(devices) as pool:
+        seen = list(pool.map(_worker_device, range(12)))
+    by_worker = {}
+    for pid, device in seen:
+        by_worker.setdefault(pid, set()).add(device)
+    assert all(len(d) == 1 for d in by_worker.values())  # a worker's jobs all run on its device
+    taken = Counter(d.pop() for d in by_worker.values())
+    assert taken and not taken - Counter(devices)  # each worker took its own entry of the list
+
+
+def test_a_preset_names_its_methods_and_the_gpu_lease_preset_is_the_short_gpu_matrix(tmp_path, no_work):
+    args = study.parse_args(["--preset", "gpu-lease", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert args.methods == ["qat", "kd@1", "spark", "spark_placement", "kd_growth", "gor"]
+    assert args.tasks == ["denoise", "sr"] and args.seeds == 3
+    assert study.study_preset(args).student_schedule == "warmup_then_linear"
+    args = study.parse_args(["--preset", "gpu-lease", "--methods", "all", "--out", str(tmp_path / "out")])
+    assert args.methods == study.all_method_names((1.0,))

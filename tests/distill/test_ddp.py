@@ -102,3 +102,26 @@ def test_policy_balancer_and_student_stay_identical_across_ranks(tmp_path):
     assert float(r0["baseline"]) != 0.0
     # And the shared parameters did move.
     assert float(r0["balancer"]["s1"]) != 0.0
+
+
+def test_the_torchrun_example_trains_one_student_on_two_ranks_that_stay_in_step(tmp_path):
+    # examples/ddp_spark.py exactly as docs/spark.md's DDP section starts it, on 2 CPU processes (gloo).
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("skimage")
+    script = Path(__file__).resolve().parents[2] / "examples" / "ddp_spark.py"
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    command += ["--task", "denoise", "--steps", "3", "--batch", "2", "--crop", "16", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "ddp_spark.json").read_text())
+    assert report["world_size"] == 2 and report["backend"] == "gloo" and report["steps"] == 3
+    first, second = report["rank_digests"]
+    assert first == second  # student and policy parameters bitwise equal on both ranks
+    state = torch.load(out / "student.pt", weights_only=True)
+    assert any(name.endswith("step") for name in state)  # the W4A4 student, with its LSQ steps

@@ -161,3 +161,73 @@ def test_bad_inputs_raise_value_errors_naming_the_problem():
         SparkDistiller(student, teacher, opt, mode="sparkle")
     with pytest.raises(ValueError, match="batch size"):
         d.step(x, y[:1])
+
+
+def _first_map(distiller, x, y):
+    """The map the student's KD term is weighted by on the next step, and that step's loss and logs."""
+    seen = {}
+    applied = distiller._applied_map
+    distiller._applied_map = lambda w: seen.setdefault("w", applied(w))
+    loss, log = distiller.compute_loss(x, y)
+    del distiller._applied_map
+    return seen["w"], loss, log
+
+
+def test_placement_map_is_the_default_map_at_mean_one_per_image_and_only_the_student_learns_from_it():
+    x, y = batch(b=3)
+    student, teacher = nets()
+    plain = SparkDistiller(student, teacher, torch.optim.SGD(student.parameters(), lr=0.0), grid=(4, 4))
+    default_w, *_ = _first_map(plain, x, y)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    d = SparkDistiller(student, teacher, opt, grid=(4, 4), policy_map="placement")
+    w, loss, log = _first_map(d, x, y)
+    assert w.shape == (3, 1, 4, 4) and not w.requires_grad
+    assert default_w.mean().item() != pytest.approx(1.0, abs=1e-3)  # the default map does change KD's amount
+    torch.testing.assert_close(w.mean(dim=(-2, -1)), torch.ones(3, 1))
+    torch.testing.assert_close(w, default_w / default_w.mean(dim=(-2, -1), keepdim=True))
+    with torch.no_grad():
+        expected_kd = spark_ext.fused_weighted_kd(student(x), teacher(x), w)
+    assert log["loss_kd"].item() == pytest.approx(expected_kd.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in d.policy.parameters())  # the policy learns from its credit only
+    d.after_optimizer_step()
+    torch.testing.assert_close(d.policy_weight_map(torch.rand(2, 4, 4, 4)).mean(dim=(-2, -1)), torch.ones(2, 1))
+
+
+def test_scale_map_trains_uniform_kd_with_the_maps_loss_growth():
+    x, y = batch(b=3)
+    student, teacher = nets()
+    plain = SparkDistiller(student, teacher, torch.optim.SGD(student.parameters(), lr=0.0), grid=(4, 4))
+    default_w, *_ = _first_map(plain, x, y)
+    d = SparkDistiller(student, teacher, torch.optim.SGD(student.parameters(), lr=0.0), grid=(4, 4), policy_map="scale")
+    loss, log = d.compute_loss(x, y)
+    kd = SparkDistiller(student, teacher, torch.optim.SGD(student.parameters(), lr=0.0), mode="kd")
+    kd_loss, kd_log = kd.compute_loss(x, y)
+    assert log["loss_kd"].item() == pytest.approx(kd_log["loss_kd"].item(), rel=1e-5)  # uniform KD
+    assert log["w_mean"].item() == pytest.approx(default_w.mean().item(), rel=1e-6)  # the policy's own map
+    l_task, l_kd = log["loss_task"].item(), log["loss_kd"].item()
+    scale = (l_task + default_w.mean().item() * l_kd) / (l_task + l_kd)
+    assert scale > 1.0 and log["loss_scale"].item() == pytest.approx(scale, rel=1e-5)
+    assert loss.item() == pytest.approx(scale * kd_loss.item(), rel=1e-5)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+    kd_grads = torch.autograd.grad(kd_loss, list(student.parameters()))
+    for g, g_kd in zip(grads, kd_grads):  # the scale is a constant: KD's gradient, times s
+        torch.testing.assert_close(g, scale * g_kd, rtol=1e-4, atol=1e-8)
+    d.after_optimizer_step()
+    kd.after_optimizer_step()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"policy_map": "spread"}, "policy_map"),
+        ({"policy_map": "placement", "mode": "kd"}, "needs mode 'spark'"),
+        ({"policy_map": "scale", "mode": "map"}, "needs mode 'spark'"),
+        ({"policy_map": "placement", "policy_signal": "paper"}, "policy_signal 'credit' or 'reinforce'"),
+    ],
+)
+def test_bad_policy_map_is_a_value_error(overrides, message):
+    student, teacher = nets()
+    with pytest.raises(ValueError, match=message):
+        SparkDistiller(student, teacher, torch.optim.SGD(student.parameters(), lr=0.1), **overrides)

@@ -14,7 +14,7 @@ What is executed:
   parsing (outputs writable, teacher present) and its work (training, benchmarks, export) do not run;
 * the README's table of measured results matches the results file it cites.
 
-Not executed: other shell lines (``make``, ``pip``, ``python tools/...``, ``bench/...`` scripts) and
+Not executed: other shell lines (``make``, ``pip``, ``python tools/...``, ``python -m spark_ext.benchmarks...``) and
 blocks in other languages. A block marked ``<!-- example: skip (reason) -->`` on the line before it
 (one that needs a CUDA GPU) is reported as skipped with that reason; on a machine with CUDA it runs.
 """
