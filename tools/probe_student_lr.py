@@ -78,11 +78,11 @@ def main(argv=None) -> int:
     if args.steps < 1:
         p.error("--steps must be >= 1")
 
+    from spark_ext.commands.study import _setup
     from spark_ext.demo.presets import PRESETS
     from spark_ext.demo.scoring import model_outputs, score_outputs
     from spark_ext.demo.training import make_ptq, train_student
     from spark_ext.distill import balancers
-    from spark_ext.commands.study import _setup
     from spark_ext.stats import paired_difference, summarize, summary_line
 
     torch.set_num_threads(1)
