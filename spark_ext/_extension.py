@@ -11,7 +11,7 @@ Two ways to get it, tried in this order by :func:`load`:
    torch was absent at build time, a torch upgrade, or edited sources) the
    library is compiled on first use with ``torch.utils.cpp_extension.load`` and
    ninja into ``$SPARK_EXT_CACHE`` (default ``~/.cache/spark_ext``), in a folder
-   named after the torch version and the source hash, and reused afterwards.
+   named after the torch version, the source hash and where the sources are, and reused afterwards.
    The first build says so once on stderr (about a minute).
 
 CUDA kernels are compiled only where torch has CUDA and an nvcc of the same
@@ -123,7 +123,10 @@ def _announce(message: str) -> None:
 def jit_target(torch_version: str) -> tuple[Path, str, bool]:
     """(build folder, library name, with CUDA) of the JIT build for this torch and these sources.
 
-    A CUDA build's folder also names its architectures: a build for other GPUs is not reused.
+    A CUDA build's folder also names its architectures: a build for other GPUs is not reused. It also
+    names where the sources are: ninja's build file holds their absolute paths, so two installations
+    of the same sources (two checkouts, an editable and a regular install) sharing one folder would
+    each rebuild the other's library on every first use.
     """
     src = source_dir()
     if src is None:
@@ -133,7 +136,8 @@ def jit_target(torch_version: str) -> tuple[Path, str, bool]:
     kind = "cpu"
     if with_cuda:
         kind = "cuda-" + hashlib.sha256(current_arch_plan()[1].encode()).hexdigest()[:6]
-    build_dir = cache_root() / f"{_base_version(torch_version)}-{kind}-{digest}"
+    where = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:6]
+    build_dir = cache_root() / f"{_base_version(torch_version)}-{kind}-{digest}-{where}"
     return build_dir, f"spark_ext_C_{digest[:8]}", with_cuda
 
 

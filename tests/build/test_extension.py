@@ -348,6 +348,17 @@ def test_jit_builds_for_other_architectures_are_not_reused(monkeypatch):
     assert _extension.jit_target("2.14.1+cu130")[0] != first and "-cuda-" in first.name
 
 
+def test_jit_builds_of_two_installations_do_not_share_a_folder(monkeypatch, tmp_path):
+    # ninja's build file names the sources' absolute paths: a shared folder rebuilt on every switch
+    monkeypatch.setattr(_extension, "cuda_build_possible", lambda: "no CUDA here")
+    monkeypatch.setattr(_extension, "sources_hash", lambda src=None: "0123456789abcdef")
+    folders = []
+    for name in ("checkout_a", "checkout_b"):
+        monkeypatch.setattr(_extension, "source_dir", lambda name=name: tmp_path / name / "csrc")
+        folders.append(_extension.jit_target("2.13.0+cpu")[0])
+    assert folders[0] != folders[1] and all("-cpu-0123456789abcdef-" in f.name for f in folders)
+
+
 def test_a_wrapper_nvcc_outside_the_toolkit_finds_the_toolkit(monkeypatch, tmp_path):
     """nvcc on PATH as a wrapper script (/usr/local/bin/nvcc): torch guesses /usr/local, which has no libcudart."""
     from torch.utils import cpp_extension
