@@ -374,7 +374,7 @@ def test_each_pool_worker_keeps_the_device_it_was_given():
 def test_a_preset_names_its_methods_and_the_gpu_lease_preset_is_the_short_gpu_matrix(tmp_path, no_work):
     args = study.parse_args(["--preset", "gpu-lease", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert args.methods == ["qat", "kd@1", "spark", "spark_placement", "kd_growth", "gor"]
-    assert args.tasks == ["denoise", "sr"] and args.seeds == 3
+    assert args.tasks == ["denoise", "sr"] and args.seeds == (0, 1, 2)
     assert study.study_preset(args).student_schedule == "warmup_then_linear"
     args = study.parse_args(["--preset", "gpu-lease", "--methods", "all", "--out", str(tmp_path / "out")])
     assert args.methods == study.all_method_names((1.0,))
