@@ -125,6 +125,8 @@ def main() -> None:
                 },
             )
             print(f"{len(logs)} steps on {world} ranks ({dist.get_backend()}), loss {last['loss']:.4f}: {args.out}")
+        # leave together: a rank that tears its process group down while another is still writing can hang in gloo
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
