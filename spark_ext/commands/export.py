@@ -309,7 +309,7 @@ def _export_demo(args: argparse.Namespace) -> int:
     from spark_ext.demo.teacher import get_teacher
     from spark_ext.demo.training import train_student
     from spark_ext.quant import calibrate, quantize_model
-    from spark_ext.quant.export import export_onnx, run_onnx
+    from spark_ext.quant.export import ORT_BIAS_PASS, export_onnx, run_onnx
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -349,7 +349,9 @@ def _export_demo(args: argparse.Namespace) -> int:
     ):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
-        sessions[name] = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        sessions[name] = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"], disabled_optimizers=[ORT_BIAS_PASS]
+        )
     outputs = {
         "fp32_teacher": model_outputs(teacher, held),
         "fake_quant": model_outputs(student, held),

@@ -42,6 +42,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import warnings
 from typing import Union
 
 import torch
@@ -57,6 +58,9 @@ __all__ = ["export_onnx", "export_prepared_onnx", "export_pt2e_onnx", "run_onnx"
 # torch's ONNX exporter writes opset 18 and above; its conversion to older opsets fails on these graphs
 # (Shape, QuantizeLinear adapters) and would silently keep opset 18.
 MIN_OPSET = 18
+# onnxruntime's graph pass (on from ORT_ENABLE_BASIC) that rewrites a Conv's / Gemm's float bias as int32 at
+# scale s_x * s_w. It does not check the range: a bias beyond 2**31 - 1 steps saturates, silently.
+ORT_BIAS_PASS = "WeightBiasQuantization"
 MIN_INT4_OPSET = 21
 
 
@@ -402,8 +406,51 @@ def _to_onnx(module_or_program, x: torch.Tensor, opset: int, dynamic: bool):
     return proto
 
 
+def _constant(graph, name: str):
+    """The value of initializer or Constant node ``name`` as a numpy array, or None."""
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def int32_bias_overflows(proto) -> list[tuple[str, float]]:
+    """(node, largest ``|bias| / (s_x s_w)``) of every Conv / Gemm whose float bias does not fit int32 at the
+    scale onnxruntime's ``WeightBiasQuantization`` pass gives it (its input's step times its weight's)."""
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    found = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        s_x, s_w, bias = (_constant(graph, n) for n in (dq_x.input[1], dq_w.input[1], node.input[2]))
+        if s_x is None or s_w is None or bias is None or s_x.size != 1:
+            continue
+        steps = abs(bias.astype("float64")) / (float(s_x.reshape(())) * abs(s_w.astype("float64")))
+        if steps.max() > 2**31 - 1:
+            found.append((node.name, float(steps.max())))
+    return found
+
+
 def _finish(onnx, proto, path):
     onnx.checker.check_model(proto)
+    overflows = int32_bias_overflows(proto)
+    if overflows:
+        name, steps = max(overflows, key=lambda item: item[1])
+        warnings.warn(
+            f"the float bias of {len(overflows)} layer(s) does not fit int32 at the input's step times the "
+            f"weight's ({name}: {steps:.3g} steps): onnxruntime's {ORT_BIAS_PASS} graph pass saturates it; run "
+            f"with onnxruntime.InferenceSession(..., disabled_optimizers=[{ORT_BIAS_PASS!r}]) (run_onnx does)",
+            stacklevel=3,
+        )
     if path is not None:
         _save_atomically(onnx, proto, os.fspath(path))
     return proto
@@ -795,7 +842,9 @@ def run_onnx(model_or_path, x: torch.Tensor, session=None) -> torch.Tensor:
     if session is None:
         data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
         session = ort.InferenceSession(
-            data if isinstance(data, bytes) else os.fspath(data), providers=["CPUExecutionProvider"]
+            data if isinstance(data, bytes) else os.fspath(data),
+            providers=["CPUExecutionProvider"],
+            disabled_optimizers=[ORT_BIAS_PASS],  # int32_bias_overflows
         )
     (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().float().cpu().numpy()})
     return torch.from_numpy(out)

@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime", reason="needs the [export] extra")
 pytest.importorskip("onnxscript", reason="needs the [export] extra")
 
 from spark_ext.quant import LSQQuantizer, QuantConv2d, quantize_model  # noqa: E402
-from spark_ext.quant.export import export_onnx, run_onnx  # noqa: E402
+from spark_ext.quant.export import ORT_BIAS_PASS, export_onnx, int32_bias_overflows, run_onnx  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -77,7 +77,9 @@ def codes_of_onnx(proto, x, fused):
     options = ort.SessionOptions()
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(extra.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        extra.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=[ORT_BIAS_PASS]
+    )
     outs = sess.run(None, {"input": x.numpy()})
     got = {
         names[o.name]: torch.from_numpy(v.astype("int64")).double()
@@ -237,3 +239,29 @@ def test_export_options_are_honoured_or_refused(tmp_path):
     with pytest.raises(TypeError, match="model_or_path must be an onnx.ModelProto or a path, got int"):
         run_onnx(3, x)
     assert dims[True][1] == 3 and all(isinstance(d, str) for i, d in enumerate(dims[True]) if i != 1)
+
+
+def test_a_bias_beyond_int32_steps_is_reported_and_run_onnx_keeps_it_exact():
+    # onnxruntime's WeightBiasQuantization pass rewrites the float bias of a DQ -> Conv -> Q group as int32 at
+    # s_x * s_w without a range check: a bias of more than 2**31 - 1 such steps saturated, and the fused
+    # output was silently wrong.
+    torch.manual_seed(0)
+    conv, head = QuantConv2d(2, 3, 3, padding=1), QuantConv2d(3, 1, 1)
+    model = nn.Sequential(conv, head)
+    x = torch.rand(1, 2, 6, 6)
+    model(x)  # the quantizers initialise their steps from a first batch; then set them
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor([50.0, -40.0, 0.25]))
+        conv.input_quantizer.step.fill_(1e-3)
+        conv.weight_quantizer.step.fill_(1e-6)  # 50 / (1e-3 * 1e-6) = 5e10 steps
+        head.input_quantizer.step.fill_(0.5)  # holds +-50: the saturated bias (about 2.1) is visible after it
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match=f"does not fit int32.*disabled_optimizers=\\['{ORT_BIAS_PASS}'\\]"):
+        proto = export_onnx(model, x)
+    assert [name for name, _ in int32_bias_overflows(proto)] and len(int32_bias_overflows(proto)) == 1
+    default = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    wrong = torch.from_numpy(default.run(None, {default.get_inputs()[0].name: x.numpy()})[0])
+    assert (wrong - ref).abs().max() > 1  # what onnxruntime's default optimisations do to it
+    torch.testing.assert_close(run_onnx(proto, x), ref, rtol=1e-4, atol=1e-4)

@@ -11,10 +11,11 @@ rounding differs (convolution order; in torch.ao's route the BN folded into the 
 the QAT module divides and normalises), so a value within ~1e-6 of a rounding boundary can land on
 the neighbouring level, and in these 20-50-layer nets such one-level flips reach the output: the
 bound is 5e-2 of the largest output of the PyTorch model (measured up to 1.4e-2; 1e-6 without a
-flip). The fused run (onnxruntime's default) is printed, not bounded: its integer kernels requantize
-with their own rounding, one-level differences that compound through the depth (measured 0.01-0.65
-of the largest output; the large figure where LSQ's first-batch steps are coarse and the random
-net's outputs small).
+flip). The fused run (onnxruntime's default optimisations) is held to the same bound, with its
+``WeightBiasQuantization`` pass off: that pass rewrites each float bias as int32 at the input's step
+times the weight's, and these barely trained nets have biases of up to 1e10 such steps, which it
+saturates (the outputs then differed by up to 65 % of the largest; the export warns, see
+``int32_bias_overflows``).
 """
 
 import copy
@@ -36,6 +37,7 @@ from spark_ext.quant import (  # noqa: E402
     qat_qconfig,
     quantize_model,
 )
+from spark_ext.quant.export import ORT_BIAS_PASS  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning")
 
@@ -60,7 +62,9 @@ def _onnxruntime(proto, x, fused):
     options = ort.SessionOptions()
     if not fused:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"], disabled_optimizers=[ORT_BIAS_PASS]
+    )
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
@@ -75,7 +79,7 @@ def _check(proto, x, ref):
     print(
         f"max |diff| / max |ref|: unfused {unfused / scale:.3g}, fused {fused / scale:.3g}; fused mean rel {mean:.3g}"
     )
-    assert unfused <= UNFUSED_TOL * scale and torch.isfinite(fused_out).all()
+    assert unfused <= UNFUSED_TOL * scale and fused <= UNFUSED_TOL * scale
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
