@@ -49,6 +49,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..atomic import atomic_path
 from ..reference import LSQ_MIN_STEP
 from .layers import _HOOK_DICTS, QUANT_LAYERS, QuantConvBn2d, QuantConvTranspose2d, QuantLinear
 from .quantizer import LSQQuantizer
@@ -371,8 +372,12 @@ def _check_export_args(example_input, path, opset, dynamic, int4: bool = False):
     return onnx
 
 
-def _run_example(module, x: torch.Tensor, example_input: torch.Tensor) -> None:
-    """Run ``module`` on ``x`` once: a clear error before torch.export's long one."""
+def _run_example(module, example_input: torch.Tensor, *, as_float: bool = True) -> torch.Tensor:
+    """``example_input`` on ``module``'s device (float32 unless ``as_float`` is False), run through it once
+    (a clear error before torch.export's long one); returns that input."""
+    device = next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
+    x = example_input.detach().to(device)
+    x = x.float() if as_float else x
     try:
         with torch.no_grad():
             module(x)
@@ -381,6 +386,7 @@ def _run_example(module, x: torch.Tensor, example_input: torch.Tensor) -> None:
         raise ValueError(
             f"example_input of shape {tuple(example_input.shape)} does not run through the model: {first_line}"
         ) from exc
+    return x
 
 
 def _to_onnx(module_or_program, x: torch.Tensor, opset: int, dynamic: bool):
@@ -452,7 +458,8 @@ def _finish(onnx, proto, path):
             stacklevel=3,
         )
     if path is not None:
-        _save_atomically(onnx, proto, os.fspath(path))
+        with atomic_path(path) as tmp:
+            onnx.save(proto, os.fspath(tmp))
     return proto
 
 
@@ -501,9 +508,7 @@ def export_onnx(
         raise ValueError(f"export_onnx supports up to 8 bits per operand; these quantizers have more: {too_wide}")
 
     twin, int4_layers = _twin(model, int4)
-    device = next(itertools.chain(twin.parameters(), twin.buffers())).device
-    x = example_input.detach().float().to(device)
-    _run_example(twin, x, example_input)
+    x = _run_example(twin, example_input)
     try:
         proto = _to_onnx(twin, x, opset, dynamic)
     except ValueError as exc:
@@ -516,6 +521,7 @@ def export_onnx(
 # ---------------------------------------------------------------- torch.ao prepare_qat models
 
 _INT_DTYPES = {torch.quint8: torch.uint8, torch.qint8: torch.int8, torch.uint8: torch.uint8, torch.int8: torch.int8}
+_PER_CHANNEL_SCHEMES = (torch.per_channel_affine, torch.per_channel_symmetric)
 
 
 def _fake_quant_qparams(fq: nn.Module, name: str):
@@ -624,9 +630,6 @@ class _WeightedQDQ(nn.Module):
         return y if self.after is None else self.after(y)
 
 
-_PER_CHANNEL_SCHEMES = (torch.per_channel_affine, torch.per_channel_symmetric)
-
-
 def _swap(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
     """Put ``replacement[id(child)]`` in place of every such child, under every name."""
     for parent in list(model.modules()):
@@ -715,9 +718,7 @@ def export_prepared_onnx(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     onnx = _check_export_args(example_input, path, opset, dynamic)
     twin = _prepared_twin(model)
-    device = next(itertools.chain(twin.parameters(), twin.buffers()), torch.empty(0)).device
-    x = example_input.detach().float().to(device)
-    _run_example(twin, x, example_input)
+    x = _run_example(twin, example_input)
     try:
         proto = _to_onnx(twin, x, opset, dynamic)
     except ValueError as exc:
@@ -800,9 +801,7 @@ def export_pt2e_onnx(
     gm = copy.deepcopy(model)
     move_to_eval(gm)
     _clamp_narrow_quantize(gm)
-    device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device
-    x = example_input.detach().to(device)
-    _run_example(gm, x, example_input)
+    x = _run_example(gm, example_input, as_float=False)
     dynamic_shapes = ({d: torch.export.Dim.AUTO for d in range(x.dim()) if d != 1},) if dynamic else None
     try:
         program = torch.export.export(gm, (x,), dynamic_shapes=dynamic_shapes)
@@ -810,21 +809,6 @@ def export_pt2e_onnx(
     except ValueError as exc:
         raise ValueError(f"export_pt2e_onnx: {exc}") from exc
     return _finish(onnx, proto, path)
-
-
-def _save_atomically(onnx, proto, path: str) -> None:
-    """``onnx.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    import uuid
-
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")  # created with the usual permissions
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_onnx(model_or_path, x: torch.Tensor, session=None) -> torch.Tensor:
